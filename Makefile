@@ -1,0 +1,49 @@
+# The two commands: `make run` (the pipeline on the bundled data) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+UV_VERSION := 0.13.9
+export PATH := $(BIN):$(PATH)
+# Library code never needs a display; keep matplotlib headless everywhere.
+export MPLBACKEND := Agg
+
+.PHONY: env run test test-fast lab bench lock clean
+
+# The environment: pinned versions from requirements.lock, mlnb itself editable, and a
+# Jupyter kernel named `mlnb` inside the venv that papermill and JupyterLab use.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name mlnb --display-name "Python (mlnb)" >/dev/null
+	touch $@
+
+env: $(VENV)/.installed
+
+run: env
+	dvc repro
+	@echo
+	mlnb summary
+
+test: env
+	nbdev-test --n-workers 2
+	pytest
+
+test-fast: env
+	nbdev-test --n-workers 2
+	pytest -m "not slow"
+
+lab: env
+	jupyter lab
+
+bench: env
+	python benchmarks/onnx_vs_sklearn.py
+
+# Re-resolve the pins after editing requirements.in.
+lock: env
+	$(BIN)/uv pip compile requirements.in --python-version 3.11 --quiet -o requirements.lock
+
+clean:
+	rm -rf $(VENV) data/processed features models reports mlruns.db mlruns mlartifacts
