@@ -1,0 +1,94 @@
+"""The whole pipeline under DVC in a temporary copy of the repo, on a small sample of the bundled data."""
+import json
+import time
+
+import onnx
+import pytest
+import yaml
+
+from conftest import SMALL_RUN, copy_project, run, set_params
+
+OUTPUTS = ["data/processed/train.parquet", "data/processed/valid.parquet", "data/processed/test.parquet",
+           "features/feature_spec.json", "features/reference_profile.json", "models/model.joblib",
+           "models/onnx/model.onnx", "metrics/evaluate.json", "metrics/train.json", "metrics/export.json",
+           "plots/evaluate/roc.csv", "reports/04_evaluate.html"]
+
+
+def stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    "One small `dvc repro` shared by the tests below (they only read its results or change params)."
+    project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
+    set_params(project, SMALL_RUN)
+    run("git commit -qam 'small run'", project)
+    first = run(["dvc", "repro"], project)
+    first.metrics = {n: (project / f"metrics/{n}.json").read_text() for n in ("train", "evaluate", "export")}
+    first.lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return project, first
+
+
+def test_repro_produces_every_output(repro):
+    project, first = repro
+    assert stages_run(first.stdout) == ["ingest", "featurize", "train", "evaluate", "export"]
+    for rel in OUTPUTS:
+        assert (project / rel).exists(), rel
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert metrics["rows"] == 140 and 0.6 < metrics["roc_auc"] <= 1
+    assert set(metrics["fairness"]) == {"female", "senior_citizen"}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"ingest", "featurize", "train", "evaluate", "export"}
+
+
+def test_onnx_carries_provenance_matching_dvc_lock(repro):
+    project, _ = repro
+    meta = {p.key: p.value for p in onnx.load(project / "models/onnx/model.onnx").metadata_props}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    raw = next(d for d in lock["stages"]["ingest"]["deps"] if d["path"] == "data/raw/telco_churn.csv")
+    head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert meta["data_md5"] == raw["md5"] and meta["git_commit"] == head and meta["model_name"] == "churn"
+    assert len(meta["params_hash"]) == 64 and meta["metric"] == "roc_auc"
+    inputs = [i.name for i in onnx.load(project / "models/onnx/model.onnx").graph.input]
+    assert "tenure" in inputs and "contract" in inputs and "churn" not in inputs
+
+
+def test_second_repro_changes_nothing_and_is_quick(repro):
+    project, _ = repro
+    start = time.perf_counter()
+    again = run(["dvc", "repro"], project)
+    assert stages_run(again.stdout) == [], again.stdout
+    assert time.perf_counter() - start < 60
+
+
+def test_changing_one_param_reruns_only_downstream(repro):
+    project, _ = repro
+    set_params(project, {"evaluate": {"permutation_repeats": 2}})
+    out = run(["dvc", "repro"], project)
+    assert stages_run(out.stdout) == ["evaluate"], out.stdout
+    set_params(project, {"export": {"quantize": {"max_metric_drop": 0.02}}})
+    out = run(["dvc", "repro"], project)
+    assert stages_run(out.stdout) == ["export"], out.stdout
+
+
+def test_dvc_exp_run_with_set_param(repro):
+    project, _ = repro
+    run("git add -A && git commit -qm 'params'", project)
+    out = run(["dvc", "exp", "run", "-S", "train.candidates=[logreg]"], project)
+    assert stages_run(out.stdout) == ["train", "evaluate", "export"], out.stdout
+    assert json.loads((project / "metrics/train.json").read_text())["selected"] == "logreg"
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert "logreg" in shown
+
+
+def test_two_clean_runs_give_identical_results(repro, tmp_path):
+    project, first = repro
+    other = copy_project(tmp_path / "again")
+    set_params(other, SMALL_RUN)
+    run(["dvc", "repro"], other)
+    for name in ("train", "evaluate", "export"):
+        assert (other / f"metrics/{name}.json").read_text() == first.metrics[name], name
+    lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
+    for stage in ("ingest", "featurize"):
+        assert lock[stage]["outs"][0] == first.lock[stage]["outs"][0], stage
