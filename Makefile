@@ -5,8 +5,6 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 UV_VERSION := 0.13.9
 export PATH := $(BIN):$(PATH)
-# Library code never needs a display; keep matplotlib headless everywhere.
-export MPLBACKEND := Agg
 
 .PHONY: env run test test-fast lab bench lock clean
 

@@ -152,5 +152,6 @@ d = { 'settings': { 'branch': 'main',
                             'mlnb.train.candidate_pipeline': ('train.html#candidate_pipeline', 'mlnb/train.py'),
                             'mlnb.train.family': ('train.html#family', 'mlnb/train.py'),
                             'mlnb.train.log_candidates': ('train.html#log_candidates', 'mlnb/train.py'),
+                            'mlnb.train.plot_leaderboard': ('train.html#plot_leaderboard', 'mlnb/train.py'),
                             'mlnb.train.search_family': ('train.html#search_family', 'mlnb/train.py'),
                             'mlnb.train.train': ('train.html#train', 'mlnb/train.py')}}}

@@ -16,7 +16,7 @@ PROJECT_FILES = ["nbs", "mlnb", "schema", "data/raw", "dvc.yaml", "params.yaml",
 
 
 def tool_env() -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 

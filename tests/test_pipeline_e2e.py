@@ -27,6 +27,7 @@ def repro(tmp_path_factory):
     first = run(["dvc", "repro"], project)
     first.metrics = {n: (project / f"metrics/{n}.json").read_text() for n in ("train", "evaluate", "export")}
     first.lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    first.leaderboard = (project / "models/leaderboard.json").read_text()
     return project, first
 
 
@@ -92,3 +93,29 @@ def test_two_clean_runs_give_identical_results(repro, tmp_path):
     lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
     for stage in ("ingest", "featurize"):
         assert lock[stage]["outs"][0] == first.lock[stage]["outs"][0], stage
+
+
+def test_every_candidate_is_an_mlflow_run(repro):
+    from mlflow.tracking import MlflowClient
+    project, first = repro
+    client = MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("churn")
+    runs = client.search_runs([experiment.experiment_id], "tags.mlnb.stage = 'train'")
+    assert len(runs) >= 1
+    parent = runs[-1]                     # the first training of this store
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["mlnb.family"] for c in children) == ["hgb", "logreg"]
+    for child in children:
+        assert {"cv_roc_auc", "cv_roc_auc_std", "valid_roc_auc", "fit_seconds"} <= set(child.data.metrics)
+        assert child.data.params                      # the chosen hyperparameters
+    board = json.loads(first.leaderboard)
+    assert board["parent_run_id"] == parent.info.run_id
+    assert parent.data.tags["mlnb.selected_family"] == board["selected"]
+
+
+def test_dvc_plots_and_metrics_render(repro):
+    project, _ = repro
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    assert {"ROC", "Precision-recall", "Calibration", "Confusion matrix", "Permutation importance"} <= set(shown)
+    metrics = run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "roc_auc" in metrics and "max_abs_diff" in metrics
