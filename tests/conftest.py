@@ -11,7 +11,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["nbs", "mlnb", "schema", "data/raw", "dvc.yaml", "params.yaml", "pyproject.toml",
+PROJECT_FILES = ["nbs", "mlnb", "schema", "data/raw", "registry/users.yaml", "dvc.yaml", "params.yaml", "pyproject.toml",
                  ".dvc/config", ".dvcignore", ".gitignore", "README.md"]
 
 

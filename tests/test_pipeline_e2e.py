@@ -28,19 +28,20 @@ def repro(tmp_path_factory):
     first.metrics = {n: (project / f"metrics/{n}.json").read_text() for n in ("train", "evaluate", "export")}
     first.lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     first.leaderboard = (project / "models/leaderboard.json").read_text()
+    first.registration = json.loads((project / "models/registration.json").read_text())
     return project, first
 
 
 def test_repro_produces_every_output(repro):
     project, first = repro
-    assert stages_run(first.stdout) == ["ingest", "featurize", "train", "evaluate", "export"]
+    assert stages_run(first.stdout) == ["ingest", "featurize", "train", "evaluate", "export", "register"]
     for rel in OUTPUTS:
         assert (project / rel).exists(), rel
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert metrics["rows"] == 140 and 0.6 < metrics["roc_auc"] <= 1
     assert set(metrics["fairness"]) == {"female", "senior_citizen"}
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "featurize", "train", "evaluate", "export"}
+    assert set(lock["stages"]) == {"ingest", "featurize", "train", "evaluate", "export", "register"}
 
 
 def test_onnx_carries_provenance_matching_dvc_lock(repro):
@@ -67,17 +68,17 @@ def test_changing_one_param_reruns_only_downstream(repro):
     project, _ = repro
     set_params(project, {"evaluate": {"permutation_repeats": 2}})
     out = run(["dvc", "repro"], project)
-    assert stages_run(out.stdout) == ["evaluate"], out.stdout
+    assert stages_run(out.stdout) == ["evaluate", "register"], out.stdout
     set_params(project, {"export": {"quantize": {"max_metric_drop": 0.02}}})
     out = run(["dvc", "repro"], project)
-    assert stages_run(out.stdout) == ["export"], out.stdout
+    assert stages_run(out.stdout) == ["export", "register"], out.stdout
 
 
 def test_dvc_exp_run_with_set_param(repro):
     project, _ = repro
     run("git add -A && git commit -qm 'params'", project)
     out = run(["dvc", "exp", "run", "-S", "train.candidates=[logreg]"], project)
-    assert stages_run(out.stdout) == ["train", "evaluate", "export"], out.stdout
+    assert stages_run(out.stdout) == ["train", "evaluate", "export", "register"], out.stdout
     assert json.loads((project / "metrics/train.json").read_text())["selected"] == "logreg"
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
     assert "logreg" in shown
@@ -119,3 +120,20 @@ def test_dvc_plots_and_metrics_render(repro):
     assert {"ROC", "Precision-recall", "Calibration", "Confusion matrix", "Permutation importance"} <= set(shown)
     metrics = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "roc_auc" in metrics and "max_abs_diff" in metrics
+
+
+def test_repro_registers_a_servable_champion(repro):
+    "A fresh project ends with a champion: the first version is auto-approved when every gate passes (bootstrap)."
+    project, first = repro
+    reg = first.registration
+    assert reg["version"] == "1" and reg["status"] == "approved" and reg["aliases"] == ["champion"] and reg["gates_passed"]
+    listing = run(["mlnb", "registry", "list", "churn"], project).stdout
+    assert "champion" in listing and "approved" in listing   # later tests may have added candidates
+    lineage = run(["mlnb", "registry", "lineage", "churn", "1"], project).stdout
+    assert "raw data" in lineage and "processed data" in lineage and "features" in lineage
+    card = run(["mlnb", "registry", "card", "churn", "1"], project).stdout
+    assert "# Model card: churn version 1" in card and "## Metrics by sensitive group" in card and "senior_citizen" in card
+    audit = run(["mlnb", "audit", "verify"], project).stdout
+    assert "chain intact" in audit
+    actions = [json.loads(line)["action"] for line in (project / "registry/audit.jsonl").read_text().splitlines()]
+    assert actions[:5] == ["signing-key-created", "register", "gates", "approve", "promote"]
