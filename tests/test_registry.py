@@ -260,3 +260,22 @@ def test_crash_during_registration_leaves_no_visible_version(env, onnx_models, t
     assert created and v.version == "3" and [x.version for x in viewer.versions()] == ["3", "1"]
     cleanup = [e for e in AuditLog(env["registry"]["audit_log"]).entries() if e["action"] == "cleanup"]
     assert [e["details"]["version"] for e in cleanup] == ["2"]
+
+
+def test_bootstrap_makes_the_first_version_champion_only_when_every_gate_passes(env, onnx_models, telco_split):
+    test = telco_split[1]["test"]
+    env["registry"]["gates"]["min_demographic_parity_ratio"] = 0.99       # the fixture's ratio is 0.95: fairness fails
+    failing, _ = register(env, onnx_models["a"], test)
+    reg = registry_as(env, "dana")
+    assert not failing.gates_passed and not reg.bootstrap(failing)
+    assert reg.get(failing.version).status == "candidate" and reg.alias("champion") is None
+    env["registry"]["gates"]["min_demographic_parity_ratio"] = 0.8
+    passing, _ = register(env, onnx_models["b"], test)
+    reg = registry_as(env, "dana")                       # a data scientist: the policy, not the user, approves
+    assert passing.gates_passed and reg.bootstrap(passing)
+    champion = reg.alias("champion")
+    assert champion.version == passing.version and champion.tags["mlnb.decided_by"] == "mlnb:bootstrap"
+    actions = [(e["actor"], e["action"]) for e in AuditLog(env["registry"]["audit_log"]).entries()][-2:]
+    assert actions == [("mlnb:bootstrap", "approve"), ("mlnb:bootstrap", "promote")]
+    third, _ = register(env, onnx_models["c"], test)
+    assert not reg.bootstrap(third) and reg.get(third.version).status == "candidate"   # only while there is no champion
