@@ -13,7 +13,8 @@ export PATH := $(BIN):$(PATH)
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	@# --compile-bytecode: imports read .pyc made here once (with PYTHONDONTWRITEBYTECODE set, nothing would be cached later)
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name mlnb --display-name "Python (mlnb)" >/dev/null
 	touch $@

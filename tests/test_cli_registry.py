@@ -7,7 +7,7 @@ import pytest
 from conftest import run
 from test_registry import SECRETS, make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
 
-COMMANDS = ["list", "show", "approve", "reject", "promote", "rollback", "lineage", "card"]
+COMMANDS = ["list", "show", "approve", "reject", "promote", "rollback", "history", "lineage", "card"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
