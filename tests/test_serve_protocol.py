@@ -41,7 +41,8 @@ def test_both_protocols_give_the_models_own_predictions(served):
         got = dict(zip(onnx_model.outputs, onnx_model.session.run(None, batch.columns)))
         np.testing.assert_array_equal(got["label"], expected["label"])
         np.testing.assert_allclose(got["probabilities"], expected["probabilities"], rtol=0, atol=1e-7)
-    response = v2_response(got, "churn", "3", [f"p{i}" for i in range(len(records))], "req-1")
+    response, blobs = v2_response(got, "churn", "3", [f"p{i}" for i in range(len(records))], "req-1")
+    assert blobs == []
     assert response["id"] == "req-1" and response["outputs"][1]["shape"] == [len(records), 2]
     assert json.loads(json.dumps(response))["parameters"]["prediction_ids"][0] == "p0"
     first = mlflow_response(got, "churn", "3", ["p0"] * len(records), ["No", "Yes"])["predictions"][0]

@@ -1,0 +1,183 @@
+"""Serving throughput and latency: `mlnb serve` against MLflow's scoring server and a bare Starlette + ONNX Runtime floor.
+
+Each server runs one worker process pinned to core 0 (taskset); the load generator, wrk, runs on core 1.
+Requests are single rows of the test split, each made unique (monthly_charges nudged per request), so the
+prediction cache misses as it would on fresh traffic; mlnb runs with everything on: validation, cache,
+micro-batching, prediction log, Prometheus metrics and JSON access logs.
+
+Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow]   (after `make run`; needs wrk: apt-get install wrk)
+"""
+from __future__ import annotations
+import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONCURRENCY = (1, 16, 64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None: raise SystemExit(f"server exited with {proc.returncode} before it was ready ({url})")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200: return
+        except Exception: time.sleep(0.2)
+    raise SystemExit(f"server not ready after {timeout} s: {url}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try: proc.wait(30)
+    except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+
+
+def lua_script(rows: list[dict], path: Path) -> Path:
+    "A wrk script cycling through the rows, monthly and total charges nudged per request so no two bodies are equal."
+    parts = []
+    for r in rows:
+        body = json.dumps({"dataframe_records": [{**r, "monthly_charges": "@M@", "total_charges": "@T@"}]})
+        a, rest = body.split('"@M@"'); b, c = rest.split('"@T@"')
+        parts.append((a, b, c, float(r["monthly_charges"]), float(r["total_charges"] or 0.0)))
+    lua = ["local pa, pb, pc, bm, bt = {}, {}, {}, {}, {}"]
+    for i, (a, b, c, m, t) in enumerate(parts, 1):
+        lua.append(f"pa[{i}] = {json.dumps(a)}; pb[{i}] = {json.dumps(b)}; pc[{i}] = {json.dumps(c)}; bm[{i}] = {m!r}; bt[{i}] = {t!r}")
+    lua += [f"local n, counter = {len(parts)}, 0",
+            "init = function(args) counter = tonumber(args[1]) or 0 end",
+            'wrk.method = "POST"; wrk.headers["Content-Type"] = "application/json"',
+            "request = function()",
+            "  counter = counter + 1",
+            "  local i = (counter % n) + 1",
+            "  local m = string.format('%.2f', bm[i] + (counter % 1000) * 0.01)",
+            "  local t = string.format('%.2f', bt[i] + (math.floor(counter / 1000) % 100000) * 0.01)",
+            "  return wrk.format(nil, nil, nil, pa[i] .. m .. pb[i] .. t .. pc[i])",
+            "end"]
+    path.write_text("\n".join(lua))
+    return path
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+_RUNS = iter(range(1, 10**6))
+
+def wrk(url: str, script: Path, connections: int, duration: int) -> dict:
+    "One wrk run; each run starts its counter elsewhere, so no body repeats across runs."
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "10s",
+                          "-s", str(script), url, "--", str(next(_RUNS) * 10_000_000)], capture_output=True, text=True, check=True).stdout
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": _ms(pct["50"]), "p99_ms": _ms(pct["99"]),
+            "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "requests": int(re.search(r"(\d+) requests in", out).group(1))}
+
+
+def metric_sum(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([\d.e+-]+)$", text, re.M))
+
+
+def run_server(name: str, cmd: list[str], ready: str, env: dict, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_ready(ready, proc)
+    print(f"  {name}: ready", flush=True)
+    return proc
+
+
+def load(name: str, url: str, script: Path, duration: int, results: list) -> None:
+    for c in CONCURRENCY:
+        wrk(url, script, c, 2)                               # warm-up, not measured
+        r = {"server": name, "concurrency": c, **wrk(url, script, c, duration)}
+        results.append(r)
+        print(f"  {name:7s} c={c:<3d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:8.3f} ms  errors {r['errors']}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    ap.add_argument("--skip-mlflow", action="store_true")
+    args = ap.parse_args()
+    if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
+    onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
+    if not onnx_path.exists(): raise SystemExit("models/onnx/model.onnx not found: run `make run` first")
+    from mlnb.export import ensure_signing_key, sign_model
+    rows = pd.read_parquet(ROOT / "data/processed/test.parquet").drop(columns=["churn"]).to_dict("records")
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="mlnb-bench-") as tmp:
+        tmp = Path(tmp)
+        script = lua_script(rows, tmp / "rows.lua")
+        shutil.copy(onnx_path, tmp / "model.onnx"); shutil.copy(ROOT / "schema/telco_churn.yaml", tmp / "schema.yaml")
+        ensure_signing_key(tmp / "k.key", tmp / "k.pub"); sign_model(tmp / "model.onnx", tmp / "k.key")
+        params = json.loads(json.dumps({"registry": {"public_key": str(tmp / "k.pub")},
+                                        "serve": {"model": str(tmp / "model.onnx"), "reload_poll_seconds": 0,
+                                                  "prediction_log": {"dir": str(tmp / "predictions"), "feedback_dir": str(tmp / "feedback")}}}))
+        (tmp / "params.yaml").write_text(json.dumps(params))
+
+        print("floor: bare Starlette + ONNX Runtime", flush=True)
+        port = free_port()
+        proc = subprocess.Popen(["taskset", "-c", "0", str(BIN / "uvicorn"), "benchmarks.floor_app:app", "--port", str(port), "--loop", "uvloop",
+                                 "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+                                env={**os.environ, "MODEL": str(tmp / "model.onnx")}, cwd=ROOT, stdout=(tmp / "floor.log").open("w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while True:
+            try: socket.create_connection(("127.0.0.1", port), 0.5).close(); break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None: raise SystemExit("floor server did not start")
+                time.sleep(0.2)
+        try: load("floor", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
+        finally: stop(proc)
+
+        print("mlnb serve (all features on)", flush=True)
+        port = free_port()
+        proc = run_server("mlnb", [str(BIN / "mlnb"), "serve", "--params", str(tmp / "params.yaml"), "--port", str(port)],
+                          f"http://127.0.0.1:{port}/v2/health/ready", {}, tmp / "mlnb.log")
+        try:
+            load("mlnb", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        finally: stop(proc)
+        written = sum(1 for _ in (tmp / "predictions").glob("date=*/*.parquet"))
+        hits, misses = metric_sum(metrics, "mlnb_cache_hits_total"), metric_sum(metrics, "mlnb_cache_misses_total")
+        batches = metric_sum(metrics, "mlnb_inference_batch_rows_count"); batch_rows = metric_sum(metrics, "mlnb_inference_batch_rows_sum")
+        logged = len(pd.read_parquet(tmp / "predictions")) if written else 0
+        served = metric_sum(metrics, "mlnb_predictions_total")
+        print(f"  mlnb: cache hit rate {hits / max(hits + misses, 1):.1%}; mean ONNX batch {batch_rows / max(batches, 1):.2f} rows; "
+              f"prediction log {logged} rows in {written} files for {served:.0f} predictions", flush=True)
+
+        if not args.skip_mlflow and joblib_path.exists():
+            print("mlflow models serve (scikit-learn pipeline)", flush=True)
+            import joblib, mlflow.sklearn
+            mlflow.sklearn.save_model(joblib.load(joblib_path), str(tmp / "mlflow_model"))
+            port = free_port()
+            proc = run_server("mlflow", [str(BIN / "mlflow"), "models", "serve", "-m", str(tmp / "mlflow_model"), "--env-manager", "local",
+                                         "-h", "127.0.0.1", "-p", str(port), "-w", "1"], f"http://127.0.0.1:{port}/ping", {}, tmp / "mlflow.log")
+            try: load("mlflow", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
+            finally: stop(proc)
+
+    table = pd.DataFrame(results)
+    print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    by = {(r["server"], r["concurrency"]): r for r in results}
+    print("\nratios (same run):")
+    for c in CONCURRENCY:
+        line = f"  c={c:<3d} mlnb/floor throughput {by['mlnb', c]['rps'] / by['floor', c]['rps']:.2f}"
+        if ("mlflow", c) in by: line += f"   mlnb/mlflow {by['mlnb', c]['rps'] / by['mlflow', c]['rps']:.0f}x"
+        print(line)
+    goals = [("p50 at c=1 <= 0.5 ms", by["mlnb", 1]["p50_ms"] <= 0.5),
+             ("c=16 throughput >= 80% of floor", by["mlnb", 16]["rps"] >= 0.8 * by["floor", 16]["rps"]),
+             ("c=64 throughput >= floor", by["mlnb", 64]["rps"] >= by["floor", 64]["rps"]),
+             ("c=64 p99 <= 50 ms", by["mlnb", 64]["p99_ms"] <= 50),
+             ("no errors", all(r["errors"] == 0 for r in results if r["server"] == "mlnb"))]
+    print("\ngoals:")
+    for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
+
+
+if __name__ == "__main__":
+    main()

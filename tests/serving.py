@@ -1,0 +1,78 @@
+"""Helpers for the serving tests: signed model directories and a real `mlnb serve` process on 127.0.0.1."""
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from mlnb.export import ensure_signing_key, sign_model
+
+from conftest import BIN, ROOT, tool_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def signed_model_dir(model: Path, dest: Path, keys: Path) -> Path:
+    "`model` copied to `dest/model.onnx` with the project's schema beside it, signed with the key pair in `keys`."
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model, dest / "model.onnx")
+    shutil.copy(ROOT / "schema/telco_churn.yaml", dest / "schema.yaml")
+    ensure_signing_key(keys / "signing.key", keys / "signing.pub")
+    sign_model(dest / "model.onnx", keys / "signing.key")
+    return dest
+
+
+class Server:
+    "`mlnb serve` in a subprocess; `stop()` sends SIGTERM and waits."
+    def __init__(self, workdir: Path, params: dict, extra_args: tuple = ()):
+        self.workdir, self.port = workdir, free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "params.yaml").write_text(json.dumps(params))          # JSON is YAML
+        self.stderr_path = workdir / f"serve-{self.port}.err"
+        self.proc = subprocess.Popen([str(BIN / "mlnb"), "serve", "--params", "params.yaml", "--port", str(self.port), *extra_args],
+                                     cwd=workdir, env=tool_env(), stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("w"))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait_ready(self, timeout: float = 120) -> "Server":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlnb serve exited {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                if self.client.get("/v2/health/ready").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"mlnb serve not ready after {timeout} s:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text() if self.stderr_path.exists() else ""
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill(); self.proc.wait()
+        return self.proc.returncode
+
+
+def serve_params(model_dir: Path, keys: Path, logs: Path, **serve) -> dict:
+    "Params serving the ONNX file in `model_dir`, logs under `logs`, fast flushes; `serve` overrides."
+    base = {"model": str(model_dir / "model.onnx"), "reload_poll_seconds": 0, "max_rows": 50, "max_body_bytes": 65536,
+            "prediction_log": {"dir": str(logs / "predictions"), "feedback_dir": str(logs / "feedback"), "flush_seconds": 0.2}}
+    for k, v in serve.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return {"registry": {"public_key": str(keys / "signing.pub")}, "serve": base}
