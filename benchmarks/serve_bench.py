@@ -155,7 +155,7 @@ def main() -> None:
         if not args.skip_mlflow and joblib_path.exists():
             print("mlflow models serve (scikit-learn pipeline)", flush=True)
             import joblib, mlflow.sklearn
-            mlflow.sklearn.save_model(joblib.load(joblib_path), str(tmp / "mlflow_model"))
+            mlflow.sklearn.save_model(joblib.load(joblib_path), str(tmp / "mlflow_model"), serialization_format="cloudpickle")   # our own model: trusted
             port = free_port()
             proc = run_server("mlflow", [str(BIN / "mlflow"), "models", "serve", "-m", str(tmp / "mlflow_model"), "--env-manager", "local",
                                          "-h", "127.0.0.1", "-p", str(port), "-w", "1"], f"http://127.0.0.1:{port}/ping", {}, tmp / "mlflow.log")
