@@ -158,7 +158,8 @@ def main() -> None:
             mlflow.sklearn.save_model(joblib.load(joblib_path), str(tmp / "mlflow_model"), serialization_format="cloudpickle")   # our own model: trusted
             port = free_port()
             proc = run_server("mlflow", [str(BIN / "mlflow"), "models", "serve", "-m", str(tmp / "mlflow_model"), "--env-manager", "local",
-                                         "-h", "127.0.0.1", "-p", str(port), "-w", "1"], f"http://127.0.0.1:{port}/ping", {}, tmp / "mlflow.log")
+                                         "-h", "127.0.0.1", "-p", str(port), "-w", "1"], f"http://127.0.0.1:{port}/ping",
+                              {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}, tmp / "mlflow.log")   # it execs `uvicorn` by name
             try: load("mlflow", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
             finally: stop(proc)
 
