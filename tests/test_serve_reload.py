@@ -10,13 +10,19 @@ from test_registry import make_env, onnx_models, register, registry_as, telco_sp
 from test_serve import metric, records  # noqa: F401 (fixture)
 
 
-def test_alias_move_is_followed_under_load_with_zero_errors(onnx_models, telco_split, records, tmp_path):
+def two_approved_versions(onnx_models, telco_split, tmp_path, second: str):
+    "A registry with versions of models `a` and `second`, both approved, the first champion."
     _, split = telco_split
     env = make_env(tmp_path / "registry")
     v1, _ = register(env, onnx_models["a"], split["test"])
-    v2, _ = register(env, onnx_models["b"], split["test"])
+    v2, _ = register(env, onnx_models[second], split["test"])
     for v in (v1, v2): registry_as(env, "ann").approve(v.version, "reviewed")
     registry_as(env, "adam").promote(v1.version, reason="first champion")
+    return env, v1, v2
+
+
+def test_alias_move_is_followed_under_load_with_zero_errors(onnx_models, telco_split, records, tmp_path):
+    env, v1, v2 = two_approved_versions(onnx_models, telco_split, tmp_path, "b")
     params = {**env, "serve": {"model": "churn@champion", "reload_poll_seconds": 0.3, "model_cache_dir": str(tmp_path / "cache"),
                                "prediction_log": {"dir": str(tmp_path / "logs/p"), "feedback_dir": str(tmp_path / "logs/f")}}}
     s = Server(tmp_path / "work", params).wait_ready()
@@ -60,12 +66,7 @@ def test_alias_move_is_followed_under_load_with_zero_errors(onnx_models, telco_s
 
 
 def test_admin_reload_and_a_failed_reload_keeps_serving(onnx_models, telco_split, records, tmp_path):
-    _, split = telco_split
-    env = make_env(tmp_path / "registry")
-    v1, _ = register(env, onnx_models["a"], split["test"])
-    v2, _ = register(env, onnx_models["c"], split["test"])
-    for v in (v1, v2): registry_as(env, "ann").approve(v.version, "reviewed")
-    registry_as(env, "adam").promote(v1.version, reason="first champion")
+    env, v1, v2 = two_approved_versions(onnx_models, telco_split, tmp_path, "c")
     params = {**env, "serve": {"model": "churn@champion", "reload_poll_seconds": 0, "model_cache_dir": str(tmp_path / "cache"),
                                "prediction_log": {"enabled": False}}}
     s = Server(tmp_path / "work", params).wait_ready()
