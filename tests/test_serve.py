@@ -326,3 +326,30 @@ def test_unsigned_model_is_refused(model_dir, tmp_path):
     (unsigned / "model.onnx").write_bytes((directory / "model.onnx").read_bytes())
     s = Server(tmp_path / "work", serve_params(unsigned, keys, tmp_path / "logs"))
     assert s.proc.wait(120) == 1 and "no signature" in s.stderr()
+
+
+def test_two_workers_share_the_port_and_sum_their_metrics(model_dir, records, tmp_path):
+    directory, keys = model_dir
+    s = Server(tmp_path, serve_params(directory, keys, tmp_path / "logs"), ("--workers", "2")).wait_ready()
+    try:
+        ids = []
+        for i in range(40):
+            with httpx.Client(base_url=s.url, timeout=30) as c:          # a new connection each time: the kernel spreads them
+                ids += [p["prediction_id"] for p in c.post("/invocations", json={"dataframe_records": [records[i]]}).json()["predictions"]]
+        assert len({i.split("-")[0] for i in ids}) == 2                    # both worker processes answered
+        assert metric(s, "mlnb_requests_total", outcome="ok") == 40        # counted across the workers
+        assert sum(1 for l in s.stderr().splitlines() if "serving churn" in l) >= 2
+    finally:
+        s.stop()
+    assert set(read_log(tmp_path / "logs/predictions")["prediction_id"]) == set(ids)
+
+
+def test_tracing_emits_a_span_per_request(model_dir, records, tmp_path):
+    directory, keys = model_dir
+    s = Server(tmp_path, serve_params(directory, keys, tmp_path / "logs", tracing=True)).wait_ready()
+    try:
+        assert s.client.post("/invocations", json={"dataframe_records": records[:1]}, headers={"X-Request-ID": "traced-1"}).status_code == 200
+    finally:
+        s.stop()
+    err = s.stderr()
+    assert '"trace_id"' in err and '"http.method": "POST"' in err and "/invocations" in err
