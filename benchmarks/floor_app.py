@@ -26,4 +26,6 @@ async def invocations(request):
     return Response(orjson.dumps({"predictions": [{"label": str(l), "probabilities": p.tolist()} for l, p in zip(result["label"], result["probabilities"])]}),
                     media_type="application/json")
 
-app = Starlette(routes=[Route("/invocations", invocations, methods=["POST"])])
+async def ping(request): return Response(b"")          # readiness, for the benchmark to wait on
+
+app = Starlette(routes=[Route("/invocations", invocations, methods=["POST"]), Route("/ping", ping)])

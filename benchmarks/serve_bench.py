@@ -124,15 +124,9 @@ def main() -> None:
 
         print("floor: bare Starlette + ONNX Runtime", flush=True)
         port = free_port()
-        proc = subprocess.Popen(["taskset", "-c", "0", str(BIN / "uvicorn"), "benchmarks.floor_app:app", "--port", str(port), "--loop", "uvloop",
-                                 "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-                                env={**os.environ, "MODEL": str(tmp / "model.onnx")}, cwd=ROOT, stdout=(tmp / "floor.log").open("w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            try: socket.create_connection(("127.0.0.1", port), 0.5).close(); break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None: raise SystemExit("floor server did not start")
-                time.sleep(0.2)
+        proc = run_server("floor", [str(BIN / "uvicorn"), "benchmarks.floor_app:app", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+                                    "--no-access-log", "--log-level", "warning"], f"http://127.0.0.1:{port}/ping",
+                          {"MODEL": str(tmp / "model.onnx")}, tmp / "floor.log")
         try: load("floor", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
         finally: stop(proc)
 
