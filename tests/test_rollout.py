@@ -47,7 +47,7 @@ def drive(rollout, clock, n, latency=0.001, error=0.0, score=(0.2, 0.1), accurac
         clock.t += 0.05
         d = rollout.evaluate()
         if d.action != "hold": out.append(d)
-        if rollout.state != "running": break
+        if d.action in ("rollback", "promote"): break
     return out
 
 
@@ -60,7 +60,37 @@ def test_a_healthy_canary_walks_the_plan_and_is_promoted_only_at_the_end():
     assert r.evaluate().action == "hold" and r.share == 0.05
     decisions = drive(r, clock, 60_000)
     assert [d.action for d in decisions] == ["advance", "advance", "advance", "promote"]
-    assert [d.share for d in decisions] == [0.25, 0.5, 1.0, 1.0] and r.state == "promoted"
+    assert [d.share for d in decisions] == [0.25, 0.5, 1.0, 1.0] and r.state == "promoting"
+
+
+def test_a_refused_promotion_steps_back_and_waits_still_watched():
+    clock = Clock()
+    r = Rollout(RolloutPlan(**PLAN), clock=clock)
+    drive(r, clock, 60_000)
+    d = r.promotion_refused("v2 is candidate, not approved")
+    assert d.share == 0.5 and r.state == "awaiting_approval" and "not approved" in r.status()["reason"]
+    (d,) = drive(r, clock, 60_000, error=1.0)                                         # a breach while waiting still rolls back
+    assert d.action == "rollback" and r.share == 0.0
+
+
+def test_pause_holds_the_step_and_an_operator_can_roll_back():
+    clock = Clock()
+    r = Rollout(RolloutPlan(**PLAN), clock=clock)
+    r.pause()
+    assert drive(r, clock, 5_000) == [] and r.step == 0 and r.share == 0.05            # paused: no advance however long
+    with pytest.raises(ValueError, match="only a running rollout can be paused"): r.pause()
+    r.resume()
+    assert drive(r, clock, 5_000)[0].action == "advance"
+    assert r.roll_back("operator: support tickets").share == 0.0 and r.status()["state"] == "rolled_back"
+    with pytest.raises(ValueError, match="nothing to roll back"): r.roll_back("again")
+
+
+def test_a_fixed_split_never_advances_but_is_still_rolled_back():
+    clock = Clock()
+    r = Rollout(RolloutPlan(**PLAN), clock=clock, fixed_share=0.3)
+    assert drive(r, clock, 20_000) == [] and r.share == 0.3
+    (d,) = drive(r, clock, 5_000, error=1.0)
+    assert d.action == "rollback" and "fixed split" in d.reason
 
 
 def test_a_step_needs_both_requests_and_time():
