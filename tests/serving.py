@@ -32,13 +32,13 @@ def signed_model_dir(model: Path, dest: Path, keys: Path) -> Path:
 
 class Server:
     "`mlnb serve` in a subprocess; `stop()` sends SIGTERM and waits."
-    def __init__(self, workdir: Path, params: dict, extra_args: tuple = ()):
+    def __init__(self, workdir: Path, params: dict, extra_args: tuple = (), env: dict | None = None):
         self.workdir, self.port = workdir, free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "params.yaml").write_text(json.dumps(params))          # JSON is YAML
         self.stderr_path = workdir / f"serve-{self.port}.err"
         self.proc = subprocess.Popen([str(BIN / "mlnb"), "serve", "--params", "params.yaml", "--port", str(self.port), *extra_args],
-                                     cwd=workdir, env=tool_env(), stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("w"))
+                                     cwd=workdir, env={**tool_env(), **(env or {})}, stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("w"))
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
@@ -76,3 +76,37 @@ def serve_params(model_dir: Path, keys: Path, logs: Path, **serve) -> dict:
     for k, v in serve.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return {"registry": {"public_key": str(keys / "signing.pub")}, "serve": base}
+
+
+def grafted(model: Path, dest: Path, kind: str, size: int = 640) -> Path:
+    """A copy of a real ONNX model with its graph changed: `slow` adds two `size`×`size` matrix products per call (about 10-40 ms
+    here) that feed its probabilities; `raising` fails in ONNX Runtime (an out-of-range Gather) for any request with tenure > 0,
+    which the warm-up's zero rows never trigger."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    m = onnx.load(model)
+    g = m.graph
+    out = next(o for o in g.output if o.name == "probabilities")
+    for node in g.node:
+        node.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in node.output]
+    const = lambda name, arr: g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+    nodes = [helper.make_node("ReduceMax", ["tenure"], ["g_t"], keepdims=0)]
+    if kind == "slow":
+        const("g_w", np.random.default_rng(0).standard_normal((size, size)).astype(np.float32) / size)
+        const("g_shape", np.array([size, size], dtype=np.int64)); const("g_zero", np.array(0.0, dtype=np.float32))
+        nodes += [helper.make_node("Expand", ["g_t", "g_shape"], ["g_x"]), helper.make_node("MatMul", ["g_x", "g_w"], ["g_y"]),
+                  helper.make_node("MatMul", ["g_y", "g_w"], ["g_z"]), helper.make_node("ReduceSum", ["g_z"], ["g_s"], keepdims=0),
+                  helper.make_node("Mul", ["g_s", "g_zero"], ["g_nothing"])]
+    elif kind == "raising":
+        const("g_table", np.array([0.0], dtype=np.float32)); const("g_limit", np.array(0.0, dtype=np.float32))
+        nodes += [helper.make_node("Greater", ["g_t", "g_limit"], ["g_big"]), helper.make_node("Cast", ["g_big"], ["g_index"], to=TensorProto.INT64),
+                  helper.make_node("Gather", ["g_table", "g_index"], ["g_nothing"])]
+    else:
+        raise ValueError(kind)
+    nodes.append(helper.make_node("Add", ["probabilities_raw", "g_nothing"], [out.name]))
+    g.node.extend(nodes)
+    onnx.checker.check_model(m)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, dest)
+    return dest
