@@ -5,7 +5,11 @@ Requests are single rows of the test split, each made unique (monthly_charges nu
 prediction cache misses as it would on fresh traffic; mlnb runs with everything on: validation, cache,
 micro-batching, prediction log, Prometheus metrics and JSON access logs.
 
-Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow]   (after `make run`; needs wrk: apt-get install wrk)
+With --rollout, mlnb is measured three more times with a challenger beside the champion (a re-signed copy of the same model,
+so only routing costs differ): a 5% canary split and a 50/50 split (the challenger's requests run in its pool thread) and
+a shadow (every request copied, so the inference work doubles).
+
+Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow] [--rollout]   (after `make run`; needs wrk: apt-get install wrk)
 """
 from __future__ import annotations
 import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
@@ -105,6 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     ap.add_argument("--skip-mlflow", action="store_true")
+    ap.add_argument("--rollout", action="store_true", help="also measure a 5% and a 50% split and a shadow")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
@@ -146,6 +151,30 @@ def main() -> None:
         print(f"  mlnb: cache hit rate {hits / max(hits + misses, 1):.1%}; mean ONNX batch {batch_rows / max(batches, 1):.2f} rows; "
               f"prediction log {logged} rows in {written} files for {served:.0f} predictions", flush=True)
 
+        if args.rollout:
+            import onnx
+            copy = onnx.load(tmp / "model.onnx"); copy.doc_string = "challenger: the champion's graph, another file"
+            (tmp / "challenger").mkdir(); onnx.save(copy, tmp / "challenger/model.onnx"); shutil.copy(tmp / "schema.yaml", tmp / "challenger/schema.yaml")
+            sign_model(tmp / "challenger/model.onnx", tmp / "k.key")
+            for mode, share in (("split5", 0.05), ("split50", 0.5), ("shadow", 0.0)):
+                rollout = {"mode": mode.rstrip("05"), "challenger": str(tmp / "challenger/model.onnx"), "weights": {"champion": 1 - share, "challenger": share}}
+                (tmp / f"{mode}.yaml").write_text(json.dumps({**params, "registry": {**params["registry"], "audit_log": str(tmp / "audit.jsonl")},
+                                                              "serve": {**params["serve"], "rollout": rollout}}))
+                print(f"mlnb serve with a challenger: {mode}", flush=True)
+                port = free_port()
+                proc = run_server(f"mlnb-{mode}", [str(BIN / "mlnb"), "serve", "--params", str(tmp / f"{mode}.yaml"), "--port", str(port)],
+                                  f"http://127.0.0.1:{port}/v2/health/ready", {}, tmp / f"{mode}.log")
+                try:
+                    load(f"mlnb-{mode}", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
+                    state = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/rollout").read())
+                    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+                finally: stop(proc)
+                if mode != "shadow": print(f"  split: state {state['rollout']['state']}; challenger answered {state['rollout']['challenger']['requests']} of "
+                                          f"{state['rollout']['challenger']['requests'] + state['rollout']['champion']['requests']} requests in its window", flush=True)
+                else:
+                    dropped = re.search(r'^mlnb_shadow_requests_total\{outcome="dropped"\} ([\d.e+-]+)$', metrics, re.M)
+                    print(f"  shadow: {metric_sum(metrics, 'mlnb_shadow_requests_total'):.0f} copies, {float(dropped.group(1)) if dropped else 0:.0f} dropped", flush=True)
+
         if not args.skip_mlflow and joblib_path.exists():
             print("mlflow models serve (scikit-learn pipeline)", flush=True)
             import joblib, mlflow.sklearn
@@ -164,6 +193,8 @@ def main() -> None:
     for c in CONCURRENCY:
         line = f"  c={c:<3d} mlnb/floor throughput {by['mlnb', c]['rps'] / by['floor', c]['rps']:.2f}"
         if ("mlflow", c) in by: line += f"   mlnb/mlflow {by['mlnb', c]['rps'] / by['mlflow', c]['rps']:.0f}x"
+        for mode in ("split5", "split50", "shadow"):
+            if (f"mlnb-{mode}", c) in by: line += f"   {mode}/mlnb {by[f'mlnb-{mode}', c]['rps'] / by['mlnb', c]['rps']:.2f}"
         print(line)
     goals = [("p50 at c=1 <= 0.5 ms", by["mlnb", 1]["p50_ms"] <= 0.5),
              ("c=16 throughput >= 80% of floor", by["mlnb", 16]["rps"] >= 0.8 * by["floor", 16]["rps"]),

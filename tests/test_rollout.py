@@ -42,7 +42,7 @@ def drive(rollout, clock, n, latency=0.001, error=0.0, score=(0.2, 0.1), accurac
         variant = rollout.split().route(f"k{i}-{seed}-{clock.t}")
         canary = variant == rollout.canary
         rollout.record(variant, (latency if canary else 0.001) * rng.uniform(0.5, 1.5), canary and rng.random() < error,
-                       float(np.clip(rng.normal(*(score if canary else (0.2, 0.1))), 0, 1)))
+                       [float(np.clip(rng.normal(*(score if canary else (0.2, 0.1))), 0, 1))])
         if accuracy is not None: rollout.record_label(variant, rng.random() < (accuracy if canary else 0.8))
         clock.t += 0.05
         d = rollout.evaluate()

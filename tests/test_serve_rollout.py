@@ -257,3 +257,24 @@ def test_operators_start_pause_resume_and_roll_back_from_the_command_line(signed
     entries = rollout_entries(tmp_path)
     assert [e["action"] for e in entries] == ["rollout.start", "rollout.pause", "rollout.resume", "rollout.rollback", "rollout.start", "rollout.rollback"]
     assert entries[1]["details"]["reason"] == "holiday freeze" and entries[3]["details"]["reason"] == "support tickets"
+
+
+def test_a_less_accurate_challenger_is_rolled_back_on_feedback_labels(signed, rows, telco_split, tmp_path):
+    "Output drift is switched off here, so only the online accuracy from `POST /feedback` can catch the shuffled-label model."
+    labels = telco_split[1]["test"]["churn"].astype(str).tolist()
+    params = rollout_params(signed, tmp_path, "bad", plan={"steps": [0.5, 1.0], "min_requests": 100, "min_seconds": 3600, "max_output_drift": 1.0,
+                                                           "min_labelled": 100, "accuracy_p_value": 0.01})
+    s = Server(tmp_path / "work", params).wait_ready()
+    try:
+        for start in range(0, 6000, 100):
+            batch = [(rows[i % len(rows)], labels[i % len(rows)]) for i in range(start, start + 100)]
+            ids = [s.client.post("/invocations", json={"dataframe_records": [r]}).json()["predictions"][0]["prediction_id"] for r, _ in batch]
+            s.client.post("/feedback", json={"feedback": [{"prediction_id": i, "actual": y} for i, (_, y) in zip(ids, batch)]}).raise_for_status()
+            status = s.client.get("/admin/rollout").json()["rollout"]
+            if status["state"] != "running": break
+    finally:
+        s.stop()
+    assert status["state"] == "rolled_back" and "online accuracy" in status["reason"], status
+    assert status["challenger"]["accuracy"] < status["champion"]["accuracy"] - 0.02
+    (rollback,) = rollout_entries(tmp_path, "rollback")
+    assert "online accuracy" in rollback["details"]["reason"]
