@@ -5,8 +5,9 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from mlnb.drift import Profile, drift_report
-from mlnb.synth import synthesize
+from mlnb.features import Profile
+from mlnb.monitor.drift import drift_report
+from mlnb.data import synthesize
 
 FEATURES = [c for c in synthesize(10).columns if c != "churn"]
 
