@@ -1,6 +1,7 @@
 """`mlnb monitor` on the prediction log of a real `mlnb serve` on 127.0.0.1: synthetic traffic with known drift and
 feedback labels, the result JSON, the feature history, and alerts posted to a local webhook receiver."""
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -112,9 +113,13 @@ def test_drifted_traffic_with_decayed_accuracy_is_flagged_and_alerted(onnx_model
     assert any(a.startswith("accuracy decay") for a in result["alerts"]) and any(a.startswith("prediction drift") for a in result["alerts"])
     (alert,) = receiver.received
     assert alert["alerts"] == result["alerts"] and alert["text"].startswith("mlnb monitor:") and alert["rows"] == 800
-    monitor(tmp_path, check=False)                                                  # a second window appends to the history
+    (tmp_path / "nbs/stages").mkdir(parents=True)
+    shutil.copy(ROOT / "nbs/stages/07_monitor.ipynb", tmp_path / "nbs/stages")
+    reported = monitor(tmp_path, "--report")                                        # a second window appends to the history
     history = pd.read_parquet(tmp_path / "monitoring/feature_history.parquet")
     assert len(history) == 38 and history.loc[history["column"] == "tenure", "drifted"].all()
+    html = (tmp_path / "monitoring/07_monitor.html").read_text()
+    assert "07_monitor.ipynb" in reported.stdout and html.count("image/png") >= 3 and "ALERT feature drift" in html
     assert len(list((tmp_path / "monitoring/windows").glob("*.json"))) >= 1
 
 
