@@ -41,6 +41,7 @@ bench: env
 	python benchmarks/onnx_vs_sklearn.py
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	python benchmarks/serve_bench.py
+	python benchmarks/drift_bench.py
 
 # Re-resolve the pins after editing requirements.in.
 lock: env
