@@ -32,12 +32,12 @@ def rows(telco_split):
 
 @pytest.fixture(scope="module")
 def signed(onnx_models, tmp_path_factory):
-    "Signed model directories: the champion (a), a healthy challenger (b), a skewed one (bad), a slow b and a raising a."
+    "Signed model directories: the champion (a), a healthy challenger (b), a skewed one (bad), a slow and a slower b, and a raising a."
     root = tmp_path_factory.mktemp("rollout-models")
     keys = root / "keys"
     dirs = {name: signed_model_dir(onnx_models[name], root / name, keys) for name in ("a", "b", "bad")}
-    for name, src, kind in (("slow", "b", "slow"), ("raising", "a", "raising")):
-        dirs[name] = signed_model_dir(grafted(onnx_models[src], root / f"{name}.onnx", kind), root / name, keys)
+    for name, src, kind, size in (("slow", "b", "slow", 640), ("slower", "b", "slow", 1024), ("raising", "a", "raising", 0)):
+        dirs[name] = signed_model_dir(grafted(onnx_models[src], root / f"{name}.onnx", kind, size), root / name, keys)
     return dirs, keys
 
 
@@ -205,7 +205,7 @@ def test_a_healthy_challenger_walks_the_plan_and_becomes_champion_only_once_appr
 
 def test_shadow_answers_with_the_champion_only_and_logs_both(signed, rows, tmp_path):
     dirs, _ = signed
-    s = Server(tmp_path / "work", rollout_params(signed, tmp_path, "slow", mode="shadow")).wait_ready()
+    s = Server(tmp_path / "work", rollout_params(signed, tmp_path, "slower", mode="shadow")).wait_ready()
     try:
         champion, shadow = version_of(s, "champion"), version_of(s, "challenger")
         answers = send(s, rows, 200)
@@ -217,8 +217,8 @@ def test_shadow_answers_with_the_champion_only_and_logs_both(signed, rows, tmp_p
         assert shadowed + dropped == 200 and shadowed >= 64     # a shadow slower than the traffic is bounded: the excess is dropped and counted
     finally:
         s.stop()
-    # the shadow costs about 12 ms a call; the caller never waits for it
-    assert seconds[len(seconds) // 2] < 0.008, seconds[len(seconds) // 2]
+    # the shadow costs about 50 ms a call; the caller never waits for it
+    assert seconds[len(seconds) // 2] < 0.025, seconds[len(seconds) // 2]
     log = read_log(tmp_path / "logs/predictions", ["prediction_id", "variant", "model_version", "proba.Yes"])
     main, copy = log[log["variant"] == "champion"], log[log["variant"] == "shadow"]
     assert len(main) == 200 and len(copy) == shadowed and set(copy["model_version"]) == {shadow}
