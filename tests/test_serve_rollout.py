@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 
 import httpx
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 
@@ -174,7 +175,9 @@ def test_a_healthy_challenger_walks_the_plan_and_becomes_champion_only_once_appr
     _, split = telco_split
     env = make_env(tmp_path / "registry")
     v1, _ = register(env, onnx_models["a"], split["test"])
-    v2, _ = register(env, onnx_models["b"], split["test"])
+    twin = onnx.load(onnx_models["a"]); twin.doc_string = "retrained, same answers"   # healthy by construction: the champion's outputs, another file
+    onnx.save(twin, tmp_path / "twin.onnx")
+    v2, _ = register(env, tmp_path / "twin.onnx", split["test"])
     registry_as(env, "ann").approve(v1.version, "reviewed")
     registry_as(env, "adam").promote(v1.version, reason="first champion")
     params = {**env, "serve": {"model": "churn@champion", "reload_poll_seconds": 0.3, "model_cache_dir": str(tmp_path / "cache"),
