@@ -14,11 +14,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['Task', 'DerivedOp', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'TrainConfig',
-           'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig', 'RegistryConfig',
-           'ProjectConfig', 'CacheConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan', 'RolloutConfig',
-           'ServeConfig', 'DriftOverride', 'MonitorConfig', 'Config', 'config_from_dict', 'read_yaml', 'load_config',
-           'Paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
+__all__ = ['Task', 'DerivedOp', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig',
+           'TrainConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig',
+           'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
+           'RolloutConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config',
+           'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5', 'params_hash',
+           'staged_outputs', 'write_json']
 
 # %% ../nbs/00_config.ipynb #46603c3d
 class ConfigError(ValueError):
@@ -50,6 +51,7 @@ class DataConfig(_Strict):
     sample_rows: int | None = Field(None, gt=0)
     split: SplitConfig = SplitConfig()
     sensitive: list[str] = []
+    feedback: str | None = "data/feedback/labelled.parquet"   # labelled live traffic `mlnb retrain` adds (DVC-tracked); read with the source
 
     @property
     def is_sql(self) -> bool: return "://" in self.source
@@ -225,6 +227,16 @@ class MonitorConfig(_Strict):
     min_labelled: int = Field(200, ge=1)
     output_dir: str = "monitoring"                  # latest.json, feature_history.parquet, reports
     webhook: str | None = None                      # alerts are POSTed here as JSON
+    pushgateway: str | None = None                  # the gauges are also pushed here (job mlnb_monitor)
+
+RetrainTrigger = Literal["dataset_drift", "feature_drift", "prediction_drift", "accuracy_decay"]
+
+class RetrainConfig(_Strict):
+    triggers: list[RetrainTrigger] = []                # `mlnb monitor` retrains when one of these alerts is raised ...
+    every_days: float | None = Field(None, gt=0)    # ... or when the last retraining is this old (a schedule)
+    min_new_labels: int = Field(200, ge=1)          # labelled predictions not yet in the training data, needed to retrain
+    auto_approve: bool = False                      # a retrained version that passes every gate is approved by policy
+    challenger_on_approval: bool = True             # an approved retrained version becomes the challenger (the rollout takes over)
 
 class Config(_Strict):
     project: ProjectConfig = ProjectConfig()
@@ -236,6 +248,7 @@ class Config(_Strict):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @property
     def model_name(self) -> str: return self.registry.model_name or self.project.name

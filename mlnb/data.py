@@ -23,8 +23,8 @@ from .config import ConfigError, DataConfig, Paths, read_yaml, staged_outputs, w
 # %% auto #0
 __all__ = ['CATEGORY_SHARES', 'BINARY_SHARES', 'ADDON_YES', 'TENURE_BY_CONTRACT', 'REFERENCE_SD', 'COLUMNS', 'DataError',
            'ColumnSchema', 'DataSchema', 'load_schema', 'pandera_schema', 'read_source', 'blanks_to_missing',
-           'validate', 'CleaningLog', 'clean', 'stratified_sample', 'split_data', 'IngestResult', 'ingest',
-           'infer_schema', 'schema_to_yaml', 'shifted_shares', 'synthesize']
+           'validate', 'CleaningLog', 'clean', 'stratified_sample', 'split_data', 'IngestResult', 'read_feedback',
+           'ingest', 'infer_schema', 'schema_to_yaml', 'shifted_shares', 'synthesize']
 
 # %% ../nbs/01_data.ipynb #f9587263
 class DataError(ValueError):
@@ -143,6 +143,7 @@ def validate(df: pd.DataFrame, schema: DataSchema, source: str = "data", target:
 class CleaningLog:
     rows_in: int = 0
     rows_out: int = 0
+    feedback_rows: int = 0                                       # of rows_in, labelled live traffic (data.feedback)
     blanks_to_missing: dict[str, int] = field(default_factory=dict)
     imputed: dict[str, dict] = field(default_factory=dict)      # column -> {"rows": n, "value": v}
     dropped: dict[str, int] = field(default_factory=dict)       # reason -> rows
@@ -214,13 +215,25 @@ class IngestResult:
             Path(temps[-1]).write_text(json.dumps({"source": self.source, **self.log.__dict__}, indent=2, default=str) + "\n")
         return finals
 
+def read_feedback(data: DataConfig, schema: DataSchema) -> pd.DataFrame | None:
+    "The labelled live traffic `mlnb retrain` added (`data.feedback`), validated on its own so an error names that file; None if there is none."
+    if not data.feedback or not Path(data.feedback).exists(): return None
+    rows = pd.read_parquet(data.feedback)
+    missing = [c for c in schema.columns if c not in rows]
+    if missing: raise DataError(f"{data.feedback}: labelled feedback rows lack schema column(s) {missing}")
+    rows, _ = blanks_to_missing(rows[list(schema.columns)])
+    return validate(rows, schema, source=data.feedback, target=data.target)
+
 def ingest(data: DataConfig, seed: int) -> IngestResult:
     "Read, validate, clean and split the configured source (nothing is written)."
     schema = load_schema(data.schema_path)
     raw = read_source(data.source, data.query)
     raw, blanks = blanks_to_missing(raw)
     valid = validate(raw, schema, source=data.source, target=data.target)
-    cleaned, log = clean(valid, schema, CleaningLog(rows_in=len(raw), blanks_to_missing=blanks))
+    feedback = read_feedback(data, schema)
+    if feedback is not None: valid = pd.concat([valid, feedback], ignore_index=True)
+    n_feedback = 0 if feedback is None else len(feedback)
+    cleaned, log = clean(valid, schema, CleaningLog(rows_in=len(raw) + n_feedback, feedback_rows=n_feedback, blanks_to_missing=blanks))
     if cleaned[data.target].isna().any():
         raise DataError(f"{data.source}: target {data.target!r} is missing in {int(cleaned[data.target].isna().sum())} row(s) after cleaning")
     if data.task != "regression" and cleaned[data.target].nunique() < 2:

@@ -11,7 +11,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["nbs", "mlnb", "schema", "data/raw", "registry/users.yaml", "dvc.yaml", "params.yaml", "pyproject.toml",
+PROJECT_FILES = ["nbs", "mlnb", "schema", "data/raw", "data/feedback", "registry/users.yaml", "dvc.yaml", "params.yaml", "pyproject.toml",
                  ".dvc/config", ".dvcignore", ".gitignore", "README.md"]
 
 
@@ -21,9 +21,9 @@ def tool_env() -> dict:
     return env
 
 
-def run(cmd: list[str] | str, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    "Run a command with the project's tools on PATH; on failure show its output."
-    p = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str))
+def run(cmd: list[str] | str, cwd: Path, check: bool = True, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    "Run a command with the project's tools on PATH (or in `env`); on failure show its output."
+    p = subprocess.run(cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str))
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
     return p
