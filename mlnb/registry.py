@@ -20,12 +20,13 @@ from .audit import AuditLog
 from .config import Config, Paths, file_md5, params_hash, write_json
 
 # %% auto #0
-__all__ = ['STATUS', 'COMPLETE', 'ALIASES', 'HIGHER_IS_BETTER', 'LINEAGE_CHAIN', 'RegistryError', 'Version', 'gate_metric',
-           'onnx_score', 'Gate', 'run_gates', 'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys',
-           'register_outputs']
+__all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'LINEAGE_CHAIN',
+           'RegistryError', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'run_gates', 'lineage_from_lock',
+           'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
 
 # %% ../nbs/10_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
+ON_APPROVAL, ON_APPROVAL_POLICY = "mlnb.on_approval", "mlnb.on_approval_policy"   # an alias an approval hands over, and the policy that asked
 ALIASES = ("champion", "challenger")
 
 class RegistryError(ValueError):
@@ -313,7 +314,13 @@ def _decide(self: Registry, version: str, status: str, reason: str, force: bool)
         return self.get(version)
 
 @patch
-def approve(self: Registry, version, reason: str, force: bool = False) -> Version: return self._decide(str(version), "approved", reason, force)
+def approve(self: Registry, version, reason: str, force: bool = False) -> Version:
+    "Approve a candidate; one marked by `on_approval` then takes that alias in the name of the policy that marked it."
+    v = self._decide(str(version), "approved", reason, force)
+    alias = v.tags.get(ON_APPROVAL)
+    if alias in ALIASES and alias not in v.aliases:
+        self._as_policy(v.tags.get(ON_APPROVAL_POLICY, "mlnb:policy"), lambda: self._move_alias(alias, v.version, "promote", f"approved: {reason}"))
+    return self.get(version)
 @patch
 def reject(self: Registry, version, reason: str) -> Version: return self._decide(str(version), "rejected", reason, False)
 
@@ -374,19 +381,43 @@ def rollback(self: Registry, reason: str = "") -> Version:
 
 # %% ../nbs/10_registry.ipynb #7c7acad2
 @patch
+def _as_policy(self: Registry, policy: str, action):
+    "Run `action` as the admin identity of a policy (`mlnb:bootstrap`, `mlnb:retrain`), so the audit log names the policy."
+    actor, self.identity = self.identity, Identity(policy, frozenset({"admin"}))
+    try: return action()
+    finally: self.identity = actor
+
+@patch
+def policy_approve(self: Registry, version: str, policy: str, reason: str) -> None:
+    "Approve a version whose gates all passed in the name of `policy`, audited on behalf of the acting user."
+    with self.lock:
+        v = self.get(version)
+        if not v.gates_passed: raise RegistryError(f"{self.name} v{version} failed its gates; the {policy} policy cannot approve it")
+        for k, val in {STATUS: "approved", "mlnb.decided_by": policy, "mlnb.decided_at": _now(), "mlnb.decision_reason": reason}.items():
+            self.client.set_model_version_tag(self.name, str(version), k, val)
+        self.audit.append(policy, "approve", model=self.name, version=str(version), on_behalf_of=self.identity.name, reason=reason)
+
+@patch
 def bootstrap(self: Registry, version: Version) -> bool:
     "Approve and promote `version` as the first champion, when policy allows. True if it did."
     if self.alias("champion") is not None or not version.gates_passed: return False
     with self.lock:
-        for k, val in {STATUS: "approved", "mlnb.decided_by": "mlnb:bootstrap", "mlnb.decided_at": _now(),
-                       "mlnb.decision_reason": "first version of the model; every gate passed (registry.bootstrap_auto_approve)"}.items():
-            self.client.set_model_version_tag(self.name, version.version, k, val)
-        self.audit.append("mlnb:bootstrap", "approve", model=self.name, version=version.version, on_behalf_of=self.identity.name,
-                          reason="bootstrap auto-approval: first version, all gates passed")
-        actor, self.identity = self.identity, Identity("mlnb:bootstrap", frozenset({"admin"}))
-        try: self._move_alias("champion", version.version, "promote", "bootstrap: first champion")
-        finally: self.identity = actor
+        self.policy_approve(version.version, "mlnb:bootstrap", "first version of the model; every gate passed (registry.bootstrap_auto_approve)")
+        self._as_policy("mlnb:bootstrap", lambda: self._move_alias("champion", version.version, "promote", "bootstrap: first champion"))
     return True
+
+@patch
+def on_approval(self: Registry, version, alias: str, policy: str, reason: str) -> Version:
+    "Mark a candidate so that, once approved, it takes `alias` (in the name of `policy`); if it is approved already, now."
+    self._require("register", str(version))
+    if alias not in ALIASES: raise RegistryError(f"alias must be one of {ALIASES}, not {alias!r}")
+    with self.lock:
+        v = self.get(version)
+        for k, val in {ON_APPROVAL: alias, ON_APPROVAL_POLICY: policy}.items(): self.client.set_model_version_tag(self.name, str(version), k, val)
+        self.audit.append(self.identity.name, "on-approval", model=self.name, version=str(version), alias=alias, policy=policy, reason=reason)
+        if v.status == "approved" and alias not in v.aliases:
+            self._as_policy(policy, lambda: self._move_alias(alias, str(version), "promote", reason))
+    return self.get(version)
 
 # %% ../nbs/10_registry.ipynb #0a8a7e68
 @patch
