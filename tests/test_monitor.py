@@ -22,13 +22,17 @@ from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 class Receiver:
     "A webhook receiver on 127.0.0.1 that keeps what it is sent."
     def __init__(self):
-        self.received = []
+        self.received, self.pushed = [], []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 outer.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 self.send_response(204); self.end_headers()
+
+            def do_PUT(self):                                # a Pushgateway: PUT /metrics/job/<job>, the text format
+                outer.pushed.append((self.path, self.rfile.read(int(self.headers["Content-Length"])).decode()))
+                self.send_response(200); self.end_headers()
 
             def log_message(self, *args): pass
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -90,9 +94,12 @@ def monitor(root, *args, check=True):
 def test_iid_traffic_raises_no_alert(onnx_models, spec, receiver, tmp_path):
     workspace(tmp_path, spec, onnx_models, receiver.url)
     serve_traffic(tmp_path, spec, [synthesize(600, seed=3)])
-    out = monitor(tmp_path, "--fail-on-alert")
+    out = monitor(tmp_path, "--fail-on-alert", "--push", receiver.url.removesuffix("/hook"))
     result = json.loads((tmp_path / "monitoring/latest.json").read_text())
     assert result["rows"] == 600 and result["verdict"] and result["alerts"] == [], result["alerts"]
+    ((path, text),) = receiver.pushed
+    assert path == "/metrics/job/mlnb_monitor" and "mlnb_monitor_dataset_drift 0.0" in text and "mlnb_monitor_window_rows 600.0" in text
+    assert text.count("mlnb_monitor_feature_drifted{") == 19
     assert result["drift"]["dataset_drift"] is False and result["prediction_drift"]["drifted"] is False
     assert result["performance"]["labelled"] == 600 and not result["performance"]["decayed"]
     assert "600 rows" in out.stdout and receiver.received == []

@@ -20,7 +20,8 @@ from .drift import DriftReport, drift_report
 
 # %% auto #0
 __all__ = ['log', 'window_frame', 'output_column', 'Performance', 'online_performance', 'MonitorResult', 'column_stats',
-           'append_history', 'alerts_for', 'send_alert', 'check_window', 'reference_scores', 'run_monitor']
+           'append_history', 'alerts_for', 'alert_kinds', 'send_alert', 'gauge_families', 'MonitorCollector',
+           'push_gauges', 'check_window', 'reference_scores', 'run_monitor']
 
 # %% ../../nbs/20_monitor_check.ipynb #fbf5c2f1
 log = logging.getLogger("mlnb.monitor")
@@ -113,12 +114,75 @@ def alerts_for(result: MonitorResult) -> list[str]:
     if perf["decayed"]: out.append(f"accuracy decay: {perf['accuracy']:.3f} online vs {perf['reference_accuracy']:.3f} at evaluation ({perf['labelled']} labels, p = {perf['p_value']:.2g})")
     return out
 
+def alert_kinds(result: MonitorResult) -> set[str]:
+    "Which kinds of alert the result raised (the names `retrain.triggers` lists)."
+    d, p, perf = result.drift or {}, result.prediction_drift or {}, result.performance
+    kinds = {"dataset_drift": bool(d.get("dataset_drift")), "feature_drift": bool(d.get("drifted_columns")),
+             "prediction_drift": bool(p.get("drifted")), "accuracy_decay": bool(perf.get("decayed"))}
+    return {k for k, hit in kinds.items() if hit}
+
 def send_alert(url: str, result: MonitorResult, timeout: float = 10) -> None:
     "POST the alerts and the result's headline to a webhook (Slack-compatible `text`, plus the details)."
     import httpx
     body = {"text": "mlnb monitor: " + "; ".join(result.alerts), "alerts": result.alerts, "window_start": result.window_start,
             "window_end": result.window_end, "rows": result.rows, "result": result.to_dict()}
     httpx.post(url, json=body, timeout=timeout).raise_for_status()
+
+# %% ../../nbs/20_monitor_check.ipynb #2557c918
+def _ts(iso: str) -> float: return datetime.fromisoformat(iso).timestamp()
+
+def gauge_families(result: dict) -> list:
+    "The monitoring result as Prometheus gauge families (names `mlnb_monitor_*`)."
+    from prometheus_client.core import GaugeMetricFamily as G
+    d, p, perf = result.get("drift") or {}, result.get("prediction_drift") or {}, result.get("performance") or {}
+    score = G("mlnb_monitor_drift_score", "Drift statistic per feature (p-value for ks/chisquare/z, distance otherwise)", labels=["column", "test"])
+    threshold = G("mlnb_monitor_drift_threshold", "The drift test's threshold per feature", labels=["column", "test"])
+    drifted = G("mlnb_monitor_feature_drifted", "1 when the feature drifted in the last window", labels=["column"])
+    for c in d.get("columns", []):
+        if c.get("statistic") is None: continue
+        score.add_metric([c["column"], c["test"]], c["statistic"]); threshold.add_metric([c["column"], c["test"]], c["threshold"])
+        drifted.add_metric([c["column"]], float(c["drifted"]))
+    out = [score, threshold, drifted]
+    def single(name, doc, value, labels=None):
+        if value is None: return
+        g = G(name, doc, labels=list(labels or {})); g.add_metric(list((labels or {}).values()), float(value)); out.append(g)
+    if d:
+        single("mlnb_monitor_drifted_share", "Share of features that drifted", len(d["drifted_columns"]) / max(len(d["columns"]), 1))
+        single("mlnb_monitor_dataset_drift", "1 when the data set drifted (drifted share reached monitor.drift_share)", d["dataset_drift"])
+    if p:
+        single("mlnb_monitor_prediction_drift_score", "Drift statistic of the model's output distribution", p["statistic"], {"test": p["test"]})
+        single("mlnb_monitor_prediction_drifted", "1 when the output distribution drifted", p["drifted"])
+    single("mlnb_monitor_online_accuracy", "Accuracy on the window's feedback labels", perf.get("accuracy"))
+    single("mlnb_monitor_reference_accuracy", "Accuracy at evaluation (test split)", perf.get("reference_accuracy"))
+    single("mlnb_monitor_accuracy_decayed", "1 when online accuracy dropped significantly below the evaluation's", perf.get("decayed", False))
+    single("mlnb_monitor_labelled_rows", "Feedback labels in the window", perf.get("labelled", 0))
+    single("mlnb_monitor_window_rows", "Served rows in the window", result.get("rows", 0))
+    single("mlnb_monitor_verdict", "1 when the window had enough rows for a verdict", result.get("verdict", False))
+    single("mlnb_monitor_alerts", "Alerts the last check raised", len(result.get("alerts", [])))
+    single("mlnb_monitor_last_run_timestamp_seconds", "End of the last checked window (Unix time)", _ts(result["window_end"]) if result.get("window_end") else None)
+    return out
+
+class MonitorCollector:
+    "A Prometheus collector for `latest.json`: re-read when the file changes, nothing when there is none yet."
+    def __init__(self, path: str | Path):
+        self.path, self._seen, self._families = Path(path), None, []
+
+    def collect(self):
+        try: stamp = self.path.stat().st_mtime_ns
+        except FileNotFoundError: return []
+        if stamp != self._seen:
+            try: self._families, self._seen = gauge_families(json.loads(self.path.read_text())), stamp
+            except (ValueError, KeyError, TypeError) as e: log.error("unreadable monitoring result %s: %s", self.path, e)
+        return self._families
+
+def push_gauges(url: str, result: MonitorResult, job: str = "mlnb_monitor", timeout: float = 10) -> None:
+    "Push the gauges to a Prometheus Pushgateway (replacing the job's previous ones)."
+    from prometheus_client import CollectorRegistry, push_to_gateway
+    families = gauge_families(result.to_dict())
+    class _Once:
+        def collect(self): return families
+    registry = CollectorRegistry(); registry.register(_Once())
+    push_to_gateway(url, job=job, registry=registry, timeout=timeout)
 
 # %% ../../nbs/20_monitor_check.ipynb #7ac6cfbf
 def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: Profile, cfg: MonitorConfig, start: str, end: str,
@@ -153,7 +217,7 @@ def reference_scores(paths: Paths, model_path: Path, positive) -> np.ndarray:
     return out["probabilities"][:, classes.index(str(positive)) if classes and str(positive) in map(str, classes) else -1]
 
 def run_monitor(cfg: Config, paths: Paths = Paths(), since: datetime | None = None, until: datetime | None = None,
-                model_path: str | Path | None = None, metrics_dir: str | Path = "metrics") -> MonitorResult:
+                model_path: str | Path | None = None, metrics_dir: str | Path = "metrics", pushgateway: str | None = None) -> MonitorResult:
     "Check the prediction log's window and write latest.json, the window's own JSON and the feature history; alert the webhook."
     from mlnb.serve.log import read_log
     m, pl = cfg.monitor, cfg.serve.prediction_log
@@ -180,4 +244,7 @@ def run_monitor(cfg: Config, paths: Paths = Paths(), since: datetime | None = No
         if m.webhook:
             try: send_alert(m.webhook, result)
             except Exception as e: log.error("alert webhook %s failed: %s", m.webhook, f"{type(e).__name__}: {e}")
+    if pushgateway or m.pushgateway:
+        try: push_gauges(pushgateway or m.pushgateway, result)
+        except Exception as e: log.error("push to %s failed: %s", pushgateway or m.pushgateway, f"{type(e).__name__}: {e}")
     return result

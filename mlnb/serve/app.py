@@ -19,6 +19,7 @@ from starlette.routing import Route
 from fastcore.basics import patch
 
 from ..config import Config, ServeConfig
+from ..monitor.check import MonitorCollector
 from .log import (FeedbackEntry, ParquetLog, PredictionEntry, RecentIds, feedback_table, logged_ids, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
                                  split_v2_body, v2_response)
@@ -106,6 +107,7 @@ class ModelServer:
         self.cfg, self.serve, self.ref, self.public_key = cfg, cfg.serve, ref, Path(public_key)
         self.model, self.registry = model, registry
         self.metrics = ServeMetrics()
+        self.metrics.add_collector(MonitorCollector(Path(cfg.monitor.output_dir) / "latest.json"))   # `mlnb monitor`'s gauges
         s = self.serve
         self.cache = PredictionCache(s.cache.max_entries, s.cache.ttl_seconds) if s.cache.enabled else None
         self.batcher = MicroBatcher(s.micro_batch.max_rows if s.micro_batch.enabled else 1, s.micro_batch.max_wait_ms, self._observe_batch)

@@ -47,6 +47,7 @@ class ServeMetrics:
         self.canary_fallbacks = Counter("mlnb_canary_fallbacks_total", "Canary answers replaced by the champion's, by reason (error, timeout)", ["reason"], registry=r)
         self.shadow_requests = Counter("mlnb_shadow_requests_total", "Shadow copies by outcome (ok, error, dropped)", ["outcome"], registry=r)
         self._children: dict = {}
+        self.collectors: list = []                   # custom collectors (the monitoring gauges), also in multiprocess mode
         self._mirrored: dict = {}
         self._mirror_lock = threading.Lock()        # the writer threads and /metrics both mirror log counters
 
@@ -66,11 +67,15 @@ class ServeMetrics:
                 if delta > 0: self.child(metric, name).inc(delta); self._mirrored[key] = value
         self.child(self.log_queue_depth, name).set(depth)
 
+    def add_collector(self, collector) -> None:
+        self.registry.register(collector); self.collectors.append(collector)
+
     def exposition(self) -> tuple[bytes, str]:
         "The text format, summed over worker processes in multiprocess mode."
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
             registry = CollectorRegistry(); multiprocess.MultiProcessCollector(registry)
+            for c in self.collectors: registry.register(c)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
