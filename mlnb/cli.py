@@ -28,7 +28,7 @@ __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGE
            'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list', 'registry_show',
            'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback', 'registry_history',
            'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve', 'ab_report_command',
-           'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor']
+           'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd']
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -414,13 +414,15 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
             model: Optional[Path] = typer.Option(None, help="The served ONNX model, for prediction drift (default: models/onnx/model.onnx)"),
             fail_on_alert: bool = typer.Option(False, help="Exit 2 when the check raises an alert"),
             report: bool = typer.Option(False, help="Also write the monitoring notebook with plots (and its HTML) to monitor.output_dir"),
-            params: str = PARAMS):
+            retrain: bool = typer.Option(True, help="Retrain when retrain.triggers or retrain.every_days says so"),
+            push: Optional[str] = typer.Option(None, help="Push the gauges to this Prometheus Pushgateway (default: monitor.pushgateway)"),
+            params: str = PARAMS, user: Optional[str] = USER):
     "Check the prediction log for drift and accuracy decay; write the result and alert."
     from datetime import datetime, timedelta, timezone
     from mlnb.monitor.check import run_monitor
     cfg = load_config(params)
     until = datetime.now(timezone.utc)
-    try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model)
+    try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
     except (ValueError, FileNotFoundError) as e: _fail(e)
     typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows" + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)"))
     if result.drift:
@@ -434,4 +436,24 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
     if report:
         try: typer.echo(f"wrote {run_stage('07_monitor', params, reports_dir=Path(cfg.monitor.output_dir))}")
         except StageFailed as e: _fail(e)
+    if retrain:
+        from mlnb.monitor.retrain import retrain_trigger
+        trigger = retrain_trigger(result, cfg)
+        if trigger: _retrain(cfg, trigger, user)
     if fail_on_alert and result.alerts: raise typer.Exit(2)
+
+def _retrain(cfg, trigger: str, user: str | None) -> None:
+    from mlnb.data import DataError
+    from mlnb.monitor.retrain import RetrainError, retrain as run_retrain
+    typer.echo(f"retraining ({trigger}) ...")
+    r = _guard(lambda: _catch((RetrainError, DataError), lambda: run_retrain(cfg, trigger, Paths(), user)))
+    typer.echo(f"retrain {r.run}: {r.status}" + (f", {r.new_rows} new labelled rows (data md5 {r.data_md5})" if r.data_md5 else "") + f": {r.detail}")
+
+def _catch(kinds, fn):
+    try: return fn()
+    except kinds as e: _fail(e)
+
+@app.command("retrain")
+def retrain_cmd(reason: str = typer.Option("manual", help="Why (recorded in the audit log)"), params: str = PARAMS, user: Optional[str] = USER):
+    "Add newly labelled traffic to the training data as a new DVC version, run dvc repro, and hand the candidate to the gates and approval rules."
+    _retrain(load_config(params), f"manual: {reason}", user)
