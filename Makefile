@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 UV_VERSION := 0.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: env run test test-fast lab bench lock clean
+.PHONY: env tools run test test-fast lab bench lock clean
 
 # The environment: pinned versions from requirements.lock, mlnb itself editable, and a
 # Jupyter kernel named `mlnb` inside the venv that papermill and JupyterLab use.
@@ -21,16 +21,20 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 env: $(VENV)/.installed
 
+# promtool (Debian package `prometheus`) for tests/test_deploy.py: checks the Prometheus config and alert rules in deploy/.
+tools:
+	command -v promtool >/dev/null || (apt-get install -y --no-install-recommends prometheus || (apt-get update && apt-get install -y --no-install-recommends prometheus) || sudo apt-get install -y --no-install-recommends prometheus)
+
 run: env
 	dvc repro
 	@echo
 	mlnb summary
 
-test: env
+test: env tools
 	nbdev-test --n-workers 2
 	pytest
 
-test-fast: env
+test-fast: env tools
 	nbdev-test --n-workers 2
 	pytest -m "not slow"
 
