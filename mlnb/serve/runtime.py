@@ -69,6 +69,7 @@ class ServedModel:
     sha256: str
     load_seconds: float = 0.0
     classes: list[str] | None = None
+    path: Path | None = None         # the verified ONNX file
 
     @property
     def task(self) -> str: return "classification" if "probabilities" in self.onnx.outputs else "regression"
@@ -111,7 +112,7 @@ def load_served_model(model_path: str | Path, public_key: str | Path, name: str 
     name = name or onnx.metadata.get("model_name") or model_path.stem
     classes = json.loads(onnx.metadata["classes"]) if "classes" in onnx.metadata else None
     served = ServedModel(name, version or f"sha256-{sha[:12]}", source or str(model_path), onnx,
-                         contract_from(onnx.inputs, schema, name, max_rows), sha, classes=[str(c) for c in classes] if classes else None)
+                         contract_from(onnx.inputs, schema, name, max_rows), sha, classes=[str(c) for c in classes] if classes else None, path=model_path)
     warm_up(served)
     served.load_seconds = time.perf_counter() - start
     return served
