@@ -85,6 +85,8 @@ class TrainConfig(_Strict):
     cv_folds: int = Field(3, ge=2, le=20)
     n_iter: int = Field(4, ge=1)           # hyperparameter draws per candidate family
     n_jobs: int = 2
+    checkpoint_every: int = Field(20, ge=1)   # final fit of iterative models: trees / boosting iterations / epochs per checkpoint
+    checkpoint_dir: str = "models/.checkpoints"   # not a DVC output, so a killed run's checkpoints survive until it resumes
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str = "mlnb"
 

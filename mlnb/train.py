@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/train.html.md"""
 
 # %% ../nbs/03_train.ipynb #17865f03
 from __future__ import annotations
-import json, time, warnings
+import hashlib, json, os, shutil, signal, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,8 +28,9 @@ from .config import ConfigError, Paths, TrainConfig, staged_outputs, write_json
 from .features import FeatureSpec, model_frame, preprocessor
 
 # %% auto #0
-__all__ = ['FAMILIES', 'DEFAULT_METRIC', 'Family', 'family', 'candidate_pipeline', 'Candidate', 'search_family', 'experiment_id',
-           'log_candidates', 'TrainResult', 'train', 'plot_leaderboard']
+__all__ = ['FAMILIES', 'DEFAULT_METRIC', 'ITERATION_PARAM', 'Family', 'family', 'candidate_pipeline', 'Candidate',
+           'search_family', 'experiment_id', 'log_candidates', 'Checkpoints', 'fit_in_steps', 'TrainResult', 'train',
+           'plot_leaderboard']
 
 # %% ../nbs/03_train.ipynb #964c3793
 @dataclass(frozen=True)
@@ -143,6 +144,65 @@ def log_candidates(candidates: list[Candidate], best: str, cfg: TrainConfig, met
         mlflow.set_tags({"mlnb.selected_family": best})
         return parent.info.run_id
 
+# %% ../nbs/03_train.ipynb #54e7b5fe
+ITERATION_PARAM = {RandomForestClassifier: "n_estimators", RandomForestRegressor: "n_estimators", HistGradientBoostingClassifier: "max_iter",
+                   HistGradientBoostingRegressor: "max_iter", MLPClassifier: "max_iter", MLPRegressor: "max_iter"}
+
+def _failpoint(name: str) -> None:
+    if os.environ.get("MLNB_FAILPOINT") == name: os.kill(os.getpid(), signal.SIGKILL)
+
+class Checkpoints:
+    "Atomic joblib checkpoints in one directory per training run (its key: a hash of what the result depends on)."
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / key
+
+    @classmethod
+    def for_run(cls, root, frames: list[pd.DataFrame], spec: FeatureSpec, cfg: TrainConfig, seed: int) -> "Checkpoints":
+        import sklearn
+        h = hashlib.sha256()
+        for f in frames: h.update(pd.util.hash_pandas_object(f, index=False).to_numpy().tobytes()); h.update(",".join(map(str, f.columns)).encode())
+        settings = cfg.model_dump(exclude={"tracking_uri", "experiment", "checkpoint_dir", "n_jobs"})
+        h.update(json.dumps([spec.model_dump(), settings, seed, sklearn.__version__, np.__version__], sort_keys=True, default=str).encode())
+        return cls(root, h.hexdigest()[:16])
+
+    def load(self, name: str):
+        path = self.dir / f"{name}.joblib"
+        return joblib.load(path) if path.exists() else None
+
+    def save(self, name: str, obj) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{name}.joblib.tmp"
+        joblib.dump(obj, tmp)
+        os.replace(tmp, self.dir / f"{name}.joblib")
+
+    def clear(self) -> None: shutil.rmtree(self.dir, ignore_errors=True)
+
+def fit_in_steps(pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, every: int, ck: Checkpoints | None = None, name: str = "final") -> Pipeline:
+    "Fit `pipeline`; an iterative estimator is grown `every` iterations at a time with a checkpoint after each (resumed from the last)."
+    model = pipeline.named_steps["model"]
+    param = ITERATION_PARAM.get(type(model))
+    if param is None: return pipeline.fit(X, y)
+    total, epochs = model.get_params()[param], isinstance(model, (MLPClassifier, MLPRegressor))
+    state = ck.load(name) if ck else None
+    done = 0
+    if state is not None: pipeline, done = state["pipeline"], state["done"]
+    else: pipeline.set_params(model__warm_start=True)
+    while done < total:
+        step = min(every, total - done)
+        # an MLP's max_iter counts the epochs of each fit; a forest's or booster's counts the trees so far
+        pipeline.set_params(**{f"model__{param}": step if epochs else done + step})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            pipeline.fit(X, y)
+        model = pipeline.named_steps["model"]
+        stopped = epochs and model.n_iter_ < done + step            # early stopping ended it before this step's epochs
+        done = total if stopped else done + step
+        if ck:
+            ck.save(name, {"done": done, "pipeline": pipeline})
+            _failpoint(f"train:{name}:{done}")
+    pipeline.set_params(**{f"model__{param}": total, "model__warm_start": False})
+    return pipeline
+
 # %% ../nbs/03_train.ipynb #76611e17
 @dataclass
 class TrainResult:
@@ -168,18 +228,25 @@ class TrainResult:
                 "valid_score": round(self.best.valid_score, 6)}
 
 def train(train_df: pd.DataFrame, valid_df: pd.DataFrame, spec: FeatureSpec, cfg: TrainConfig, seed: int,
-          track: bool = True, tags: dict | None = None, progress: bool = True) -> TrainResult:
-    "Search every candidate family, select the best on validation, refit it on train + valid."
+          track: bool = True, tags: dict | None = None, progress: bool = True, checkpoints: bool = True) -> TrainResult:
+    "Search every candidate family, select the best on validation, refit it on train + valid; resume from checkpoints."
     metric = cfg.metric or DEFAULT_METRIC[spec.task]
     for name in cfg.candidates: family(name, spec.task)    # fail on a bad list before any work
     X, y = model_frame(train_df, spec), train_df[spec.target]
     Xv, yv = model_frame(valid_df, spec), valid_df[spec.target]
+    ck = Checkpoints.for_run(cfg.checkpoint_dir, [X, y.to_frame(), Xv, yv.to_frame()], spec, cfg, seed) if checkpoints else None
     from tqdm.auto import tqdm
-    candidates = [search_family(n, spec, X, y, Xv, yv, cfg, metric, seed)
-                  for n in tqdm(cfg.candidates, desc="candidates", disable=not progress)]
+    candidates = []
+    for n in tqdm(cfg.candidates, desc="candidates", disable=not progress):
+        c = ck.load(f"family-{n}") if ck else None
+        if c is None:
+            c = search_family(n, spec, X, y, Xv, yv, cfg, metric, seed)
+            if ck: ck.save(f"family-{n}", c); _failpoint(f"train:family:{n}")
+        candidates.append(c)
     best = max(candidates, key=lambda c: c.valid_score)
-    final = clone(best.pipeline).fit(pd.concat([X, Xv], ignore_index=True), pd.concat([y, yv], ignore_index=True))
+    final = fit_in_steps(clone(best.pipeline), pd.concat([X, Xv], ignore_index=True), pd.concat([y, yv], ignore_index=True), cfg.checkpoint_every, ck)
     parent = log_candidates(candidates, best.family, cfg, metric, tags) if track else None
+    if ck: ck.clear()
     return TrainResult(candidates, best, final, metric, parent)
 
 # %% ../nbs/03_train.ipynb #6e15583d
