@@ -28,7 +28,8 @@ __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGE
            'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list', 'registry_show',
            'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback', 'registry_history',
            'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve', 'ab_report_command',
-           'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd']
+           'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd',
+           'batch_predict_cmd']
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -48,16 +49,19 @@ def to_html(notebook: Path, html: Path) -> None:
     html.write_text(body)
 
 def local_kernel_manager(kernel: str):
-    "A kernel manager talking to its kernel over Unix sockets in a private temporary directory, not TCP ports."
-    from jupyter_client.manager import KernelManager
-    return KernelManager(kernel_name=kernel, transport="ipc", ip=str(Path(tempfile.mkdtemp(prefix="mlnb-kernel-")) / "ipc"))
+    """A kernel manager talking to its kernel over Unix sockets in a private temporary directory, not TCP ports.
+    Asynchronous, so that nbclient notices a kernel that died (killed, out of memory) instead of waiting for it forever."""
+    from jupyter_client.manager import AsyncKernelManager
+    return AsyncKernelManager(kernel_name=kernel, transport="ipc", ip=str(Path(tempfile.mkdtemp(prefix="mlnb-kernel-")) / "ipc"))
 
 class StageFailed(RuntimeError):
     "A stage notebook raised; the message is the library's own error."
 
-def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, reports_dir: Path = REPORTS_DIR) -> Path:
+def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, reports_dir: Path = REPORTS_DIR, parameters: dict | None = None) -> Path:
     "Execute a stage notebook with papermill; write REPORTS_DIR/NAME.ipynb and .html atomically."
     import papermill as pm
+    from jupyter_client.utils import run_sync
+    from nbclient.exceptions import DeadKernelError
     nb = stage_notebook(name)
     reports_dir = Path(reports_dir); reports_dir.mkdir(parents=True, exist_ok=True)
     final, html, failed = reports_dir / nb.name, reports_dir / f"{nb.stem}.html", reports_dir / f"{nb.stem}.failed.ipynb"
@@ -65,15 +69,17 @@ def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, repo
     failed.unlink(missing_ok=True)
     km = local_kernel_manager(kernel)
     try:
-        pm.execute_notebook(str(nb), str(tmp), parameters={"params_path": params}, kernel_name=kernel, km=km,
+        pm.execute_notebook(str(nb), str(tmp), parameters={"params_path": params, **(parameters or {})}, kernel_name=kernel, km=km,
                             cwd=str(Path.cwd()), progress_bar=sys.stderr.isatty(), log_output=False)
         to_html(tmp, html_tmp)
         os.replace(tmp, final); os.replace(html_tmp, html)
     except pm.PapermillExecutionError as e:
         tmp.replace(failed)
         raise StageFailed(f"stage {nb.stem} failed: {e.ename}: {e.evalue}\n(executed notebook: {failed})") from None
+    except DeadKernelError:
+        raise StageFailed(f"stage {nb.stem} failed: its kernel died (killed, or out of memory); a train stage resumes from its checkpoints when run again") from None
     finally:
-        if km.has_kernel: km.shutdown_kernel(now=True)
+        if km.has_kernel: run_sync(km.shutdown_kernel)(now=True)
         shutil.rmtree(Path(km.ip).parent, ignore_errors=True)
         tmp.unlink(missing_ok=True); html_tmp.unlink(missing_ok=True)
     return final
@@ -457,3 +463,37 @@ def _catch(kinds, fn):
 def retrain_cmd(reason: str = typer.Option("manual", help="Why (recorded in the audit log)"), params: str = PARAMS, user: Optional[str] = USER):
     "Add newly labelled traffic to the training data as a new DVC version, run dvc repro, and hand the candidate to the gates and approval rules."
     _retrain(load_config(params), f"manual: {reason}", user)
+
+# %% ../nbs/06_cli.ipynb #3ed69684
+@app.command("batch-predict")
+def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet file, a directory of them, or a glob"),
+                      output: Path = typer.Option(..., "--output", help="Directory for the part files, _batch.json and _bad_rows.parquet"),
+                      model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS, NAME/VERSION or an .onnx path (default: serve.model or <name>@champion)"),
+                      scheduler: Optional[str] = typer.Option(None, help="Address of a dask.distributed scheduler (default: a local cluster)"),
+                      workers: Optional[int] = typer.Option(None, min=1, help="Local cluster: worker processes (default: the CPU count)"),
+                      threads: int = typer.Option(1, min=1, help="ONNX Runtime threads per worker"),
+                      rows_per_piece: int = typer.Option(500_000, min=1, help="Rows per task (whole row groups)"),
+                      keep: list[str] = typer.Option([], "--keep", help="Input columns to copy into the output (e.g. an id); repeatable"),
+                      overwrite: bool = typer.Option(False, help="Replace a run of another input or model in --output"),
+                      progress: bool = typer.Option(True, help="Show a progress bar"),
+                      fail_on_bad: bool = typer.Option(False, help="Exit 2 when any row was not scored"),
+                      report: bool = typer.Option(False, help="Also write the batch report notebook (and its HTML) into --output/_report"),
+                      params: str = PARAMS, user: Optional[str] = USER):
+    "Score a Parquet data set with the ONNX model on Dask."
+    from mlnb.batch import BatchError, batch_predict, load_model
+    from mlnb.export import SignatureError
+    cfg = load_config(params)
+    def go():
+        try:
+            served = load_model(cfg, model, threads, user)
+            return batch_predict(served, input, output, scheduler, workers, threads, rows_per_piece, tuple(keep), progress, overwrite)
+        except (BatchError, FileNotFoundError, SignatureError, OSError) as e: _fail(e)
+    r = _guard(go)
+    typer.echo(f"{r.model}: {r.scored:,} of {r.rows:,} rows scored into {r.output} ({r.pieces} pieces, {r.pieces_run} run now"
+               + (f", {r.rows_per_second:,.0f} rows/s on {r.workers} workers)" if r.pieces_run else ")"))
+    if r.bad: typer.echo(f"{r.bad:,} bad rows not scored: " + "; ".join(f"{k} ({v:,})" for k, v in r.bad_by_reason.items()) + f"; sample in {Path(r.output) / '_bad_rows.parquet'}")
+    if r.unknown_categories: typer.echo("unknown categories (scored): " + ", ".join(f"{k} {v:,}" for k, v in r.unknown_categories.items()))
+    if report:
+        try: typer.echo(f"wrote {run_stage('08_batch', params, reports_dir=Path(r.output) / '_report', parameters={'output_dir': str(r.output)})}")
+        except StageFailed as e: _fail(e)
+    if fail_on_bad and r.bad: raise typer.Exit(2)
