@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 UV_VERSION := 0.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: env tools run test test-fast lab bench lock clean
+.PHONY: env tools run test test-fast lab bench lock clean team-up team-down
 
 # The environment: pinned versions from requirements.lock, mlnb itself editable, and a
 # Jupyter kernel named `mlnb` inside the venv that papermill and JupyterLab use.
@@ -21,9 +21,18 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 env: $(VENV)/.installed
 
-# promtool (Debian package `prometheus`) for tests/test_deploy.py: checks the Prometheus config and alert rules in deploy/.
+# What the tests need beyond Python, from Debian's packages: promtool (package `prometheus`) checks the Prometheus config
+# and alert rules in deploy/; a local PostgreSQL (role mlnb) backs the team-mode MLflow server the registry tests start.
 tools:
 	command -v promtool >/dev/null || (apt-get install -y --no-install-recommends prometheus || (apt-get update && apt-get install -y --no-install-recommends prometheus) || sudo apt-get install -y --no-install-recommends prometheus)
+	bash deploy/team/postgres.sh
+
+# Team mode on this machine: PostgreSQL and an MLflow tracking server on 127.0.0.1:5000 backed by it (README: Team mode).
+team-up: env
+	bash deploy/team/up.sh
+
+team-down:
+	bash deploy/team/down.sh
 
 run: env
 	dvc repro
@@ -46,6 +55,7 @@ bench: env
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	python benchmarks/serve_bench.py
 	python benchmarks/drift_bench.py
+	python benchmarks/batch_bench.py
 
 # Re-resolve the pins after editing requirements.in.
 lock: env

@@ -12,7 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROJECT_FILES = ["nbs", "mlnb", "schema", "data/raw", "data/feedback", "registry/users.yaml", "dvc.yaml", "params.yaml", "pyproject.toml",
-                 ".dvc/config", ".dvcignore", ".gitignore", "README.md"]
+                 ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "README.md"]
 
 
 def tool_env() -> dict:
