@@ -122,6 +122,7 @@ class RegistryConfig(_Strict):
     signing_key: str = "registry/keys/signing.key"   # env MLNB_SIGNING_KEY overrides
     public_key: str = "registry/keys/signing.pub"    # env MLNB_PUBLIC_KEY overrides
     bootstrap_auto_approve: bool = True    # first version of a model: approve and make champion if every gate passes
+    incomplete_after_seconds: float = Field(600, ge=0)   # tracking server: a version still incomplete this long after its creation was a crashed registration
     gates: GatesConfig = GatesConfig()
     intended_use: str = ""
     caveats: list[str] = []

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/registry.html.md"""
 
 # %% ../nbs/10_registry.ipynb #54fd8d0e
 from __future__ import annotations
-import contextlib, hashlib, json, logging, os, shutil, tempfile
+import contextlib, hashlib, json, logging, os, shutil, tempfile, time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,18 +155,20 @@ def _failpoint(name: str) -> None:
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 class Registry:
-    def __init__(self, uri: str, name: str, audit: AuditLog, identity: Identity, experiment: str = "mlnb"):
+    def __init__(self, uri: str, name: str, audit: AuditLog, identity: Identity, experiment: str = "mlnb", incomplete_after_seconds: float = 600):
         from mlflow import MlflowClient
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.uri, self.name, self.audit, self.identity, self.experiment = uri, name, audit, identity, experiment
+        self.incomplete_after_seconds = incomplete_after_seconds
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.lock = _local_store_lock(uri)
 
     @classmethod
     def from_config(cls, cfg: Config, user: str | None = None, secret: str | None = None) -> "Registry":
         identity = identify(Users.load(cfg.registry.users), user, secret)
-        return cls(cfg.registry_uri, cfg.model_name, AuditLog(cfg.registry.audit_log), identity, cfg.train.experiment)
+        return cls(cfg.registry_uri, cfg.model_name, AuditLog(cfg.registry.audit_log), identity, cfg.train.experiment,
+                   cfg.registry.incomplete_after_seconds)
 
     def _require(self, action: str, version: str | None = None) -> None:
         try: self.identity.require(action)
@@ -226,10 +228,13 @@ def table(self: Registry) -> pd.DataFrame:
 # %% ../nbs/10_registry.ipynb #a903ab07
 @patch
 def _cleanup_incomplete(self: Registry) -> None:
-    "Delete versions a crashed registration left behind (only under the local-store lock)."
-    if isinstance(self.lock, contextlib.nullcontext): return
+    """Delete versions a crashed registration left behind. Under the local-store lock no other registration can be running,
+    so every incomplete version is one; on a tracking server another client may be registering right now, so only those
+    older than `incomplete_after_seconds` are."""
+    on_server = isinstance(self.lock, contextlib.nullcontext)
+    cutoff_ms = (time.time() - self.incomplete_after_seconds) * 1000
     for mv in self._all():
-        if mv.tags.get(COMPLETE) != "complete":
+        if mv.tags.get(COMPLETE) != "complete" and (not on_server or mv.creation_timestamp <= cutoff_ms):
             self.client.delete_model_version(self.name, mv.version)
             self.audit.append(self.identity.name, "cleanup", model=self.name, version=str(mv.version), reason="incomplete registration removed")
 

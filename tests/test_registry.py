@@ -1,15 +1,18 @@
-"""The model registry on a real MLflow SQLite store in a temporary directory, with real ONNX files and signatures."""
+"""The model registry on a real MLflow SQLite store in a temporary directory, and on a real PostgreSQL-backed MLflow tracking
+server (team mode), with real ONNX files and signatures."""
 import json
 import multiprocessing as mp
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from tracking import postgres_database, running_mlflow
 from mlnb.access import AccessDenied, User, Users, hash_secret
 from mlnb.audit import AuditLog
 from mlnb.config import config_from_dict
@@ -77,9 +80,21 @@ def register(params: dict, model: Path, test: pd.DataFrame, user: str = "dana"):
     return reg.register({"model.onnx": model}, {"mlnb.family": "logreg"}, {"task": "binary"}, gates, key, pub)
 
 
-@pytest.fixture
-def env(tmp_path):
-    return make_env(tmp_path / "registry")
+@pytest.fixture(scope="module")
+def postgres_tracking(tmp_path_factory):
+    "One MLflow tracking server backed by a fresh PostgreSQL database for this module's tests (each test its own model)."
+    with postgres_database() as db, running_mlflow(db, tmp_path_factory.mktemp("pg-artifacts") / "artifacts") as url:
+        yield url
+
+
+@pytest.fixture(params=["local", "postgresql"])
+def env(request, tmp_path):
+    "A registry on the local SQLite store, or on a PostgreSQL-backed tracking server (team mode)."
+    params = make_env(tmp_path / "registry")
+    if request.param == "postgresql":
+        params["train"]["tracking_uri"] = request.getfixturevalue("postgres_tracking")
+        params["registry"]["model_name"] = f"churn_{uuid.uuid4().hex[:8]}"
+    return params
 
 
 def test_approval_state_machine(env, onnx_models, telco_split):
@@ -242,6 +257,7 @@ def test_eight_processes_register_concurrently_without_loss_or_duplicates(env, o
 
 @pytest.mark.parametrize("failpoint", ["register:after-version", "register:before-complete"])
 def test_crash_during_registration_leaves_no_visible_version(env, onnx_models, telco_split, tmp_path, failpoint):
+    env["registry"]["incomplete_after_seconds"] = 0      # on a tracking server, an incomplete version counts as crashed after this
     test_path = tmp_path / "test.parquet"
     telco_split[1]["test"].to_parquet(test_path)
     register(env, onnx_models["a"], telco_split[1]["test"])

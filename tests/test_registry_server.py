@@ -1,50 +1,13 @@
 """The same registry code against a real MLflow tracking server on 127.0.0.1 (team mode)."""
 import contextlib
-import json
 import multiprocessing as mp
-import os
-import socket
-import subprocess
-import uuid
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from mlnb.audit import AuditLog
 from mlnb.export import load_verified
+from tracking import postgres_database, running_mlflow
 from test_registry import _register_in_child, make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-POSTGRES = os.environ.get("MLNB_TEST_POSTGRES", "postgresql://mlnb:mlnb@127.0.0.1:5432/mlnb")
-
-
-@contextlib.contextmanager
-def postgres_database():
-    "A fresh, empty database on the local PostgreSQL (deploy/team/postgres.sh; `make test` starts it), dropped afterwards."
-    import psycopg
-    from psycopg import sql
-    try:
-        admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
-    except psycopg.OperationalError as e:
-        pytest.fail(f"no PostgreSQL at {POSTGRES} ({e}); run `bash deploy/team/postgres.sh` (make test does)")
-    name = f"mlnb_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as c: c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.cursor() as c:
-            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -53,35 +16,6 @@ def mlflow_server(request, tmp_path):
     with contextlib.ExitStack() as stack:
         backend = f"sqlite:///{tmp_path / 'server.db'}" if request.param == "sqlite" else stack.enter_context(postgres_database())
         yield stack.enter_context(running_mlflow(backend, tmp_path / "server-artifacts"))
-
-
-@contextlib.contextmanager
-def running_mlflow(backend: str, artifacts: Path):
-    port = free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-                             "--backend-store-uri", backend,
-                             "--artifacts-destination", str(artifacts)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not become healthy in 60 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_registry_workflow_against_a_tracking_server(mlflow_server, tmp_path, onnx_models, telco_split):
