@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .config import write_json
 from .serve.protocol import Contract
 
 # %% auto #0
@@ -253,7 +254,7 @@ def _prepare_output(output: Path, plan: dict, overwrite: bool) -> None:
     elif output.exists() and any(output.glob("part-*.parquet")) and not overwrite:
         raise BatchError(f"{output}: holds part files without a plan; choose another output directory or pass --overwrite")
     output.mkdir(parents=True, exist_ok=True)
-    tmp = plan_path.with_name("._plan.json.tmp"); tmp.write_text(json.dumps(plan, indent=1)); os.replace(tmp, plan_path)
+    write_json(plan, plan_path)
 
 def summarize(output: Path, pieces: list[Piece], batch_id: str, model: str, ran: int, seconds: float, startup: float, run_rows: int,
               workers: int, sample_rows: int = 1000) -> BatchResult:
@@ -269,7 +270,7 @@ def summarize(output: Path, pieces: list[Piece], batch_id: str, model: str, ran:
     samples = sorted((output / "_bad").glob("bad-*.parquet"))
     if samples: pd.concat([pd.read_parquet(p) for p in samples], ignore_index=True).head(sample_rows).to_parquet(output / "_bad_rows.parquet", index=False)
     else: (output / "_bad_rows.parquet").unlink(missing_ok=True)
-    tmp = output / "._batch.json.tmp"; tmp.write_text(json.dumps(result.to_dict(), indent=2)); os.replace(tmp, output / "_batch.json")
+    write_json(result.to_dict(), output / "_batch.json")
     return result
 
 def load_model(cfg, reference: str | None = None, threads: int = 1, user: str | None = None):

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/monitor_check.html.md"""
 
 # %% ../../nbs/20_monitor_check.ipynb #59a4feda
 from __future__ import annotations
-import json, logging, os
+import json, logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import Config, MonitorConfig, Paths, write_json
+from ..config import Config, MonitorConfig, Paths, staged_outputs, write_json
 from ..features import Profile, value_counts
 from .drift import DriftReport, drift_report
 
@@ -97,10 +97,7 @@ def append_history(path: Path, stats: pd.DataFrame, start: str, end: str) -> Pat
     "Add this window's rows to the feature history (rewritten whole, atomically)."
     stats = stats.assign(window_start=pd.Timestamp(start), window_end=pd.Timestamp(end))
     history = pd.concat([pd.read_parquet(path), stats], ignore_index=True) if path.exists() else stats
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    history.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with staged_outputs(path) as tmp: history.to_parquet(tmp, index=False)
     return path
 
 def alerts_for(result: MonitorResult) -> list[str]:

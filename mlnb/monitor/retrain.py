@@ -14,13 +14,13 @@ from pathlib import Path
 import pandas as pd
 
 from ..audit import AuditLog
-from ..config import Config, Paths
+from ..config import Config, Paths, staged_outputs
 from ..data import DataError, load_schema, validate
 from .check import MonitorResult, alert_kinds
 
 # %% auto #0
-__all__ = ['log', 'POLICY', 'RetrainError', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'write_atomically',
-           'dvc_add', 'add_data_version', 'run_pipeline', 'decide', 'retrain', 'last_retrain', 'retrain_trigger']
+__all__ = ['log', 'POLICY', 'RetrainError', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'dvc_add',
+           'add_data_version', 'run_pipeline', 'decide', 'retrain', 'last_retrain', 'retrain_trigger']
 
 # %% ../../nbs/21_monitor_retrain.ipynb #0b2bdd7e
 log = logging.getLogger("mlnb.retrain")
@@ -75,12 +75,6 @@ def unseen(rows: pd.DataFrame, existing: pd.DataFrame | None) -> pd.DataFrame:
     return rows[~rows["prediction_id"].isin(set(existing["prediction_id"]))]
 
 # %% ../../nbs/21_monitor_retrain.ipynb #00ba1293
-def write_atomically(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
 def dvc_add(path: Path) -> str:
     "Version `path` with DVC (staging the .dvc file in git when the project is a git repo); the new md5."
     from dvc.repo import Repo
@@ -97,7 +91,7 @@ def add_data_version(rows: pd.DataFrame, path: Path, schema_path: str, target: s
     existing = pd.read_parquet(path) if path.exists() else None
     combined = new if existing is None else pd.concat([existing, new], ignore_index=True)
     backup = path.read_bytes() if path.exists() else None
-    write_atomically(combined, path)
+    with staged_outputs(path) as tmp: combined.to_parquet(tmp, index=False)
     try: return len(combined), dvc_add(path)
     except Exception:
         if backup is None: path.unlink(missing_ok=True)
