@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['Task', 'DerivedOp', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig',
-           'TrainConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig',
-           'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
-           'RolloutConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config',
+           'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
+           'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'PredictionLogConfig', 'MicroBatchConfig',
+           'RolloutPlan', 'RolloutConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config',
            'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5', 'params_hash',
            'staged_outputs', 'write_json']
 
@@ -90,9 +90,25 @@ class TrainConfig(_Strict):
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str = "mlnb"
 
+class RobustnessConfig(_Strict):
+    "How hard the evaluate stage pushes on the model's decisions (see `mlnb.robustness`)."
+    enabled: bool = True
+    epsilons: list[float] = [0.01, 0.05, 0.1, 0.2, 0.5]   # perturbation sizes, in training standard deviations of each numeric feature
+    draws: int = Field(10, ge=1)                 # random sign patterns per row and epsilon; a row flips if any of them flips it
+    riskiest_n: int = Field(50, ge=0)            # the highest-risk rows searched for their smallest flipping perturbation ...
+    max_epsilon: float = Field(2.0, gt=0)        # ... up to this many standard deviations
+    max_rows: int | None = Field(20_000, ge=1)   # test rows measured (a seeded sample beyond); None: all
+
+    @field_validator("epsilons")
+    @classmethod
+    def _positive_sizes(cls, epsilons):
+        if not epsilons or any(not e > 0 for e in epsilons): raise ValueError(f"epsilons must be one or more sizes above 0, e.g. [0.01, 0.05, 0.1]; got {epsilons}")
+        return sorted(set(epsilons))
+
 class EvaluateConfig(_Strict):
     permutation_repeats: int = Field(5, ge=1)
     calibration_bins: int = Field(10, ge=2)
+    robustness: RobustnessConfig = RobustnessConfig()
 
 class ParityConfig(_Strict):
     max_abs_diff: float = 1e-4             # probabilities (classification)
@@ -113,6 +129,9 @@ class GatesConfig(_Strict):
     max_metric_drop: float = 0.01          # vs the champion, re-scored on the same test set
     min_demographic_parity_ratio: float = Field(0.8, ge=0, le=1)
     fairness_attributes: list[str] | None = None   # None: every data.sensitive attribute
+    max_flip_rate: float | None = Field(0.05, ge=0, le=1)   # share of test rows whose label flips at ±flip_rate_epsilon; None: not gated
+    flip_rate_epsilon: float = Field(0.1, gt=0)             # in standard deviations; one of evaluate.robustness.epsilons
+    max_categorical_flip_rate: float | None = Field(0.25, ge=0, le=1)   # share of test rows one categorical swap flips; None: not gated
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = None        # None: train.tracking_uri
