@@ -21,7 +21,9 @@ from sklearn.inspection import permutation_importance
 from sklearn.pipeline import Pipeline
 
 from .config import EvaluateConfig, Paths, staged_outputs, write_json
-from .features import FeatureSpec, model_frame
+from .data import DataSchema
+from .features import FeatureSpec, Profile, model_frame
+from .robustness import Robustness, perturbation_space, robustness
 from .train import DEFAULT_METRIC
 
 # %% auto #0
@@ -156,6 +158,7 @@ class Evaluation:
     fairness_summary: dict
     importance: pd.DataFrame
     predictions: Predictions
+    robustness: Robustness | None = None
 
     def metrics_table(self) -> pd.DataFrame:
         return pd.DataFrame({"metric": list(self.metrics), "value": [f"{v:.4f}" if isinstance(v, float) else v for v in self.metrics.values()]})
@@ -169,19 +172,28 @@ class Evaluation:
         plots_dir = Path(plots_dir)
         tables = {**self.curves, "importance": self.importance, "fairness": self.fairness_table}
         figs = self.figures()
+        summary = {**self.metrics, "fairness": self.fairness_summary}
+        if self.robustness is not None:
+            tables.update(self.robustness.tables()); figs["robustness"] = self.robustness.figure()
+            summary["robustness"] = self.robustness.summary()
         finals = [Path(metrics_path)] + [plots_dir / f"{n}.csv" for n in tables] + [plots_dir / f"{n}.png" for n in figs]
         with staged_outputs(*finals) as temps:
-            write_json({**self.metrics, "fairness": self.fairness_summary}, temps[0])
+            write_json(summary, temps[0])
             for (n, t), tmp in zip(tables.items(), temps[1:]): t.to_csv(tmp, index=False)
             for (n, fig), tmp in zip(figs.items(), temps[1 + len(tables):]):
                 fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None}); plt.close(fig)
 
 def evaluate(model: Pipeline, test_df: pd.DataFrame, spec: FeatureSpec, cfg: EvaluateConfig, sensitive: list[str],
-             seed: int, metric: str | None = None, positive_class=None) -> Evaluation:
-    "Everything the evaluate stage reports, for `model` on `test_df`."
+             seed: int, metric: str | None = None, positive_class=None, reference: Profile | None = None,
+             schema: DataSchema | None = None) -> Evaluation:
+    "Everything the evaluate stage reports, for `model` on `test_df` (`reference`: the training data's profile, for robustness)."
     p = predict(model, test_df, spec, positive_class)
     missing = [c for c in sensitive if c not in test_df.columns]
     if missing: raise ValueError(f"data.sensitive: column(s) {missing} are not in the test data")
     fair_table, fair_summary = fairness(p, test_df[sensitive], spec.task)
     imp = importance(model, test_df, spec, metric or DEFAULT_METRIC[spec.task], cfg.permutation_repeats, seed)
-    return Evaluation(test_metrics(p, spec.task), curves(p, cfg.calibration_bins), fair_table, fair_summary, imp, p)
+    robust = None
+    if cfg.robustness.enabled:
+        space = perturbation_space(spec, reference if reference is not None else Profile.from_frame(test_df, spec.inputs), schema)
+        robust = robustness(model, test_df, spec, space, cfg.robustness, seed, p.positive)
+    return Evaluation(test_metrics(p, spec.task), curves(p, cfg.calibration_bins), fair_table, fair_summary, imp, p, robust)
