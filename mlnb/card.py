@@ -11,7 +11,7 @@ import json
 import pandas as pd
 
 # %% auto #0
-__all__ = ['automatic_caveats', 'model_card', 'card_html']
+__all__ = ['automatic_caveats', 'robustness_rows', 'model_card', 'card_html']
 
 # %% ../nbs/09_card.ipynb #45ec6e4b
 def _table(rows: list[dict] | pd.DataFrame) -> str:
@@ -33,6 +33,26 @@ def automatic_caveats(facts: dict) -> list[str]:
         out.append("Probabilities are calibrated on the training population; re-check calibration if the customer mix changes.")
     return out
 
+def robustness_rows(robustness: dict) -> list[dict]:
+    "The evaluate stage's robustness block as (measure, value) rows for the card."
+    if not robustness: return []
+    pct = lambda v: "n/a" if v is None else f"{v:.1%}"
+    if robustness.get("task") == "regression":
+        rows = [{"measure": f"median relative change, every numeric feature ±{e} std", "value": f"{v:.4g}"} for e, v in robustness.get("median_relative_change", {}).items()]
+        return rows + [{"measure": "label flips", "value": robustness.get("flips", "not measured")}]
+    rows = [{"measure": f"rows flipped, every numeric feature ±{e} std (worst of {robustness.get('draws')} draws)", "value": pct(v)}
+            for e, v in robustness.get("flip_rate", {}).items()]
+    rows.append({"measure": "rows flipped by one categorical swap", "value": pct(robustness.get("categorical_flip_rate"))})
+    top = sorted(robustness.get("categorical_flip_rate_by_feature", {}).items(), key=lambda kv: -kv[1])[:3]
+    if top: rows.append({"measure": "swaps that flip most often", "value": ", ".join(f"{f} {pct(v)}" for f, v in top)})
+    r = robustness.get("riskiest") or {}
+    if r.get("rows"):
+        med = r.get("median_epsilon")
+        rows += [{"measure": f"riskiest {r['rows']} decisions: median smallest flipping move", "value": "none within max" if med is None else f"{med:.3g} std"},
+                 {"measure": f"riskiest {r['rows']} decisions: not flippable within {r.get('max_epsilon')} std", "value": pct(r.get("unflippable_share"))},
+                 {"measure": f"riskiest {r['rows']} decisions: flipped by one categorical swap", "value": pct(r.get("swap_flippable_share"))}]
+    return rows
+
 def model_card(facts: dict) -> str:
     "The card as Markdown."
     lin = facts.get("lineage", {})
@@ -53,6 +73,8 @@ def model_card(facts: dict) -> str:
              "## Metrics (held-out test set)", _table([{"metric": k, "value": v} for k, v in facts.get("metrics", {}).items()]),
              "## Metrics by sensitive group", _table(pd.DataFrame(facts.get("fairness_table", []))),
              "## Fairness", _table([{"attribute": a, **s} for a, s in facts.get("fairness", {}).items()]),
+             "## Robustness", ("How often the model's decisions flip under small changes (test set; the model's own label as reference).\n\n"
+                               + _table(robustness_rows(facts["robustness"]))) if facts.get("robustness") else "_Not measured._",
              "## Gates", _table([{"gate": g["name"], "passed": g["passed"], "detail": g["detail"]} for g in facts.get("gates", [])]),
              "## Caveats", "\n".join(f"- {c}" for c in list(facts.get("caveats", [])) + automatic_caveats(facts)) or "_none_"]
     return "\n\n".join(parts) + "\n"

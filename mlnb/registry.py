@@ -21,8 +21,8 @@ from .config import Config, Paths, file_md5, params_hash, write_json
 
 # %% auto #0
 __all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'LINEAGE_CHAIN',
-           'RegistryError', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'run_gates', 'lineage_from_lock',
-           'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
+           'RegistryError', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates', 'run_gates',
+           'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
 
 # %% ../nbs/10_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
@@ -83,9 +83,38 @@ class Gate:
     detail: str
     value: float | None = None
 
+def robustness_gates(robustness: dict, cfg: Config) -> list[Gate]:
+    "The robustness gates from the evaluate stage's `robustness` block (empty: not measured, which fails a gate that is on)."
+    g = cfg.registry.gates
+    wanted = [(name, limit) for name, limit in (("robustness:numeric", g.max_flip_rate), ("robustness:categorical", g.max_categorical_flip_rate)) if limit is not None]
+    if not robustness:
+        return [Gate(name, False, "no robustness result in metrics/evaluate.json: set evaluate.robustness.enabled: true, "
+                     f"or registry.gates.{'max_flip_rate' if name.endswith('numeric') else 'max_categorical_flip_rate'}: null") for name, _ in wanted]
+    eps = f"{g.flip_rate_epsilon:g}"
+    if robustness.get("task") == "regression":
+        change = robustness.get("median_relative_change", {}).get(eps)
+        return [Gate(name, True, f"skipped: {robustness.get('flips', 'a regression has no label to flip')}"
+                     + (f" (median relative change at ±{eps} std: {change:.4f})" if change is not None and name.endswith("numeric") else "")) for name, _ in wanted]
+    out = []
+    for name, limit in wanted:
+        if name.endswith("numeric"):
+            rate = robustness.get("flip_rate", {}).get(eps)
+            if rate is None:
+                out.append(Gate(name, False, f"registry.gates.flip_rate_epsilon {eps} was not measured: add it to evaluate.robustness.epsilons "
+                                f"(measured: {', '.join(robustness.get('flip_rate', {})) or 'none'})")); continue
+            detail = f"{rate:.1%} of {robustness.get('rows')} test rows flip under ±{eps} std on every numeric feature (worst of {robustness.get('draws')} draws; maximum {limit:.1%})"
+        else:
+            rate = robustness.get("categorical_flip_rate")
+            if rate is None: out.append(Gate(name, True, "skipped: the model has no categorical feature to swap")); continue
+            worst = max(robustness.get("categorical_flip_rate_by_feature", {}).items(), key=lambda kv: kv[1], default=None)
+            detail = (f"{rate:.1%} of {robustness.get('rows')} test rows flip under one categorical swap (maximum {limit:.1%})"
+                      + (f"; most often {worst[0]} ({worst[1]:.1%})" if worst else ""))
+        out.append(Gate(name, rate <= limit, detail, rate))
+    return out
+
 def run_gates(candidate: OnnxModel, champion: tuple[str, OnnxModel] | None, test: pd.DataFrame, cfg: Config,
-              fairness: dict, parity: dict, signature_error: str | None) -> list[Gate]:
-    "Evaluate every gate for a candidate."
+              fairness: dict, parity: dict, signature_error: str | None, robustness: dict | None = None) -> list[Gate]:
+    "Evaluate every gate for a candidate. `robustness`: the evaluate stage's block; None leaves the robustness gates out."
     metric, g = gate_metric(cfg), cfg.registry.gates
     higher = HIGHER_IS_BETTER[metric]
     score = onnx_score(candidate, test, cfg, metric)
@@ -105,6 +134,7 @@ def run_gates(candidate: OnnxModel, champion: tuple[str, OnnxModel] | None, test
                               f"demographic parity ratio {ratio:.3f} (minimum {g.min_demographic_parity_ratio})", ratio))
     gates.append(Gate("parity", bool(parity.get("passed")), f"max |Δ| {parity.get('max_abs_diff')}, label agreement {parity.get('label_agreement')}"))
     gates.append(Gate("signature", signature_error is None, signature_error or "verifies with the configured public key"))
+    if robustness is not None: gates += robustness_gates(robustness, cfg)
     return gates
 
 # %% ../nbs/10_registry.ipynb #945ee751
@@ -478,16 +508,19 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), me
     tags = {**{f"mlnb.{k}": v for k, v in lineage.items() if v is not None}, "mlnb.family": board["selected"],
             "mlnb.metric": metric, "mlnb.metric_value": f"{evaluation.get(metric, float('nan')):.6f}",
             "mlnb.parity": json.dumps(exported["parity"]), "mlnb.quantization": report.get("quantization", ""), "mlnb.task": cfg.data.task}
+    robustness = evaluation.get("robustness", {})
+    if robustness: tags["mlnb.robustness"] = json.dumps(robustness)
     test = pd.read_parquet(paths.split("test"))
     fairness_table = pd.read_csv(plots_dir / "fairness.csv").to_dict("records") if (plots_dir / "fairness.csv").exists() else []
     facts = {"task": cfg.data.task, "target": cfg.data.target, "family": board["selected"], "params": board.get("selected_params", {}),
-             "lineage": lineage, "metrics": {k: v for k, v in evaluation.items() if k != "fairness"}, "fairness": evaluation.get("fairness", {}),
+             "lineage": lineage, "metrics": {k: v for k, v in evaluation.items() if k not in ("fairness", "robustness")}, "fairness": evaluation.get("fairness", {}),
              "fairness_table": fairness_table, "inputs": report.get("inputs", {}), "intended_use": cfg.registry.intended_use,
-             "caveats": cfg.registry.caveats, "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")}}
+             "caveats": cfg.registry.caveats, "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")},
+             "robustness": robustness}
     signing_key, public_key = signing_keys(cfg)
     if ensure_signing_key(signing_key, public_key):
         registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
-    gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, evaluation.get("fairness", {}), exported["parity"], sig_err)
+    gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, evaluation.get("fairness", {}), exported["parity"], sig_err, robustness)
     version, created = registry.register(bundle, tags, facts, gates_fn, signing_key, public_key)
     booted = created and cfg.registry.bootstrap_auto_approve and registry.bootstrap(version)
     return registry.get(version.version), created, booted
