@@ -107,6 +107,10 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
              "candidates     : " + ", ".join(f"{c['family']} {c['valid_score']:.4f}" for c in board["candidates"]),
              "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
              f"onnx model     : {paths.onnx} ({report['variants']['onnx']['bytes'] / 1024:.0f} KiB, parity max |Δp| {report['parity']['max_abs_diff']:.2g})"]
+    robust = metrics.get("robustness") or {}
+    if robust.get("flip_rate"):
+        lines.append("robustness     : rows flipped at ±ε std " + ", ".join(f"{e} {r:.1%}" for e, r in robust["flip_rate"].items())
+                     + (f"; by one categorical swap {robust['categorical_flip_rate']:.1%}" if robust.get("categorical_flip_rate") is not None else ""))
     if paths.onnx_int8.exists(): lines.append(f"int8 model     : {paths.onnx_int8}")
     lines.append(f"quantization   : {report['quantization']}")
     if paths.registration.exists():

@@ -129,9 +129,9 @@ class GatesConfig(_Strict):
     max_metric_drop: float = 0.01          # vs the champion, re-scored on the same test set
     min_demographic_parity_ratio: float = Field(0.8, ge=0, le=1)
     fairness_attributes: list[str] | None = None   # None: every data.sensitive attribute
-    max_flip_rate: float | None = Field(0.05, ge=0, le=1)   # share of test rows whose label flips at ±flip_rate_epsilon; None: not gated
+    max_flip_rate: float | None = Field(0.2, ge=0, le=1)   # share of test rows whose label flips at ±flip_rate_epsilon; None: not gated
     flip_rate_epsilon: float = Field(0.1, gt=0)             # in standard deviations; one of evaluate.robustness.epsilons
-    max_categorical_flip_rate: float | None = Field(0.25, ge=0, le=1)   # share of test rows one categorical swap flips; None: not gated
+    max_categorical_flip_rate: float | None = Field(0.45, ge=0, le=1)   # share of test rows one categorical swap flips; None: not gated
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = None        # None: train.tracking_uri
