@@ -59,8 +59,8 @@ def perturbation_space(spec: FeatureSpec, reference: Profile, schema: DataSchema
         p = reference.columns[c]
         if c in spec.numeric or (c in spec.passthrough and p.kind == "numeric"):
             if p.kind != "numeric" and p.categories:                          # a numeric column with few values: their spread
-                values = np.array([float(k) for k in p.categories]); weights = np.array(list(p.categories.values()), float)
-                std = float(np.sqrt(np.cov(values, aweights=weights))) if len(values) > 1 else 0.0
+                values, counts = np.array([float(k) for k in p.categories]), np.array(list(p.categories.values()), float)
+                std = float(np.sqrt(np.average((values - np.average(values, weights=counts)) ** 2, weights=counts)))
             else: std = p.std or 0.0
             if not std > 0: continue                                           # a constant column has no scale to move by
             s = columns.get(c)
