@@ -7,14 +7,26 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import SMALL_RUN, copy_project, run, set_params
+from conftest import ROOT, SMALL_RUN, copy_project, run, set_params
+from mlnb.config import load_config
+from mlnb.registry import robustness_gates
 
-pytestmark = pytest.mark.slow
+
+def test_the_bundled_model_passes_the_default_gates_with_a_margin():
+    "The committed `make run` measurement of the bundled model against the gates params.yaml sets."
+    cfg = load_config(ROOT / "params.yaml")
+    block = json.loads((ROOT / "metrics/evaluate.json").read_text())["robustness"]
+    assert block["rows"] == 1409 and list(block["flip_rate"]) == [f"{e:g}" for e in cfg.evaluate.robustness.epsilons]
+    gates = robustness_gates(block, cfg)
+    assert [g.name for g in gates] == ["robustness:numeric", "robustness:categorical"] and all(g.passed for g in gates)
+    g = cfg.registry.gates
+    assert block["flip_rate"][f"{g.flip_rate_epsilon:g}"] < 0.75 * g.max_flip_rate
+    assert block["categorical_flip_rate"] < 0.75 * g.max_categorical_flip_rate
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    "One small `dvc repro` (default robustness settings and gates)."
+    "One small `dvc repro` (default robustness settings; the small run's gates)."
     project = copy_project(tmp_path_factory.mktemp("robust") / "project")
     set_params(project, SMALL_RUN)
     run("git commit -qam 'small run'", project)
@@ -30,6 +42,7 @@ def version_of(project, db: str, version: str = "1"):
     return MlflowClient(f"sqlite:///{project / db}").get_model_version("churn", version)
 
 
+@pytest.mark.slow
 def test_evaluate_records_robustness(pipeline):
     block = evaluation(pipeline)["robustness"]
     params = yaml.safe_load((pipeline / "params.yaml").read_text())["evaluate"]["robustness"]
@@ -56,7 +69,8 @@ def test_evaluate_records_robustness(pipeline):
     assert "robustness" in json.dumps(shown) and "flip_rate" in json.dumps(shown)
 
 
-def test_default_robustness_gates_pass_and_are_recorded(pipeline):
+@pytest.mark.slow
+def test_passing_robustness_gates_are_recorded_on_the_version(pipeline):
     registration = json.loads((pipeline / "models/registration.json").read_text())
     assert registration["gates_passed"] and registration["aliases"] == ["champion"]
     v = version_of(pipeline, "mlruns.db")
@@ -69,6 +83,7 @@ def test_default_robustness_gates_pass_and_are_recorded(pipeline):
     assert "## Robustness" in card and "robustness:numeric" in card and "rows flipped by one categorical swap" in card
 
 
+@pytest.mark.slow
 def test_a_threshold_below_the_measured_flip_rate_fails_the_gate_and_promotes_nothing(pipeline):
     block = evaluation(pipeline)["robustness"]
     numeric, categorical = block["flip_rate"]["0.1"], block["categorical_flip_rate"]
