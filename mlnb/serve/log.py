@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 # %% auto #0
 __all__ = ['SEALED_SUFFIX', 'log', 'LogKeyError', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'no_key_error', 'log_keys',
            'add_log_key', 'LogStats', 'ParquetLog', 'parquet_bytes', 'PredictionEntry', 'prediction_table',
-           'FeedbackEntry', 'feedback_table', 'RecentIds', 'log_files', 'open_log_file', 'read_log', 'logged_ids',
-           'join_feedback']
+           'FeedbackEntry', 'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log',
+           'logged_ids', 'join_feedback']
 
-# %% ../../nbs/13_serve_log.ipynb #2b9723e3
+# %% ../../nbs/13_serve_log.ipynb #1b4f113d
 class LogKeyError(ValueError):
     "A log file that the configured keys cannot read (or a key that cannot be used)."
 
@@ -86,7 +86,7 @@ def no_key_error(path: str | Path) -> LogKeyError:
     return LogKeyError(f"{path}: this log file is encrypted and no key is configured; reading it needs the key "
                        "(serve.prediction_log.encryption.key_file, or the keys in $MLNB_LOG_KEY / encryption.key_env)")
 
-# %% ../../nbs/13_serve_log.ipynb #df6aaa14
+# %% ../../nbs/13_serve_log.ipynb #c390594a
 def log_keys(encryption, environ=None) -> LogKeys | None:
     "The keys `serve.prediction_log.encryption` points to (None: the logs are written in plain Parquet)."
     environ = os.environ if environ is None else environ
@@ -282,15 +282,18 @@ def log_files(directory: str | Path) -> list[Path]:
     folder = Path(directory)
     return sorted([*folder.glob("date=*/*.parquet"), *folder.glob(f"date=*/*{SEALED_SUFFIX}")])
 
+def unseal_file(path: str | Path, keys: LogKeys | None) -> bytes:
+    "The Parquet bytes of a sealed log file."
+    if keys is None: raise no_key_error(path)
+    return keys.open(Path(path).read_bytes(), path)
+
 def open_log_file(path: str | Path, keys: LogKeys | None = None) -> pa.NativeFile:
     "One log file for pyarrow to read: a sealed one decrypted in memory."
-    if not is_sealed(path): return pa.OSFile(str(path))
-    if keys is None: raise no_key_error(path)
-    return pa.BufferReader(keys.open(Path(path).read_bytes(), path))
+    return pa.BufferReader(unseal_file(path, keys)) if is_sealed(path) else pa.OSFile(str(path))
 
 class _LogFileSystem(pafs.FileSystemHandler):
     "The local file system, read-only, with sealed log files opened decrypted and sized as their Parquet content."
-    def __init__(self, keys: LogKeys | None): self.keys, self.local = keys, pafs.LocalFileSystem()
+    def __init__(self, keys: LogKeys | None): self.keys, self.local, self._last = keys, pafs.LocalFileSystem(), (None, b"")
     def get_type_name(self) -> str: return "mlnb-log"
     def normalize_path(self, path: str) -> str: return path
     def equals(self, other) -> bool: return self is other
@@ -298,8 +301,11 @@ class _LogFileSystem(pafs.FileSystemHandler):
         return [pafs.FileInfo(i.path, i.type, size=plain_size(i.size)) if i.type == pafs.FileType.File and is_sealed(i.path) else i
                 for i in self.local.get_file_info(paths)]
     def get_file_info_selector(self, selector): return self.get_file_info([i.path for i in self.local.get_file_info(selector)])
-    def open_input_file(self, path: str): return open_log_file(path, self.keys)
-    def open_input_stream(self, path: str): return open_log_file(path, self.keys)
+    def open_input_file(self, path: str):
+        if not is_sealed(path): return self.local.open_input_file(path)
+        if self._last[0] != path: self._last = (path, unseal_file(path, self.keys))   # the first file is opened twice: for the schema, then its rows
+        return pa.BufferReader(self._last[1])
+    def open_input_stream(self, path: str): return self.open_input_file(path)
     def _read_only(self, *args): raise OSError("log files are read here, never written")
     create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = move = copy_file = _read_only
     open_output_stream = open_append_stream = _read_only
