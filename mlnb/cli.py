@@ -292,10 +292,11 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
           params: str = PARAMS):
     "Serve a model over HTTP: Open Inference Protocol (V2) and MLflow /invocations."
     from mlnb.serve.app import run, serve_config
+    from mlnb.serve.log import LogKeyError
     def go():
         cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers)
         try: run(cfg)
-        except FileNotFoundError as e: _fail(e)
+        except (FileNotFoundError, LogKeyError) as e: _fail(e)
     _guard(go)
 
 # %% ../nbs/06_cli.ipynb #6c875063
@@ -467,7 +468,7 @@ def retrain_cmd(reason: str = typer.Option("manual", help="Why (recorded in the 
     "Add newly labelled traffic to the training data as a new DVC version, run dvc repro, and hand the candidate to the gates and approval rules."
     _retrain(load_config(params), f"manual: {reason}", user)
 
-# %% ../nbs/06_cli.ipynb #5de88213
+# %% ../nbs/06_cli.ipynb #e8364a79
 # `mlnb log-key new`: the key that encrypts the prediction and feedback logs (serve.prediction_log.encryption), or a new one
 # in front of the existing keys (new files are sealed with it; older ones stay readable). Prints the path, never a key.
 log_key_app = typer.Typer(help="Keys that encrypt the prediction and feedback logs at rest.", no_args_is_help=True)

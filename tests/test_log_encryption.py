@@ -153,6 +153,9 @@ def test_key_rotation_keeps_old_files_readable_and_old_ids_acceptable(onnx_model
     old_keys = LogKeys.parse(key_file.read_text(), "the first key")
     params = with_encryption(serve_params(model_dir, tmp_path / "keys", tmp_path / "logs"), key_file)
     records = json.loads(model_frame(synthesize(60, seed=7), spec).to_json(orient="records"))
+    refused = Server(tmp_path / "no-key", with_encryption(params, tmp_path / "keys/missing.key"))   # a configured key must exist
+    assert refused.proc.wait(120) == 1 and "keys/missing.key does not exist" in refused.stderr() and "mlnb log-key new" in refused.stderr()
+    refused.client.close()
 
     s = Server(tmp_path / "first", params).wait_ready()
     try: before = [p["prediction_id"] for p in predict(s, records[:30])]

@@ -466,9 +466,10 @@ def public_key_path(cfg: Config) -> Path:
     return signing_keys(cfg)[1]
 
 def build_server(cfg: Config) -> ModelServer:
-    "A server with its model loaded and verified (raises `SignatureError`, `RegistryError` or `FileNotFoundError`)."
+    "A server with its model loaded and verified (raises `SignatureError`, `RegistryError`, `FileNotFoundError` or `LogKeyError`)."
     ref = model_ref(cfg)
     if ref.is_file and not ref.path.exists(): raise FileNotFoundError(f"model file {ref.path} not found")
+    if cfg.serve.prediction_log.enabled: log_keys(cfg.serve.prediction_log.encryption)   # a missing or bad log key stops the server here, with the reason
     server = ModelServer(cfg, ref, public_key_path(cfg))
     server.model = server.load()
     return server
