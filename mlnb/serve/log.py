@@ -21,12 +21,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # %% auto #0
-__all__ = ['SEALED_SUFFIX', 'log', 'LogKeyError', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'no_key_error', 'log_keys',
-           'add_log_key', 'LogStats', 'ParquetLog', 'parquet_bytes', 'PredictionEntry', 'prediction_table',
-           'FeedbackEntry', 'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log',
-           'logged_ids', 'join_feedback']
+__all__ = ['SEALED_SUFFIX', 'log', 'LogKeyError', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys', 'add_log_key',
+           'LogStats', 'ParquetLog', 'parquet_bytes', 'PredictionEntry', 'prediction_table', 'FeedbackEntry',
+           'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids',
+           'join_feedback']
 
-# %% ../../nbs/13_serve_log.ipynb #1b4f113d
+# %% ../../nbs/13_serve_log.ipynb #5a3966ec
 class LogKeyError(ValueError):
     "A log file that the configured keys cannot read (or a key that cannot be used)."
 
@@ -38,9 +38,13 @@ def key_id(key: bytes) -> bytes:
     "The 8 bytes that name a key in a sealed file's header (they reveal nothing of the key)."
     return hashlib.sha256(b"mlnb log key id\0" + key).digest()[:8]
 
-def is_sealed(path: str | Path) -> bool: return str(path).endswith(SEALED_SUFFIX)
+def is_sealed(path: str | Path) -> bool:
+    "Whether `path` names an encrypted log file (by its suffix)."
+    return str(path).endswith(SEALED_SUFFIX)
 
-def plain_size(sealed_size: int) -> int: return sealed_size - _HEADER.size - _TAG_BYTES
+def plain_size(sealed_size: int) -> int:
+    "The size of the Parquet file inside a sealed file of `sealed_size` bytes."
+    return sealed_size - _HEADER.size - _TAG_BYTES
 
 @dataclass(frozen=True, repr=False)
 class LogKeys:
@@ -82,11 +86,11 @@ class LogKeys:
         try: return AESGCM(key).decrypt(nonce, sealed[_HEADER.size:], header)
         except InvalidTag: raise LogKeyError(f"{path}: does not decrypt with key {kid.hex()}: the file was damaged or altered") from None
 
-def no_key_error(path: str | Path) -> LogKeyError:
+def _no_key_error(path: str | Path) -> LogKeyError:
     return LogKeyError(f"{path}: this log file is encrypted and no key is configured; reading it needs the key "
                        "(serve.prediction_log.encryption.key_file, or the keys in $MLNB_LOG_KEY / encryption.key_env)")
 
-# %% ../../nbs/13_serve_log.ipynb #c390594a
+# %% ../../nbs/13_serve_log.ipynb #84b66229
 def log_keys(encryption, environ=None) -> LogKeys | None:
     "The keys `serve.prediction_log.encryption` points to (None: the logs are written in plain Parquet)."
     environ = os.environ if environ is None else environ
@@ -284,7 +288,7 @@ def log_files(directory: str | Path) -> list[Path]:
 
 def unseal_file(path: str | Path, keys: LogKeys | None) -> bytes:
     "The Parquet bytes of a sealed log file."
-    if keys is None: raise no_key_error(path)
+    if keys is None: raise _no_key_error(path)
     return keys.open(Path(path).read_bytes(), path)
 
 def open_log_file(path: str | Path, keys: LogKeys | None = None) -> pa.NativeFile:
@@ -315,7 +319,7 @@ def _dataset(directory: str | Path, keys: LogKeys | None = None):
     files = log_files(directory)
     if not files: return None
     sealed = [f for f in files if is_sealed(f)]
-    if sealed and keys is None: raise no_key_error(sealed[0])
+    if sealed and keys is None: raise _no_key_error(sealed[0])
     filesystem = pafs.PyFileSystem(_LogFileSystem(keys)) if sealed else None
     return ds.dataset([str(f) for f in files], format="parquet", partitioning=None, filesystem=filesystem)
 
