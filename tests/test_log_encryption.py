@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import time
 
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import run, tool_env
+from conftest import ROOT, run, tool_env
 from mlnb.data import synthesize
 from mlnb.features import model_frame
 from mlnb.monitor.retrain import labelled_traffic
@@ -127,13 +128,16 @@ def test_encrypted_logs_hold_no_plaintext_and_read_back_exactly_with_the_key(onn
     plain_params["monitor"]["output_dir"] = str(tmp_path / "monitoring-plain")
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain_params))
     monitor = ["mlnb", "monitor", "--model", str(model_dir / "model.onnx")]
-    encrypted_out = run([*monitor, "--params", "params.yaml"], tmp_path, env=plain_env()).stdout
+    (tmp_path / "nbs/stages").mkdir(parents=True)
+    shutil.copy(ROOT / "nbs/stages/07_monitor.ipynb", tmp_path / "nbs/stages")     # the report reads the encrypted window too
+    encrypted_out = run([*monitor, "--params", "params.yaml", "--report"], tmp_path, env=plain_env()).stdout
     plain_out = run([*monitor, "--params", "plain.yaml"], tmp_path, env=plain_env()).stdout
     results = [json.loads((tmp_path / d / "latest.json").read_text()) for d in ("monitoring", "monitoring-plain")]
     for r in results:
         r.pop("window_start"); r.pop("window_end")
     assert results[0] == results[1] and results[0]["rows"] == 400 and results[0]["performance"]["labelled"] == 400
     assert encrypted_out.split("wrote")[0].split("\n", 1)[1] == plain_out.split("wrote")[0].split("\n", 1)[1]
+    assert "400 rows" in (tmp_path / "monitoring/07_monitor.html").read_text()
 
     # The key from the environment instead of params; and no key at all: the CLI names the file and asks for the key.
     no_key = {**plain_params, "serve": {"prediction_log": {"dir": str(logs / "predictions"), "feedback_dir": str(logs / "feedback")}}}
