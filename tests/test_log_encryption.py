@@ -182,3 +182,12 @@ def test_key_rotation_keeps_old_files_readable_and_old_ids_acceptable(onnx_model
     assert sorted(read_log(tmp_path / "logs/feedback", keys=keys)["prediction_id"]) == sorted(before[:5])
     with pytest.raises(LogKeyError, match="not among the 1 key"):     # the new key alone cannot read the older files
         read_log(tmp_path / "logs/predictions", keys=LogKeys(keys.keys[:1], "the new key alone"))
+
+    new_only = tmp_path / "keys/new-only.key"                          # a server whose key file lost the old key
+    new_only.write_text(base64.b64encode(keys.keys[0]).decode() + "\n")
+    s = Server(tmp_path / "third", with_encryption(params, new_only)).wait_ready()
+    try:
+        r = s.client.post("/feedback", json={"feedback": [{"prediction_id": before[5], "actual": "No"}]})
+        assert r.status_code == 500 and "could not be read" in r.json()["error"] and str(tmp_path) not in r.text   # no paths to the client
+    finally: s.stop()
+    assert "not among the 1 key(s) from key file" in s.stderr() and str(tmp_path / "logs/predictions") in s.stderr()   # the operator is told which file
