@@ -24,12 +24,12 @@ app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="aud
 
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL', 'PARAMS', 'USER',
-           'ab_app', 'rollout_app', 'URL', 'REASON', 'stage_notebook', 'to_html', 'local_kernel_manager', 'StageFailed',
-           'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list', 'registry_show',
-           'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback', 'registry_history',
-           'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve', 'ab_report_command',
-           'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd',
-           'batch_predict_cmd']
+           'ab_app', 'rollout_app', 'URL', 'REASON', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager',
+           'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list',
+           'registry_show', 'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback',
+           'registry_history', 'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve',
+           'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
+           'retrain_cmd', 'log_key_new', 'batch_predict_cmd']
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -292,10 +292,11 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
           params: str = PARAMS):
     "Serve a model over HTTP: Open Inference Protocol (V2) and MLflow /invocations."
     from mlnb.serve.app import run, serve_config
+    from mlnb.serve.log import LogKeyError
     def go():
         cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers)
         try: run(cfg)
-        except FileNotFoundError as e: _fail(e)
+        except (FileNotFoundError, LogKeyError) as e: _fail(e)
     _guard(go)
 
 # %% ../nbs/06_cli.ipynb #6c875063
@@ -314,7 +315,9 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
     "Per-variant counts, latency and outcome, the difference from the control with a CI and a test, and a verdict."
     from mlnb.ab import ab_report
     cfg = load_config(params)
-    try: report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled)
+    from mlnb.serve.log import log_keys
+    try: report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled,
+                            log_keys(cfg.serve.prediction_log.encryption))
     except ValueError as e: _fail(e)
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -451,8 +454,9 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
 def _retrain(cfg, trigger: str, user: str | None) -> None:
     from mlnb.data import DataError
     from mlnb.monitor.retrain import RetrainError, retrain as run_retrain
+    from mlnb.serve.log import LogKeyError
     typer.echo(f"retraining ({trigger}) ...")
-    r = _guard(lambda: _catch((RetrainError, DataError), lambda: run_retrain(cfg, trigger, Paths(), user)))
+    r = _guard(lambda: _catch((RetrainError, DataError, LogKeyError), lambda: run_retrain(cfg, trigger, Paths(), user)))
     typer.echo(f"retrain {r.run}: {r.status}" + (f", {r.new_rows} new labelled rows (data md5 {r.data_md5})" if r.data_md5 else "") + f": {r.detail}")
 
 def _catch(kinds, fn):
@@ -463,6 +467,22 @@ def _catch(kinds, fn):
 def retrain_cmd(reason: str = typer.Option("manual", help="Why (recorded in the audit log)"), params: str = PARAMS, user: Optional[str] = USER):
     "Add newly labelled traffic to the training data as a new DVC version, run dvc repro, and hand the candidate to the gates and approval rules."
     _retrain(load_config(params), f"manual: {reason}", user)
+
+# %% ../nbs/06_cli.ipynb #e8364a79
+# `mlnb log-key new`: the key that encrypts the prediction and feedback logs (serve.prediction_log.encryption), or a new one
+# in front of the existing keys (new files are sealed with it; older ones stay readable). Prints the path, never a key.
+log_key_app = typer.Typer(help="Keys that encrypt the prediction and feedback logs at rest.", no_args_is_help=True)
+app.add_typer(log_key_app, name="log-key")
+
+@log_key_app.command("new")
+def log_key_new(key_file: Optional[Path] = typer.Option(None, help="The key file (default: serve.prediction_log.encryption.key_file)"), params: str = PARAMS):
+    "Create the log key file, or add a new key in front of its keys (rotation: the new key encrypts, all decrypt)."
+    from mlnb.serve.log import LogKeyError, add_log_key
+    path = key_file or load_config(params).serve.prediction_log.encryption.key_file
+    if path is None: _fail(ValueError("no key file: pass --key-file or set serve.prediction_log.encryption.key_file"))
+    try: n = add_log_key(path)
+    except LogKeyError as e: _fail(e)
+    typer.echo(f"wrote {path}: {n} key(s); the first encrypts new log files" + ("" if n == 1 else ", the others still decrypt older ones"))
 
 # %% ../nbs/06_cli.ipynb #3ed69684
 @app.command("batch-predict")

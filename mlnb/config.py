@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['Task', 'DerivedOp', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig',
            'TrainConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig',
-           'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
-           'RolloutConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config',
-           'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5', 'params_hash',
-           'staged_outputs', 'write_json']
+           'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig', 'PredictionLogConfig',
+           'MicroBatchConfig', 'RolloutPlan', 'RolloutConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig',
+           'RetrainConfig', 'Config', 'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything',
+           'file_md5', 'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../nbs/00_config.ipynb #46603c3d
 class ConfigError(ValueError):
@@ -136,6 +136,10 @@ class CacheConfig(_Strict):
     max_entries: int = Field(100_000, ge=1)
     ttl_seconds: float = Field(300.0, gt=0)
 
+class LogEncryptionConfig(_Strict):
+    key_file: str | None = None                     # base64 AES-256 keys, one a line (`mlnb log-key new`); the first encrypts, all decrypt
+    key_env: str = "MLNB_LOG_KEY"                   # or the keys in this environment variable, which overrides key_file; none: plain Parquet
+
 class PredictionLogConfig(_Strict):
     enabled: bool = True
     dir: str = "serving/predictions"
@@ -144,6 +148,7 @@ class PredictionLogConfig(_Strict):
     max_rows_per_file: int = Field(100_000, ge=1)
     queue_size: int = Field(50_000, ge=1)           # requests waiting for the writer; beyond it entries are dropped and counted
     known_ids: int = Field(1_000_000, ge=0)         # recent prediction ids kept in memory to check feedback against
+    encryption: LogEncryptionConfig = LogEncryptionConfig()   # encryption at rest of both logs, when a key is configured
 
 class MicroBatchConfig(_Strict):
     enabled: bool = True

@@ -20,7 +20,7 @@ from fastcore.basics import patch
 
 from ..config import Config, ServeConfig
 from ..monitor.check import MonitorCollector
-from .log import (FeedbackEntry, ParquetLog, PredictionEntry, RecentIds, feedback_table, logged_ids, prediction_table)
+from .log import (FeedbackEntry, LogKeyError, ParquetLog, PredictionEntry, RecentIds, feedback_table, log_keys, logged_ids, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
                                  split_v2_body, v2_response)
 from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_registered, load_served_model,
@@ -112,7 +112,7 @@ class ModelServer:
         self.cache = PredictionCache(s.cache.max_entries, s.cache.ttl_seconds) if s.cache.enabled else None
         self.batcher = MicroBatcher(s.micro_batch.max_rows if s.micro_batch.enabled else 1, s.micro_batch.max_wait_ms, self._observe_batch)
         self.recent = RecentIds(s.prediction_log.known_ids)
-        self.prediction_log = self.feedback_log = None
+        self.prediction_log = self.feedback_log = self.log_keys = None
         self.access = self.tracer_provider = None
         self._id_prefix, self._id_counter = secrets.token_hex(5) + "-", 0
         self._reload_lock, self._poller = None, None
@@ -139,8 +139,9 @@ async def start(self: ModelServer) -> None:
     if self.model is None: self.model = await asyncio.to_thread(self.load)
     if s.prediction_log.enabled:
         pl = s.prediction_log
-        self.prediction_log = ParquetLog(pl.dir, prediction_table, "predictions", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "predictions"))
-        self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "feedback"))
+        self.log_keys = log_keys(pl.encryption)             # None: plain Parquet
+        self.prediction_log = ParquetLog(pl.dir, prediction_table, "predictions", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "predictions"), self.log_keys)
+        self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "feedback"), self.log_keys)
     if s.access_log: self.access = AccessLog(asyncio.get_running_loop())
     self._publish(self.model)
     await self.traffic.begin()
@@ -367,7 +368,7 @@ async def accept_feedback(self: ModelServer, request: Request) -> Response:
         ids, labels = parse_feedback(parse_json(await receive_body(request.receive, request.headers, self.serve.max_body_bytes)), self.model)
         unknown = [i for i in ids if i not in self.recent]
         if unknown and self.prediction_log is not None:
-            on_disk = await asyncio.to_thread(logged_ids, self.serve.prediction_log.dir, unknown)
+            on_disk = await asyncio.to_thread(logged_ids, self.serve.prediction_log.dir, unknown, self.log_keys)
             unknown = [i for i in unknown if i not in on_disk]
         missing = set(unknown)
         keep = [(i, l) for i, l in zip(ids, labels) if i not in missing]
@@ -380,6 +381,9 @@ async def accept_feedback(self: ModelServer, request: Request) -> Response:
         return json_response({"accepted": len(keep), "unknown_ids": unknown}, 200 if keep else 404)
     except RequestError as e: return error_response(str(e), e.status)
     except ClientDisconnected: return Response(status_code=499)
+    except LogKeyError as e:                                  # an encrypted log this server's key cannot read: tell the operator, not the client
+        log.error("feedback: %s", e)
+        return error_response("the prediction log on disk could not be read to check the ids (see the server log)", 500)
 
 # %% ../../nbs/15_serve_app.ipynb #e54ed1e8
 def create_app(server: ModelServer):
@@ -462,9 +466,10 @@ def public_key_path(cfg: Config) -> Path:
     return signing_keys(cfg)[1]
 
 def build_server(cfg: Config) -> ModelServer:
-    "A server with its model loaded and verified (raises `SignatureError`, `RegistryError` or `FileNotFoundError`)."
+    "A server with its model loaded and verified (raises `SignatureError`, `RegistryError`, `FileNotFoundError` or `LogKeyError`)."
     ref = model_ref(cfg)
     if ref.is_file and not ref.path.exists(): raise FileNotFoundError(f"model file {ref.path} not found")
+    if cfg.serve.prediction_log.enabled: log_keys(cfg.serve.prediction_log.encryption)   # a missing or bad log key stops the server here, with the reason
     server = ModelServer(cfg, ref, public_key_path(cfg))
     server.model = server.load()
     return server
