@@ -390,7 +390,7 @@ async def accept_feedback(self: ModelServer, request: Request) -> Response:
     except RequestError as e: return error_response(str(e), e.status)
     except ClientDisconnected: return Response(status_code=499)
 
-# %% ../../nbs/15_serve_app.ipynb #a9f286e6
+# %% ../../nbs/15_serve_app.ipynb #bac643b1
 def _headers(scope: dict) -> dict[str, str]: return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 @patch
