@@ -369,7 +369,7 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
 # %% ../nbs/06_cli.ipynb #25f0b1a1
 rollout_app = typer.Typer(help="Canary, split and shadow rollouts on a running server.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
-URL = typer.Option(None, "--url", help="The server (default: http://<serve.host>:<serve.port> from params)")
+URL = typer.Option(None, "--url", help="The server (default: http[s]://<serve.host>:<serve.port> from params, https when serve.tls is set)")
 REASON = typer.Option(None, "--reason", help="Why (recorded in the audit log)")
 API_KEY = typer.Option(None, "--api-key", envvar="MLNB_API_KEY", show_default=False, help="An operate key, for a server with access control")
 CACERT = typer.Option(None, "--cacert", help="CA certificate (PEM) to trust for an https server's private certificate")
@@ -381,10 +381,10 @@ def admin_call(params: str, url: str | None, method: str, path: str, body: dict 
         cfg = load_config(params)
         url = f"{'https' if cfg.serve.tls.enabled else 'http'}://{cfg.serve.host}:{cfg.serve.port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
-        r = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=300, verify=verify)
-    except (OSError, httpx.TransportError) as e: _fail(RuntimeError(f"cannot reach the server at {url}: {e}"))
+    try: verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
+    except (OSError, ssl.SSLError) as e: _fail(RuntimeError(f"--cacert {cacert}: not a readable PEM CA certificate: {e}"))
+    try: r = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=300, verify=verify)
+    except httpx.TransportError as e: _fail(RuntimeError(f"cannot reach the server at {url}: {e}"))
     try: data = r.json()
     except ValueError: data = {"error": r.text}
     if r.status_code >= 400:

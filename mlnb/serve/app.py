@@ -79,7 +79,7 @@ class Call:
     headers: dict[str, str]
     path_params: dict[str, str]
     client: str | None
-    key: str | None = None          # the name of the API key that was accepted (access control on)
+    key_name: str | None = None     # the name of the API key that was accepted (access control on)
 
     @classmethod
     def from_scope(cls, scope: dict, path_params: dict) -> "Call":
@@ -291,7 +291,7 @@ async def handle(self: ModelServer, call: Call, receive, send, protocol: str, pa
     if self.access:
         self.access.write({"time": arrived, "level": "INFO", "logger": "mlnb.access", "request_id": request_id, "method": call.method,
                            "path": call.path, "status": status, "rows": rows, "model": model.name, "model_version": model.version,
-                           "latency_ms": round(latency * 1000, 3), "client": call.client, "key": call.key})
+                           "latency_ms": round(latency * 1000, 3), "client": call.client, "key": call.key_name})
 
 # %% ../../nbs/15_serve_app.ipynb #cd254297
 @patch
@@ -494,7 +494,7 @@ def create_app(server: ModelServer):
                     if auth is not None:
                         found = auth.authorize(call.headers, "POST", call.path, "predict")
                         if isinstance(found, Denial): return await server.refuse(found, scope, call.headers, send)
-                        call.key = found.name
+                        call.key_name = found.name
                     return await server.handle(call, receive, send, protocol, *PROTOCOLS[protocol])
             if auth is not None: return await server.guarded(app, scope, receive, send)
         await app(scope, receive, send)
