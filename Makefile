@@ -58,6 +58,7 @@ bench: env
 	python benchmarks/serve_bench.py
 	python benchmarks/drift_bench.py
 	python benchmarks/batch_bench.py
+	python benchmarks/auth_bench.py
 
 # Re-resolve the pins after editing requirements.in.
 lock: env

@@ -24,10 +24,11 @@ app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="aud
 
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL', 'PARAMS', 'USER',
-           'ab_app', 'rollout_app', 'URL', 'REASON', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager',
-           'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list',
-           'registry_show', 'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback',
-           'registry_history', 'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve',
+           'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app',
+           'stage_notebook', 'to_html', 'local_kernel_manager', 'StageFailed', 'run_stage', 'stage', 'run_summary',
+           'summary', 'schema_infer', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
+           'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
+           'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
            'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
            'retrain_cmd', 'log_key_new', 'batch_predict_cmd']
 
@@ -299,6 +300,49 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
         except (FileNotFoundError, LogKeyError) as e: _fail(e)
     _guard(go)
 
+# %% ../nbs/06_cli.ipynb #81ef0592
+api_key_app = typer.Typer(help="API keys for the server's access control (roles: predict < operate < admin).", no_args_is_help=True)
+app.add_typer(api_key_app, name="api-key")
+KEYS_FILE = typer.Option(None, "--keys-file", help="The keys file (default: serve.auth.keys_file from params)")
+
+def _keys_file(params: str, keys_file: Path | None) -> Path:
+    if keys_file is not None: return keys_file
+    path = load_config(params).serve.auth.keys_file
+    if path is None: raise ConfigError(f"{params}: serve.auth.keys_file is not set; set it, or pass --keys-file")
+    return Path(path)
+
+@api_key_app.command("create")
+def api_key_create(name: str = typer.Argument(..., help="Who or what holds the key (it names the key in logs and errors)"),
+                   role: str = typer.Option(..., "--role", help="predict (inference, feedback), operate (+ reload, rollouts) or admin (+ keys)"),
+                   keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
+    "Create a key and print it, once: only its SHA-256 is stored."
+    from mlnb.serve.auth import create_key
+    def go():
+        path = _keys_file(params, keys_file)
+        typer.echo(create_key(path, name, role))          # alone on stdout, so KEY=$(mlnb api-key create ...) works
+        typer.echo(f"created key {name!r} (role {role}) in {path}; it is shown only now", err=True)
+    _guard(go)
+
+@api_key_app.command("list")
+def api_key_list(keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
+    "The keys' names, roles and creation times."
+    from mlnb.serve.auth import load_keys
+    def go():
+        path = _keys_file(params, keys_file)
+        keys = load_keys(path).keys if path.exists() else []
+        for k in keys: typer.echo(f"{k.name:<24} {k.role:<8} {k.created}")
+        if not keys: typer.echo(f"no keys in {path}", err=True)
+    _guard(go)
+
+@api_key_app.command("revoke")
+def api_key_revoke(name: str = typer.Argument(..., help="The key's name"), keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
+    "Remove a key; a running server refuses it within a second."
+    from mlnb.serve.auth import revoke_key
+    def go():
+        gone = revoke_key(_keys_file(params, keys_file), name)
+        typer.echo(f"revoked key {gone.name!r} (role {gone.role})")
+    _guard(go)
+
 # %% ../nbs/06_cli.ipynb #6c875063
 ab_app = typer.Typer(help="A/B analysis of served variants.", no_args_is_help=True)
 app.add_typer(ab_app, name="ab")
@@ -329,20 +373,27 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
 # %% ../nbs/06_cli.ipynb #25f0b1a1
 rollout_app = typer.Typer(help="Canary, split and shadow rollouts on a running server.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
-URL = typer.Option(None, "--url", help="The server (default: http://<serve.host>:<serve.port> from params)")
+URL = typer.Option(None, "--url", help="The server (default: http[s]://<serve.host>:<serve.port> from params, https when serve.tls is set)")
 REASON = typer.Option(None, "--reason", help="Why (recorded in the audit log)")
+API_KEY = typer.Option(None, "--api-key", envvar="MLNB_API_KEY", show_default=False, help="An operate key, for a server with access control")
+CACERT = typer.Option(None, "--cacert", help="CA certificate (PEM) to trust for an https server's private certificate")
 
-def admin_call(params: str, url: str | None, method: str, path: str, body: dict | None = None) -> dict:
+def admin_call(params: str, url: str | None, method: str, path: str, body: dict | None = None, api_key: str | None = None, cacert: Path | None = None) -> dict:
     "Call a running server's admin endpoint; its refusal becomes this command's error."
-    import httpx
+    import httpx, ssl
     if url is None:
         cfg = load_config(params)
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    try: r = httpx.request(method, url.rstrip("/") + path, json=body, timeout=300)
+        url = f"{'https' if cfg.serve.tls.enabled else 'http'}://{cfg.serve.host}:{cfg.serve.port}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try: verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
+    except (OSError, ssl.SSLError) as e: _fail(RuntimeError(f"--cacert {cacert}: not a readable PEM CA certificate: {e}"))
+    try: r = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=300, verify=verify)
     except httpx.TransportError as e: _fail(RuntimeError(f"cannot reach the server at {url}: {e}"))
     try: data = r.json()
     except ValueError: data = {"error": r.text}
-    if r.status_code >= 400: _fail(RuntimeError(data.get("error", r.text) if isinstance(data, dict) else r.text))
+    if r.status_code >= 400:
+        message = data.get("error", r.text) if isinstance(data, dict) else r.text
+        _fail(RuntimeError(message + (" (pass --api-key or set MLNB_API_KEY)" if r.status_code == 401 else "")))
     return data
 
 def rollout_summary(status: dict) -> str:
@@ -362,22 +413,25 @@ def rollout_summary(status: dict) -> str:
     return "\n".join(lines)
 
 @rollout_app.command("status")
-def rollout_status(url: Optional[str] = URL, json_out: bool = typer.Option(False, "--json", help="Print the raw JSON"), params: str = PARAMS):
+def rollout_status(url: Optional[str] = URL, json_out: bool = typer.Option(False, "--json", help="Print the raw JSON"), params: str = PARAMS,
+                   api_key: Optional[str] = API_KEY, cacert: Optional[Path] = CACERT):
     "The rollout's state, share, and each variant's numbers in the current step."
-    status = admin_call(params, url, "GET", "/admin/rollout")
+    status = admin_call(params, url, "GET", "/admin/rollout", api_key=api_key, cacert=cacert)
     typer.echo(json.dumps(status, indent=2) if json_out else rollout_summary(status))
 
 @rollout_app.command("start")
 def rollout_start(challenger: Optional[str] = typer.Argument(None, help="NAME@ALIAS, NAME/VERSION or an .onnx path (default: serve.rollout.challenger)"),
                   mode: Optional[str] = typer.Option(None, help="canary (walk the plan), split (fixed weights) or shadow"),
-                  reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS):
+                  reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS,
+                  api_key: Optional[str] = API_KEY, cacert: Optional[Path] = CACERT):
     "Load a challenger on the server and start routing to it."
     body = {k: v for k, v in {"challenger": challenger, "mode": mode, "reason": reason}.items() if v is not None}
-    typer.echo(rollout_summary(admin_call(params, url, "POST", "/admin/rollout/start", body)))
+    typer.echo(rollout_summary(admin_call(params, url, "POST", "/admin/rollout/start", body, api_key, cacert)))
 
 def _rollout_command(action: str):
-    def command(reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS):
-        typer.echo(rollout_summary(admin_call(params, url, "POST", f"/admin/rollout/{action}", {"reason": reason} if reason else None)))
+    def command(reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS,
+                api_key: Optional[str] = API_KEY, cacert: Optional[Path] = CACERT):
+        typer.echo(rollout_summary(admin_call(params, url, "POST", f"/admin/rollout/{action}", {"reason": reason} if reason else None, api_key, cacert)))
     command.__doc__ = {"pause": "Hold the canary at its current share (it is still watched and rolled back on a breach).",
                        "resume": "Let a paused canary advance again.",
                        "rollback": "Send all traffic back to the champion now (stops a shadow too)."}[action]

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ['Task', 'DerivedOp', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig',
            'TrainConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig',
            'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig', 'PredictionLogConfig',
-           'MicroBatchConfig', 'RolloutPlan', 'RolloutConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig',
-           'RetrainConfig', 'Config', 'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything',
-           'file_md5', 'params_hash', 'staged_outputs', 'write_json']
+           'MicroBatchConfig', 'RolloutPlan', 'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig',
+           'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'read_yaml', 'load_config',
+           'Paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../nbs/00_config.ipynb #46603c3d
 class ConfigError(ValueError):
@@ -195,6 +195,25 @@ class RolloutConfig(_Strict):
             raise ValueError(f"weights must give champion and challenger shares in [0, 1] that add up to 1, e.g. {{champion: 0.95, challenger: 0.05}}; got {w}")
         return w
 
+class AuthConfig(_Strict):
+    "Access control for the server (see `mlnb.serve.auth`); on when `keys_file` is set."
+    keys_file: str | None = None                    # API keys (`mlnb api-key create`); None: every endpoint is open
+    metrics_public: bool = True                     # /metrics open to scrapers; False: it needs an operate key
+
+class TLSConfig(_Strict):
+    "HTTPS for the server: a PEM certificate (chain) and its private key, both or neither."
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError(f"TLS needs both certfile and keyfile; {'keyfile' if self.keyfile is None else 'certfile'} is missing")
+        return self
+
+    @property
+    def enabled(self) -> bool: return self.certfile is not None
+
 class ServeConfig(_Strict):
     model: str | None = None                        # NAME@ALIAS, NAME/VERSION or an .onnx path; None: <model name>@champion
     host: str = "127.0.0.1"
@@ -212,6 +231,8 @@ class ServeConfig(_Strict):
     prediction_log: PredictionLogConfig = PredictionLogConfig()
     micro_batch: MicroBatchConfig = MicroBatchConfig()
     rollout: RolloutConfig = RolloutConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TLSConfig = TLSConfig()
 
     @model_validator(mode="after")
     def _rollout_on_one_worker(self):
@@ -333,8 +354,8 @@ def _umask() -> int:
     return current
 
 @contextlib.contextmanager
-def staged_outputs(*paths: str | Path):
-    "Yield temporary paths for `paths`; rename them into place only if the block succeeds."
+def staged_outputs(*paths: str | Path, mode: int | None = None):
+    "Yield temporary paths for `paths`; rename them into place only if the block succeeds (with `mode`, or as the umask allows)."
     finals = [Path(p) for p in paths]
     temps = []
     try:
@@ -343,7 +364,7 @@ def staged_outputs(*paths: str | Path):
             fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
             os.close(fd); temps.append(Path(tmp))
         yield temps[0] if len(temps) == 1 else temps
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~_umask() if mode is None else mode
         for tmp, p in zip(temps, finals):
             os.chmod(tmp, mode); os.replace(tmp, p)
     finally:

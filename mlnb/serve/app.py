@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/serve_app.html.md"""
 
 # %% ../../nbs/15_serve_app.ipynb #7dc70983
 from __future__ import annotations
-import asyncio, contextlib, gc, logging, os, secrets, time
+import asyncio, contextlib, gc, ipaddress, logging, os, secrets, ssl, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +18,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 from fastcore.basics import patch
 
-from ..config import Config, ServeConfig
+from ..config import Config, ConfigError, ServeConfig, TLSConfig
 from ..monitor.check import MonitorCollector
 from .log import (FeedbackEntry, LogKeyError, ParquetLog, PredictionEntry, RecentIds, feedback_table, log_keys, logged_ids, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
                                  split_v2_body, v2_response)
 from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_registered, load_served_model,
                                 resolve_version, stack_rows)
+from .auth import Denial, KeyAuth, required_role
 from .telemetry import AccessLog, ServeMetrics, server_logger, with_tracing
 from .traffic import RolloutError, Traffic
 
 # %% auto #0
 __all__ = ['log', 'Reply', 'PROTOCOLS', 'json_response', 'error_response', 'ClientDisconnected', 'receive_body', 'parse_json',
-           'Call', 'json_reply', 'error_reply', 'send_reply', 'ModelServer', 'parse_v2_request', 'respond_v2',
-           'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback', 'create_app',
-           'serve_config', 'model_ref', 'public_key_path', 'build_server', 'app_from_environment', 'run']
+           'Call', 'json_reply', 'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'parse_v2_request',
+           'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback',
+           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'build_server', 'app_from_environment',
+           'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
 
 # %% ../../nbs/15_serve_app.ipynb #aaddd806
 log = logging.getLogger("mlnb.serve")
@@ -77,6 +79,7 @@ class Call:
     headers: dict[str, str]
     path_params: dict[str, str]
     client: str | None
+    key_name: str | None = None     # the name of the API key that was accepted (access control on)
 
     @classmethod
     def from_scope(cls, scope: dict, path_params: dict) -> "Call":
@@ -100,6 +103,11 @@ async def send_reply(send, reply: Reply, request_id: str | None) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
+def denial_reply(denial: Denial) -> Reply:
+    "A refusal: 401 with the `WWW-Authenticate` challenge HTTP requires, or 403."
+    status, body, content_type, _ = error_reply(denial.message, denial.status)
+    return status, body, content_type, [(b"www-authenticate", b'Bearer realm="mlnb"')] if status == 401 else []
+
 # %% ../../nbs/15_serve_app.ipynb #bf15e7c3
 class ModelServer:
     "One served model and everything around it."
@@ -119,6 +127,7 @@ class ModelServer:
         self.last_reload_error: str | None = None
         self.key_field = s.rollout.key_field
         self.traffic = Traffic(self, s.rollout)
+        self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_public) if s.auth.keys_file else None   # a bad keys file stops the server here
 
     def new_ids(self, n: int) -> list[str]:
         "Prediction ids: unique across processes and restarts (random per process), cheap to make."
@@ -283,7 +292,7 @@ async def handle(self: ModelServer, call: Call, receive, send, protocol: str, pa
     if self.access:
         self.access.write({"time": arrived, "level": "INFO", "logger": "mlnb.access", "request_id": request_id, "method": call.method,
                            "path": call.path, "status": status, "rows": rows, "model": model.name, "model_version": model.version,
-                           "latency_ms": round(latency * 1000, 3), "client": call.client})
+                           "latency_ms": round(latency * 1000, 3), "client": call.client, "key": call.key_name})
 
 # %% ../../nbs/15_serve_app.ipynb #cd254297
 @patch
@@ -385,6 +394,38 @@ async def accept_feedback(self: ModelServer, request: Request) -> Response:
         log.error("feedback: %s", e)
         return error_response("the prediction log on disk could not be read to check the ids (see the server log)", 500)
 
+# %% ../../nbs/15_serve_app.ipynb #bac643b1
+def _headers(scope: dict) -> dict[str, str]: return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+@patch
+async def refuse(self: ModelServer, denial: Denial, scope: dict, headers: dict, send) -> None:
+    "Answer a request access control refused (401 or 403), count it and log it by the key's name."
+    request_id = headers.get("x-request-id")
+    await send_reply(send, denial_reply(denial), request_id)
+    self.metrics.child(self.metrics.auth_failures, denial.reason).inc()
+    if self.access:
+        self.access.write({"time": time.time(), "level": "WARNING", "logger": "mlnb.access", "request_id": request_id, "method": scope["method"],
+                           "path": scope["path"], "status": denial.status, "auth": denial.reason, "key": denial.key_name,
+                           "client": scope["client"][0] if scope.get("client") else None})
+
+@patch
+async def guarded(self: ModelServer, app, scope: dict, receive, send) -> None:
+    "A request for the Starlette routes, let through if its key's role covers the path, and access-logged with the key's name."
+    role = required_role(scope["path"], self.auth.metrics_public)
+    if role is None: return await app(scope, receive, send)
+    headers = _headers(scope)
+    found = self.auth.authorize(headers, scope["method"], scope["path"], role)
+    if isinstance(found, Denial): return await self.refuse(found, scope, headers, send)
+    started, status = time.time(), [0]
+    async def send_noting_status(message):
+        if message["type"] == "http.response.start": status[0] = message["status"]
+        await send(message)
+    await app(scope, receive, send_noting_status)
+    if self.access:
+        self.access.write({"time": started, "level": "INFO", "logger": "mlnb.access", "request_id": headers.get("x-request-id"), "method": scope["method"],
+                           "path": scope["path"], "status": status[0], "latency_ms": round((time.time() - started) * 1000, 3),
+                           "client": scope["client"][0] if scope.get("client") else None, "key": found.name})
+
 # %% ../../nbs/15_serve_app.ipynb #e54ed1e8
 def create_app(server: ModelServer):
     "The ASGI app around a `ModelServer`."
@@ -422,13 +463,19 @@ def create_app(server: ModelServer):
     async def admin_reload(request):
         try: return json_response(await server.reload(force=server.ref.is_file))
         except Exception as e: return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
+    async def admin_keys(request):
+        auth = server.auth
+        if auth is None: return error_response("access control is off: serve.auth.keys_file is not set", 404)
+        if request.method == "POST": auth.reload(force=True)
+        return json_response({"keys_file": str(auth.path), "keys": auth.listing(), "error": auth.error}, 503 if auth.error else 200)
 
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", v2_server),
               Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/versions/{version}", model_metadata),
               Route("/v2/models/{name}/ready", model_ready), Route("/v2/models/{name}/versions/{version}/ready", model_ready),
               Route("/ping", live), Route("/health", ready), Route("/feedback", feedback, methods=["POST"]), Route("/metrics", metrics),
               Route("/admin/model", admin_model), Route("/admin/reload", admin_reload, methods=["POST"]),
-              Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"])]
+              Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"]),
+              Route("/admin/keys", admin_keys), Route("/admin/keys/reload", admin_keys, methods=["POST"])]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -439,13 +486,21 @@ def create_app(server: ModelServer):
     async def not_found(request, exc): return error_response(f"no route {request.method} {request.url.path}", exc.status_code)
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
 
+    auth = server.auth
     async def asgi(scope, receive, send):
-        "POSTs to the inference routes go straight to the server; everything else to Starlette."
-        if scope["type"] == "http" and scope["method"] == "POST":
-            route = inference_route(scope["path"])
-            if route is not None:
-                protocol, params = route
-                return await server.handle(Call.from_scope(scope, params), receive, send, protocol, *PROTOCOLS[protocol])
+        "POSTs to the inference routes go straight to the server; everything else to Starlette; both behind access control when it is on."
+        if scope["type"] == "http":
+            if scope["method"] == "POST":
+                route = inference_route(scope["path"])
+                if route is not None:
+                    protocol, params = route
+                    call = Call.from_scope(scope, params)
+                    if auth is not None:
+                        found = auth.authorize(call.headers, "POST", call.path, "predict")
+                        if isinstance(found, Denial): return await server.refuse(found, scope, call.headers, send)
+                        call.key_name = found.name
+                    return await server.handle(call, receive, send, protocol, *PROTOCOLS[protocol])
+            if auth is not None: return await server.guarded(app, scope, receive, send)
         await app(scope, receive, send)
     if not server.serve.tracing: return asgi
     traced, server.tracer_provider = with_tracing(asgi)
@@ -481,13 +536,41 @@ def app_from_environment():
     cfg = config_from_dict(orjson.loads(os.environ["MLNB_SERVE_CONFIG"]), "MLNB_SERVE_CONFIG")
     return create_app(build_server(cfg))
 
+def _no_passphrase(): raise ConfigError("serve.tls.keyfile is encrypted; give the server an unencrypted key readable only by its user")
+
+def tls_options(tls: TLSConfig) -> dict:
+    "uvicorn's TLS options, once the certificate and key are known to load together (`ConfigError` naming the file otherwise)."
+    if not tls.enabled: return {}
+    for field, path in (("certfile", tls.certfile), ("keyfile", tls.keyfile)):
+        try: Path(path).open("rb").close()
+        except OSError as e: raise ConfigError(f"serve.tls.{field}: {path}: {e.strerror or e}") from None
+    try: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.certfile, tls.keyfile, password=_no_passphrase)
+    except ssl.SSLError as e:
+        raise ConfigError(f"serve.tls: {tls.certfile} and {tls.keyfile} are not a PEM certificate and its private key: {e.reason or e}") from None
+    return {"ssl_certfile": tls.certfile, "ssl_keyfile": tls.keyfile}
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost": return True
+    try: return ipaddress.ip_address(host).is_loopback
+    except ValueError: return False
+
+def warn_if_exposed(s: ServeConfig) -> None:
+    "A warning for a server reachable from other machines without access control, or whose keys would travel in clear text."
+    if is_loopback(s.host): return
+    if s.auth.keys_file is None:
+        log.warning("serving on %s without access control: anyone who can reach it may predict, reload and roll out; "
+                    "set serve.auth.keys_file (see mlnb api-key create)", s.host)
+    elif not s.tls.enabled:
+        log.warning("serving on %s without TLS: API keys cross the network in clear text; set serve.tls.certfile and keyfile", s.host)
+
 def run(cfg: Config) -> None:
     "Serve until SIGTERM/SIGINT."
     import uvicorn
     s = cfg.serve
     server_logger()
     options = dict(host=s.host, port=s.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
-                   timeout_graceful_shutdown=30, server_header=False)
+                   timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls))
+    warn_if_exposed(s)
     if s.workers == 1:
         uvicorn.run(create_app(build_server(cfg)), **options)
         return

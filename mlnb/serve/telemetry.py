@@ -46,6 +46,7 @@ class ServeMetrics:
         self.rollout_decisions = Counter("mlnb_rollout_decisions_total", "Rollout decisions (advance, rollback, promote, ...)", ["action"], registry=r)
         self.canary_fallbacks = Counter("mlnb_canary_fallbacks_total", "Canary answers replaced by the champion's, by reason (error, timeout)", ["reason"], registry=r)
         self.shadow_requests = Counter("mlnb_shadow_requests_total", "Shadow copies by outcome (ok, error, dropped)", ["outcome"], registry=r)
+        self.auth_failures = Counter("mlnb_auth_failures_total", "Requests refused by access control, by reason (missing, unknown, forbidden)", ["reason"], registry=r)
         self._children: dict = {}
         self.collectors: list = []                   # custom collectors (the monitoring gauges), also in multiprocess mode
         self._mirrored: dict = {}
