@@ -172,3 +172,145 @@ def test_a_full_or_read_only_log_disk_is_counted_and_logged_and_serving_continue
         assert metric(s, "mlnb_requests_total", outcome="ok") == 160 and metric(s, "mlnb_requests_total", outcome="server_error") == 0
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------- a registry that cannot be reached
+
+def ready_body(s: Server) -> dict:
+    r = s.client.get("/v2/health/ready")
+    assert r.status_code == 200, r.text                                    # serving, whatever the registry's state
+    return r.json()
+
+
+def registry_params(env: dict, url: str, cache: Path, work: Path) -> dict:
+    return {**env, "train": {**env["train"], "tracking_uri": url},
+            "serve": {"model": "churn@champion", "reload_poll_seconds": 0.5, "model_cache_dir": str(cache),
+                      "prediction_log": {"dir": str(work / "logs/p"), "feedback_dir": str(work / "logs/f")}}}
+
+
+@pytest.mark.slow
+def test_a_registry_unreachable_at_start_serves_the_last_verified_version_until_it_answers(onnx_models, telco_split, records, tmp_path):
+    from test_registry import make_env, register, registry_as
+    from tracking import free_port, running_mlflow
+    from mlnb.config import config_from_dict
+    _, split = telco_split
+    env, cache, port = make_env(tmp_path / "registry"), tmp_path / "cache", free_port()
+    backend, artifacts = f"sqlite:///{tmp_path / 'tracking.db'}", tmp_path / "artifacts"
+    predict = lambda s: s.client.post("/invocations", json={"dataframe_records": records[:2]})
+
+    with running_mlflow(backend, artifacts, port) as url:                 # the registry up: fetched, verified, recorded
+        env["train"]["tracking_uri"] = url
+        v1, _ = register(env, onnx_models["a"], split["test"])
+        registry_as(env, "ann").approve(v1.version, "reviewed")
+        registry_as(env, "adam").promote(v1.version, reason="first champion")
+        s = Server(tmp_path / "first", registry_params(env, url, cache, tmp_path / "first")).wait_ready()
+        try:
+            assert ready_body(s) == {"ready": True, "reload": {"ready": True}}
+            assert predict(s).json()["model_version"] == v1.version and metric(s, "mlnb_registry_reachable", model="churn") == 1
+        finally: s.stop()
+    record = json.loads((cache / "churn/verified-champion.json").read_text())
+    assert record["version"] == v1.version and (cache / record["file"]).exists()
+
+    started = time.time()
+    s = Server(tmp_path / "down", registry_params(env, url, cache, tmp_path / "down")).wait_ready()   # the registry down
+    try:
+        start_seconds = time.time() - started
+        body = ready_body(s)
+        assert body["ready"] is True and body["reload"]["ready"] is False
+        assert body["reload"]["reason"].startswith(f"registry {url} unreachable: ")
+        r = predict(s)
+        assert r.status_code == 200 and r.json()["model_version"] == v1.version
+        assert s.client.get("/admin/model").json()["registry_error"] == body["reload"]["reason"]
+        assert metric(s, "mlnb_registry_reachable", model="churn") == 0
+        assert f"serving version {v1.version} of churn@champion, last verified in" in s.stderr()
+        wait_for(lambda: metric(s, "mlnb_model_reloads_total", outcome="failed") >= 1, what="a failed poll")
+        assert ready_body(s)["reload"]["ready"] is False
+
+        with running_mlflow(backend, artifacts, port):                      # back: the next poll succeeds and readiness returns
+            wait_for(lambda: ready_body(s)["reload"] == {"ready": True}, what="readiness for reload")
+            assert metric(s, "mlnb_registry_reachable", model="churn") == 1
+            v2, _ = register(env, onnx_models["b"], split["test"])
+            registry_as(env, "ann").approve(v2.version, "reviewed")
+            registry_as(env, "adam").promote(v2.version, reason="better")
+            wait_for(lambda: predict(s).json()["model_version"] == v2.version, what="the poller's reload to the new champion")
+            assert metric(s, "mlnb_model_reloads_total", outcome="ok") == 1
+    finally: s.stop()
+    print(f"registry down: the server started in {start_seconds:.1f} s on its last verified version")
+    assert json.loads((cache / "churn/verified-champion.json").read_text())["version"] == v2.version
+
+
+@pytest.mark.slow
+def test_a_registry_unreachable_at_start_never_serves_an_unverified_file(onnx_models, telco_split, tmp_path):
+    from tracking import free_port
+    env, cache = make_env_for_faults(tmp_path), tmp_path / "cache"
+    url = f"http://127.0.0.1:{free_port()}"                                    # nothing listens here
+    params = registry_params(env, url, cache, tmp_path)
+
+    s = Server(tmp_path / "empty", params)                                   # nothing verified here yet: a clear refusal
+    assert s.proc.wait(120) != 0
+    assert f"registry {url} unreachable" in s.stderr() and f"no verified copy of churn@champion in the model cache {cache.resolve()}" in s.stderr()
+
+    model = cache / "churn/1/model.onnx"                                    # a recorded copy that was changed since it was verified
+    from serving import signed_model_dir
+    signed_model_dir(onnx_models["a"], model.parent, Path(env["registry"]["public_key"]).parent)
+    record = {"reference": "churn@champion", "name": "churn", "version": "1", "sha256": "0" * 64, "file": "churn/1/model.onnx",
+              "verified_at": "2026-01-01T00:00:00Z"}
+    (cache / "churn/verified-champion.json").write_text(json.dumps(record))
+    s = Server(tmp_path / "swapped", params)
+    assert s.proc.wait(120) != 0 and "is not the 000000000000" in s.stderr()
+    model.write_bytes(model.read_bytes() + b"\0")                            # and a file whose signature no longer matches
+    s = Server(tmp_path / "tampered", params)
+    assert s.proc.wait(120) != 0 and "signature" in s.stderr().lower()
+
+
+def make_env_for_faults(tmp_path: Path) -> dict:
+    from test_registry import make_env
+    env = make_env(tmp_path / "registry")
+    from mlnb.export import ensure_signing_key
+    ensure_signing_key(Path(env["registry"]["signing_key"]), Path(env["registry"]["public_key"]))
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------- SIGKILL during `dvc repro`
+
+def processes_in(directory: Path) -> list:
+    "Processes whose working directory is `directory` (a stage's kernel runs there)."
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cwd"]):
+        try:
+            if p.info["cwd"] and Path(p.info["cwd"]) == directory: found.append(p)
+        except psutil.Error: pass
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_during_dvc_repro_then_repro_completes_with_the_uninterrupted_results(tmp_path):
+    from conftest import SMALL_RUN, copy_project, run, set_params, tool_env
+    project = copy_project(tmp_path / "project")
+    set_params(project, SMALL_RUN)
+    run("git commit -qam 'small run'", project)
+    out = (tmp_path / "killed.out").open("w")
+    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env={**tool_env(), "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)                                # its own process group: dvc, mlnb stage, papermill
+    running = project / "reports/.03_train.running.ipynb"                           # papermill's output while the train stage runs
+    wait_for(lambda: running.exists() or repro.poll() is not None, timeout=600, what="the train stage")
+    time.sleep(2.0)                                                                  # inside the search
+    assert repro.poll() is None and not (project / "models/model.joblib").exists(), (tmp_path / "killed.out").read_text()
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+    wait_for(lambda: not processes_in(project), timeout=30, what="the orphaned kernel to exit")   # nothing keeps writing after the kill
+
+    started = time.time()
+    again = run(["dvc", "repro"], project)
+    resumed_seconds = time.time() - started
+    ran = [line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran[0] == "train" and "ingest" not in ran and "featurize" not in ran, again.stdout     # finished stages are not run again
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+
+    clean = copy_project(tmp_path / "clean")                                         # the same run, never interrupted
+    set_params(clean, SMALL_RUN)
+    run(["dvc", "repro"], clean)
+    for name in ("train", "evaluate", "export"):
+        assert (project / f"metrics/{name}.json").read_text() == (clean / f"metrics/{name}.json").read_text(), name
+    print(f"dvc repro after SIGKILL in train: completed in {resumed_seconds:.0f} s")
