@@ -82,6 +82,14 @@ def test_sigkill_mid_burst_loses_at_most_the_last_flush_interval(model_dir, reco
     print(f"SIGKILL: {len(burst.answered)} answered, {len(logged)} logged, {len(lost)} lost "
           f"(oldest lost answered {killed_at - min(lost, default=killed_at):.3f} s before the kill; bound {FLUSH_SECONDS + WRITE_MARGIN} s)")
 
+    whole = parquet_files(logs)[-1]                                      # a file torn by a kill mid-write, as the killed server would leave it
+    torn = whole.parent / f".predictions-20990101T000000000000-{s.proc.pid}-999999.parquet.tmp"
+    torn.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert len(read_log(logs)) == len(logged)                            # invisible to readers
+    again = Server(tmp_path / "again", serve_params(directory, keys, tmp_path / "logs", prediction_log={"flush_seconds": FLUSH_SECONDS})).wait_ready()
+    try: wait_for(lambda: not torn.exists(), what="the restarted writer to remove the dead writer's temporary file")
+    finally: again.stop()
+
 
 def test_sigterm_mid_burst_loses_nothing(model_dir, records, tmp_path):
     directory, keys = model_dir
@@ -284,6 +292,12 @@ def processes_in(directory: Path) -> list:
     return found
 
 
+def alive(process) -> bool:
+    import psutil
+    try: return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error: return False
+
+
 @pytest.mark.slow
 def test_sigkill_during_dvc_repro_then_repro_completes_with_the_uninterrupted_results(tmp_path):
     from conftest import SMALL_RUN, copy_project, run, set_params, tool_env
@@ -293,17 +307,21 @@ def test_sigkill_during_dvc_repro_then_repro_completes_with_the_uninterrupted_re
     out = (tmp_path / "killed.out").open("w")
     repro = subprocess.Popen(["dvc", "repro"], cwd=project, env={**tool_env(), "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True)                                # its own process group: dvc, mlnb stage, papermill
-    running = project / "reports/.03_train.running.ipynb"                           # papermill's output while the train stage runs
-    wait_for(lambda: running.exists() or repro.poll() is not None, timeout=600, what="the train stage")
-    time.sleep(2.0)                                                                  # inside the search
+    searched = lambda: list(project.glob("models/.checkpoints/*/family-*.joblib"))   # one candidate family searched, the next one running
+    wait_for(lambda: searched() or repro.poll() is not None, timeout=600, what="the train stage's first checkpoint")
     assert repro.poll() is None and not (project / "models/model.joblib").exists(), (tmp_path / "killed.out").read_text()
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
-    wait_for(lambda: not processes_in(project), timeout=30, what="the orphaned kernel to exit")   # nothing keeps writing after the kill
+    assert (project / "reports/.03_train.running.ipynb").exists()                   # killed mid-stage: papermill's partial output is there
+    assert (project / "reports/.03_train.kernel.json").exists()                      # and the record of the kernel's process group
+    time.sleep(3.0)                                                                   # the orphaned kernel notices its parent is gone and exits...
+    left = processes_in(project)                                                      # ...but not its joblib workers
 
     started = time.time()
     again = run(["dvc", "repro"], project)
     resumed_seconds = time.time() - started
+    assert not [p for p in left if alive(p)]                                          # the next run stopped what the killed one left
+    if left: assert "a killed run of 03_train left running" in again.stdout + again.stderr
     ran = [line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")]
     assert ran[0] == "train" and "ingest" not in ran and "featurize" not in ran, again.stdout     # finished stages are not run again
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
@@ -313,4 +331,4 @@ def test_sigkill_during_dvc_repro_then_repro_completes_with_the_uninterrupted_re
     run(["dvc", "repro"], clean)
     for name in ("train", "evaluate", "export"):
         assert (project / f"metrics/{name}.json").read_text() == (clean / f"metrics/{name}.json").read_text(), name
-    print(f"dvc repro after SIGKILL in train: completed in {resumed_seconds:.0f} s")
+    print(f"dvc repro after SIGKILL in train: {len(left)} processes left by the killed run, completed in {resumed_seconds:.0f} s")
