@@ -25,12 +25,12 @@ app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="aud
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL', 'PARAMS', 'USER',
            'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app',
-           'stage_notebook', 'to_html', 'local_kernel_manager', 'StageFailed', 'run_stage', 'stage', 'run_summary',
-           'summary', 'schema_infer', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
-           'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
-           'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
-           'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
-           'retrain_cmd', 'log_key_new', 'batch_predict_cmd']
+           'stage_notebook', 'to_html', 'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel',
+           'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list',
+           'registry_show', 'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback',
+           'registry_history', 'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve',
+           'api_key_create', 'api_key_list', 'api_key_revoke', 'ab_report_command', 'admin_call', 'rollout_summary',
+           'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'batch_predict_cmd']
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -49,11 +49,38 @@ def to_html(notebook: Path, html: Path) -> None:
     body, _ = HTMLExporter().from_filename(str(notebook))
     html.write_text(body)
 
-def local_kernel_manager(kernel: str):
+def local_kernel_manager(kernel: str, record: Path | None = None):
     """A kernel manager talking to its kernel over Unix sockets in a private temporary directory, not TCP ports.
-    Asynchronous, so that nbclient notices a kernel that died (killed, out of memory) instead of waiting for it forever."""
+    Asynchronous, so that nbclient notices a kernel that died (killed, out of memory) instead of waiting for it forever.
+    With `record`, the running kernel's process group is written there (see `stop_orphaned_kernel`)."""
     from jupyter_client.manager import AsyncKernelManager
-    return AsyncKernelManager(kernel_name=kernel, transport="ipc", ip=str(Path(tempfile.mkdtemp(prefix="mlnb-kernel-")) / "ipc"))
+    class StageKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+            if record is not None: remember_kernel(self.provisioner.pid, Path(self.ip).parent, record)
+    return StageKernelManager(kernel_name=kernel, transport="ipc", ip=str(Path(tempfile.mkdtemp(prefix="mlnb-kernel-")) / "ipc"))
+
+def remember_kernel(pid: int, ipc_dir: Path, record: Path) -> None:
+    import psutil
+    write_json({"pid": pid, "pgid": os.getpgid(pid), "started": psutil.Process(pid).create_time(), "cwd": os.getcwd(), "ipc_dir": str(ipc_dir)}, record)
+
+def stop_orphaned_kernel(record: Path) -> int:
+    "Kill what a run of this stage killed with SIGKILL left running (its kernel's process group: the kernel and its workers); how many."
+    if not record.exists(): return 0
+    import psutil
+    info = json.loads(record.read_text())
+    left = []
+    for p in psutil.process_iter(["create_time", "cwd"]):
+        try:
+            if os.getpgid(p.pid) == info["pgid"] and p.info["create_time"] >= info["started"] - 1 and p.info["cwd"] == info["cwd"]: left.append(p)
+        except (psutil.Error, OSError): pass
+    for p in left:
+        try: p.kill()
+        except psutil.Error: pass
+    psutil.wait_procs(left, timeout=10)
+    shutil.rmtree(info["ipc_dir"], ignore_errors=True)
+    record.unlink(missing_ok=True)
+    return len(left)
 
 class StageFailed(RuntimeError):
     "A stage notebook raised; the message is the library's own error."
@@ -68,7 +95,9 @@ def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, repo
     final, html, failed = reports_dir / nb.name, reports_dir / f"{nb.stem}.html", reports_dir / f"{nb.stem}.failed.ipynb"
     tmp, html_tmp = reports_dir / f".{nb.stem}.running.ipynb", reports_dir / f".{nb.stem}.running.html"
     failed.unlink(missing_ok=True)
-    km = local_kernel_manager(kernel)
+    record = reports_dir / f".{nb.stem}.kernel.json"
+    if stopped := stop_orphaned_kernel(record): typer.echo(f"stopped {stopped} processes a killed run of {nb.stem} left running", err=True)
+    km = local_kernel_manager(kernel, record)
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"params_path": params, **(parameters or {})}, kernel_name=kernel, km=km,
                             cwd=str(Path.cwd()), progress_bar=sys.stderr.isatty(), log_output=False)
@@ -82,7 +111,7 @@ def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, repo
     finally:
         if km.has_kernel: run_sync(km.shutdown_kernel)(now=True)
         shutil.rmtree(Path(km.ip).parent, ignore_errors=True)
-        tmp.unlink(missing_ok=True); html_tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True); html_tmp.unlink(missing_ok=True); record.unlink(missing_ok=True)
     return final
 
 @app.command()

@@ -23,8 +23,8 @@ from ..monitor.check import MonitorCollector
 from .log import (FeedbackEntry, LogKeyError, ParquetLog, PredictionEntry, RecentIds, feedback_table, log_keys, logged_ids, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
                                  split_v2_body, v2_response)
-from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_registered, load_served_model,
-                                resolve_version, stack_rows)
+from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_last_verified, load_registered,
+                                load_served_model, resolve_version, stack_rows)
 from .auth import Denial, KeyAuth, required_role
 from .telemetry import AccessLog, ServeMetrics, server_logger, with_tracing
 from .traffic import RolloutError, Traffic
@@ -33,8 +33,8 @@ from .traffic import RolloutError, Traffic
 __all__ = ['log', 'Reply', 'PROTOCOLS', 'json_response', 'error_response', 'ClientDisconnected', 'receive_body', 'parse_json',
            'Call', 'json_reply', 'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'parse_v2_request',
            'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback',
-           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'build_server', 'app_from_environment',
-           'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
+           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
+           'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
 
 # %% ../../nbs/15_serve_app.ipynb #aaddd806
 log = logging.getLogger("mlnb.serve")
@@ -125,6 +125,7 @@ class ModelServer:
         self._id_prefix, self._id_counter = secrets.token_hex(5) + "-", 0
         self._reload_lock, self._poller = None, None
         self.last_reload_error: str | None = None
+        self.registry_error: str | None = None        # why the registry could not be asked last time; None once it answers
         self.key_field = s.rollout.key_field
         self.traffic = Traffic(self, s.rollout)
         self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_public) if s.auth.keys_file else None   # a bad keys file stops the server here
@@ -188,6 +189,31 @@ def load(self: ModelServer, version: str | None = None, ref: ModelRef | None = N
     return load_registered(self.registry, ref, self.public_key, s.model_cache_dir, s.prefer_quantized, s.onnx_threads, s.max_rows, version)
 
 @patch
+def load_at_start(self: ModelServer) -> ServedModel:
+    "The reference's model; if the registry cannot be reached, the version last verified here, verified again."
+    from mlnb.registry import RegistryUnreachable
+    if self.ref.is_file: return self.load()
+    try: model = self.load()
+    except RegistryUnreachable as e:
+        s = self.serve
+        model = load_last_verified(self.ref, self.public_key, s.model_cache_dir, e, s.onnx_threads, s.max_rows)
+        self._registry_answered(e)
+        log.warning("%s; serving version %s of %s, last verified in %s, until it answers", e, model.version, self.ref, s.model_cache_dir)
+        return model
+    self._registry_answered(None)
+    return model
+
+@patch
+def _registry_answered(self: ModelServer, unreachable: Exception | None) -> None:
+    "Record whether the registry answered the last time it was asked (readiness for reload, `mlnb_registry_reachable`)."
+    self.registry_error = None if unreachable is None else str(unreachable)
+    self.metrics.registry_reachable.labels(self.ref.name).set(unreachable is None)
+
+@patch
+def reload_readiness(self: ModelServer) -> dict:
+    return {"ready": True} if self.registry_error is None else {"ready": False, "reason": self.registry_error}
+
+@patch
 async def reload(self: ModelServer, force: bool = False) -> dict:
     "Load the version the reference points at now, if it changed (or `force`), and switch to it."
     async with self._reload_lock:
@@ -196,9 +222,12 @@ async def reload(self: ModelServer, force: bool = False) -> dict:
             if self.ref.is_file: version = None
             else:
                 version = await asyncio.to_thread(resolve_version, self.registry, self.ref)
+                self._registry_answered(None)
                 if version == previous.version and not force: return {"reloaded": False, "version": previous.version}
             model = await asyncio.to_thread(self.load, version)
         except Exception as e:
+            from mlnb.registry import RegistryUnreachable
+            if isinstance(e, RegistryUnreachable): self._registry_answered(e)
             self.last_reload_error = f"{type(e).__name__}: {e}"
             self.metrics.child(self.metrics.reloads, "failed").inc()
             log.error("reload of %s failed, still serving version %s: %s", self.ref, previous.version, self.last_reload_error)
@@ -432,7 +461,8 @@ def create_app(server: ModelServer):
     async def live(request): return json_response({"live": True})
     async def ready(request):
         ok = server.model is not None and server._reload_lock is not None
-        return json_response({"ready": ok}, 200 if ok else 503)
+        body = {"ready": ok} if server.ref.is_file else {"ready": ok, "reload": server.reload_readiness()}   # serving, and following the registry
+        return json_response(body, 200 if ok else 503)
     async def v2_server(request):
         from mlnb import __version__
         return json_response({"name": "mlnb", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -450,6 +480,7 @@ def create_app(server: ModelServer):
         return Response(body, media_type=content_type)
     async def admin_model(request):
         return json_response({**server.model.describe(), "reference": str(server.ref), "last_reload_error": server.last_reload_error,
+                              "registry_error": server.registry_error,
                               "cache": {"hits": server.cache.hits, "misses": server.cache.misses, "entries": len(server.cache.entries)} if server.cache else None})
     async def admin_rollout(request):
         if request.method == "GET": return json_response(server.traffic.status())
@@ -520,13 +551,19 @@ def public_key_path(cfg: Config) -> Path:
     from mlnb.registry import signing_keys
     return signing_keys(cfg)[1]
 
+def registry_client_fails_fast() -> None:
+    "A down tracking server fails a registry call in seconds, not MLflow's default of minutes of retries: the next poll tries again."
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+        os.environ.setdefault(name, value)            # the operator's own settings win
+
 def build_server(cfg: Config) -> ModelServer:
     "A server with its model loaded and verified (raises `SignatureError`, `RegistryError`, `FileNotFoundError` or `LogKeyError`)."
     ref = model_ref(cfg)
     if ref.is_file and not ref.path.exists(): raise FileNotFoundError(f"model file {ref.path} not found")
     if cfg.serve.prediction_log.enabled: log_keys(cfg.serve.prediction_log.encryption)   # a missing or bad log key stops the server here, with the reason
+    if not ref.is_file: registry_client_fails_fast()
     server = ModelServer(cfg, ref, public_key_path(cfg))
-    server.model = server.load()
+    server.model = server.load_at_start()
     return server
 
 def app_from_environment():

@@ -125,6 +125,12 @@ class LogStats:
     write_errors: int = 0
     last_error: str | None = None
 
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass
+    return True
+
 class ParquetLog:
     "A bounded buffer drained by a thread into rotated, atomically written Parquet files."
     def __init__(self, directory: str | Path, to_table, prefix: str, flush_seconds: float = 1.0,
@@ -161,7 +167,16 @@ class ParquetLog:
     def _write_pending(self) -> None:
         while entries := self._take(): self._write(entries)
 
+    def _remove_dead_temporaries(self) -> None:
+        "Temporary files of writers killed mid-write (SIGKILL): readers skip them, but they should not pile up."
+        for tmp in self.directory.glob(f"date=*/.{self.prefix}-*.tmp"):   # plain and sealed (.parquet.enc) files alike
+            try:
+                pid = int(tmp.name.split("-")[-2])
+                if pid != os.getpid() and not _alive(pid): tmp.unlink()
+            except (ValueError, IndexError, OSError): pass
+
     def _drain(self) -> None:
+        self._remove_dead_temporaries()
         while not self._stop.is_set():
             self._wake.wait(self.flush_seconds); self._wake.clear()
             self._write_pending()
