@@ -199,11 +199,11 @@ class CiResult:
 def ci_summary(r: CiResult) -> str:
     "The Markdown summary of a CI run."
     out = []
-    if r.exit_code == 2:
+    if r.problem: out += ["## ❌ mlnb ci: the run's outcome could not be read", "", r.problem, ""]
+    elif r.exit_code == 2:
         where = f"stage `{r.pipeline.failed_stage}`" if r.pipeline.failed_stage else "`dvc repro`"
-        out += [f"## ❌ mlnb ci: the pipeline failed" + (f" at {where}" if not r.problem else ""), ""]
-        if r.problem: out += [r.problem, ""]
-        else: out += [f"`dvc repro` exited {r.pipeline.returncode} at {where}:", "", "```", r.pipeline.error or r.pipeline.output[-2000:], "```", ""]
+        out += [f"## ❌ mlnb ci: the pipeline failed at {where}", "",
+                f"`dvc repro` exited {r.pipeline.returncode} at {where}:", "", "```", r.pipeline.error or r.pipeline.output[-2000:], "```", ""]
     elif r.reasons: out += ["## ⚠️ mlnb ci: regression", ""] + [f"- {x}" for x in r.reasons] + [""]
     else: out += ["## ✅ mlnb ci: no regression", ""]
     if r.rule: out += [f"_Rule: {r.rule}_", ""]
@@ -246,14 +246,14 @@ def run_ci(base: str = "main", params: str = "params.yaml", register: bool = Tru
     reports = sorted(str(p.relative_to(cwd)) for p in (cwd / "reports").glob("*.html"))
     result = CiResult(pipeline, registered=register and reg_stage is not None, reports=reports)
     if not pipeline.ok: return result
-    cfg = load_config(cwd / params)
-    result.rule = verdict_rule(cfg, base)
-    if result.registered:
-        try:
+    try:
+        cfg = load_config(cwd / params)
+        result.rule = verdict_rule(cfg, base)
+        if result.registered:
             with contextlib.chdir(cwd): result.registration = read_registration(cfg, Paths(), user)   # the registry's paths are relative to the project
-        except Exception as e:
-            result.problem = f"The pipeline ran, but its registration could not be read: {type(e).__name__}: {e}"
-            return result
+    except Exception as e:     # a missing record, a registry that cannot be reached, a user without access: not a verdict on the change
+        result.problem = f"The pipeline ran, but its configuration or registration could not be read: {type(e).__name__}: {e}"
+        return result
     result.diff = metrics_diff(base, cwd)
     result.reasons = regressions(cfg, result.registration, result.diff)
     return result
