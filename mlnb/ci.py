@@ -173,7 +173,9 @@ def _change(r: MetricChange) -> str:
     return "0" if c == 0 else f"{c:+.4g}"
 
 def md_table(rows: list[list], headers: list[str]) -> str:
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    "A GitHub Markdown table; `|` inside a cell is escaped."
+    escape = lambda v: str(v).replace("|", "\\|")
+    return tabulate([[escape(c) for c in row] for row in rows], headers=[escape(h) for h in headers], tablefmt="github", disable_numparse=True)
 
 def run_link() -> str | None:
     "The GitHub Actions run page, when running inside one."
@@ -461,12 +463,12 @@ def repro_report(c: ReproCheck) -> str:
     if c.metrics:
         out += ["### Metrics", "", md_table([[f"{Path(m['file']).stem}: {m['metric']}", _cell(m["committed"]), _cell(m["rerun"]),
                                             "–" if m["abs_diff"] is None else f"{m['abs_diff']:.3g}", "ok" if m["ok"] else "**OUT**"] for m in c.metrics],
-                                          ["metric", "committed", "re-run", "|Δ|", ""]), ""]
+                                          ["metric", "committed", "re-run", "abs. difference", ""]), ""]
     if c.predictions:
         p = c.predictions
         out += ["### Predictions (committed model vs re-run model, same test set)", "",
                 md_table([[p["rows"], f"{p['max_abs_diff']:.3g}", "–" if p["label_agreement"] is None else f"{p['label_agreement']:.4%}"]],
-                         ["rows", "max |Δp|", "label agreement"]), ""]
+                         ["rows", "largest abs. difference of a probability", "label agreement"]), ""]
     if c.outputs:
         out += ["### Outputs in dvc.lock (md5; reports, leaderboard, ONNX file and registration record embed run facts and are expected to differ)", "",
                 md_table([[o["stage"], o["path"], "equal" if o["equal"] else "differs"] for o in c.outputs], ["stage", "output", "md5"]), ""]

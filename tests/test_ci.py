@@ -69,6 +69,14 @@ def test_unchanged_model_passes_with_metrics_gates_and_version(committed):
     summary = (committed / "summary.md").read_text()
     assert "No comparison with the base branch: base branch 'release' not found" in summary and "| quality " in summary
 
+    # without the register stage: the metrics are judged, nothing is registered
+    (committed / "params.yaml").write_text((committed / "params.yaml").read_text().replace("permutation_repeats: 2", "permutation_repeats: 3"))
+    p = ci(committed, "--no-register")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Running stage 'evaluate'" in p.stdout and "Running stage 'register'" not in p.stdout
+    summary = (committed / "summary.md").read_text()
+    assert "Skipped (`--no-register`)" in summary and "| evaluate: roc_auc" in summary and "### Gates" not in summary
+
 
 @pytest.mark.slow
 def test_worse_model_is_a_regression_named_in_the_summary(committed, tmp_path):
