@@ -30,7 +30,8 @@ __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGE
            'registry_show', 'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback',
            'registry_history', 'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve',
            'api_key_create', 'api_key_list', 'api_key_revoke', 'ab_report_command', 'admin_call', 'rollout_summary',
-           'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'batch_predict_cmd']
+           'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'batch_predict_cmd',
+           'ci_cmd', 'repro_check_cmd']
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -600,3 +601,35 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
         try: typer.echo(f"wrote {run_stage('08_batch', params, reports_dir=Path(r.output) / '_report', parameters={'output_dir': str(r.output)})}")
         except StageFailed as e: _fail(e)
     if fail_on_bad and r.bad: raise typer.Exit(2)
+
+# %% ../nbs/06_cli.ipynb #c1e0a7b3
+# Continuous training: `mlnb ci` is what a CI job runs (exit 0 fine, 1 regression, 2 pipeline failed), `mlnb repro-check` re-runs the
+# committed pipeline in a fresh clone and compares it with dvc.lock (mlnb.ci, README: Continuous training).
+@app.command("ci")
+def ci_cmd(base: str = typer.Option("main", help="Branch whose committed metrics this run is compared with (dvc metrics diff)"),
+           summary: Optional[Path] = typer.Option(None, help="Write the Markdown summary here (it is also appended to $GITHUB_STEP_SUMMARY when set)"),
+           register: bool = typer.Option(True, help="--no-register: run every stage except the register stage (no new version, no gates)"),
+           params: str = PARAMS, user: Optional[str] = USER):
+    "Run dvc repro, read the gates and the registration, diff metrics against --base; exit 1 on a regression, 2 when the pipeline fails."
+    from mlnb.ci import ci_summary, run_ci, write_summary
+    result = _guard(lambda: run_ci(base, params, register, user))
+    markdown = ci_summary(result)
+    typer.echo(markdown)
+    for written in write_summary(markdown, summary): typer.echo(f"wrote {written}", err=True)
+    raise typer.Exit(result.exit_code)
+
+@app.command("repro-check")
+def repro_check_cmd(tolerance_metrics: float = typer.Option(1e-9, min=0, help="Largest |difference| of any metric value, committed vs re-run"),
+                    tolerance_proba: float = typer.Option(1e-6, min=0, help="Largest |difference| of a probability (regression: of a prediction), committed vs re-run model"),
+                    keep: bool = typer.Option(False, help="Keep the temporary clone (its path is printed)"),
+                    report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)")):
+    "Re-run the committed pipeline in a fresh clone; compare dvc.lock outputs, metrics and predictions; exit 1 when out of tolerance."
+    import subprocess
+    from mlnb.ci import repro_check, repro_report, write_summary
+    try: check = repro_check(".", tolerance_metrics, tolerance_proba, keep)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(2)
+    text = repro_report(check)
+    typer.echo(text)
+    for written in write_summary(text, report): typer.echo(f"wrote {written}", err=True)
+    if keep: typer.echo(f"clone kept in {check.workdir}", err=True)
+    raise typer.Exit(0 if check.passed else 1)
