@@ -418,13 +418,17 @@ def create_app(server: ModelServer):
     async def admin_reload(request):
         try: return json_response(await server.reload(force=server.ref.is_file))
         except Exception as e: return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
+    async def openapi(request):
+        from mlnb.serve.openapi import openapi_schema
+        return json_response(openapi_schema(server.model, key_field=server.key_field, max_body_bytes=server.serve.max_body_bytes))
 
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", v2_server),
               Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/versions/{version}", model_metadata),
               Route("/v2/models/{name}/ready", model_ready), Route("/v2/models/{name}/versions/{version}/ready", model_ready),
               Route("/ping", live), Route("/health", ready), Route("/feedback", feedback, methods=["POST"]), Route("/metrics", metrics),
               Route("/admin/model", admin_model), Route("/admin/reload", admin_reload, methods=["POST"]),
-              Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"])]
+              Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"]),
+              Route("/openapi.json", openapi)]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
