@@ -73,3 +73,16 @@ def test_fuzz_against_own_openapi_schema(server):
     assert sum(statuses.values()) >= 100, statuses                                   # the fuzzer really ran
     assert statuses[("POST /invocations", 200)] and statuses[("POST /v2/models/{name}/infer", 200)]     # valid requests were served...
     assert statuses[("POST /invocations", 400)] and statuses[("POST /v2/models/{name}/infer", 400)]     # ... and invalid ones refused
+
+
+def test_undocumented_methods_answer_405_with_allow(server):
+    "Every documented path refuses a method it does not document: 405, the methods it takes in `Allow`, the JSON error body."
+    paths = server.client.get("/openapi.json").json()["paths"]
+    for path, methods in paths.items():
+        url, documented = path.format(name="churn", version="1", action="pause"), {m.upper() for m in methods}
+        for method in sorted({"GET", "POST", "PUT", "DELETE", "PATCH"} - documented):
+            r = server.client.request(method, url)
+            assert r.status_code == 405, (method, url, r.status_code, r.text)
+            allowed = {m.strip() for m in r.headers["allow"].split(",")}
+            assert documented <= allowed <= documented | {"HEAD"}, (method, url, allowed)
+            assert r.headers["content-type"] == "application/json" and f"method {method} is not allowed" in r.json()["error"]

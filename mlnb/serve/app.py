@@ -418,6 +418,7 @@ def create_app(server: ModelServer):
     async def admin_reload(request):
         try: return json_response(await server.reload(force=server.ref.is_file))
         except Exception as e: return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
+    async def fast_path_only(request): raise RuntimeError("inference POSTs are answered by `asgi` below; these routes only give other methods a 405")
     async def openapi(request):
         from mlnb.serve.openapi import openapi_schema
         return json_response(openapi_schema(server.model, key_field=server.key_field, max_body_bytes=server.serve.max_body_bytes))
@@ -428,7 +429,8 @@ def create_app(server: ModelServer):
               Route("/ping", live), Route("/health", ready), Route("/feedback", feedback, methods=["POST"]), Route("/metrics", metrics),
               Route("/admin/model", admin_model), Route("/admin/reload", admin_reload, methods=["POST"]),
               Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"]),
-              Route("/openapi.json", openapi)]
+              Route("/openapi.json", openapi),
+              *(Route(path, fast_path_only, methods=["POST"]) for path in ("/invocations", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"))]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -436,7 +438,10 @@ def create_app(server: ModelServer):
         try: yield
         finally: await server.stop()
 
-    async def not_found(request, exc): return error_response(f"no route {request.method} {request.url.path}", exc.status_code)
+    async def not_found(request, exc):
+        allow = (exc.headers or {}).get("Allow")           # a 405 says which methods the path takes
+        message = f"method {request.method} is not allowed on {request.url.path}; use {allow}" if allow else f"no route {request.method} {request.url.path}"
+        return Response(json_reply({"error": message})[1], exc.status_code, headers=exc.headers, media_type="application/json")
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
 
     async def asgi(scope, receive, send):
