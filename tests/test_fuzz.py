@@ -89,3 +89,15 @@ def test_undocumented_methods_answer_405_with_allow(server):
             allowed = {m.strip() for m in r.headers["allow"].split(",")}
             assert documented <= allowed <= documented | {"HEAD"}, (method, url, allowed)
             assert r.headers["content-type"] == "application/json" and f"method {method} is not allowed" in r.json()["error"]
+
+
+def test_what_fuzzing_found_stays_fixed(server):
+    "Requests fuzzing once answered badly: each is now a 400 naming the problem, and the server still serves."
+    document = server.client.get("/openapi.json").json()
+    row = document["paths"]["/invocations"]["post"]["requestBody"]["content"]["application/json"]["example"]["dataframe_records"][0]
+    r = server.client.post("/invocations", json={"dataframe_records": [{**row, "tenure": 1e300}]})       # was a 200 with null probabilities
+    assert r.status_code == 400 and "'tenure': row 0 value 1e+300 is out of range" in r.json()["error"], r.text
+    r = server.client.post("/admin/rollout/start", json={"challenger": True})                           # was a 500 in plain text
+    assert r.status_code == 400 and "each a string" in r.json()["error"], r.text
+    r = server.client.post("/invocations", json={"dataframe_records": [row]})
+    assert r.status_code == 200 and all(p is not None for p in r.json()["predictions"][0]["probabilities"].values())

@@ -410,8 +410,8 @@ def create_app(server: ModelServer):
         if request.method == "GET": return json_response(server.traffic.status())
         try:
             body = parse_json(await request.body()) if int(request.headers.get("content-length") or 0) else {}
-            if not isinstance(body, dict) or set(body) - {"reason", "challenger", "mode"}:
-                raise RequestError("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' (canary, split or shadow)")
+            if not isinstance(body, dict) or set(body) - {"reason", "challenger", "mode"} or not all(v is None or isinstance(v, str) for v in body.values()):
+                raise RequestError("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' (canary, split or shadow), each a string")
             return json_response(await server.traffic.command(request.path_params["action"], **body))
         except RequestError as e: return error_response(str(e), e.status)
         except RolloutError as e: return error_response(str(e), 409)
@@ -442,7 +442,8 @@ def create_app(server: ModelServer):
         allow = (exc.headers or {}).get("Allow")           # a 405 says which methods the path takes
         message = f"method {request.method} is not allowed on {request.url.path}; use {allow}" if allow else f"no route {request.method} {request.url.path}"
         return Response(json_reply({"error": message})[1], exc.status_code, headers=exc.headers, media_type="application/json")
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    async def internal_error(request, exc): return error_response(f"internal error ({type(exc).__name__})", 500)     # logged by uvicorn; the body stays JSON
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found, Exception: internal_error})
 
     async def asgi(scope, receive, send):
         "POSTs to the inference routes go straight to the server; everything else to Starlette."

@@ -187,8 +187,8 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
             "409": _error("the command does not fit the rollout's state (or the challenger cannot be loaded)")}, auth,
             parameters=_path_params("action", model_name=name),
             requestBody={"required": False, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": False, "properties": {
-                "reason": {"type": "string"}, "challenger": {"type": "string", "description": "a model reference"},
-                "mode": {"type": "string", "enum": ["canary", "split", "shadow"]}}}}}})},
+                "reason": {"type": "string", "nullable": True}, "challenger": {"type": "string", "nullable": True, "description": "a model reference"},
+                "mode": {"type": "string", "nullable": True, "enum": ["canary", "split", "shadow", None]}}}}}})},
     }
     components = {"schemas": {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
