@@ -116,7 +116,7 @@ def feedback_request_schema(task: str, classes: list[str] | None) -> dict:
     return {"oneOf": [{"type": "object", "required": ["feedback"], "properties": {"feedback": items}}, items]}
 
 # %% ../../nbs/24_serve_openapi.ipynb #d7438e53
-_OPEN, _PREDICT, _OPERATE = "open", "predict", "operate"
+_OPEN, _PREDICT, _OPERATE, _ADMIN = "open", "predict", "operate", "admin"
 
 def _operation(summary: str, role: str, responses: dict, auth: bool, **extra) -> dict:
     op = {"summary": summary, "x-mlnb-role": role, "responses": responses, **extra}
@@ -190,6 +190,10 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
                 "reason": {"type": "string", "nullable": True}, "challenger": {"type": "string", "nullable": True, "description": "a model reference"},
                 "mode": {"type": "string", "nullable": True, "enum": ["canary", "split", "shadow", None]}}}}}})},
     }
+    if auth:      # the key registry's own routes exist only on a server with keys
+        paths["/admin/keys"] = {"get": _operation("The API keys' names and roles (never the keys)", _ADMIN, {"200": ok("the keys", anything)}, auth)}
+        paths["/admin/keys/reload"] = {"post": _operation("Read the key file again", _ADMIN, {"200": ok("the keys now known", anything),
+                                                                                          "503": _error("the key file could not be read; the previous keys stay")}, auth)}
     components = {"schemas": {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "FeedbackResult": {"type": "object", "required": ["accepted", "unknown_ids"], "properties": {
