@@ -6,6 +6,8 @@ mlnb runs with its defaults on (validation, prediction cache, micro-batching, pr
 MLflow `/invocations` bodies of test-split rows: 4 in 5 are single rows, the rest batches of 2 to 8 rows. Two traffic patterns:
 - fresh: every row made unique (monthly and total charges nudged per request), so the cache never answers: the server's full
   cost, and the cache and the recent-prediction-id set grow towards their bounds (their sizes are printed with the memory);
+- no cache: fresh rows with the cache off, so the memory growth left is not the cache filling towards its bound (100,000 rows
+  by default, about 1.5 KB each);
 - repeated: the test rows as they are, cycled, so the cache answers almost everything, as it would for clients that retry.
 The server is pinned to core 0 and wrk (one thread) to core 1. wrk's Lua script counts responses and stops at exactly N; the
 count, the non-200 answers and the server's own request counter are printed, so a short or over-long run shows.
@@ -123,7 +125,8 @@ def measure(name: str, proc: subprocess.Popen, base: str, script: Path, args, un
     if stats:
         served = state_after["requests_served"] - state_before["requests_served"]
         print(f"  {'':14s} the server answered {served} requests meanwhile: the {r['requests']} counted and {served - r['requests']} in flight when wrk stopped", flush=True)
-        print(f"  {'':14s} prediction cache entries: {state_before['cache_entries']} before, {state_after['cache_entries']} after", flush=True)
+        if state_before["cache_entries"] is not None:
+            print(f"  {'':14s} prediction cache entries: {state_before['cache_entries']} before, {state_after['cache_entries']} after", flush=True)
     return r
 
 
@@ -133,7 +136,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=10_000, help="requests sent before the memory is first read (not measured)")
     ap.add_argument("--skip-floor", action="store_true")
-    ap.add_argument("--skip-repeated", action="store_true", help="measure only fresh (cache-missing) traffic")
+    ap.add_argument("--skip-repeated", action="store_true", help="measure only fresh (cache-missing) traffic, with and without the cache")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path = ROOT / "models/onnx/model.onnx"
@@ -151,6 +154,8 @@ def main() -> None:
                   "serve": {"model": str(tmp / "model.onnx"), "reload_poll_seconds": 0,
                             "prediction_log": {"dir": str(tmp / "predictions"), "feedback_dir": str(tmp / "feedback")}}}
         (tmp / "params.yaml").write_text(json.dumps(params))
+        params["serve"]["cache"] = {"enabled": False}
+        (tmp / "params-no-cache.yaml").write_text(json.dumps(params))
 
         if not args.skip_floor:
             print("floor: bare Starlette + ONNX Runtime", flush=True)
@@ -160,12 +165,14 @@ def main() -> None:
             try: results.append(measure("floor", proc, f"http://127.0.0.1:{port}", script, args, unique=True))
             finally: stop(proc)
 
-        for unique in (True, False)[: 1 if args.skip_repeated else 2]:
-            name = "mlnb fresh" if unique else "mlnb repeated"
-            print(f"{name}: mlnb serve, defaults on (cache, prediction log, access log)", flush=True)
+        runs = [("mlnb fresh", True, "params.yaml", "defaults on (cache, prediction log, access log)"),
+                ("mlnb no cache", True, "params-no-cache.yaml", "the same with the cache off: what memory does without the cache filling"),
+                ("mlnb repeated", False, "params.yaml", "defaults on; rows repeated, so the cache answers")]
+        for name, unique, params_file, what in runs[: 2 if args.skip_repeated else 3]:
+            print(f"{name}: mlnb serve, {what}", flush=True)
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            proc = run_server("mlnb", [str(BIN / "mlnb"), "serve", "--params", str(tmp / "params.yaml"), "--port", str(port)], f"{base}/v2/health/ready", {}, tmp / f"{name}.log")
+            proc = run_server("mlnb", [str(BIN / "mlnb"), "serve", "--params", str(tmp / params_file), "--port", str(port)], f"{base}/v2/health/ready", {}, tmp / f"{name}.log")
             def stats():
                 metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
                 return {"cache_entries": (get_json(f"{base}/admin/model")["cache"] or {}).get("entries"), "requests_served": int(metric_sum(metrics, "mlnb_requests_total"))}
