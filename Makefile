@@ -56,6 +56,7 @@ bench: env
 	python benchmarks/onnx_vs_sklearn.py
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	python benchmarks/serve_bench.py
+	python benchmarks/load_bench.py
 	python benchmarks/drift_bench.py
 	python benchmarks/batch_bench.py
 	python benchmarks/auth_bench.py

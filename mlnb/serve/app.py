@@ -486,8 +486,8 @@ def create_app(server: ModelServer):
         if request.method == "GET": return json_response(server.traffic.status())
         try:
             body = parse_json(await request.body()) if int(request.headers.get("content-length") or 0) else {}
-            if not isinstance(body, dict) or set(body) - {"reason", "challenger", "mode"}:
-                raise RequestError("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' (canary, split or shadow)")
+            if not isinstance(body, dict) or set(body) - {"reason", "challenger", "mode"} or not all(v is None or isinstance(v, str) for v in body.values()):
+                raise RequestError("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' (canary, split or shadow), each a string")
             return json_response(await server.traffic.command(request.path_params["action"], **body))
         except RequestError as e: return error_response(str(e), e.status)
         except RolloutError as e: return error_response(str(e), 409)
@@ -499,6 +499,10 @@ def create_app(server: ModelServer):
         if auth is None: return error_response("access control is off: serve.auth.keys_file is not set", 404)
         if request.method == "POST": auth.reload(force=True)
         return json_response({"keys_file": str(auth.path), "keys": auth.listing(), "error": auth.error}, 503 if auth.error else 200)
+    async def fast_path_only(request): raise RuntimeError("inference POSTs are answered by `asgi` below; these routes only give other methods a 405")
+    async def openapi(request):
+        from mlnb.serve.openapi import openapi_schema
+        return json_response(openapi_schema(server.model, auth=server.auth is not None, key_field=server.key_field, max_body_bytes=server.serve.max_body_bytes))
 
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", v2_server),
               Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/versions/{version}", model_metadata),
@@ -506,7 +510,9 @@ def create_app(server: ModelServer):
               Route("/ping", live), Route("/health", ready), Route("/feedback", feedback, methods=["POST"]), Route("/metrics", metrics),
               Route("/admin/model", admin_model), Route("/admin/reload", admin_reload, methods=["POST"]),
               Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"]),
-              Route("/admin/keys", admin_keys), Route("/admin/keys/reload", admin_keys, methods=["POST"])]
+              Route("/admin/keys", admin_keys), Route("/admin/keys/reload", admin_keys, methods=["POST"]),
+              Route("/openapi.json", openapi),
+              *(Route(path, fast_path_only, methods=["POST"]) for path in ("/invocations", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"))]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -514,8 +520,12 @@ def create_app(server: ModelServer):
         try: yield
         finally: await server.stop()
 
-    async def not_found(request, exc): return error_response(f"no route {request.method} {request.url.path}", exc.status_code)
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    async def not_found(request, exc):
+        allow = (exc.headers or {}).get("Allow")           # a 405 says which methods the path takes
+        message = f"method {request.method} is not allowed on {request.url.path}; use {allow}" if allow else f"no route {request.method} {request.url.path}"
+        return Response(json_reply({"error": message})[1], exc.status_code, headers=exc.headers, media_type="application/json")
+    async def internal_error(request, exc): return error_response(f"internal error ({type(exc).__name__})", 500)     # logged by uvicorn; the body stays JSON
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found, Exception: internal_error})
 
     auth = server.auth
     async def asgi(scope, receive, send):
