@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 UV_VERSION := 0.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: env tools run test test-fast lab bench lock clean team-up team-down
+.PHONY: env tools run test test-slow test-all lab bench lock clean team-up team-down
 
 # The environment: pinned versions from requirements.lock, mlnb itself editable, and a
 # Jupyter kernel named `mlnb` inside the venv that papermill and JupyterLab use.
@@ -39,13 +39,15 @@ run: env
 	@echo
 	mlnb summary
 
+# The default suite leaves out the tests marked slow (long end-to-end and fault runs); CI runs those too, with `make test-slow`.
 test: env tools
 	nbdev-test --n-workers 2
-	pytest
-
-test-fast: env tools
-	nbdev-test --n-workers 2
 	pytest -m "not slow"
+
+test-slow: env tools
+	pytest -m slow
+
+test-all: test test-slow
 
 lab: env
 	jupyter lab
@@ -54,9 +56,12 @@ bench: env
 	python benchmarks/onnx_vs_sklearn.py
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	python benchmarks/serve_bench.py
+	python benchmarks/load_bench.py
 	python benchmarks/drift_bench.py
 	python benchmarks/batch_bench.py
 	python benchmarks/robustness_bench.py
+	python benchmarks/auth_bench.py
+	python benchmarks/log_encryption_bench.py
 
 # Re-resolve the pins after editing requirements.in.
 lock: env

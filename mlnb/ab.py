@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .serve.log import join_feedback, read_log
+from .serve.log import LogKeys, join_feedback, read_log
 
 # %% auto #0
 __all__ = ['VariantStats', 'Comparison', 'labelled_outcomes', 'variant_stats', 'compare', 'ABReport', 'ab_report']
@@ -134,11 +134,11 @@ class ABReport:
         return fig
 
 def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: str = "champion", alpha: float = 0.05,
-              min_labelled: int = 100) -> ABReport:
-    "Compare every variant in the prediction log with `control`, on the labels in the feedback log."
-    predictions = read_log(predictions_dir)
+              min_labelled: int = 100, keys: LogKeys | None = None) -> ABReport:
+    "Compare every variant in the prediction log with `control`, on the labels in the feedback log (`keys`: the logs' encryption keys, if any)."
+    predictions = read_log(predictions_dir, keys=keys)
     if predictions.empty or "variant" not in predictions.columns: raise ValueError(f"{predictions_dir}: no predictions logged")
-    feedback = read_log(feedback_dir, columns=["prediction_id", "actual", "timestamp"])
+    feedback = read_log(feedback_dir, columns=["prediction_id", "actual", "timestamp"], keys=keys)
     labelled, metric = labelled_outcomes(predictions, feedback)
     variants = variant_stats(predictions, labelled, metric)
     names = [v.variant for v in variants]

@@ -24,12 +24,14 @@ app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="aud
 
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL', 'PARAMS', 'USER',
-           'ab_app', 'rollout_app', 'URL', 'REASON', 'stage_notebook', 'to_html', 'local_kernel_manager', 'StageFailed',
-           'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list', 'registry_show',
-           'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback', 'registry_history',
-           'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve', 'ab_report_command',
-           'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd',
-           'batch_predict_cmd']
+           'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app',
+           'stage_notebook', 'to_html', 'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel',
+           'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list',
+           'registry_show', 'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback',
+           'registry_history', 'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve',
+           'api_key_create', 'api_key_list', 'api_key_revoke', 'ab_report_command', 'admin_call', 'rollout_summary',
+           'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'batch_predict_cmd',
+           'ci_cmd', 'repro_check_cmd']
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -48,11 +50,38 @@ def to_html(notebook: Path, html: Path) -> None:
     body, _ = HTMLExporter().from_filename(str(notebook))
     html.write_text(body)
 
-def local_kernel_manager(kernel: str):
+def local_kernel_manager(kernel: str, record: Path | None = None):
     """A kernel manager talking to its kernel over Unix sockets in a private temporary directory, not TCP ports.
-    Asynchronous, so that nbclient notices a kernel that died (killed, out of memory) instead of waiting for it forever."""
+    Asynchronous, so that nbclient notices a kernel that died (killed, out of memory) instead of waiting for it forever.
+    With `record`, the running kernel's process group is written there (see `stop_orphaned_kernel`)."""
     from jupyter_client.manager import AsyncKernelManager
-    return AsyncKernelManager(kernel_name=kernel, transport="ipc", ip=str(Path(tempfile.mkdtemp(prefix="mlnb-kernel-")) / "ipc"))
+    class StageKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+            if record is not None: remember_kernel(self.provisioner.pid, Path(self.ip).parent, record)
+    return StageKernelManager(kernel_name=kernel, transport="ipc", ip=str(Path(tempfile.mkdtemp(prefix="mlnb-kernel-")) / "ipc"))
+
+def remember_kernel(pid: int, ipc_dir: Path, record: Path) -> None:
+    import psutil
+    write_json({"pid": pid, "pgid": os.getpgid(pid), "started": psutil.Process(pid).create_time(), "cwd": os.getcwd(), "ipc_dir": str(ipc_dir)}, record)
+
+def stop_orphaned_kernel(record: Path) -> int:
+    "Kill what a run of this stage killed with SIGKILL left running (its kernel's process group: the kernel and its workers); how many."
+    if not record.exists(): return 0
+    import psutil
+    info = json.loads(record.read_text())
+    left = []
+    for p in psutil.process_iter(["create_time", "cwd"]):
+        try:
+            if os.getpgid(p.pid) == info["pgid"] and p.info["create_time"] >= info["started"] - 1 and p.info["cwd"] == info["cwd"]: left.append(p)
+        except (psutil.Error, OSError): pass
+    for p in left:
+        try: p.kill()
+        except psutil.Error: pass
+    psutil.wait_procs(left, timeout=10)
+    shutil.rmtree(info["ipc_dir"], ignore_errors=True)
+    record.unlink(missing_ok=True)
+    return len(left)
 
 class StageFailed(RuntimeError):
     "A stage notebook raised; the message is the library's own error."
@@ -67,7 +96,9 @@ def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, repo
     final, html, failed = reports_dir / nb.name, reports_dir / f"{nb.stem}.html", reports_dir / f"{nb.stem}.failed.ipynb"
     tmp, html_tmp = reports_dir / f".{nb.stem}.running.ipynb", reports_dir / f".{nb.stem}.running.html"
     failed.unlink(missing_ok=True)
-    km = local_kernel_manager(kernel)
+    record = reports_dir / f".{nb.stem}.kernel.json"
+    if stopped := stop_orphaned_kernel(record): typer.echo(f"stopped {stopped} processes a killed run of {nb.stem} left running", err=True)
+    km = local_kernel_manager(kernel, record)
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"params_path": params, **(parameters or {})}, kernel_name=kernel, km=km,
                             cwd=str(Path.cwd()), progress_bar=sys.stderr.isatty(), log_output=False)
@@ -81,7 +112,7 @@ def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, repo
     finally:
         if km.has_kernel: run_sync(km.shutdown_kernel)(now=True)
         shutil.rmtree(Path(km.ip).parent, ignore_errors=True)
-        tmp.unlink(missing_ok=True); html_tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True); html_tmp.unlink(missing_ok=True); record.unlink(missing_ok=True)
     return final
 
 @app.command()
@@ -296,10 +327,54 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
           params: str = PARAMS):
     "Serve a model over HTTP: Open Inference Protocol (V2) and MLflow /invocations."
     from mlnb.serve.app import run, serve_config
+    from mlnb.serve.log import LogKeyError
     def go():
         cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers)
         try: run(cfg)
-        except FileNotFoundError as e: _fail(e)
+        except (FileNotFoundError, LogKeyError) as e: _fail(e)
+    _guard(go)
+
+# %% ../nbs/06_cli.ipynb #81ef0592
+api_key_app = typer.Typer(help="API keys for the server's access control (roles: predict < operate < admin).", no_args_is_help=True)
+app.add_typer(api_key_app, name="api-key")
+KEYS_FILE = typer.Option(None, "--keys-file", help="The keys file (default: serve.auth.keys_file from params)")
+
+def _keys_file(params: str, keys_file: Path | None) -> Path:
+    if keys_file is not None: return keys_file
+    path = load_config(params).serve.auth.keys_file
+    if path is None: raise ConfigError(f"{params}: serve.auth.keys_file is not set; set it, or pass --keys-file")
+    return Path(path)
+
+@api_key_app.command("create")
+def api_key_create(name: str = typer.Argument(..., help="Who or what holds the key (it names the key in logs and errors)"),
+                   role: str = typer.Option(..., "--role", help="predict (inference, feedback), operate (+ reload, rollouts) or admin (+ keys)"),
+                   keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
+    "Create a key and print it, once: only its SHA-256 is stored."
+    from mlnb.serve.auth import create_key
+    def go():
+        path = _keys_file(params, keys_file)
+        typer.echo(create_key(path, name, role))          # alone on stdout, so KEY=$(mlnb api-key create ...) works
+        typer.echo(f"created key {name!r} (role {role}) in {path}; it is shown only now", err=True)
+    _guard(go)
+
+@api_key_app.command("list")
+def api_key_list(keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
+    "The keys' names, roles and creation times."
+    from mlnb.serve.auth import load_keys
+    def go():
+        path = _keys_file(params, keys_file)
+        keys = load_keys(path).keys if path.exists() else []
+        for k in keys: typer.echo(f"{k.name:<24} {k.role:<8} {k.created}")
+        if not keys: typer.echo(f"no keys in {path}", err=True)
+    _guard(go)
+
+@api_key_app.command("revoke")
+def api_key_revoke(name: str = typer.Argument(..., help="The key's name"), keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
+    "Remove a key; a running server refuses it within a second."
+    from mlnb.serve.auth import revoke_key
+    def go():
+        gone = revoke_key(_keys_file(params, keys_file), name)
+        typer.echo(f"revoked key {gone.name!r} (role {gone.role})")
     _guard(go)
 
 # %% ../nbs/06_cli.ipynb #6c875063
@@ -318,7 +393,9 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
     "Per-variant counts, latency and outcome, the difference from the control with a CI and a test, and a verdict."
     from mlnb.ab import ab_report
     cfg = load_config(params)
-    try: report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled)
+    from mlnb.serve.log import log_keys
+    try: report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled,
+                            log_keys(cfg.serve.prediction_log.encryption))
     except ValueError as e: _fail(e)
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -330,20 +407,27 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
 # %% ../nbs/06_cli.ipynb #25f0b1a1
 rollout_app = typer.Typer(help="Canary, split and shadow rollouts on a running server.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
-URL = typer.Option(None, "--url", help="The server (default: http://<serve.host>:<serve.port> from params)")
+URL = typer.Option(None, "--url", help="The server (default: http[s]://<serve.host>:<serve.port> from params, https when serve.tls is set)")
 REASON = typer.Option(None, "--reason", help="Why (recorded in the audit log)")
+API_KEY = typer.Option(None, "--api-key", envvar="MLNB_API_KEY", show_default=False, help="An operate key, for a server with access control")
+CACERT = typer.Option(None, "--cacert", help="CA certificate (PEM) to trust for an https server's private certificate")
 
-def admin_call(params: str, url: str | None, method: str, path: str, body: dict | None = None) -> dict:
+def admin_call(params: str, url: str | None, method: str, path: str, body: dict | None = None, api_key: str | None = None, cacert: Path | None = None) -> dict:
     "Call a running server's admin endpoint; its refusal becomes this command's error."
-    import httpx
+    import httpx, ssl
     if url is None:
         cfg = load_config(params)
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    try: r = httpx.request(method, url.rstrip("/") + path, json=body, timeout=300)
+        url = f"{'https' if cfg.serve.tls.enabled else 'http'}://{cfg.serve.host}:{cfg.serve.port}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try: verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
+    except (OSError, ssl.SSLError) as e: _fail(RuntimeError(f"--cacert {cacert}: not a readable PEM CA certificate: {e}"))
+    try: r = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=300, verify=verify)
     except httpx.TransportError as e: _fail(RuntimeError(f"cannot reach the server at {url}: {e}"))
     try: data = r.json()
     except ValueError: data = {"error": r.text}
-    if r.status_code >= 400: _fail(RuntimeError(data.get("error", r.text) if isinstance(data, dict) else r.text))
+    if r.status_code >= 400:
+        message = data.get("error", r.text) if isinstance(data, dict) else r.text
+        _fail(RuntimeError(message + (" (pass --api-key or set MLNB_API_KEY)" if r.status_code == 401 else "")))
     return data
 
 def rollout_summary(status: dict) -> str:
@@ -363,22 +447,25 @@ def rollout_summary(status: dict) -> str:
     return "\n".join(lines)
 
 @rollout_app.command("status")
-def rollout_status(url: Optional[str] = URL, json_out: bool = typer.Option(False, "--json", help="Print the raw JSON"), params: str = PARAMS):
+def rollout_status(url: Optional[str] = URL, json_out: bool = typer.Option(False, "--json", help="Print the raw JSON"), params: str = PARAMS,
+                   api_key: Optional[str] = API_KEY, cacert: Optional[Path] = CACERT):
     "The rollout's state, share, and each variant's numbers in the current step."
-    status = admin_call(params, url, "GET", "/admin/rollout")
+    status = admin_call(params, url, "GET", "/admin/rollout", api_key=api_key, cacert=cacert)
     typer.echo(json.dumps(status, indent=2) if json_out else rollout_summary(status))
 
 @rollout_app.command("start")
 def rollout_start(challenger: Optional[str] = typer.Argument(None, help="NAME@ALIAS, NAME/VERSION or an .onnx path (default: serve.rollout.challenger)"),
                   mode: Optional[str] = typer.Option(None, help="canary (walk the plan), split (fixed weights) or shadow"),
-                  reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS):
+                  reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS,
+                  api_key: Optional[str] = API_KEY, cacert: Optional[Path] = CACERT):
     "Load a challenger on the server and start routing to it."
     body = {k: v for k, v in {"challenger": challenger, "mode": mode, "reason": reason}.items() if v is not None}
-    typer.echo(rollout_summary(admin_call(params, url, "POST", "/admin/rollout/start", body)))
+    typer.echo(rollout_summary(admin_call(params, url, "POST", "/admin/rollout/start", body, api_key, cacert)))
 
 def _rollout_command(action: str):
-    def command(reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS):
-        typer.echo(rollout_summary(admin_call(params, url, "POST", f"/admin/rollout/{action}", {"reason": reason} if reason else None)))
+    def command(reason: Optional[str] = REASON, url: Optional[str] = URL, params: str = PARAMS,
+                api_key: Optional[str] = API_KEY, cacert: Optional[Path] = CACERT):
+        typer.echo(rollout_summary(admin_call(params, url, "POST", f"/admin/rollout/{action}", {"reason": reason} if reason else None, api_key, cacert)))
     command.__doc__ = {"pause": "Hold the canary at its current share (it is still watched and rolled back on a breach).",
                        "resume": "Let a paused canary advance again.",
                        "rollback": "Send all traffic back to the champion now (stops a shadow too)."}[action]
@@ -455,8 +542,9 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
 def _retrain(cfg, trigger: str, user: str | None) -> None:
     from mlnb.data import DataError
     from mlnb.monitor.retrain import RetrainError, retrain as run_retrain
+    from mlnb.serve.log import LogKeyError
     typer.echo(f"retraining ({trigger}) ...")
-    r = _guard(lambda: _catch((RetrainError, DataError), lambda: run_retrain(cfg, trigger, Paths(), user)))
+    r = _guard(lambda: _catch((RetrainError, DataError, LogKeyError), lambda: run_retrain(cfg, trigger, Paths(), user)))
     typer.echo(f"retrain {r.run}: {r.status}" + (f", {r.new_rows} new labelled rows (data md5 {r.data_md5})" if r.data_md5 else "") + f": {r.detail}")
 
 def _catch(kinds, fn):
@@ -467,6 +555,22 @@ def _catch(kinds, fn):
 def retrain_cmd(reason: str = typer.Option("manual", help="Why (recorded in the audit log)"), params: str = PARAMS, user: Optional[str] = USER):
     "Add newly labelled traffic to the training data as a new DVC version, run dvc repro, and hand the candidate to the gates and approval rules."
     _retrain(load_config(params), f"manual: {reason}", user)
+
+# %% ../nbs/06_cli.ipynb #e8364a79
+# `mlnb log-key new`: the key that encrypts the prediction and feedback logs (serve.prediction_log.encryption), or a new one
+# in front of the existing keys (new files are sealed with it; older ones stay readable). Prints the path, never a key.
+log_key_app = typer.Typer(help="Keys that encrypt the prediction and feedback logs at rest.", no_args_is_help=True)
+app.add_typer(log_key_app, name="log-key")
+
+@log_key_app.command("new")
+def log_key_new(key_file: Optional[Path] = typer.Option(None, help="The key file (default: serve.prediction_log.encryption.key_file)"), params: str = PARAMS):
+    "Create the log key file, or add a new key in front of its keys (rotation: the new key encrypts, all decrypt)."
+    from mlnb.serve.log import LogKeyError, add_log_key
+    path = key_file or load_config(params).serve.prediction_log.encryption.key_file
+    if path is None: _fail(ValueError("no key file: pass --key-file or set serve.prediction_log.encryption.key_file"))
+    try: n = add_log_key(path)
+    except LogKeyError as e: _fail(e)
+    typer.echo(f"wrote {path}: {n} key(s); the first encrypts new log files" + ("" if n == 1 else ", the others still decrypt older ones"))
 
 # %% ../nbs/06_cli.ipynb #3ed69684
 @app.command("batch-predict")
@@ -501,3 +605,35 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
         try: typer.echo(f"wrote {run_stage('08_batch', params, reports_dir=Path(r.output) / '_report', parameters={'output_dir': str(r.output)})}")
         except StageFailed as e: _fail(e)
     if fail_on_bad and r.bad: raise typer.Exit(2)
+
+# %% ../nbs/06_cli.ipynb #c1e0a7b3
+# Continuous training: `mlnb ci` is what a CI job runs (exit 0 fine, 1 regression, 2 pipeline failed), `mlnb repro-check` re-runs the
+# committed pipeline in a fresh clone and compares it with dvc.lock (mlnb.ci, README: Continuous training).
+@app.command("ci")
+def ci_cmd(base: str = typer.Option("main", help="Branch whose committed metrics this run is compared with (dvc metrics diff)"),
+           summary: Optional[Path] = typer.Option(None, help="Write the Markdown summary here (it is also appended to $GITHUB_STEP_SUMMARY when set)"),
+           register: bool = typer.Option(True, help="--no-register: run every stage except the register stage (no new version, no gates)"),
+           params: str = PARAMS, user: Optional[str] = USER):
+    "Run dvc repro, read the gates and the registration, diff metrics against --base; exit 1 on a regression, 2 when the pipeline fails."
+    from mlnb.ci import ci_summary, run_ci, write_summary
+    result = _guard(lambda: run_ci(base, params, register, user))
+    markdown = ci_summary(result)
+    typer.echo(markdown)
+    for written in write_summary(markdown, summary): typer.echo(f"wrote {written}", err=True)
+    raise typer.Exit(result.exit_code)
+
+@app.command("repro-check")
+def repro_check_cmd(tolerance_metrics: float = typer.Option(1e-9, min=0, help="Largest |difference| of any metric value, committed vs re-run"),
+                    tolerance_proba: float = typer.Option(1e-6, min=0, help="Largest |difference| of a probability (regression: of a prediction), committed vs re-run model"),
+                    keep: bool = typer.Option(False, help="Keep the temporary clone (its path is printed)"),
+                    report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)")):
+    "Re-run the committed pipeline in a fresh clone; compare dvc.lock outputs, metrics and predictions; exit 1 when out of tolerance."
+    import subprocess
+    from mlnb.ci import repro_check, repro_report, write_summary
+    try: check = repro_check(".", tolerance_metrics, tolerance_proba, keep)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(2)
+    text = repro_report(check)
+    typer.echo(text)
+    for written in write_summary(text, report): typer.echo(f"wrote {written}", err=True)
+    if keep: typer.echo(f"clone kept in {check.workdir}", err=True)
+    raise typer.Exit(0 if check.passed else 1)

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # %% auto #0
 __all__ = ['Task', 'DerivedOp', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig',
            'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
-           'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'PredictionLogConfig', 'MicroBatchConfig',
-           'RolloutPlan', 'RolloutConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config',
-           'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5', 'params_hash',
-           'staged_outputs', 'write_json']
+           'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
+           'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan', 'RolloutConfig', 'AuthConfig', 'TLSConfig',
+           'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'read_yaml',
+           'load_config', 'Paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../nbs/00_config.ipynb #46603c3d
 class ConfigError(ValueError):
@@ -155,6 +155,10 @@ class CacheConfig(_Strict):
     max_entries: int = Field(100_000, ge=1)
     ttl_seconds: float = Field(300.0, gt=0)
 
+class LogEncryptionConfig(_Strict):
+    key_file: str | None = None                     # base64 AES-256 keys, one a line (`mlnb log-key new`); the first encrypts, all decrypt
+    key_env: str = "MLNB_LOG_KEY"                   # or the keys in this environment variable, which overrides key_file; none: plain Parquet
+
 class PredictionLogConfig(_Strict):
     enabled: bool = True
     dir: str = "serving/predictions"
@@ -163,6 +167,7 @@ class PredictionLogConfig(_Strict):
     max_rows_per_file: int = Field(100_000, ge=1)
     queue_size: int = Field(50_000, ge=1)           # requests waiting for the writer; beyond it entries are dropped and counted
     known_ids: int = Field(1_000_000, ge=0)         # recent prediction ids kept in memory to check feedback against
+    encryption: LogEncryptionConfig = LogEncryptionConfig()   # encryption at rest of both logs, when a key is configured
 
 class MicroBatchConfig(_Strict):
     enabled: bool = True
@@ -209,6 +214,25 @@ class RolloutConfig(_Strict):
             raise ValueError(f"weights must give champion and challenger shares in [0, 1] that add up to 1, e.g. {{champion: 0.95, challenger: 0.05}}; got {w}")
         return w
 
+class AuthConfig(_Strict):
+    "Access control for the server (see `mlnb.serve.auth`); on when `keys_file` is set."
+    keys_file: str | None = None                    # API keys (`mlnb api-key create`); None: every endpoint is open
+    metrics_public: bool = True                     # /metrics open to scrapers; False: it needs an operate key
+
+class TLSConfig(_Strict):
+    "HTTPS for the server: a PEM certificate (chain) and its private key, both or neither."
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError(f"TLS needs both certfile and keyfile; {'keyfile' if self.keyfile is None else 'certfile'} is missing")
+        return self
+
+    @property
+    def enabled(self) -> bool: return self.certfile is not None
+
 class ServeConfig(_Strict):
     model: str | None = None                        # NAME@ALIAS, NAME/VERSION or an .onnx path; None: <model name>@champion
     host: str = "127.0.0.1"
@@ -226,6 +250,8 @@ class ServeConfig(_Strict):
     prediction_log: PredictionLogConfig = PredictionLogConfig()
     micro_batch: MicroBatchConfig = MicroBatchConfig()
     rollout: RolloutConfig = RolloutConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TLSConfig = TLSConfig()
 
     @model_validator(mode="after")
     def _rollout_on_one_worker(self):
@@ -347,8 +373,8 @@ def _umask() -> int:
     return current
 
 @contextlib.contextmanager
-def staged_outputs(*paths: str | Path):
-    "Yield temporary paths for `paths`; rename them into place only if the block succeeds."
+def staged_outputs(*paths: str | Path, mode: int | None = None):
+    "Yield temporary paths for `paths`; rename them into place only if the block succeeds (with `mode`, or as the umask allows)."
     finals = [Path(p) for p in paths]
     temps = []
     try:
@@ -357,7 +383,7 @@ def staged_outputs(*paths: str | Path):
             fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
             os.close(fd); temps.append(Path(tmp))
         yield temps[0] if len(temps) == 1 else temps
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~_umask() if mode is None else mode
         for tmp, p in zip(temps, finals):
             os.chmod(tmp, mode); os.replace(tmp, p)
     finally:

@@ -21,8 +21,8 @@ from .config import Config, Paths, file_md5, params_hash, write_json
 
 # %% auto #0
 __all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'LINEAGE_CHAIN',
-           'RegistryError', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates', 'run_gates',
-           'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
+           'RegistryError', 'RegistryUnreachable', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates',
+           'run_gates', 'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
 
 # %% ../nbs/10_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
@@ -31,6 +31,9 @@ ALIASES = ("champion", "challenger")
 
 class RegistryError(ValueError):
     "A registry action that cannot be done, naming the model, version and why."
+
+class RegistryUnreachable(RegistryError):
+    "The registry could not be asked at all (down, unreachable, timed out): no answer, as opposed to an answer of no."
 
 @dataclass
 class Version:
@@ -236,12 +239,18 @@ def versions(self: Registry) -> list[Version]:
     aliases = self._aliases()
     return sorted((self._version(mv, aliases) for mv in self._all() if mv.tags.get(COMPLETE) == "complete"), key=lambda v: -int(v.version))
 
+def _not_found(error) -> bool:
+    "The store answered that the model, version or alias does not exist (rather than failing to answer: down, timed out)."
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
 @patch
 def get(self: Registry, version: str | int) -> Version:
     self._require("view", str(version))
     from mlflow.exceptions import MlflowException
     try: mv = self.client.get_model_version(self.name, str(version))
-    except MlflowException: raise RegistryError(f"model {self.name!r} has no version {version}") from None
+    except MlflowException as e:
+        if not _not_found(e): raise                  # the store could not be asked: not an answer
+        raise RegistryError(f"model {self.name!r} has no version {version}") from None
     if mv.tags.get(COMPLETE) != "complete": raise RegistryError(f"model {self.name!r} version {version} is not completely registered (ignored)")
     return self._version(mv)
 
@@ -249,7 +258,9 @@ def get(self: Registry, version: str | int) -> Version:
 def alias(self: Registry, alias: str) -> Version | None:
     from mlflow.exceptions import MlflowException
     try: return self._version(self.client.get_model_version_by_alias(self.name, alias))
-    except MlflowException: return None
+    except MlflowException as e:
+        if not _not_found(e): raise
+        return None
 
 @patch
 def table(self: Registry) -> pd.DataFrame:

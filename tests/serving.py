@@ -3,6 +3,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -31,16 +32,24 @@ def signed_model_dir(model: Path, dest: Path, keys: Path) -> Path:
 
 
 class Server:
-    "`mlnb serve` in a subprocess; `stop()` sends SIGTERM and waits."
-    def __init__(self, workdir: Path, params: dict, extra_args: tuple = (), env: dict | None = None):
+    """`mlnb serve` in a subprocess; `stop()` sends SIGTERM and waits. Its `client` sends `api_key` (as a Bearer token) and `headers`
+    with every request; with `serve.tls` in the params it speaks https, trusting the CA certificate `cacert`."""
+    def __init__(self, workdir: Path, params: dict, extra_args: tuple = (), env: dict | None = None,
+                 api_key: str | None = None, headers: dict | None = None, cacert: Path | None = None):
         self.workdir, self.port = workdir, free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "params.yaml").write_text(json.dumps(params))          # JSON is YAML
         self.stderr_path = workdir / f"serve-{self.port}.err"
         self.proc = subprocess.Popen([str(BIN / "mlnb"), "serve", "--params", "params.yaml", "--port", str(self.port), *extra_args],
                                      cwd=workdir, env={**tool_env(), **(env or {})}, stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("w"))
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        self.url = f"{'https' if (params.get('serve') or {}).get('tls') else 'http'}://127.0.0.1:{self.port}"
+        self.verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
+        self.client = self.new_client(api_key, headers)
+
+    def new_client(self, api_key: str | None = None, headers: dict | None = None) -> httpx.Client:
+        "A client for this server (its URL and CA) sending `api_key` as a Bearer token and `headers` with every request."
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers, verify=self.verify)
 
     def wait_ready(self, timeout: float = 120) -> "Server":
         deadline = time.time() + timeout

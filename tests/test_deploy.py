@@ -38,7 +38,7 @@ assert len(MONITOR_GAUGES) == 15, sorted(MONITOR_GAUGES)
 EXPECTED_ALERTS = {
     "MlnbDatasetDrift", "MlnbFeatureDrift", "MlnbPredictionDrift", "MlnbAccuracyDecayed", "MlnbOnlineAccuracyBelowReference",
     "MlnbMonitorStale", "MlnbServerDown", "MlnbHighLatencyP99", "MlnbHighErrorRate", "MlnbPredictionLogDropping",
-    "MlnbCanaryFallbacks", "MlnbRolloutRolledBack",
+    "MlnbCanaryFallbacks", "MlnbRolloutRolledBack", "MlnbRegistryUnreachable", "MlnbAuthFailures",
 }
 
 # Grafana's variables, replaced by durations so promtool can parse the expressions.

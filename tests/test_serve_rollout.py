@@ -88,10 +88,10 @@ def until_state(server, states, records, key=None, limit=5000, batch=50) -> dict
 
 
 def test_ten_thousand_keyed_requests_follow_the_weights_and_each_key_sticks(signed, rows, tmp_path):
-    # stickiness, not the timeout fallback (tested on its own): on a loaded machine a 250 ms canary deadline could hand a
-    # late challenger answer to the champion
+    # stickiness, not the timeout fallback or the latency rule (each tested on its own): on a loaded machine a 250 ms canary
+    # deadline could hand a late challenger answer to the champion, and a p99 blip could roll the split back mid-test
     params = rollout_params(signed, tmp_path, "b", mode="split", weights={"champion": 0.8, "challenger": 0.2}, key_field="customer_id",
-                            canary_timeout_ms=10_000)
+                            canary_timeout_ms=10_000, plan={"max_p99_ratio": 1000, "min_p99_ms": 10_000})
     s = Server(tmp_path / "work", params).wait_ready()
     try:
         champion, challenger = version_of(s, "champion"), version_of(s, "challenger")

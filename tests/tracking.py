@@ -42,9 +42,9 @@ def postgres_database():
 
 
 @contextlib.contextmanager
-def running_mlflow(backend: str, artifacts: Path):
-    "`mlflow server` on a free port of 127.0.0.1 with this backend store; its URL while the block runs."
-    port = free_port()
+def running_mlflow(backend: str, artifacts: Path, port: int | None = None):
+    "`mlflow server` on 127.0.0.1 (a free port, or `port` to bring one back) with this backend store; its URL while the block runs."
+    port = port or free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     log = artifacts.parent / f"mlflow-{port}.log"                    # a file, not a pipe nobody drains while tests run
     proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",

@@ -216,16 +216,17 @@ def reference_scores(paths: Paths, model_path: Path, positive) -> np.ndarray:
 def run_monitor(cfg: Config, paths: Paths = Paths(), since: datetime | None = None, until: datetime | None = None,
                 model_path: str | Path | None = None, metrics_dir: str | Path = "metrics", pushgateway: str | None = None) -> MonitorResult:
     "Check the prediction log's window and write latest.json, the window's own JSON and the feature history; alert the webhook."
-    from mlnb.serve.log import read_log
+    from mlnb.serve.log import log_keys, read_log
     m, pl = cfg.monitor, cfg.serve.prediction_log
+    keys = log_keys(pl.encryption)
     until = until or datetime.now(timezone.utc)
     since = since or until - timedelta(hours=m.window_hours)
     if since >= until: raise ValueError(f"the window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
     if not paths.reference_profile.exists(): raise FileNotFoundError(f"no reference profile at {paths.reference_profile}: run the featurize stage (dvc repro) first")
     profile = Profile.load(paths.reference_profile)
-    predictions = read_log(pl.dir, since=since)
+    predictions = read_log(pl.dir, since=since, keys=keys)
     predictions = predictions[pd.to_datetime(predictions["timestamp"], utc=True) < until] if len(predictions) else predictions
-    feedback = read_log(pl.feedback_dir)
+    feedback = read_log(pl.feedback_dir, keys=keys)
     model_path = Path(model_path or paths.onnx)
     positive = cfg.data.positive_class
     scores = reference_scores(paths, model_path, positive) if model_path.exists() and paths.split("test").exists() else None

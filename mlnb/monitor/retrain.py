@@ -17,6 +17,7 @@ from ..audit import AuditLog
 from ..config import Config, Paths, staged_outputs
 from ..data import DataError, load_schema, validate
 from .check import MonitorResult, alert_kinds
+from ..serve.log import LogKeys, log_keys
 
 # %% auto #0
 __all__ = ['log', 'POLICY', 'RetrainError', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'dvc_add',
@@ -43,18 +44,19 @@ class RetrainResult:
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../../nbs/21_monitor_retrain.ipynb #5a9672a6
-def labelled_traffic(prediction_dir: str | Path, feedback_dir: str | Path, columns: list[str], target: str) -> pd.DataFrame:
+def labelled_traffic(prediction_dir: str | Path, feedback_dir: str | Path, columns: list[str], target: str,
+                     keys: LogKeys | None = None) -> pd.DataFrame:
     "Answered predictions whose label came back: `columns` from the request, `target` from the label, plus `prediction_id` and `labelled_at`."
     from mlnb.serve.log import join_feedback, read_log
     out_columns = [*columns, target, "prediction_id", "labelled_at"]
-    feedback = read_log(feedback_dir)
+    feedback = read_log(feedback_dir, keys=keys)
     if feedback.empty: return pd.DataFrame(columns=out_columns)
-    logged = log_columns(prediction_dir)
+    logged = log_columns(prediction_dir, keys)
     if not logged: return pd.DataFrame(columns=out_columns)
     missing = [c for c in columns if f"input.{c}" not in logged]
     if missing: raise RetrainError(f"{prediction_dir}: the prediction log has no input column(s) {missing}; the model's inputs and the data schema disagree")
     wanted = ["prediction_id", *(["variant"] if "variant" in logged else []), *[f"input.{c}" for c in columns]]
-    predictions = read_log(prediction_dir, columns=wanted)                 # the inputs only, not outputs and latencies
+    predictions = read_log(prediction_dir, columns=wanted, keys=keys)                 # the inputs only, not outputs and latencies
     predictions = predictions[predictions["prediction_id"].isin(set(feedback["prediction_id"]))]
     if "variant" in predictions: predictions = predictions[predictions["variant"] != "shadow"]
     joined = join_feedback(predictions.drop_duplicates("prediction_id", keep="last"), feedback)
@@ -63,11 +65,11 @@ def labelled_traffic(prediction_dir: str | Path, feedback_dir: str | Path, colum
     return rows.assign(**{target: labelled["actual"].to_numpy(), "prediction_id": labelled["prediction_id"].to_numpy(),
                           "labelled_at": pd.to_datetime(labelled["feedback_at"], utc=True).to_numpy()}).reset_index(drop=True)
 
-def log_columns(directory: str | Path) -> list[str]:
-    "The column names of a log directory's files (none when nothing was logged yet)."
+def log_columns(directory: str | Path, keys: LogKeys | None = None) -> list[str]:
+    "The column names of a log directory's files, plain or encrypted (none when nothing was logged yet)."
     import pyarrow.parquet as pq
-    files = sorted(Path(directory).glob("date=*/*.parquet"))
-    return list(dict.fromkeys(n for f in files for n in pq.read_schema(f).names))
+    from mlnb.serve.log import log_files, open_log_file
+    return list(dict.fromkeys(n for f in log_files(directory) for n in pq.read_schema(open_log_file(f, keys)).names))
 
 def unseen(rows: pd.DataFrame, existing: pd.DataFrame | None) -> pd.DataFrame:
     "The rows whose prediction is not in the training data yet."
@@ -148,7 +150,7 @@ def retrain(cfg: Config, trigger: str, paths: Paths = Paths(), user: str | None 
         features = [c for c in schema.columns if c != cfg.data.target]
         pl = cfg.serve.prediction_log
         existing = pd.read_parquet(data_path, columns=["prediction_id"]) if data_path.exists() else None
-        rows = unseen(labelled_traffic(pl.dir, pl.feedback_dir, features, cfg.data.target), existing)
+        rows = unseen(labelled_traffic(pl.dir, pl.feedback_dir, features, cfg.data.target, log_keys(pl.encryption)), existing)
         if len(rows) < cfg.retrain.min_new_labels:
             detail = f"{len(rows)} new labelled rows, fewer than retrain.min_new_labels ({cfg.retrain.min_new_labels})"
             audit.append(actor, "retrain-skipped", run=run, trigger=trigger, new_rows=len(rows), reason=detail)

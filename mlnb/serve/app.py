@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/serve_app.html.md"""
 
 # %% ../../nbs/15_serve_app.ipynb #7dc70983
 from __future__ import annotations
-import asyncio, contextlib, gc, logging, os, secrets, time
+import asyncio, contextlib, gc, ipaddress, logging, os, secrets, ssl, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +18,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 from fastcore.basics import patch
 
-from ..config import Config, ServeConfig
+from ..config import Config, ConfigError, ServeConfig, TLSConfig
 from ..monitor.check import MonitorCollector
-from .log import (FeedbackEntry, ParquetLog, PredictionEntry, RecentIds, feedback_table, logged_ids, prediction_table)
+from .log import (FeedbackEntry, LogKeyError, ParquetLog, PredictionEntry, RecentIds, feedback_table, log_keys, logged_ids, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
                                  split_v2_body, v2_response)
-from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_registered, load_served_model,
-                                resolve_version, stack_rows)
+from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_last_verified, load_registered,
+                                load_served_model, resolve_version, stack_rows)
+from .auth import Denial, KeyAuth, required_role
 from .telemetry import AccessLog, ServeMetrics, server_logger, with_tracing
 from .traffic import RolloutError, Traffic
 
 # %% auto #0
 __all__ = ['log', 'Reply', 'PROTOCOLS', 'json_response', 'error_response', 'ClientDisconnected', 'receive_body', 'parse_json',
-           'Call', 'json_reply', 'error_reply', 'send_reply', 'ModelServer', 'parse_v2_request', 'respond_v2',
-           'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback', 'create_app',
-           'serve_config', 'model_ref', 'public_key_path', 'build_server', 'app_from_environment', 'run']
+           'Call', 'json_reply', 'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'parse_v2_request',
+           'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback',
+           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
+           'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
 
 # %% ../../nbs/15_serve_app.ipynb #aaddd806
 log = logging.getLogger("mlnb.serve")
@@ -77,6 +79,7 @@ class Call:
     headers: dict[str, str]
     path_params: dict[str, str]
     client: str | None
+    key_name: str | None = None     # the name of the API key that was accepted (access control on)
 
     @classmethod
     def from_scope(cls, scope: dict, path_params: dict) -> "Call":
@@ -100,6 +103,11 @@ async def send_reply(send, reply: Reply, request_id: str | None) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
+def denial_reply(denial: Denial) -> Reply:
+    "A refusal: 401 with the `WWW-Authenticate` challenge HTTP requires, or 403."
+    status, body, content_type, _ = error_reply(denial.message, denial.status)
+    return status, body, content_type, [(b"www-authenticate", b'Bearer realm="mlnb"')] if status == 401 else []
+
 # %% ../../nbs/15_serve_app.ipynb #bf15e7c3
 class ModelServer:
     "One served model and everything around it."
@@ -112,13 +120,15 @@ class ModelServer:
         self.cache = PredictionCache(s.cache.max_entries, s.cache.ttl_seconds) if s.cache.enabled else None
         self.batcher = MicroBatcher(s.micro_batch.max_rows if s.micro_batch.enabled else 1, s.micro_batch.max_wait_ms, self._observe_batch)
         self.recent = RecentIds(s.prediction_log.known_ids)
-        self.prediction_log = self.feedback_log = None
+        self.prediction_log = self.feedback_log = self.log_keys = None
         self.access = self.tracer_provider = None
         self._id_prefix, self._id_counter = secrets.token_hex(5) + "-", 0
         self._reload_lock, self._poller = None, None
         self.last_reload_error: str | None = None
+        self.registry_error: str | None = None        # why the registry could not be asked last time; None once it answers
         self.key_field = s.rollout.key_field
         self.traffic = Traffic(self, s.rollout)
+        self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_public) if s.auth.keys_file else None   # a bad keys file stops the server here
 
     def new_ids(self, n: int) -> list[str]:
         "Prediction ids: unique across processes and restarts (random per process), cheap to make."
@@ -139,8 +149,9 @@ async def start(self: ModelServer) -> None:
     if self.model is None: self.model = await asyncio.to_thread(self.load)
     if s.prediction_log.enabled:
         pl = s.prediction_log
-        self.prediction_log = ParquetLog(pl.dir, prediction_table, "predictions", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "predictions"))
-        self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "feedback"))
+        self.log_keys = log_keys(pl.encryption)             # None: plain Parquet
+        self.prediction_log = ParquetLog(pl.dir, prediction_table, "predictions", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "predictions"), self.log_keys)
+        self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "feedback"), self.log_keys)
     if s.access_log: self.access = AccessLog(asyncio.get_running_loop())
     self._publish(self.model)
     await self.traffic.begin()
@@ -178,6 +189,31 @@ def load(self: ModelServer, version: str | None = None, ref: ModelRef | None = N
     return load_registered(self.registry, ref, self.public_key, s.model_cache_dir, s.prefer_quantized, s.onnx_threads, s.max_rows, version)
 
 @patch
+def load_at_start(self: ModelServer) -> ServedModel:
+    "The reference's model; if the registry cannot be reached, the version last verified here, verified again."
+    from mlnb.registry import RegistryUnreachable
+    if self.ref.is_file: return self.load()
+    try: model = self.load()
+    except RegistryUnreachable as e:
+        s = self.serve
+        model = load_last_verified(self.ref, self.public_key, s.model_cache_dir, e, s.onnx_threads, s.max_rows)
+        self._registry_answered(e)
+        log.warning("%s; serving version %s of %s, last verified in %s, until it answers", e, model.version, self.ref, s.model_cache_dir)
+        return model
+    self._registry_answered(None)
+    return model
+
+@patch
+def _registry_answered(self: ModelServer, unreachable: Exception | None) -> None:
+    "Record whether the registry answered the last time it was asked (readiness for reload, `mlnb_registry_reachable`)."
+    self.registry_error = None if unreachable is None else str(unreachable)
+    self.metrics.registry_reachable.labels(self.ref.name).set(unreachable is None)
+
+@patch
+def reload_readiness(self: ModelServer) -> dict:
+    return {"ready": True} if self.registry_error is None else {"ready": False, "reason": self.registry_error}
+
+@patch
 async def reload(self: ModelServer, force: bool = False) -> dict:
     "Load the version the reference points at now, if it changed (or `force`), and switch to it."
     async with self._reload_lock:
@@ -186,9 +222,12 @@ async def reload(self: ModelServer, force: bool = False) -> dict:
             if self.ref.is_file: version = None
             else:
                 version = await asyncio.to_thread(resolve_version, self.registry, self.ref)
+                self._registry_answered(None)
                 if version == previous.version and not force: return {"reloaded": False, "version": previous.version}
             model = await asyncio.to_thread(self.load, version)
         except Exception as e:
+            from mlnb.registry import RegistryUnreachable
+            if isinstance(e, RegistryUnreachable): self._registry_answered(e)
             self.last_reload_error = f"{type(e).__name__}: {e}"
             self.metrics.child(self.metrics.reloads, "failed").inc()
             log.error("reload of %s failed, still serving version %s: %s", self.ref, previous.version, self.last_reload_error)
@@ -282,7 +321,7 @@ async def handle(self: ModelServer, call: Call, receive, send, protocol: str, pa
     if self.access:
         self.access.write({"time": arrived, "level": "INFO", "logger": "mlnb.access", "request_id": request_id, "method": call.method,
                            "path": call.path, "status": status, "rows": rows, "model": model.name, "model_version": model.version,
-                           "latency_ms": round(latency * 1000, 3), "client": call.client})
+                           "latency_ms": round(latency * 1000, 3), "client": call.client, "key": call.key_name})
 
 # %% ../../nbs/15_serve_app.ipynb #cd254297
 @patch
@@ -367,7 +406,7 @@ async def accept_feedback(self: ModelServer, request: Request) -> Response:
         ids, labels = parse_feedback(parse_json(await receive_body(request.receive, request.headers, self.serve.max_body_bytes)), self.model)
         unknown = [i for i in ids if i not in self.recent]
         if unknown and self.prediction_log is not None:
-            on_disk = await asyncio.to_thread(logged_ids, self.serve.prediction_log.dir, unknown)
+            on_disk = await asyncio.to_thread(logged_ids, self.serve.prediction_log.dir, unknown, self.log_keys)
             unknown = [i for i in unknown if i not in on_disk]
         missing = set(unknown)
         keep = [(i, l) for i, l in zip(ids, labels) if i not in missing]
@@ -380,6 +419,41 @@ async def accept_feedback(self: ModelServer, request: Request) -> Response:
         return json_response({"accepted": len(keep), "unknown_ids": unknown}, 200 if keep else 404)
     except RequestError as e: return error_response(str(e), e.status)
     except ClientDisconnected: return Response(status_code=499)
+    except LogKeyError as e:                                  # an encrypted log this server's key cannot read: tell the operator, not the client
+        log.error("feedback: %s", e)
+        return error_response("the prediction log on disk could not be read to check the ids (see the server log)", 500)
+
+# %% ../../nbs/15_serve_app.ipynb #bac643b1
+def _headers(scope: dict) -> dict[str, str]: return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+@patch
+async def refuse(self: ModelServer, denial: Denial, scope: dict, headers: dict, send) -> None:
+    "Answer a request access control refused (401 or 403), count it and log it by the key's name."
+    request_id = headers.get("x-request-id")
+    await send_reply(send, denial_reply(denial), request_id)
+    self.metrics.child(self.metrics.auth_failures, denial.reason).inc()
+    if self.access:
+        self.access.write({"time": time.time(), "level": "WARNING", "logger": "mlnb.access", "request_id": request_id, "method": scope["method"],
+                           "path": scope["path"], "status": denial.status, "auth": denial.reason, "key": denial.key_name,
+                           "client": scope["client"][0] if scope.get("client") else None})
+
+@patch
+async def guarded(self: ModelServer, app, scope: dict, receive, send) -> None:
+    "A request for the Starlette routes, let through if its key's role covers the path, and access-logged with the key's name."
+    role = required_role(scope["path"], self.auth.metrics_public)
+    if role is None: return await app(scope, receive, send)
+    headers = _headers(scope)
+    found = self.auth.authorize(headers, scope["method"], scope["path"], role)
+    if isinstance(found, Denial): return await self.refuse(found, scope, headers, send)
+    started, status = time.time(), [0]
+    async def send_noting_status(message):
+        if message["type"] == "http.response.start": status[0] = message["status"]
+        await send(message)
+    await app(scope, receive, send_noting_status)
+    if self.access:
+        self.access.write({"time": started, "level": "INFO", "logger": "mlnb.access", "request_id": headers.get("x-request-id"), "method": scope["method"],
+                           "path": scope["path"], "status": status[0], "latency_ms": round((time.time() - started) * 1000, 3),
+                           "client": scope["client"][0] if scope.get("client") else None, "key": found.name})
 
 # %% ../../nbs/15_serve_app.ipynb #e54ed1e8
 def create_app(server: ModelServer):
@@ -387,7 +461,8 @@ def create_app(server: ModelServer):
     async def live(request): return json_response({"live": True})
     async def ready(request):
         ok = server.model is not None and server._reload_lock is not None
-        return json_response({"ready": ok}, 200 if ok else 503)
+        body = {"ready": ok} if server.ref.is_file else {"ready": ok, "reload": server.reload_readiness()}   # serving, and following the registry
+        return json_response(body, 200 if ok else 503)
     async def v2_server(request):
         from mlnb import __version__
         return json_response({"name": "mlnb", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -405,26 +480,39 @@ def create_app(server: ModelServer):
         return Response(body, media_type=content_type)
     async def admin_model(request):
         return json_response({**server.model.describe(), "reference": str(server.ref), "last_reload_error": server.last_reload_error,
+                              "registry_error": server.registry_error,
                               "cache": {"hits": server.cache.hits, "misses": server.cache.misses, "entries": len(server.cache.entries)} if server.cache else None})
     async def admin_rollout(request):
         if request.method == "GET": return json_response(server.traffic.status())
         try:
             body = parse_json(await request.body()) if int(request.headers.get("content-length") or 0) else {}
-            if not isinstance(body, dict) or set(body) - {"reason", "challenger", "mode"}:
-                raise RequestError("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' (canary, split or shadow)")
+            if not isinstance(body, dict) or set(body) - {"reason", "challenger", "mode"} or not all(v is None or isinstance(v, str) for v in body.values()):
+                raise RequestError("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' (canary, split or shadow), each a string")
             return json_response(await server.traffic.command(request.path_params["action"], **body))
         except RequestError as e: return error_response(str(e), e.status)
         except RolloutError as e: return error_response(str(e), 409)
     async def admin_reload(request):
         try: return json_response(await server.reload(force=server.ref.is_file))
         except Exception as e: return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
+    async def admin_keys(request):
+        auth = server.auth
+        if auth is None: return error_response("access control is off: serve.auth.keys_file is not set", 404)
+        if request.method == "POST": auth.reload(force=True)
+        return json_response({"keys_file": str(auth.path), "keys": auth.listing(), "error": auth.error}, 503 if auth.error else 200)
+    async def fast_path_only(request): raise RuntimeError("inference POSTs are answered by `asgi` below; these routes only give other methods a 405")
+    async def openapi(request):
+        from mlnb.serve.openapi import openapi_schema
+        return json_response(openapi_schema(server.model, auth=server.auth is not None, key_field=server.key_field, max_body_bytes=server.serve.max_body_bytes))
 
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", v2_server),
               Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/versions/{version}", model_metadata),
               Route("/v2/models/{name}/ready", model_ready), Route("/v2/models/{name}/versions/{version}/ready", model_ready),
               Route("/ping", live), Route("/health", ready), Route("/feedback", feedback, methods=["POST"]), Route("/metrics", metrics),
               Route("/admin/model", admin_model), Route("/admin/reload", admin_reload, methods=["POST"]),
-              Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"])]
+              Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"]),
+              Route("/admin/keys", admin_keys), Route("/admin/keys/reload", admin_keys, methods=["POST"]),
+              Route("/openapi.json", openapi),
+              *(Route(path, fast_path_only, methods=["POST"]) for path in ("/invocations", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"))]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -432,16 +520,28 @@ def create_app(server: ModelServer):
         try: yield
         finally: await server.stop()
 
-    async def not_found(request, exc): return error_response(f"no route {request.method} {request.url.path}", exc.status_code)
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    async def not_found(request, exc):
+        allow = (exc.headers or {}).get("Allow")           # a 405 says which methods the path takes
+        message = f"method {request.method} is not allowed on {request.url.path}; use {allow}" if allow else f"no route {request.method} {request.url.path}"
+        return Response(json_reply({"error": message})[1], exc.status_code, headers=exc.headers, media_type="application/json")
+    async def internal_error(request, exc): return error_response(f"internal error ({type(exc).__name__})", 500)     # logged by uvicorn; the body stays JSON
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found, Exception: internal_error})
 
+    auth = server.auth
     async def asgi(scope, receive, send):
-        "POSTs to the inference routes go straight to the server; everything else to Starlette."
-        if scope["type"] == "http" and scope["method"] == "POST":
-            route = inference_route(scope["path"])
-            if route is not None:
-                protocol, params = route
-                return await server.handle(Call.from_scope(scope, params), receive, send, protocol, *PROTOCOLS[protocol])
+        "POSTs to the inference routes go straight to the server; everything else to Starlette; both behind access control when it is on."
+        if scope["type"] == "http":
+            if scope["method"] == "POST":
+                route = inference_route(scope["path"])
+                if route is not None:
+                    protocol, params = route
+                    call = Call.from_scope(scope, params)
+                    if auth is not None:
+                        found = auth.authorize(call.headers, "POST", call.path, "predict")
+                        if isinstance(found, Denial): return await server.refuse(found, scope, call.headers, send)
+                        call.key_name = found.name
+                    return await server.handle(call, receive, send, protocol, *PROTOCOLS[protocol])
+            if auth is not None: return await server.guarded(app, scope, receive, send)
         await app(scope, receive, send)
     if not server.serve.tracing: return asgi
     traced, server.tracer_provider = with_tracing(asgi)
@@ -461,12 +561,19 @@ def public_key_path(cfg: Config) -> Path:
     from mlnb.registry import signing_keys
     return signing_keys(cfg)[1]
 
+def registry_client_fails_fast() -> None:
+    "A down tracking server fails a registry call in seconds, not MLflow's default of minutes of retries: the next poll tries again."
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+        os.environ.setdefault(name, value)            # the operator's own settings win
+
 def build_server(cfg: Config) -> ModelServer:
-    "A server with its model loaded and verified (raises `SignatureError`, `RegistryError` or `FileNotFoundError`)."
+    "A server with its model loaded and verified (raises `SignatureError`, `RegistryError`, `FileNotFoundError` or `LogKeyError`)."
     ref = model_ref(cfg)
     if ref.is_file and not ref.path.exists(): raise FileNotFoundError(f"model file {ref.path} not found")
+    if cfg.serve.prediction_log.enabled: log_keys(cfg.serve.prediction_log.encryption)   # a missing or bad log key stops the server here, with the reason
+    if not ref.is_file: registry_client_fails_fast()
     server = ModelServer(cfg, ref, public_key_path(cfg))
-    server.model = server.load()
+    server.model = server.load_at_start()
     return server
 
 def app_from_environment():
@@ -476,13 +583,41 @@ def app_from_environment():
     cfg = config_from_dict(orjson.loads(os.environ["MLNB_SERVE_CONFIG"]), "MLNB_SERVE_CONFIG")
     return create_app(build_server(cfg))
 
+def _no_passphrase(): raise ConfigError("serve.tls.keyfile is encrypted; give the server an unencrypted key readable only by its user")
+
+def tls_options(tls: TLSConfig) -> dict:
+    "uvicorn's TLS options, once the certificate and key are known to load together (`ConfigError` naming the file otherwise)."
+    if not tls.enabled: return {}
+    for field, path in (("certfile", tls.certfile), ("keyfile", tls.keyfile)):
+        try: Path(path).open("rb").close()
+        except OSError as e: raise ConfigError(f"serve.tls.{field}: {path}: {e.strerror or e}") from None
+    try: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.certfile, tls.keyfile, password=_no_passphrase)
+    except ssl.SSLError as e:
+        raise ConfigError(f"serve.tls: {tls.certfile} and {tls.keyfile} are not a PEM certificate and its private key: {e.reason or e}") from None
+    return {"ssl_certfile": tls.certfile, "ssl_keyfile": tls.keyfile}
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost": return True
+    try: return ipaddress.ip_address(host).is_loopback
+    except ValueError: return False
+
+def warn_if_exposed(s: ServeConfig) -> None:
+    "A warning for a server reachable from other machines without access control, or whose keys would travel in clear text."
+    if is_loopback(s.host): return
+    if s.auth.keys_file is None:
+        log.warning("serving on %s without access control: anyone who can reach it may predict, reload and roll out; "
+                    "set serve.auth.keys_file (see mlnb api-key create)", s.host)
+    elif not s.tls.enabled:
+        log.warning("serving on %s without TLS: API keys cross the network in clear text; set serve.tls.certfile and keyfile", s.host)
+
 def run(cfg: Config) -> None:
     "Serve until SIGTERM/SIGINT."
     import uvicorn
     s = cfg.serve
     server_logger()
     options = dict(host=s.host, port=s.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
-                   timeout_graceful_shutdown=30, server_header=False)
+                   timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls))
+    warn_if_exposed(s)
     if s.workers == 1:
         uvicorn.run(create_app(build_server(cfg)), **options)
         return

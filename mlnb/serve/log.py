@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/serve_log.html.md"""
 
 # %% ../../nbs/13_serve_log.ipynb #ce871e6f
 from __future__ import annotations
-import itertools, logging, os, threading, time
+import base64, binascii, hashlib, itertools, logging, os, struct, tempfile, threading, time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,11 +15,104 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # %% auto #0
-__all__ = ['log', 'LogStats', 'ParquetLog', 'PredictionEntry', 'prediction_table', 'FeedbackEntry', 'feedback_table', 'RecentIds',
-           'read_log', 'logged_ids', 'join_feedback']
+__all__ = ['SEALED_SUFFIX', 'log', 'LogKeyError', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys', 'add_log_key',
+           'LogStats', 'ParquetLog', 'parquet_bytes', 'PredictionEntry', 'prediction_table', 'FeedbackEntry',
+           'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids',
+           'join_feedback']
+
+# %% ../../nbs/13_serve_log.ipynb #5a3966ec
+class LogKeyError(ValueError):
+    "A log file that the configured keys cannot read (or a key that cannot be used)."
+
+SEALED_SUFFIX = ".parquet.enc"
+_HEADER = struct.Struct("!7sB8s12s")                  # magic, format version, key id, nonce
+_MAGIC, _FORMAT, _TAG_BYTES = b"MLNBLOG", 1, 16
+
+def key_id(key: bytes) -> bytes:
+    "The 8 bytes that name a key in a sealed file's header (they reveal nothing of the key)."
+    return hashlib.sha256(b"mlnb log key id\0" + key).digest()[:8]
+
+def is_sealed(path: str | Path) -> bool:
+    "Whether `path` names an encrypted log file (by its suffix)."
+    return str(path).endswith(SEALED_SUFFIX)
+
+def plain_size(sealed_size: int) -> int:
+    "The size of the Parquet file inside a sealed file of `sealed_size` bytes."
+    return sealed_size - _HEADER.size - _TAG_BYTES
+
+@dataclass(frozen=True, repr=False)
+class LogKeys:
+    "AES-256-GCM keys for the logs: the first seals new files, any of them opens old ones."
+    keys: tuple[bytes, ...]
+    source: str = "the configured keys"               # where they came from, for error messages
+
+    def __post_init__(self):
+        if not self.keys or any(len(k) != 32 for k in self.keys): raise LogKeyError(f"{self.source}: expected one or more 256-bit (32-byte) keys")
+
+    def __repr__(self) -> str: return f"LogKeys({len(self.keys)} key(s) from {self.source})"     # never the keys themselves
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> LogKeys:
+        "Keys written as base64, one per line or separated by spaces or commas; `#` starts a comment."
+        words = [w for line in text.splitlines() for w in line.split("#", 1)[0].replace(",", " ").split()]
+        keys = []
+        for n, word in enumerate(words, 1):
+            try: key = base64.b64decode(word, validate=True)
+            except (binascii.Error, ValueError): key = b""
+            if len(key) != 32: raise LogKeyError(f"{source}: key {n} is not a base64 256-bit key (create keys with `mlnb log-key new`)")
+            keys.append(key)
+        if not keys: raise LogKeyError(f"{source}: holds no key (create one with `mlnb log-key new`)")
+        return cls(tuple(keys), source)
+
+    def seal(self, data: bytes) -> bytes:
+        "Parquet bytes as a sealed file: header, then ciphertext and tag."
+        header = _HEADER.pack(_MAGIC, _FORMAT, key_id(self.keys[0]), os.urandom(12))
+        return header + AESGCM(self.keys[0]).encrypt(header[-12:], data, header)
+
+    def open(self, sealed: bytes, path: str | Path) -> bytes:
+        "The Parquet bytes of a sealed file; a clear error naming `path` when it cannot be opened."
+        if len(sealed) < _HEADER.size + _TAG_BYTES or not sealed.startswith(_MAGIC): raise LogKeyError(f"{path}: not an encrypted mlnb log file (its header is missing or damaged)")
+        header = sealed[:_HEADER.size]
+        _, version, kid, nonce = _HEADER.unpack(header)
+        if version != _FORMAT: raise LogKeyError(f"{path}: encrypted log format version {version}; this mlnb reads version {_FORMAT}")
+        key = next((k for k in self.keys if key_id(k) == kid), None)
+        if key is None: raise LogKeyError(f"{path}: encrypted with key {kid.hex()}, which is not among the {len(self.keys)} key(s) from {self.source} (a wrong or missing key)")
+        try: return AESGCM(key).decrypt(nonce, sealed[_HEADER.size:], header)
+        except InvalidTag: raise LogKeyError(f"{path}: does not decrypt with key {kid.hex()}: the file was damaged or altered") from None
+
+def _no_key_error(path: str | Path) -> LogKeyError:
+    return LogKeyError(f"{path}: this log file is encrypted and no key is configured; reading it needs the key "
+                       "(serve.prediction_log.encryption.key_file, or the keys in $MLNB_LOG_KEY / encryption.key_env)")
+
+# %% ../../nbs/13_serve_log.ipynb #84b66229
+def log_keys(encryption, environ=None) -> LogKeys | None:
+    "The keys `serve.prediction_log.encryption` points to (None: the logs are written in plain Parquet)."
+    environ = os.environ if environ is None else environ
+    value = environ.get(encryption.key_env, "") if encryption.key_env else ""
+    if value.strip(): return LogKeys.parse(value, f"${encryption.key_env}")
+    if encryption.key_file is None: return None
+    path = Path(encryption.key_file)
+    if not path.is_file(): raise LogKeyError(f"serve.prediction_log.encryption.key_file {path} does not exist (create it with `mlnb log-key new --key-file {path}`)")
+    return LogKeys.parse(path.read_text(), f"key file {path}")
+
+def add_log_key(path: str | Path) -> int:
+    "Put a new random key first in the key file at `path` (created readable by its owner only); the number of keys it now holds."
+    path = Path(path)
+    old = LogKeys.parse(path.read_text(), f"key file {path}").keys if path.exists() else ()
+    lines = [base64.b64encode(k).decode() for k in (AESGCM.generate_key(256), *old)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)    # mode 0600 from the start
+    try:
+        with os.fdopen(fd, "w") as f: f.write("\n".join(lines) + "\n"); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally: Path(tmp).unlink(missing_ok=True)
+    return len(lines)
 
 # %% ../../nbs/13_serve_log.ipynb #fe3790e7
 log = logging.getLogger("mlnb.serve")
@@ -32,13 +125,20 @@ class LogStats:
     write_errors: int = 0
     last_error: str | None = None
 
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass
+    return True
+
 class ParquetLog:
     "A bounded buffer drained by a thread into rotated, atomically written Parquet files."
     def __init__(self, directory: str | Path, to_table, prefix: str, flush_seconds: float = 1.0,
-                 max_rows_per_file: int = 100_000, queue_size: int = 50_000, on_write=None):
+                 max_rows_per_file: int = 100_000, queue_size: int = 50_000, on_write=None,
+                 keys: LogKeys | None = None):
         self.directory, self.to_table, self.prefix = Path(directory), to_table, prefix
         self.flush_seconds, self.max_rows, self.queue_size = flush_seconds, max_rows_per_file, queue_size
-        self.stats, self.on_write = LogStats(), on_write
+        self.stats, self.on_write, self.keys = LogStats(), on_write, keys
         self._entries: deque = deque()       # append/popleft are atomic: no lock, and no wake-up per request
         self._sequence = itertools.count()
         self._stop, self._wake = threading.Event(), threading.Event()
@@ -67,7 +167,16 @@ class ParquetLog:
     def _write_pending(self) -> None:
         while entries := self._take(): self._write(entries)
 
+    def _remove_dead_temporaries(self) -> None:
+        "Temporary files of writers killed mid-write (SIGKILL): readers skip them, but they should not pile up."
+        for tmp in self.directory.glob(f"date=*/.{self.prefix}-*.tmp"):   # plain and sealed (.parquet.enc) files alike
+            try:
+                pid = int(tmp.name.split("-")[-2])
+                if pid != os.getpid() and not _alive(pid): tmp.unlink()
+            except (ValueError, IndexError, OSError): pass
+
     def _drain(self) -> None:
+        self._remove_dead_temporaries()
         while not self._stop.is_set():
             self._wake.wait(self.flush_seconds); self._wake.clear()
             self._write_pending()
@@ -80,9 +189,10 @@ class ParquetLog:
             now = datetime.now(timezone.utc)
             folder = self.directory / f"date={now:%Y-%m-%d}"
             folder.mkdir(parents=True, exist_ok=True)
-            name = f"{self.prefix}-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(self._sequence):06d}.parquet"
+            name = f"{self.prefix}-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(self._sequence):06d}" + (SEALED_SUFFIX if self.keys else ".parquet")
             tmp = folder / f".{name}.tmp"
-            pq.write_table(table, tmp, compression="zstd")
+            if self.keys is None: pq.write_table(table, tmp, compression="zstd")
+            else: tmp.write_bytes(self.keys.seal(parquet_bytes(table)))
             os.replace(tmp, folder / name)
             self.stats.rows_written += table.num_rows; self.stats.files_written += 1
         except Exception as e:                        # a full or unwritable disk must not stop serving
@@ -96,6 +206,12 @@ class ParquetLog:
     def close(self, timeout: float = 60.0) -> None:
         "Write everything queued, then stop the writer."
         self._stop.set(); self._wake.set(); self._thread.join(timeout)
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    "A table as the bytes of a Parquet file (zstd, as the plain files are)."
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 # %% ../../nbs/13_serve_log.ipynb #8eb4e296
 @dataclass
@@ -180,23 +296,61 @@ class RecentIds:
     def __contains__(self, prediction_id: str) -> bool: return prediction_id in self._ids
 
 # %% ../../nbs/13_serve_log.ipynb #9a83c464
-def _dataset(directory: str | Path):
-    import pyarrow.dataset as ds
-    files = sorted(str(p) for p in Path(directory).glob("date=*/*.parquet"))
-    return ds.dataset(files, format="parquet", partitioning=None) if files else None
+def log_files(directory: str | Path) -> list[Path]:
+    "A log directory's complete files, plain and sealed, in the order they were written within each day."
+    folder = Path(directory)
+    return sorted([*folder.glob("date=*/*.parquet"), *folder.glob(f"date=*/*{SEALED_SUFFIX}")])
 
-def read_log(directory: str | Path, columns: list[str] | None = None, since: datetime | None = None) -> pd.DataFrame:
+def unseal_file(path: str | Path, keys: LogKeys | None) -> bytes:
+    "The Parquet bytes of a sealed log file."
+    if keys is None: raise _no_key_error(path)
+    return keys.open(Path(path).read_bytes(), path)
+
+def open_log_file(path: str | Path, keys: LogKeys | None = None) -> pa.NativeFile:
+    "One log file for pyarrow to read: a sealed one decrypted in memory."
+    return pa.BufferReader(unseal_file(path, keys)) if is_sealed(path) else pa.OSFile(str(path))
+
+class _LogFileSystem(pafs.FileSystemHandler):
+    "The local file system, read-only, with sealed log files opened decrypted and sized as their Parquet content."
+    def __init__(self, keys: LogKeys | None): self.keys, self.local, self._last = keys, pafs.LocalFileSystem(), (None, b"")
+    def get_type_name(self) -> str: return "mlnb-log"
+    def normalize_path(self, path: str) -> str: return path
+    def equals(self, other) -> bool: return self is other
+    def get_file_info(self, paths):
+        return [pafs.FileInfo(i.path, i.type, size=plain_size(i.size)) if i.type == pafs.FileType.File and is_sealed(i.path) else i
+                for i in self.local.get_file_info(paths)]
+    def get_file_info_selector(self, selector): return self.get_file_info([i.path for i in self.local.get_file_info(selector)])
+    def open_input_file(self, path: str):
+        if not is_sealed(path): return self.local.open_input_file(path)
+        if self._last[0] != path: self._last = (path, unseal_file(path, self.keys))   # the first file is opened twice: for the schema, then its rows
+        return pa.BufferReader(self._last[1])
+    def open_input_stream(self, path: str): return self.open_input_file(path)
+    def _read_only(self, *args): raise OSError("log files are read here, never written")
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = move = copy_file = _read_only
+    open_output_stream = open_append_stream = _read_only
+
+def _dataset(directory: str | Path, keys: LogKeys | None = None):
+    import pyarrow.dataset as ds
+    files = log_files(directory)
+    if not files: return None
+    sealed = [f for f in files if is_sealed(f)]
+    if sealed and keys is None: raise _no_key_error(sealed[0])
+    filesystem = pafs.PyFileSystem(_LogFileSystem(keys)) if sealed else None
+    return ds.dataset([str(f) for f in files], format="parquet", partitioning=None, filesystem=filesystem)
+
+def read_log(directory: str | Path, columns: list[str] | None = None, since: datetime | None = None,
+             keys: LogKeys | None = None) -> pd.DataFrame:
     "A prediction or feedback log directory as one DataFrame (empty if nothing was logged yet)."
     import pyarrow.dataset as ds
-    dataset = _dataset(directory)
+    dataset = _dataset(directory, keys)
     if dataset is None: return pd.DataFrame(columns=columns or ["prediction_id"])
     flt = ds.field("timestamp") >= pa.scalar(since, pa.timestamp("us", tz="UTC")) if since else None
     return dataset.to_table(columns=columns, filter=flt).to_pandas()
 
-def logged_ids(directory: str | Path, ids: list[str]) -> set[str]:
+def logged_ids(directory: str | Path, ids: list[str], keys: LogKeys | None = None) -> set[str]:
     "Which of `ids` appear in the prediction log on disk."
     import pyarrow.dataset as ds
-    dataset = _dataset(directory)
+    dataset = _dataset(directory, keys)
     if dataset is None or not ids: return set()
     found = dataset.to_table(columns=["prediction_id"], filter=ds.field("prediction_id").isin(ids))
     return set(found.column("prediction_id").to_pylist())

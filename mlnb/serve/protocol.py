@@ -49,8 +49,11 @@ class Contract:
     def number_index(self) -> tuple[int, ...]: return tuple(i for i, c in enumerate(self.columns) if c.kind == "number")
     @cached_property
     def string_index(self) -> tuple[int, ...]: return tuple(i for i, c in enumerate(self.columns) if c.kind == "string")
+    @cached_property
+    def number_range(self) -> float: return min((_RANGES.get(c.dtype, math.inf) for c in self.numbers), default=math.inf)
 
 _ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}
+_RANGES = {np.float32: float(np.finfo(np.float32).max), np.float64: math.inf, np.int64: float(2**63 - 1024)}   # the largest magnitude each input type holds
 
 def contract_from(onnx_inputs: dict[str, str], schema=None, model_name: str = "model", max_rows: int = 1000) -> Contract:
     "The contract of a model: `onnx_inputs` is `OnnxModel.inputs` (name -> ONNX type); `schema` a `DataSchema` or None."
@@ -119,6 +122,10 @@ def column_array(column: Column, values: list, label: str) -> tuple[np.ndarray, 
         except (TypeError, ValueError): raise _bad_value(column, values, label) from None
         if not np.isfinite(arr).all():
             if np.isinf(arr).any() or not column.nullable: raise _bad_value(column, list(arr), label)
+        limit = _RANGES.get(column.dtype, math.inf)
+        if limit < math.inf and (np.abs(arr) > limit).any():       # 1e300 is a finite number, but an infinity as a 32-bit float
+            i = int(np.argmax(np.abs(arr) > limit))
+            raise RequestError(f"{label}: row {i} value {float(arr[i])!r} is out of range ({column.name!r} is a {np.dtype(column.dtype).name}: at most ±{limit:.7g})")
         return arr.astype(column.dtype).reshape(-1, 1), 0
     if not all(isinstance(v, str) or (v is None and column.nullable) for v in values): raise _bad_value(column, values, label)
     arr = np.array(["" if v is None else v for v in values], dtype=object).reshape(-1, 1)
@@ -131,7 +138,8 @@ _PLAIN_NUMBERS, _STRINGS = frozenset({int, float}), frozenset({str})
 def _plain_finite_numbers(contract: Contract, columns: dict[str, list]) -> bool:
     "Every numeric value a finite int or float: the usual case, checked without a loop in Python."
     values = list(itertools.chain.from_iterable(columns[c.name] for c in contract.numbers))
-    return _PLAIN_NUMBERS.issuperset(map(type, values)) and all(map(math.isfinite, values))
+    if not (_PLAIN_NUMBERS.issuperset(map(type, values)) and all(map(math.isfinite, values))): return False
+    return not values or contract.number_range == math.inf or max(map(abs, values)) <= contract.number_range
 
 def _unknown_categories(contract: Contract, columns: dict[str, list]) -> dict[str, int] | None:
     "Unknown-category counts when every categorical value is a string; None otherwise."

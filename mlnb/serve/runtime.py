@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/serve_runtime.html.md"""
 
 # %% ../../nbs/12_serve_runtime.ipynb #ec9a572e
 from __future__ import annotations
-import asyncio, hashlib, itertools, json, os, shutil, tempfile, time
+import asyncio, contextlib, hashlib, itertools, json, os, shutil, tempfile, time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,8 +18,9 @@ from ..export import OnnxModel, load_verified
 from .protocol import Contract, columns_from_rows, contract_from
 
 # %% auto #0
-__all__ = ['ModelRef', 'file_sha256', 'ServedModel', 'warm_up_row', 'warm_up', 'load_served_model', 'fetch_version',
-           'resolve_version', 'load_registered', 'PredictionCache', 'stack_rows', 'MicroBatcher']
+__all__ = ['ModelRef', 'file_sha256', 'ServedModel', 'warm_up_row', 'warm_up', 'load_served_model', 'asking', 'fetch_version',
+           'resolve_version', 'load_registered', 'verified_record', 'remember_verified', 'load_last_verified',
+           'PredictionCache', 'stack_rows', 'MicroBatcher']
 
 # %% ../../nbs/12_serve_runtime.ipynb #64417d32
 @dataclass(frozen=True)
@@ -118,6 +119,16 @@ def load_served_model(model_path: str | Path, public_key: str | Path, name: str 
     return served
 
 # %% ../../nbs/12_serve_runtime.ipynb #1e4505b9
+@contextlib.contextmanager
+def asking(registry):
+    "Failures to reach the registry become `RegistryUnreachable` naming it; its answers (`RegistryError`, `AccessDenied`) pass through."
+    from mlnb.access import AccessDenied
+    from mlnb.registry import RegistryError, RegistryUnreachable
+    try: yield
+    except (RegistryError, AccessDenied): raise
+    except Exception as e:
+        raise RegistryUnreachable(f"registry {getattr(registry, 'uri', registry.name)} unreachable: {type(e).__name__}: {e}") from e
+
 def fetch_version(registry, version: str, cache_dir: str | Path) -> Path:
     "The version's model directory in the local cache, downloaded from the registry if absent."
     final = Path(cache_dir) / registry.name / str(version)
@@ -125,7 +136,7 @@ def fetch_version(registry, version: str, cache_dir: str | Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     try:
-        model_dir = registry.download(version, tmp)
+        with asking(registry): model_dir = registry.download(version, tmp)
         try: os.replace(model_dir, final)
         except OSError:                       # another process fetched it first
             if not (final / "model.onnx").exists(): raise
@@ -135,8 +146,9 @@ def fetch_version(registry, version: str, cache_dir: str | Path) -> Path:
 def resolve_version(registry, ref: ModelRef) -> str:
     "The version number an alias or version reference points at now."
     from mlnb.registry import RegistryError
-    if ref.version: return registry.get(ref.version).version
-    held = registry.alias(ref.alias)
+    with asking(registry):
+        if ref.version: return registry.get(ref.version).version
+        held = registry.alias(ref.alias)
     if held is None: raise RegistryError(f"model {registry.name!r} has no version with alias {ref.alias!r}")
     return held.version
 
@@ -146,7 +158,38 @@ def load_registered(registry, ref: ModelRef, public_key: str | Path, cache_dir: 
     version = version or resolve_version(registry, ref)
     model_dir = fetch_version(registry, version, cache_dir)
     path = model_dir / "model.int8.onnx" if prefer_quantized and (model_dir / "model.int8.onnx").exists() else model_dir / "model.onnx"
-    return load_served_model(path, public_key, registry.name, str(version), f"{registry.name}/{version} ({ref})", threads=threads, max_rows=max_rows)
+    model = load_served_model(path, public_key, registry.name, str(version), f"{registry.name}/{version} ({ref})", threads=threads, max_rows=max_rows)
+    remember_verified(model, ref, cache_dir)
+    return model
+
+# %% ../../nbs/12_serve_runtime.ipynb #f64b2d93
+def verified_record(cache_dir: str | Path, ref: ModelRef) -> Path:
+    "Where the version of `ref` last verified on this machine is recorded."
+    return Path(cache_dir) / ref.name / f"verified-{ref.alias or ref.version}.json"
+
+def remember_verified(model: ServedModel, ref: ModelRef, cache_dir: str | Path) -> Path:
+    "Record `model` as the last verified version of `ref` (atomically)."
+    from mlnb.config import write_json
+    record = {"reference": str(ref), "name": model.name, "version": model.version, "sha256": model.sha256,
+              "file": os.path.relpath(model.path, cache_dir), "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return write_json(record, verified_record(cache_dir, ref))
+
+def load_last_verified(ref: ModelRef, public_key: str | Path, cache_dir: str | Path, unreachable: Exception,
+                       threads: int = 1, max_rows: int = 1000) -> ServedModel:
+    "The version of `ref` last verified here, verified again (signature, then SHA-256 against the record); for when the registry is unreachable."
+    from mlnb.export import SignatureError
+    from mlnb.registry import RegistryUnreachable
+    record_path = verified_record(cache_dir, ref)
+    if not record_path.exists():
+        raise RegistryUnreachable(f"{unreachable}; and no verified copy of {ref} in the model cache {Path(cache_dir).resolve()} to serve instead")
+    record = json.loads(record_path.read_text())
+    path = Path(cache_dir) / record["file"]
+    model = load_served_model(path, public_key, record["name"], record["version"],
+                              f"{record['name']}/{record['version']} ({ref}; last verified {record['verified_at']}, registry unreachable)",
+                              threads=threads, max_rows=max_rows)
+    if model.sha256 != record["sha256"]:
+        raise SignatureError(f"{path}: SHA-256 {model.sha256[:12]}… is not the {record['sha256'][:12]}… verified at {record['verified_at']} ({record_path}); not serving it")
+    return model
 
 # %% ../../nbs/12_serve_runtime.ipynb #d7fd18c1
 class PredictionCache:

@@ -39,6 +39,7 @@ class ServeMetrics:
         self.model_load_seconds = Gauge("mlnb_model_load_seconds", "Time to verify, load and warm up the model", ["model", "version"], registry=r, multiprocess_mode="max")
         self.model_info = Gauge("mlnb_model_info", "The model being served (value 1)", ["model", "version", "sha256"], registry=r, multiprocess_mode="max")
         self.reloads = Counter("mlnb_model_reloads_total", "Model reloads by outcome", ["outcome"], registry=r)
+        self.registry_reachable = Gauge("mlnb_registry_reachable", "1 if the registry answered when last asked, 0 if it could not be reached (registered models only)", ["model"], registry=r, multiprocess_mode="livemin")
         self.feedback = Counter("mlnb_feedback_total", "Feedback labels by outcome (accepted, unknown_id)", ["outcome"], registry=r)
         self.rollout_share = Gauge("mlnb_rollout_canary_share", "The challenger's share of traffic (0 when there is no rollout)", registry=r, multiprocess_mode="max")
         self.rollout_state = Gauge("mlnb_rollout_state", "The rollout's state (value 1 for the current one)", ["state"], registry=r, multiprocess_mode="max")
@@ -46,6 +47,7 @@ class ServeMetrics:
         self.rollout_decisions = Counter("mlnb_rollout_decisions_total", "Rollout decisions (advance, rollback, promote, ...)", ["action"], registry=r)
         self.canary_fallbacks = Counter("mlnb_canary_fallbacks_total", "Canary answers replaced by the champion's, by reason (error, timeout)", ["reason"], registry=r)
         self.shadow_requests = Counter("mlnb_shadow_requests_total", "Shadow copies by outcome (ok, error, dropped)", ["outcome"], registry=r)
+        self.auth_failures = Counter("mlnb_auth_failures_total", "Requests refused by access control, by reason (missing, unknown, forbidden)", ["reason"], registry=r)
         self._children: dict = {}
         self.collectors: list = []                   # custom collectors (the monitoring gauges), also in multiprocess mode
         self._mirrored: dict = {}
