@@ -130,9 +130,10 @@ def test_what_fuzzing_found_stays_fixed(server):
 
 # --- with access control on (and TLS) ---------------------------------------------------------------------------------------------
 OPEN = {"GET /v2/health/live", "GET /v2/health/ready", "GET /ping", "GET /health", "GET /openapi.json"}
-NEEDS = {"GET /metrics": "operate", "GET /admin/model": "operate", "POST /admin/reload": "operate", "GET /admin/rollout": "operate", "POST /admin/rollout/{action}": "operate",
-         "GET /admin/keys": "admin", "POST /admin/keys/reload": "admin"}        # every other operation needs predict
-AUTH_CHECKS = {mode: [*checks, ignored_auth] for mode, checks in CHECKS.items()}  # a 2xx for a key: the same request without one, or with a wrong one, is refused
+NEEDS = {"GET /metrics": "operate", "GET /admin/model": "operate", "POST /admin/reload": "operate", "GET /admin/rollout": "operate",
+         "POST /admin/rollout/{action}": "operate", "GET /admin/keys": "admin", "POST /admin/keys/reload": "admin"}     # all others need predict
+# with a key, a 2xx also makes schemathesis send the same request without a key and with a wrong one: both must be refused
+AUTH_CHECKS = {mode: [*checks, ignored_auth] for mode, checks in CHECKS.items()}
 REFUSED = ["400", "404", "409", "413", "415", "401", "403"]        # schema-breaking requests may be refused by access control first
 
 
@@ -222,7 +223,8 @@ def test_secured_document_declares_what_is_enforced(secured_server):
                 assert operation["security"] == [{"bearer": []}, {"apiKey": []}] and operation["x-mlnb-role"] == needs, op
                 assert {"401", "403"} <= set(operation["responses"]) and "WWW-Authenticate" in operation["responses"]["401"]["headers"], op
             assert needs == (None if op in OPEN else NEEDS.get(op, "predict")), op      # and both agree with what the fuzzing expects
-    guarded = [(m.upper(), p.format(**concrete)) for p, ms in document["paths"].items() for m in ms if required_role(p.format(**concrete), metrics_public=False)]
+    guarded = [(m.upper(), p.format(**concrete)) for p, ms in document["paths"].items() for m in ms
+               if required_role(p.format(**concrete), metrics_public=False)]
     with s.new_client(keys["predict"]) as predict:            # the enforcement itself, once per operation
         for method, path in guarded:
             assert s.client.request(method, path).status_code == 401, (method, path)
