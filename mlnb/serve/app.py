@@ -502,7 +502,8 @@ def create_app(server: ModelServer):
     async def fast_path_only(request): raise RuntimeError("inference POSTs are answered by `asgi` below; these routes only give other methods a 405")
     async def openapi(request):
         from mlnb.serve.openapi import openapi_schema
-        return json_response(openapi_schema(server.model, auth=server.auth is not None, key_field=server.key_field, max_body_bytes=server.serve.max_body_bytes))
+        return json_response(openapi_schema(server.model, auth=server.auth is not None, key_field=server.key_field, max_body_bytes=server.serve.max_body_bytes,
+                                            metrics_public=server.auth is None or server.auth.metrics_public))
 
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", v2_server),
               Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/versions/{version}", model_metadata),

@@ -128,13 +128,15 @@ MALFORMED = Denial(401, "missing", "malformed credentials: send 'Authorization: 
 UNKNOWN = Denial(401, "unknown", "unknown or revoked API key")
 
 def presented_key(headers: dict[str, str]) -> str | None:
-    "The key a request carries (lower-case header names); '' when a header is there but holds none, None without one."
-    authorization = headers.get("authorization")
+    "The key a request carries (lower-case header names); '' when a header is there but holds none or two headers hold different keys, None without one."
+    authorization, api_key, bearer = headers.get("authorization"), headers.get("x-api-key"), None
     if authorization is not None:
         scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and key.strip(): return key.strip()
-    api_key = headers.get("x-api-key")
-    if api_key is not None: return api_key.strip()
+        if scheme.lower() == "bearer" and key.strip(): bearer = key.strip()
+    if api_key is not None: api_key = api_key.strip()
+    if bearer is not None and api_key is not None and api_key != bearer: return ""      # two different keys: not the server's to pick one
+    if bearer is not None: return bearer
+    if api_key is not None: return api_key
     return None if authorization is None else ""
 
 # %% ../../nbs/23_serve_auth.ipynb #cd3f4463

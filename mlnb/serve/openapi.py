@@ -132,7 +132,8 @@ def _path_params(*names: str, model_name: str) -> list[dict]:
     schemas = {"name": {"type": "string", "example": model_name}, "version": {"type": "string"}, "action": {"type": "string", "enum": ["start", "pause", "resume", "rollback"]}}
     return [{"name": n, "in": "path", "required": True, "schema": schemas[n]} for n in names]
 
-def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_body_bytes: int | None = None, server_version: str = "") -> dict:
+def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_body_bytes: int | None = None, server_version: str = "",
+                   metrics_public: bool = True) -> dict:
     "The OpenAPI 3.0 document of the server serving `model` (a `ServedModel`: name, version, task, classes, contract, onnx.outputs)."
     contract, outputs, name = model.contract, list(model.onnx.outputs), model.name
     limit = f" (over {max_body_bytes} bytes)" if max_body_bytes else ""
@@ -171,7 +172,7 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
             "200": ok("accepted (ids the server never issued are listed)", {"$ref": "#/components/schemas/FeedbackResult"}),
             "404": ok("none of the ids is known", {"$ref": "#/components/schemas/FeedbackResult"}), "400": bad, "413": too_big}, auth,
             requestBody={"required": True, "content": {"application/json": {"schema": feedback_request_schema(model.task, model.classes)}}})},
-        "/metrics": {"get": _operation("Prometheus metrics", _OPEN, {"200": {"description": "the text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}, auth)},
+        "/metrics": {"get": _operation("Prometheus metrics", _OPEN if metrics_public else _OPERATE, {"200": {"description": "the text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}, auth)},
         "/openapi.json": {"get": _operation("This document", _OPEN, {"200": ok("OpenAPI 3.0", anything)}, auth)},
         "/admin/model": {"get": _operation("The served model, its reference, the last reload error and the cache", _OPERATE, {"200": ok("the model", {
             "type": "object", "required": ["name", "version", "sha256", "reference"], "properties": {
