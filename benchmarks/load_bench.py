@@ -7,7 +7,7 @@ MLflow `/invocations` bodies of test-split rows: 4 in 5 are single rows, the res
 - fresh: every row made unique (monthly and total charges nudged per request), so the cache never answers: the server's full
   cost, and the cache and the recent-prediction-id set grow towards their bounds (their sizes are printed with the memory);
 - no cache: fresh rows with the cache off, so the memory growth left is not the cache filling towards its bound (100,000 rows
-  by default, about 1.5 KB each);
+  by default, about 200 bytes each);
 - repeated: the test rows as they are, cycled, so the cache answers almost everything, as it would for clients that retry.
 The server is pinned to core 0 and wrk (one thread) to core 1. wrk's Lua script counts responses and stops at exactly N; the
 count, the non-200 answers and the server's own request counter are printed, so a short or over-long run shows.

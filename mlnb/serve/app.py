@@ -122,7 +122,6 @@ class ModelServer:
         self.recent = RecentIds(s.prediction_log.known_ids)
         self.prediction_log = self.feedback_log = self.log_keys = None
         self.access = self.tracer_provider = None
-        self._id_prefix, self._id_counter = secrets.token_hex(5) + "-", 0
         self._reload_lock, self._poller = None, None
         self.last_reload_error: str | None = None
         self.registry_error: str | None = None        # why the registry could not be asked last time; None once it answers
@@ -132,8 +131,7 @@ class ModelServer:
 
     def new_ids(self, n: int) -> list[str]:
         "Prediction ids: unique across processes and restarts (random per process), cheap to make."
-        start, self._id_counter = self._id_counter, self._id_counter + n
-        return [f"{self._id_prefix}{i:x}" for i in range(start, start + n)]
+        return self.recent.issue(n)
 
     def _observe_batch(self, model: ServedModel, rows: int, seconds: float) -> None:
         self.metrics.child(self.metrics.inference_seconds, model.name, model.version).observe(seconds)

@@ -6,8 +6,9 @@ Docs: https://mlnb.github.io/mlnb/serve_log.html.md"""
 
 # %% ../../nbs/13_serve_log.ipynb #ce871e6f
 from __future__ import annotations
-import base64, binascii, hashlib, itertools, logging, os, struct, tempfile, threading, time
-from collections import OrderedDict, deque
+import base64, binascii, hashlib, itertools, logging, os, secrets, struct, tempfile, threading, time
+from bisect import bisect_left, bisect_right
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -284,16 +285,41 @@ def feedback_table(entries: list[FeedbackEntry]) -> pa.Table:
                      "source": pa.array(np.repeat(np.array([e.source for e in entries], dtype=object), counts), pa.string())})
 
 class RecentIds:
-    "The last `capacity` prediction ids issued by this process."
-    def __init__(self, capacity: int):
-        self.capacity, self._ids = capacity, OrderedDict()
+    "Issues this process's prediction ids (a random prefix + a hex counter) and knows which of the last `capacity` issued were recorded, with no memory per id."
+    def __init__(self, capacity: int, prefix: str | None = None):
+        self.capacity, self.prefix, self.next = capacity, prefix or secrets.token_hex(5) + "-", 0
+        self._starts: list[int] = []; self._ends: list[int] = []      # recorded counters: sorted, disjoint [start, end) ranges
+
+    def issue(self, n: int) -> list[str]:
+        "n new ids, unique across processes and restarts (random per process), cheap to make."
+        start, self.next = self.next, self.next + n
+        return [f"{self.prefix}{i:x}" for i in range(start, start + n)]
+
+    def counter(self, prediction_id: str) -> int | None:
+        "The counter of an id this process issued (in its exact spelling), else None."
+        if not prediction_id.startswith(self.prefix): return None
+        rest = prediction_id[len(self.prefix):]
+        try: c = int(rest, 16)
+        except ValueError: return None
+        return c if c < self.next and f"{c:x}" == rest else None
 
     def add(self, ids: list[str]) -> None:
+        "Mark these ids (issued here) as recorded; others are ignored."
         if not self.capacity: return
-        for i in ids: self._ids[i] = None
-        while len(self._ids) > self.capacity: self._ids.popitem(last=False)
+        for c in sorted(c for c in map(self.counter, ids) if c is not None): self._mark(c, c + 1)
+        old = bisect_right(self._ends, self.next - self.capacity)        # ranges wholly older than the window
+        del self._starts[:old], self._ends[:old]
 
-    def __contains__(self, prediction_id: str) -> bool: return prediction_id in self._ids
+    def _mark(self, start: int, end: int) -> None:
+        i, j = bisect_left(self._ends, start), bisect_right(self._starts, end)     # the ranges [start, end) overlaps or touches
+        if i < j: start, end = min(start, self._starts[i]), max(end, self._ends[j - 1])
+        self._starts[i:j], self._ends[i:j] = [start], [end]
+
+    def __contains__(self, prediction_id: str) -> bool:
+        c = self.counter(prediction_id)
+        if c is None or c < self.next - self.capacity: return False
+        i = bisect_right(self._starts, c) - 1
+        return i >= 0 and c < self._ends[i]
 
 # %% ../../nbs/13_serve_log.ipynb #9a83c464
 def log_files(directory: str | Path) -> list[Path]:
