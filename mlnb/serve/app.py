@@ -30,10 +30,11 @@ from .telemetry import AccessLog, ServeMetrics, server_logger, with_tracing
 from .traffic import RolloutError, Traffic
 
 # %% auto #0
-__all__ = ['log', 'Reply', 'PROTOCOLS', 'json_response', 'error_response', 'ClientDisconnected', 'receive_body', 'parse_json',
-           'Call', 'json_reply', 'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'parse_v2_request',
-           'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback',
-           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
+__all__ = ['log', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'json_response', 'error_response',
+           'ClientDisconnected', 'receive_body', 'parse_json', 'Call', 'json_reply', 'error_reply', 'send_reply',
+           'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request', 'respond_v2',
+           'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback', 'create_app',
+           'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
            'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
 
 # %% ../../nbs/15_serve_app.ipynb #aaddd806
@@ -138,6 +139,17 @@ class ModelServer:
         self.metrics.child(self.metrics.batch_rows, model.name, model.version).observe(rows)
 
 # %% ../../nbs/15_serve_app.ipynb #6a727f23
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # mallopt parameters (malloc.h)
+
+def limit_heap_retention(mmap_bytes: int = 128 * 1024, trim_bytes: int = 256 * 1024) -> bool:
+    "Fix glibc's mmap and trim thresholds, so freed memory goes back to the system; False where that is not glibc or the operator set them."
+    import ctypes, ctypes.util
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")): return False
+    try: libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError: return False
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"): return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_bytes))
+
 def _log_writer_hook(self: ModelServer, name: str):
     return lambda writer: self.metrics.log_written(name, writer.stats, writer.depth())
 
@@ -157,6 +169,7 @@ async def start(self: ModelServer) -> None:
     if not self.ref.is_file and s.reload_poll_seconds > 0: self._poller = asyncio.create_task(self._poll())
     gc.collect(); gc.freeze()     # the imported libraries' objects, ~1e6 of them, are never garbage: keep full collections from walking them
     gc.set_threshold(10_000, 50, 100)   # requests free their objects by reference counting; collect cycles every 10,000 net allocations, not 700
+    limit_heap_retention()              # freed memory goes back to the system, not kept by glibc's raised thresholds
     log.info("serving %s version %s from %s (loaded in %.2f s)", self.model.name, self.model.version, self.model.source, self.model.load_seconds)
 
 @patch
