@@ -59,14 +59,21 @@ def parse_repro(output: str, returncode: int, seconds: float = 0.0) -> PipelineR
     return PipelineRun(returncode, output, seconds, ran, failed)
 
 # %% ../nbs/25_ci.ipynb #0fe2c6dc
-def run_pipeline(cwd: str | Path = ".", targets: list[str] = (), force: bool = False, env: dict | None = None, echo: bool = True) -> PipelineRun:
-    "Run `dvc repro`, streaming its output to stdout, and say what ran and what failed."
+def run_pipeline(cwd: str | Path = ".", targets: list[str] = (), force: bool = False, env: dict | None = None, echo: bool = True,
+                 log: Path | None = None) -> PipelineRun:
+    """Run `dvc repro` with this environment's commands first on PATH (the stages call `mlnb stage`, even from an unactivated venv),
+    streaming its output to stdout (`echo`) and to the file `log`; say what ran and what failed."""
     cmd = [tool("dvc"), "repro", *(["--force"] if force else []), *targets]
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if log is not None: Path(log).parent.mkdir(parents=True, exist_ok=True)
     start, lines = time.perf_counter(), []
-    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
+    with (open(log, "w") if log is not None else contextlib.nullcontext()) as sink, \
+         subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
         for line in p.stdout:
             lines.append(line)
             if echo: sys.stdout.write(line); sys.stdout.flush()
+            if sink is not None: sink.write(line)
     return parse_repro("".join(lines), p.returncode, time.perf_counter() - start)
 
 def pipeline_stages(dvc_yaml: str | Path = "dvc.yaml") -> dict:

@@ -70,6 +70,14 @@ SMALL_RUN = {"data": {"sample_rows": 700},
              "registry": {"gates": {"min_demographic_parity_ratio": 0.6, "max_flip_rate": 0.5, "max_categorical_flip_rate": 0.6}}}
 
 
+
+def small_project(dest: Path) -> Path:
+    "A copy of the project set to SMALL_RUN, committed: ready for `dvc repro`."
+    project = copy_project(dest)
+    set_params(project, SMALL_RUN)
+    run("git commit -qam 'small run'", project)
+    return project
+
 @pytest.fixture(scope="session")
 def telco() -> pd.DataFrame:
     return pd.read_csv(ROOT / "data/raw/telco_churn.csv")

@@ -300,10 +300,8 @@ def alive(process) -> bool:
 
 @pytest.mark.slow
 def test_sigkill_during_dvc_repro_then_repro_completes_with_the_uninterrupted_results(tmp_path):
-    from conftest import SMALL_RUN, copy_project, run, set_params, tool_env
-    project = copy_project(tmp_path / "project")
-    set_params(project, SMALL_RUN)
-    run("git commit -qam 'small run'", project)
+    from conftest import run, small_project, tool_env
+    project = small_project(tmp_path / "project")
     out = (tmp_path / "killed.out").open("w")
     repro = subprocess.Popen(["dvc", "repro"], cwd=project, env={**tool_env(), "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
                              start_new_session=True)                                # its own process group: dvc, mlnb stage, papermill
@@ -326,8 +324,7 @@ def test_sigkill_during_dvc_repro_then_repro_completes_with_the_uninterrupted_re
     assert ran[0] == "train" and "ingest" not in ran and "featurize" not in ran, again.stdout     # finished stages are not run again
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
 
-    clean = copy_project(tmp_path / "clean")                                         # the same run, never interrupted
-    set_params(clean, SMALL_RUN)
+    clean = small_project(tmp_path / "clean")                                        # the same run, never interrupted
     run(["dvc", "repro"], clean)
     for name in ("train", "evaluate", "export"):
         assert (project / f"metrics/{name}.json").read_text() == (clean / f"metrics/{name}.json").read_text(), name

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import yaml
 
-from conftest import SMALL_RUN, copy_project, run, set_params
+from conftest import run, set_params, small_project
 
 OUTPUTS = ["data/processed/train.parquet", "data/processed/valid.parquet", "data/processed/test.parquet",
            "features/feature_spec.json", "features/reference_profile.json", "models/model.joblib",
@@ -21,9 +21,7 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     "One small `dvc repro` shared by the tests below (they only read its results or change params)."
-    project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
-    set_params(project, SMALL_RUN)
-    run("git commit -qam 'small run'", project)
+    project = small_project(tmp_path_factory.mktemp("e2e") / "project")
     first = run(["dvc", "repro"], project)
     first.metrics = {n: (project / f"metrics/{n}.json").read_text() for n in ("train", "evaluate", "export")}
     first.lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
@@ -86,8 +84,7 @@ def test_dvc_exp_run_with_set_param(repro):
 
 def test_two_clean_runs_give_identical_results(repro, tmp_path):
     project, first = repro
-    other = copy_project(tmp_path / "again")
-    set_params(other, SMALL_RUN)
+    other = small_project(tmp_path / "again")
     run(["dvc", "repro"], other)
     for name in ("train", "evaluate", "export"):
         assert (other / f"metrics/{name}.json").read_text() == first.metrics[name], name

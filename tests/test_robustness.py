@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, SMALL_RUN, copy_project, run, set_params
+from conftest import ROOT, run, set_params, small_project
 from mlnb.config import load_config
 from mlnb.registry import robustness_gates
 
@@ -27,9 +27,7 @@ def test_the_bundled_model_passes_the_default_gates_with_a_margin():
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     "One small `dvc repro` (default robustness settings; the small run's gates)."
-    project = copy_project(tmp_path_factory.mktemp("robust") / "project")
-    set_params(project, SMALL_RUN)
-    run("git commit -qam 'small run'", project)
+    project = small_project(tmp_path_factory.mktemp("robust") / "project")
     run(["dvc", "repro"], project)
     return project
 

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/monitor_retrain.html.md"""
 
 # %% ../../nbs/21_monitor_retrain.ipynb #7a9d4292
 from __future__ import annotations
-import json, logging, os, subprocess, sys, time
+import json, logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -102,16 +102,13 @@ def add_data_version(rows: pd.DataFrame, path: Path, schema_path: str, target: s
 
 # %% ../../nbs/21_monitor_retrain.ipynb #652bc929
 def run_pipeline(log_path: Path) -> float:
-    "`dvc repro` in the project; its seconds. Raises RetrainError naming the log on failure."
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    start = time.perf_counter()
-    with open(log_path, "w") as out:
-        rc = subprocess.run([sys.executable, "-m", "dvc", "repro"], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        tail = log_path.read_text().strip().splitlines()[-5:]
-        raise RetrainError(f"dvc repro failed (exit {rc}); see {log_path}: " + " | ".join(tail))
-    return time.perf_counter() - start
+    "`dvc repro` in the project (`mlnb.ci.run_pipeline`, into a log file); its seconds. Raises RetrainError naming the log on failure."
+    from mlnb.ci import run_pipeline as repro
+    result = repro(echo=False, log=log_path)
+    if not result.ok:
+        tail = result.output.strip().splitlines()[-5:]
+        raise RetrainError(f"dvc repro failed (exit {result.returncode}); see {log_path}: " + " | ".join(tail))
+    return result.seconds
 
 # %% ../../nbs/21_monitor_retrain.ipynb #c9422e51
 POLICY = "mlnb:retrain"
