@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/serve_log.html.md"""
 
 # %% ../../nbs/13_serve_log.ipynb #ce871e6f
 from __future__ import annotations
-import base64, binascii, hashlib, itertools, logging, os, secrets, struct, tempfile, threading, time
+import base64, binascii, hashlib, itertools, logging, os, secrets, struct, threading, time
 from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,6 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..config import staged_outputs
 
 # %% auto #0
 __all__ = ['SEALED_SUFFIX', 'log', 'LogKeyError', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys', 'add_log_key',
@@ -107,12 +109,7 @@ def add_log_key(path: str | Path) -> int:
     path = Path(path)
     old = LogKeys.parse(path.read_text(), f"key file {path}").keys if path.exists() else ()
     lines = [base64.b64encode(k).decode() for k in (AESGCM.generate_key(256), *old)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)    # mode 0600 from the start
-    try:
-        with os.fdopen(fd, "w") as f: f.write("\n".join(lines) + "\n"); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally: Path(tmp).unlink(missing_ok=True)
+    with staged_outputs(path, mode=0o600) as tmp: Path(tmp).write_text("\n".join(lines) + "\n")     # 0600 from the start, renamed into place
     return len(lines)
 
 # %% ../../nbs/13_serve_log.ipynb #fe3790e7
