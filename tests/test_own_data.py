@@ -62,6 +62,8 @@ def test_init_repro_serve(tmp_path, case):
     set_params(project, deep_update({"project": {"name": ds.name}}, SMALL))
     run("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", project)
     run(["dvc", "repro"], project, timeout=1500)
+    summary = run(["mlnb", "summary"], project).stdout              # what `make run` ends with
+    assert "selected model" in summary
 
     spec = json.loads((project / "features/feature_spec.json").read_text())
     registration = json.loads((project / "models/registration.json").read_text())
