@@ -23,10 +23,10 @@ from .config import ConfigError, DataConfig, Paths, read_yaml, staged_outputs, w
 # %% auto #0
 __all__ = ['MONTHS', 'MONTH_NUMBERS', 'DATE_FORMATS', 'CUMULATIVE_DAYS', 'ID_MIN_ROWS', 'CATEGORY_SHARES', 'BINARY_SHARES',
            'ADDON_YES', 'TENURE_BY_CONTRACT', 'REFERENCE_SD', 'COLUMNS', 'DataError', 'ColumnSchema', 'DataSchema',
-           'load_schema', 'date_tokens', 'date_regex', 'date_parts', 'days_since_1970', 'is_date', 'pandera_schema',
-           'read_source', 'blanks_to_missing', 'validate', 'CleaningLog', 'clean', 'stratified_sample', 'split_data',
-           'IngestResult', 'read_feedback', 'ingest', 'infer_date_format', 'infer_schema', 'schema_to_yaml',
-           'shifted_shares', 'synthesize']
+           'load_schema', 'date_tokens', 'date_regex', 'date_placeholder', 'date_fields', 'date_parts',
+           'days_since_1970', 'is_date', 'pandera_schema', 'read_source', 'blanks_to_missing', 'validate',
+           'CleaningLog', 'clean', 'stratified_sample', 'split_data', 'IngestResult', 'read_feedback', 'ingest',
+           'infer_date_format', 'infer_schema', 'schema_to_yaml', 'shifted_shares', 'synthesize']
 
 # %% ../nbs/01_data.ipynb #f9587263
 class DataError(ValueError):
@@ -88,15 +88,33 @@ def date_regex(fmt: str, capture: bool = False) -> str:
         out += (f"(?P<{f}>{_FIELDS[f]})" if capture and f in "Ymdb" else _FIELDS[f]) + re.escape(sep)
     return out
 
+def date_placeholder(fmt: str) -> str:
+    "A valid value of `fmt` (2000-01-01), put in place of invalid ones before fields are read."
+    return "".join({"Y": "2000", "b": "Jan"}.get(f, "01") + sep for f, sep in date_tokens(fmt))
+
+def date_fields(values, fmt: str) -> dict:
+    "Year, month (and day) of each value as float32 arrays, with `valid`: the steps of the ONNX graph, in Arrow."
+    import pyarrow as pa, pyarrow.compute as pc
+    text = pd.Series(values, dtype=object).where(pd.notna(values), None).astype("string")
+    arr = pa.array(text.to_numpy(dtype=object, na_value=None), type=pa.string())
+    valid = pc.fill_null(pc.match_substring_regex(arr, "^" + date_regex(fmt) + "$"), False)      # RE2, as in the graph
+    rest, fields, tokens = pc.if_else(valid, arr, date_placeholder(fmt)), {}, date_tokens(fmt)
+    last = max(k for k, (t, _) in enumerate(tokens) if t in "Ymdb")
+    for k, (token, sep) in enumerate(tokens[:last + 1]):
+        if sep:
+            split = pc.split_pattern(rest, sep, max_splits=1)
+            piece, rest = pc.list_element(split, 0), pc.list_element(split, 1)
+        else: piece = rest
+        if token == "b": fields["m"] = np.asarray(list(MONTH_NUMBERS.values()), np.float32)[pc.index_in(piece, pa.array(list(MONTH_NUMBERS))).to_numpy()]
+        elif token in "Ymd": fields[token] = pc.cast(piece, pa.float32()).to_numpy()
+    fields.setdefault("d", np.ones(len(arr), np.float32))
+    return fields | {"valid": valid.to_numpy(zero_copy_only=False)}
+
 def date_parts(values, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     "Days since 1970-01-01 and month (float64, NaN where a value is missing or not a date in `fmt`)."
-    s = pd.Series(values, dtype=object).where(pd.notna(values), None).astype("string")
-    groups = s.str.extract("^" + date_regex(fmt, capture=True) + r"\Z")
-    y = groups["Y"].astype("float64").to_numpy(np.float32, na_value=np.nan)
-    m = (groups["m"].astype("float64") if "m" in groups else groups["b"].map(MONTH_NUMBERS).astype("float64"))
-    m = m.to_numpy(np.float32, na_value=np.nan)
-    d = groups["d"].astype("float64").to_numpy(np.float32, na_value=np.nan) if "d" in groups else np.ones_like(y)
-    return days_since_1970(y, m, d)
+    f = date_fields(values, fmt)
+    days, month = days_since_1970(f["Y"], f["m"], f["d"])
+    return np.where(f["valid"], days, np.nan), np.where(f["valid"], month, np.nan)
 
 CUMULATIVE_DAYS = np.array([0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334], dtype=np.float32)
 
@@ -326,6 +344,7 @@ def infer_schema(df: pd.DataFrame, max_categories: int = 50, target: str | None 
     cols = {}
     for name, s in df.items():
         nullable, role = bool(s.isna().any()), "feature"
+        if pd.api.types.is_datetime64_any_dtype(s): s = s.astype(str).where(s.notna())     # as ingest will read it (validate coerces)
         if pd.api.types.is_bool_dtype(s): spec = dict(dtype="bool")
         elif pd.api.types.is_integer_dtype(s) or (pd.api.types.is_float_dtype(s) and (s.dropna() % 1 == 0).all() and s.notna().any()):
             values = np.sort(s.dropna().unique())
@@ -337,7 +356,7 @@ def infer_schema(df: pd.DataFrame, max_categories: int = 50, target: str | None 
             values = s.dropna().unique()
             spec = dict(dtype="str", allowed=sorted(map(str, values)) if len(values) <= max_categories else None)
             role = "id" if _is_id(s) else role
-        if nullable: spec.update(nullable=True, fill="median" if spec["dtype"] in ("int", "float") else "mode")
+        if nullable: spec.update(nullable=True, **({} if spec["dtype"] == "date" else {"fill": "median" if spec["dtype"] in ("int", "float") else "mode"}))
         if role != "feature" and name != target: spec.update(role=role)
         cols[str(name)] = ColumnSchema(**spec)
     return DataSchema(columns=cols)

@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from .config import ConfigError, DerivedFeature, FeaturesConfig, write_json
-from .data import CUMULATIVE_DAYS, ID_MIN_ROWS, MONTH_NUMBERS, DataSchema, date_parts, date_regex, date_tokens
+from .data import CUMULATIVE_DAYS, ID_MIN_ROWS, MONTH_NUMBERS, DataSchema, date_parts, date_placeholder, date_regex, date_tokens
 
 # %% auto #0
 __all__ = ['DATE_OPSET', 'OTHER_CATEGORY', 'SMALL_REFERENCE', 'MAX_PROFILE_CATEGORIES', 'FINE_BINS', 'ColumnDecision',
@@ -221,6 +221,11 @@ OTHER_CATEGORY = "__other__"
 def _as_text(values) -> np.ndarray:
     "Values as str objects; missing as None (1 and 1.0 are the same category)."
     s = pd.Series(np.asarray(values, dtype=object).ravel())
+    if pd.api.types.infer_dtype(s, skipna=True) in ("string", "empty"): return s.where(s.notna(), None).to_numpy(dtype=object)
+    if pd.api.types.infer_dtype(s, skipna=True) in ("integer", "floating", "mixed-integer-float"):
+        x = pd.to_numeric(s)
+        whole = (x % 1 == 0).to_numpy()
+        return np.where(x.isna(), None, np.where(whole, x.fillna(0).round().astype("int64").astype(str), x.astype(str))).astype(object)
     keyed = s.map(lambda v: str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v))
     return keyed.where(s.notna(), None).to_numpy(dtype=object)
 
@@ -287,9 +292,6 @@ def _date_shape(operator):
     from skl2onnx.common.data_types import FloatTensorType
     operator.outputs[0].type = FloatTensorType([operator.inputs[0].get_first_dimension(), 2 * len(operator.raw_operator.formats)])
 
-def _placeholder(fmt: str) -> str:
-    return "".join({"Y": "2000", "b": "Jan"}.get(f, "01") + sep for f, sep in date_tokens(fmt))
-
 def _date_converter(scope, operator, container):
     if container.target_opset < DATE_OPSET: raise RuntimeError(f"date columns need ONNX opset >= {DATE_OPSET}, not {container.target_opset}")
     op, X = operator.raw_operator, operator.inputs[0].full_name
@@ -309,11 +311,11 @@ def _date_converter(scope, operator, container):
     for j, fmt in enumerate(op.formats):
         text = node("Gather", [X, const([j], np.int64)], "date_in", axis=1)
         valid = node("RegexFullMatch", [text], "date_valid", pattern=date_regex(fmt), op_version=DATE_OPSET)
-        rest = node("Where", [valid, text, const([_placeholder(fmt)], object)], "date_safe")
+        rest = node("Where", [valid, text, const([date_placeholder(fmt)], object)], "date_safe")
         fields, tokens = {}, date_tokens(fmt)
         last = max(k for k, (t, _) in enumerate(tokens) if t in "Ymdb")
         for k, (token, sep) in enumerate(tokens[:last + 1]):
-            if k < last:
+            if sep:
                 split, count = name("date_split"), name("date_count")
                 container.add_node("StringSplit", [rest], [split, count], name=scope.get_unique_operator_name("StringSplit"),
                                    delimiter=sep, maxsplit=1, op_version=DATE_OPSET)
