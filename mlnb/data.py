@@ -81,12 +81,9 @@ def date_tokens(fmt: str) -> list[tuple[str, str]] | None:
     if "Y" not in fields or not ({"m", "b"} & set(fields)) or any(re.search(r"[0-9A-Za-z]", s) and s != "T" for s in seps): return None
     return list(zip(fields, seps))
 
-def date_regex(fmt: str, capture: bool = False) -> str:
+def date_regex(fmt: str) -> str:
     "The regular expression of the strings `fmt` writes (full match, ASCII only)."
-    out = ""
-    for f, sep in date_tokens(fmt):
-        out += (f"(?P<{f}>{_FIELDS[f]})" if capture and f in "Ymdb" else _FIELDS[f]) + re.escape(sep)
-    return out
+    return "".join(_FIELDS[f] + re.escape(sep) for f, sep in date_tokens(fmt))
 
 def date_placeholder(fmt: str) -> str:
     "A valid value of `fmt` (2000-01-01), put in place of invalid ones before fields are read."
@@ -94,9 +91,9 @@ def date_placeholder(fmt: str) -> str:
 
 def date_fields(values, fmt: str) -> dict:
     "Year, month (and day) of each value as float32 arrays, with `valid`: the steps of the ONNX graph, in Arrow."
-    import pyarrow as pa, pyarrow.compute as pc
+    import pyarrow, pyarrow.compute as pc
     text = pd.Series(values, dtype=object).where(pd.notna(values), None).astype("string")
-    arr = pa.array(text.to_numpy(dtype=object, na_value=None), type=pa.string())
+    arr = pyarrow.array(text.to_numpy(dtype=object, na_value=None), type=pyarrow.string())
     valid = pc.fill_null(pc.match_substring_regex(arr, "^" + date_regex(fmt) + "$"), False)      # RE2, as in the graph
     rest, fields, tokens = pc.if_else(valid, arr, date_placeholder(fmt)), {}, date_tokens(fmt)
     last = max(k for k, (t, _) in enumerate(tokens) if t in "Ymdb")
@@ -105,8 +102,10 @@ def date_fields(values, fmt: str) -> dict:
             split = pc.split_pattern(rest, sep, max_splits=1)
             piece, rest = pc.list_element(split, 0), pc.list_element(split, 1)
         else: piece = rest
-        if token == "b": fields["m"] = np.asarray(list(MONTH_NUMBERS.values()), np.float32)[pc.index_in(piece, pa.array(list(MONTH_NUMBERS))).to_numpy()]
-        elif token in "Ymd": fields[token] = pc.cast(piece, pa.float32()).to_numpy()
+        if token == "b":
+            index = pc.index_in(piece, pyarrow.array(list(MONTH_NUMBERS))).to_numpy()
+            fields["m"] = np.asarray(list(MONTH_NUMBERS.values()), np.float32)[index]
+        elif token in "Ymd": fields[token] = pc.cast(piece, pyarrow.float32()).to_numpy()
     fields.setdefault("d", np.ones(len(arr), np.float32))
     return fields | {"valid": valid.to_numpy(zero_copy_only=False)}
 
