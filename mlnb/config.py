@@ -77,6 +77,7 @@ class FeaturesConfig(_Strict):
     passthrough: list[str] | None = None
     exclude: list[str] = []
     derived: list[DerivedFeature] = []
+    max_categories: int = Field(32, ge=2)   # one-hot width cap per categorical: the max_categories - 1 most frequent values + one bucket
 
 # %% ../nbs/00_config.ipynb #087d59aa
 class TrainConfig(_Strict):

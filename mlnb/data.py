@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #5610ae93
 from __future__ import annotations
-import json
+import json, re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,32 +15,41 @@ import pandas as pd
 import pandera.pandas as pa
 import yaml
 from pandera.errors import SchemaErrors
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sklearn.model_selection import train_test_split
 
 from .config import ConfigError, DataConfig, Paths, read_yaml, staged_outputs, write_json
 
 # %% auto #0
-__all__ = ['CATEGORY_SHARES', 'BINARY_SHARES', 'ADDON_YES', 'TENURE_BY_CONTRACT', 'REFERENCE_SD', 'COLUMNS', 'DataError',
-           'ColumnSchema', 'DataSchema', 'load_schema', 'pandera_schema', 'read_source', 'blanks_to_missing',
-           'validate', 'CleaningLog', 'clean', 'stratified_sample', 'split_data', 'IngestResult', 'read_feedback',
-           'ingest', 'infer_schema', 'schema_to_yaml', 'shifted_shares', 'synthesize']
+__all__ = ['MONTHS', 'MONTH_NUMBERS', 'DATE_FORMATS', 'CUMULATIVE_DAYS', 'ID_MIN_ROWS', 'CATEGORY_SHARES', 'BINARY_SHARES',
+           'ADDON_YES', 'TENURE_BY_CONTRACT', 'REFERENCE_SD', 'COLUMNS', 'DataError', 'ColumnSchema', 'DataSchema',
+           'load_schema', 'date_tokens', 'date_regex', 'date_placeholder', 'date_fields', 'date_parts',
+           'days_since_1970', 'is_date', 'pandera_schema', 'read_source', 'blanks_to_missing', 'validate',
+           'CleaningLog', 'clean', 'stratified_sample', 'split_data', 'IngestResult', 'read_feedback', 'ingest',
+           'infer_date_format', 'infer_schema', 'schema_to_yaml', 'shifted_shares', 'synthesize']
 
 # %% ../nbs/01_data.ipynb #f9587263
 class DataError(ValueError):
     "Input data that cannot be used, with the file, column, check and number of rows at fault."
 
-_DTYPES = {"int": "int64", "float": "float64", "str": "str", "bool": "bool"}
+_DTYPES = {"int": "int64", "float": "float64", "str": "str", "bool": "bool", "date": "str"}
 
 class ColumnSchema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    dtype: str = Field(pattern="^(int|float|str|bool)$")
+    dtype: str = Field(pattern="^(int|float|str|bool|date)$")
     nullable: bool = False
     min: float | None = None
     max: float | None = None
     allowed: list[str | int | float | bool] | None = None
     fill: str | float | int | None = None     # constant, "median", "mode" or "drop"
     role: str = Field("feature", pattern="^(feature|id|ignore)$")
+    format: str | None = None                 # date only: how the text is written, as a strftime format ("%Y-%m-%d")
+
+    @model_validator(mode="after")
+    def _date_format(self):
+        if self.dtype == "date" and not self.format: raise ValueError("a date column needs a format, e.g. format: '%Y-%m-%d'")
+        if self.dtype != "date" and self.format: raise ValueError(f"format is for date columns, not {self.dtype}")
+        return self
 
 class DataSchema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,7 +64,76 @@ def load_schema(path: str | Path) -> DataSchema:
     try: return DataSchema.model_validate(read_yaml(path))
     except ValidationError as e: raise ConfigError(f"{path}: invalid schema: {e}") from None
 
+# %% ../nbs/01_data.ipynb #f613a095
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+MONTH_NUMBERS = {v: i + 1 for i, m in enumerate(MONTHS) for v in (m, m.upper(), m.lower())}
+DATE_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m",
+                "%Y/%m/%d", "%b-%Y", "%b %Y", "%d-%b-%Y", "%d %b %Y")       # what schema inference tries, in this order
+_FIELDS = {"Y": "[0-9]{4}", "m": "[0-9]{1,2}", "d": "[0-9]{1,2}", "H": "[0-9]{1,2}", "M": "[0-9]{1,2}", "S": "[0-9]{1,2}",
+           "b": "(?:" + "|".join(MONTH_NUMBERS) + ")"}
+
+def date_tokens(fmt: str) -> list[tuple[str, str]] | None:
+    "The fields of a strftime format as (field, separator after it) pairs; None if mlnb cannot parse it everywhere."
+    parts = re.split(r"%(.)", fmt)            # literal, field, literal, field, ..., literal
+    if parts[0] or len(parts) < 3: return None
+    fields, seps = parts[1::2], parts[2::2]
+    if any(f not in _FIELDS for f in fields) or any(not s for s in seps[:-1]) or seps[-1]: return None
+    if "Y" not in fields or not ({"m", "b"} & set(fields)) or any(re.search(r"[0-9A-Za-z]", s) and s != "T" for s in seps): return None
+    return list(zip(fields, seps))
+
+def date_regex(fmt: str) -> str:
+    "The regular expression of the strings `fmt` writes (full match, ASCII only)."
+    return "".join(_FIELDS[f] + re.escape(sep) for f, sep in date_tokens(fmt))
+
+def date_placeholder(fmt: str) -> str:
+    "A valid value of `fmt` (2000-01-01), put in place of invalid ones before fields are read."
+    return "".join({"Y": "2000", "b": "Jan"}.get(f, "01") + sep for f, sep in date_tokens(fmt))
+
+def date_fields(values, fmt: str) -> dict:
+    "Year, month (and day) of each value as float32 arrays, with `valid`: the steps of the ONNX graph, in Arrow."
+    import pyarrow, pyarrow.compute as pc
+    text = pd.Series(values, dtype=object).where(pd.notna(values), None).astype("string")
+    arr = pyarrow.array(text.to_numpy(dtype=object, na_value=None), type=pyarrow.string())
+    valid = pc.fill_null(pc.match_substring_regex(arr, "^" + date_regex(fmt) + "$"), False)      # RE2, as in the graph
+    rest, fields, tokens = pc.if_else(valid, arr, date_placeholder(fmt)), {}, date_tokens(fmt)
+    last = max(k for k, (t, _) in enumerate(tokens) if t in "Ymdb")
+    for k, (token, sep) in enumerate(tokens[:last + 1]):
+        if sep:
+            split = pc.split_pattern(rest, sep, max_splits=1)
+            piece, rest = pc.list_element(split, 0), pc.list_element(split, 1)
+        else: piece = rest
+        if token == "b":
+            index = pc.index_in(piece, pyarrow.array(list(MONTH_NUMBERS))).to_numpy()
+            fields["m"] = np.asarray(list(MONTH_NUMBERS.values()), np.float32)[index]
+        elif token in "Ymd": fields[token] = pc.cast(piece, pyarrow.float32()).to_numpy()
+    fields.setdefault("d", np.ones(len(arr), np.float32))
+    return fields | {"valid": valid.to_numpy(zero_copy_only=False)}
+
+def date_parts(values, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    "Days since 1970-01-01 and month (float64, NaN where a value is missing or not a date in `fmt`)."
+    f = date_fields(values, fmt)
+    days, month = days_since_1970(f["Y"], f["m"], f["d"])
+    return np.where(f["valid"], days, np.nan), np.where(f["valid"], month, np.nan)
+
+CUMULATIVE_DAYS = np.array([0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334], dtype=np.float32)
+
+def days_since_1970(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "The closed form the ONNX graph computes too, in float32 (every value is a whole number below 2**24, so exact)."
+    y, m, d = (np.asarray(a, dtype=np.float32) for a in (y, m, d))
+    with np.errstate(invalid="ignore"):
+        valid = (y >= 1901) & (y <= 2099) & (m >= 1) & (m <= 12) & (d >= 1) & (d <= 31)
+    m_safe = np.where(valid, m, np.float32(1)).astype(np.int64)
+    leap_now = ((m > 2) & (np.floor(y / np.float32(4)) * np.float32(4) == y)).astype(np.float32)
+    days = (np.float32(365) * (y - np.float32(1970)) + np.floor((y - np.float32(1969)) / np.float32(4))
+            + CUMULATIVE_DAYS[m_safe - 1] + leap_now + d - np.float32(1))
+    return np.where(valid, days, np.nan).astype(np.float64), np.where(valid, m, np.nan).astype(np.float64)
+
 # %% ../nbs/01_data.ipynb #1aed7f31
+def is_date(values: pd.Series, fmt: str) -> pd.Series:
+    "Which values are dates written in `fmt` (mlnb's own parser where it supports `fmt`, else pandas')."
+    if date_tokens(fmt) is not None: return pd.Series(~np.isnan(date_parts(values, fmt)[0]), index=values.index)
+    return pd.to_datetime(values, format=fmt, errors="coerce").notna()
+
 def _column_checks(spec: ColumnSchema) -> list[pa.Check]:
     checks = []
     if spec.min is not None: checks.append(pa.Check.ge(spec.min, error=f"must be >= {spec.min:g}"))
@@ -63,6 +141,7 @@ def _column_checks(spec: ColumnSchema) -> list[pa.Check]:
     if spec.allowed is not None: checks.append(pa.Check.isin(spec.allowed, error=f"must be one of {spec.allowed} (unknown category)"))
     if spec.dtype == "int" and spec.nullable:
         checks.append(pa.Check(lambda s: s.isna() | (s % 1 == 0), error="must be a whole number"))
+    if spec.dtype == "date": checks.append(pa.Check(lambda s: s.isna() | is_date(s, spec.format), error=f"must be a date written {spec.format!r}"))
     return checks
 
 def pandera_schema(schema: DataSchema) -> pa.DataFrameSchema:
@@ -245,20 +324,39 @@ def ingest(data: DataConfig, seed: int) -> IngestResult:
     return IngestResult(splits, log, data.source, data.target, data.task)
 
 # %% ../nbs/01_data.ipynb #fbc74cc6
-def infer_schema(df: pd.DataFrame, max_categories: int = 50) -> DataSchema:
+ID_MIN_ROWS = 20
+
+def infer_date_format(values: pd.Series, sample: int = 200) -> str | None:
+    "The first of `DATE_FORMATS` every distinct non-missing value of `values` is written in, or None."
+    distinct = pd.Series(values.dropna().unique())
+    if len(distinct) == 0 or not all(isinstance(v, str) for v in distinct[:sample]): return None
+    head = distinct[:sample]
+    for fmt in DATE_FORMATS:
+        if is_date(head, fmt).all() and is_date(distinct, fmt).all(): return fmt
+    return None
+
+def _is_id(s: pd.Series) -> bool:
+    return len(s) >= ID_MIN_ROWS and not s.isna().any() and s.nunique() == len(s)
+
+def infer_schema(df: pd.DataFrame, max_categories: int = 50, target: str | None = None) -> DataSchema:
     "Draft a schema from observed data: a starting point to review, not a contract."
     cols = {}
     for name, s in df.items():
-        nullable = bool(s.isna().any())
+        nullable, role = bool(s.isna().any()), "feature"
+        if pd.api.types.is_datetime64_any_dtype(s): s = s.astype(str).where(s.notna())     # as ingest will read it (validate coerces)
         if pd.api.types.is_bool_dtype(s): spec = dict(dtype="bool")
         elif pd.api.types.is_integer_dtype(s) or (pd.api.types.is_float_dtype(s) and (s.dropna() % 1 == 0).all() and s.notna().any()):
-            values = sorted(s.dropna().unique().tolist())
-            spec = dict(dtype="int", allowed=[int(v) for v in values]) if len(values) <= 2 else dict(dtype="int", min=float(s.min()))
+            values = np.sort(s.dropna().unique())
+            spec = dict(dtype="int", allowed=[int(v) for v in values]) if len(values) <= 2 else dict(dtype="int", min=float(values[0]))
+            role = "id" if _is_id(s) else role
         elif pd.api.types.is_numeric_dtype(s): spec = dict(dtype="float", min=float(s.min()))
+        elif fmt := infer_date_format(s): spec = dict(dtype="date", format=fmt)
         else:
-            values = sorted(map(str, s.dropna().unique()))
-            spec = dict(dtype="str", allowed=values if len(values) <= max_categories else None)
-        if nullable: spec.update(nullable=True, fill="median" if spec["dtype"] in ("int", "float") else "mode")
+            values = s.dropna().unique()
+            spec = dict(dtype="str", allowed=sorted(map(str, values)) if len(values) <= max_categories else None)
+            role = "id" if _is_id(s) else role
+        if nullable: spec.update(nullable=True, **({} if spec["dtype"] == "date" else {"fill": "median" if spec["dtype"] in ("int", "float") else "mode"}))
+        if role != "feature" and name != target: spec.update(role=role)
         cols[str(name)] = ColumnSchema(**spec)
     return DataSchema(columns=cols)
 

@@ -20,14 +20,23 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from .config import ConfigError, DerivedFeature, FeaturesConfig, write_json
-from .data import DataSchema
+from .data import CUMULATIVE_DAYS, ID_MIN_ROWS, MONTH_NUMBERS, DataSchema, date_parts, date_placeholder, date_regex, date_tokens
 
 # %% auto #0
-__all__ = ['SMALL_REFERENCE', 'FINE_BINS', 'FeatureSpec', 'feature_spec', 'DerivedFeatures', 'register_onnx_converters',
-           'Float32Inputs', 'preprocessor', 'model_frame', 'column_kind', 'ColumnProfile', 'bin_counts', 'value_counts',
-           'column_profile', 'Profile', 'reference_profile']
+__all__ = ['DATE_OPSET', 'OTHER_CATEGORY', 'SMALL_REFERENCE', 'MAX_PROFILE_CATEGORIES', 'FINE_BINS', 'ColumnDecision',
+           'FeatureSpec', 'feature_spec', 'DerivedFeatures', 'register_onnx_converters', 'Float32Inputs',
+           'CategoryGrouper', 'DateFeatures', 'preprocessor', 'model_frame', 'column_kind', 'ColumnProfile',
+           'bin_counts', 'value_counts', 'column_profile', 'capped_counts', 'Profile', 'reference_profile']
 
 # %% ../nbs/02_features.ipynb #df42a0c0
+class ColumnDecision(BaseModel):
+    "How one schema column enters the model (or why it does not)."
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    column: str
+    role: str            # numeric | categorical | passthrough | date | target | excluded
+    encoding: str        # what the pipeline does with it ("" when excluded)
+    why: str
+
 class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     target: str
@@ -36,41 +45,95 @@ class FeatureSpec(BaseModel):
     categorical: list[str]
     passthrough: list[str]
     derived: list[DerivedFeature] = []
+    dates: dict[str, str] = {}                 # date column -> strftime format
+    max_categories: int = 32                   # categorical width cap (features.max_categories)
+    decisions: list[ColumnDecision] = []
 
     @property
     def inputs(self) -> list[str]:
         "Raw columns the model reads, in the order of the ONNX graph inputs."
-        return self.numeric + self.passthrough + self.categorical
+        return self.numeric + self.passthrough + self.categorical + list(self.dates)
+
+    @property
+    def number_inputs(self) -> list[str]: return self.numeric + self.passthrough
+
+    @property
+    def string_inputs(self) -> list[str]:
+        "Raw columns the graph reads as strings (categories and dates), in input order."
+        return self.categorical + list(self.dates)
+
+    def decisions_table(self) -> pd.DataFrame:
+        return pd.DataFrame([d.model_dump() for d in self.decisions], columns=["column", "role", "encoding", "why"])
 
     def save(self, path: str | Path) -> Path: return write_json(self.model_dump(mode="json"), path)
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSpec": return cls.model_validate(json.loads(Path(path).read_text()))
 
+# %% ../nbs/02_features.ipynb #08c81729
+DATE_OPSET = 20
+
 def _inferred_role(spec) -> str:
     if spec.dtype in ("str",): return "categorical"
+    if spec.dtype == "date": return "date"
     if spec.dtype == "bool" or (spec.allowed is not None and set(spec.allowed) <= {0, 1}): return "passthrough"
     return "numeric"
 
-def feature_spec(schema: DataSchema, features: FeaturesConfig, target: str, task: str) -> FeatureSpec:
-    "The feature spec from the schema, with params' explicit roles taking precedence."
+def _encoding(role: str, distinct: int | None, limit: int) -> str:
+    if role == "numeric": return "median-imputed (scaled for linear models and MLP)"
+    if role == "passthrough": return "as is (flag)"
+    if role == "date": return "days since 1970-01-01 and month, median-imputed"
+    if distinct is None: return f"one-hot of the {limit - 1} most frequent values + one bucket for the rest, unseen and missing"
+    if distinct >= limit: return f"one-hot of the {limit - 1} most frequent of {distinct} values + one bucket ({limit} columns)"
+    return f"one-hot ({distinct} values; unseen and missing go to one bucket)"
+
+def _data_reason(s: pd.Series, dtype: str) -> str | None:
+    "Why the training data rules a column out (constant, identifier), or None."
+    distinct = s.nunique(dropna=True)
+    if distinct <= 1:
+        value = "all missing" if distinct == 0 else f"always {_as_text(s.dropna().iloc[:1])[0]!r}"
+        return f"constant in the training data ({value}): nothing to learn"
+    if dtype in ("str", "int") and len(s) >= ID_MIN_ROWS and distinct == len(s) and not s.isna().any():
+        return f"unique on each of the {len(s)} training rows: an identifier, which a model would memorise"
+    return None
+
+def feature_spec(schema: DataSchema, features: FeaturesConfig, target: str, task: str,
+                 data: pd.DataFrame | None = None, opset: int | None = None) -> FeatureSpec:
+    "The feature spec from the schema (and the training `data`), with params' explicit roles taking precedence."
     explicit = {role: getattr(features, role) for role in ("numeric", "categorical", "passthrough")}
-    candidates = [c for c in schema.feature_columns if c != target and c not in features.exclude]
-    roles = {}
+    roles, decisions = {}, {}
     for role, cols in explicit.items():
         for c in cols or []:
             if c not in schema.columns: raise ConfigError(f"features.{role}: column {c!r} is not in the schema")
             if c == target: raise ConfigError(f"features.{role}: {c!r} is the target and cannot be a feature")
-            roles[c] = role
-    for c in candidates:
-        if c not in roles and explicit[_inferred_role(schema.columns[c])] is None: roles[c] = _inferred_role(schema.columns[c])
-    numeric_pool = {c for c, r in roles.items() if r in ("numeric", "passthrough")}
+            roles[c] = (role, f"listed in features.{role}")
+    for c, col in schema.columns.items():
+        if c == target: decisions[c] = ColumnDecision(column=c, role="target", encoding="", why="the target"); continue
+        if c in roles: continue
+        role, why = _inferred_role(col), None
+        if col.role != "feature": why = f"declared role: {col.role} in the schema"
+        elif c in features.exclude: why = "listed in features.exclude"
+        elif role != "date" and explicit[role] is not None: why = f"not listed in features.{role}"
+        elif data is not None and c in data.columns: why = _data_reason(data[c], col.dtype)
+        if why is None and role == "date":
+            if date_tokens(col.format) is None: why = f"date format {col.format!r} cannot be parsed inside the ONNX graph"
+            elif opset is not None and opset < DATE_OPSET: why = f"date parsing in the ONNX graph needs export.opset >= {DATE_OPSET} (is {opset})"
+        if why is None: roles[c] = (role, "inferred from the schema" + (" and the training data" if data is not None else ""))
+        else: decisions[c] = ColumnDecision(column=c, role="excluded", encoding="", why=why)
+    numeric_pool = {c for c, (r, _) in roles.items() if r in ("numeric", "passthrough")}
     for d in features.derived:
         for c in d.of:
             if c not in numeric_pool: raise ConfigError(f"features.derived {d.name!r}: {c!r} is not a numeric feature column")
-    ordered = lambda role: [c for c in schema.columns if roles.get(c) == role]
+    for c, (role, why) in roles.items():
+        distinct = int(data[c].nunique()) if data is not None and c in data.columns and role == "categorical" else None
+        decisions[c] = ColumnDecision(column=c, role=role, encoding=_encoding(role, distinct, features.max_categories), why=why)
+    decisions.update({d.name: ColumnDecision(column=d.name, role="derived", encoding=f"{d.op}({', '.join(d.of)})",
+                                             why="features.derived") for d in features.derived})
+    ordered = lambda role: [c for c in schema.columns if roles.get(c, ("",))[0] == role]
     return FeatureSpec(target=target, task=task, numeric=ordered("numeric"), categorical=ordered("categorical"),
-                       passthrough=ordered("passthrough"), derived=features.derived)
+                       passthrough=ordered("passthrough"), derived=features.derived,
+                       dates={c: schema.columns[c].format for c in ordered("date")}, max_categories=features.max_categories,
+                       decisions=[decisions[c] for c in [*schema.columns, *(d.name for d in features.derived)] if c in decisions])
 
 # %% ../nbs/02_features.ipynb #06734a20
 class DerivedFeatures(TransformerMixin, BaseEstimator):
@@ -132,6 +195,8 @@ def register_onnx_converters():
     from skl2onnx import update_registered_converter
     update_registered_converter(DerivedFeatures, "MlnbDerivedFeatures", _derived_shape, _derived_converter)
     update_registered_converter(Float32Inputs, "MlnbFloat32Inputs", _identity_shape, _identity_converter)
+    update_registered_converter(CategoryGrouper, "MlnbCategoryGrouper", _grouper_shape, _grouper_converter)
+    update_registered_converter(DateFeatures, "MlnbDateFeatures", _date_shape, _date_converter)
 
 # %% ../nbs/02_features.ipynb #6e3b0a0a
 class Float32Inputs(TransformerMixin, BaseEstimator):
@@ -150,14 +215,146 @@ def _identity_shape(operator):
 def _identity_converter(scope, operator, container):
     container.add_node("Identity", operator.inputs[0].full_name, operator.outputs[0].full_name, name=scope.get_unique_operator_name("Float32Inputs"))
 
+# %% ../nbs/02_features.ipynb #c0375898
+OTHER_CATEGORY = "__other__"
+
+def _as_text(values) -> np.ndarray:
+    "Values as str objects; missing as None (1 and 1.0 are the same category)."
+    s = pd.Series(np.asarray(values, dtype=object).ravel())
+    if pd.api.types.infer_dtype(s, skipna=True) in ("string", "empty"): return s.where(s.notna(), None).to_numpy(dtype=object)
+    if pd.api.types.infer_dtype(s, skipna=True) in ("integer", "floating", "mixed-integer-float"):
+        x = pd.to_numeric(s)
+        whole = (x % 1 == 0).to_numpy()
+        return np.where(x.isna(), None, np.where(whole, x.fillna(0).round().astype("int64").astype(str), x.astype(str))).astype(object)
+    keyed = s.map(lambda v: str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v))
+    return keyed.where(s.notna(), None).to_numpy(dtype=object)
+
+class CategoryGrouper(TransformerMixin, BaseEstimator):
+    "Keep each column's `max_categories - 1` most frequent values; map the rest, unseen and missing ones to `other`."
+    def __init__(self, max_categories: int = 32, other: str = OTHER_CATEGORY):
+        self.max_categories, self.other = max_categories, other
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=object)
+        self.n_features_in_, self.categories_ = X.shape[1], []
+        for j in range(X.shape[1]):
+            counts = pd.Series(_as_text(X[:, j])).value_counts(dropna=True)
+            ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            self.categories_.append(np.array([k for k, _ in ranked[:self.max_categories - 1] if k != self.other], dtype=object))
+        return self
+
+    def transform(self, X):
+        X = np.asarray(X, dtype=object)
+        out = np.empty(X.shape, dtype=object)
+        for j, kept in enumerate(self.categories_):
+            text = _as_text(X[:, j])
+            out[:, j] = np.where(pd.Series(text).isin(kept).to_numpy(), text, self.other)
+        return out
+
+    def get_feature_names_out(self, input_features=None): return np.asarray(input_features, dtype=object)
+
+def _grouper_shape(operator):
+    from skl2onnx.common.data_types import StringTensorType
+    operator.outputs[0].type = StringTensorType([operator.inputs[0].get_first_dimension(), operator.raw_operator.n_features_in_])
+
+def _grouper_converter(scope, operator, container):
+    op, X = operator.raw_operator, operator.inputs[0].full_name
+    outs = []
+    for j, kept in enumerate(op.categories_):
+        col, out = scope.get_unique_variable_name("category_in"), scope.get_unique_variable_name("category_grouped")
+        index = scope.get_unique_variable_name("column_index")
+        container.add_initializer(index, 7, [1], [j])                   # 7: INT64
+        container.add_node("Gather", [X, index], [col], axis=1, name=scope.get_unique_operator_name("Gather"))
+        keys = [str(k) for k in kept] or [op.other]
+        container.add_node("LabelEncoder", [col], [out], op_domain="ai.onnx.ml", op_version=2, keys_strings=keys,
+                           values_strings=keys, default_string=op.other, name=scope.get_unique_operator_name("CategoryGrouper"))
+        outs.append(out)
+    container.add_node("Concat", outs, [operator.outputs[0].full_name], axis=1, name=scope.get_unique_operator_name("Concat"))
+
+# %% ../nbs/02_features.ipynb #bd2e115f
+class DateFeatures(TransformerMixin, BaseEstimator):
+    "Days since 1970-01-01 and month of date strings, one pair per column, in each column's strftime format."
+    def __init__(self, formats: tuple = (), columns: tuple = ()):
+        self.formats, self.columns = formats, columns
+
+    def fit(self, X, y=None):
+        self.n_features_in_ = len(self.formats)
+        return self
+
+    def transform(self, X):
+        X = np.asarray(X, dtype=object)
+        return np.column_stack([a for j, fmt in enumerate(self.formats) for a in date_parts(X[:, j], fmt)])
+
+    def get_feature_names_out(self, input_features=None):
+        return np.array([f"{c}_{part}" for c in self.columns for part in ("days", "month")], dtype=object)
+
+def _date_shape(operator):
+    from skl2onnx.common.data_types import FloatTensorType
+    operator.outputs[0].type = FloatTensorType([operator.inputs[0].get_first_dimension(), 2 * len(operator.raw_operator.formats)])
+
+def _date_converter(scope, operator, container):
+    if container.target_opset < DATE_OPSET: raise RuntimeError(f"date columns need ONNX opset >= {DATE_OPSET}, not {container.target_opset}")
+    op, X = operator.raw_operator, operator.inputs[0].full_name
+    name = lambda hint: scope.get_unique_variable_name(hint)
+    def node(op_type, inputs, hint, **kw):
+        out = name(hint)
+        container.add_node(op_type, inputs, [out], name=scope.get_unique_operator_name(op_type), **kw)
+        return out
+    def const(value, dtype=np.float32):
+        value = np.asarray(value, dtype=dtype)
+        n = name("const")
+        container.add_initializer(n, {np.float32: 1, np.int64: 7, object: 8}[dtype], list(value.shape),
+                                  [v.encode() for v in value.ravel()] if dtype is object else value.ravel().tolist())
+        return n
+    f = lambda v: const([v])
+    outs = []
+    for j, fmt in enumerate(op.formats):
+        text = node("Gather", [X, const([j], np.int64)], "date_in", axis=1)
+        valid = node("RegexFullMatch", [text], "date_valid", pattern=date_regex(fmt), op_version=DATE_OPSET)
+        rest = node("Where", [valid, text, const([date_placeholder(fmt)], object)], "date_safe")
+        fields, tokens = {}, date_tokens(fmt)
+        last = max(k for k, (t, _) in enumerate(tokens) if t in "Ymdb")
+        for k, (token, sep) in enumerate(tokens[:last + 1]):
+            if sep:
+                split, count = name("date_split"), name("date_count")
+                container.add_node("StringSplit", [rest], [split, count], name=scope.get_unique_operator_name("StringSplit"),
+                                   delimiter=sep, maxsplit=1, op_version=DATE_OPSET)
+                piece = node("Gather", [split, const(0, np.int64)], "date_piece", axis=2)
+                rest = node("Gather", [split, const(1, np.int64)], "date_rest", axis=2)
+            else: piece = rest
+            if token == "b":
+                fields["m"] = node("LabelEncoder", [piece], "date_month", op_domain="ai.onnx.ml", op_version=2,
+                                   keys_strings=list(MONTH_NUMBERS), values_floats=[float(v) for v in MONTH_NUMBERS.values()], default_float=0.0)
+            elif token in "Ymd": fields[token] = node("Cast", [piece], f"date_{token}", to=1)
+        y, m = fields["Y"], fields["m"]
+        d = fields.get("d") or node("Add", [node("Mul", [y, f(0)], "zero"), f(1)], "date_d")
+        within = lambda v, lo, hi: node("And", [node("GreaterOrEqual", [v, f(lo)], "ge"), node("LessOrEqual", [v, f(hi)], "le")], "in")
+        ok = node("And", [node("And", [valid, within(y, 1901, 2099)], "ok"), node("And", [within(m, 1, 12), within(d, 1, 31)], "ok")], "ok")
+        m_safe = node("Where", [ok, m, f(1)], "m_safe")
+        cumulative = node("Gather", [const(CUMULATIVE_DAYS), node("Cast", [node("Sub", [m_safe, f(1)], "m0")], "m_index", to=7)], "cum", axis=0)
+        leap_year = node("Equal", [node("Mul", [node("Floor", [node("Div", [y, f(4)], "y4")], "y4f"), f(4)], "y4m"), y], "leap")
+        leap_now = node("Cast", [node("And", [node("Greater", [m, f(2)], "after_feb"), leap_year], "leap_now")], "leap_now_f", to=1)
+        days = node("Mul", [f(365), node("Sub", [y, f(1970)], "years")], "days")
+        days = node("Add", [days, node("Floor", [node("Div", [node("Sub", [y, f(1969)], "y1969"), f(4)], "leaps")], "leaps_f")], "days")
+        days = node("Add", [days, cumulative], "days")
+        days = node("Add", [days, leap_now], "days")
+        days = node("Add", [days, node("Sub", [d, f(1)], "d0")], "days")
+        outs += [node("Where", [ok, days, f(np.nan)], "date_days"), node("Where", [ok, m, f(np.nan)], "date_month_out")]
+    container.add_node("Concat", outs, [operator.outputs[0].full_name], axis=1, name=scope.get_unique_operator_name("Concat"))
+
 # %% ../nbs/02_features.ipynb #cd9d3c59
 def preprocessor(spec: FeatureSpec, scale: bool) -> ColumnTransformer:
-    "ColumnTransformer for `spec`: impute (+ scale) numeric, one-hot categorical, pass flags, derive."
+    "ColumnTransformer for `spec`: impute (+ scale) numeric, group + one-hot categorical, pass flags, parse dates, derive."
     numeric = [("impute", SimpleImputer(strategy="median"))] + ([("scale", StandardScaler())] if scale else [])
     parts = []
     if spec.numeric: parts.append(("numeric", Pipeline([("float32", Float32Inputs())] + numeric), spec.numeric))
     if spec.passthrough: parts.append(("flags", "passthrough", spec.passthrough))
-    if spec.categorical: parts.append(("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), spec.categorical))
+    if spec.categorical:
+        onehot = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+        parts.append(("categorical", Pipeline([("group", CategoryGrouper(spec.max_categories)), ("onehot", onehot)]), spec.categorical))
+    if spec.dates:
+        dates = DateFeatures(tuple(spec.dates.values()), tuple(spec.dates))
+        parts.append(("dates", Pipeline([("parse", dates)] + numeric), list(spec.dates)))
     if spec.derived:
         sources = list(dict.fromkeys(c for d in spec.derived for c in d.of))
         derive = DerivedFeatures(tuple(d.model_dump() for d in spec.derived), tuple(sources))
@@ -165,16 +362,18 @@ def preprocessor(spec: FeatureSpec, scale: bool) -> ColumnTransformer:
     return ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=False)
 
 def model_frame(df: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
-    "The raw input columns in spec order, numbers as float64 and categories as strings."
+    "The raw input columns in spec order, numbers as float64 and categories and dates as strings (missing: None)."
     missing = [c for c in spec.inputs if c not in df.columns]
     if missing: raise ConfigError(f"input is missing feature column(s) {missing}")
     out = df[spec.inputs].copy()
     for c in spec.numeric + spec.passthrough: out[c] = out[c].astype("float64")
-    for c in spec.categorical: out[c] = out[c].astype(object).where(out[c].notna(), None)
+    for c in spec.string_inputs:
+        out[c] = _as_text(out[c]) if pd.api.types.is_numeric_dtype(out[c]) else out[c].astype(object).where(out[c].notna(), None)
     return out
 
 # %% ../nbs/02_features.ipynb #88db2e98
 SMALL_REFERENCE = 1000          # up to this many reference rows drift uses statistical tests (and exact values are kept); above, distances
+MAX_PROFILE_CATEGORIES = 100   # categories kept by count in a profile; the rest are summed under OTHER_CATEGORY
 FINE_BINS = 2000                # numeric histogram resolution for distances (the normed Wasserstein error stays below ~0.2%)
 
 def column_kind(values: pd.Series) -> str:
@@ -225,7 +424,15 @@ def column_profile(values: pd.Series, kind: str | None = None) -> ColumnProfile:
     present = values.dropna()
     missing = int(len(values) - len(present))
     if kind == "numeric": return _numeric_profile(str(values.name), present.to_numpy(dtype=float), missing)
-    return ColumnProfile(str(values.name), kind, len(present), missing, categories=value_counts(present))
+    return ColumnProfile(str(values.name), kind, len(present), missing, categories=capped_counts(value_counts(present)))
+
+def capped_counts(counts: dict[str, int], limit: int = MAX_PROFILE_CATEGORIES) -> dict[str, int]:
+    "The `limit` most frequent values (ties by value) and, if there were more, the others' total under OTHER_CATEGORY."
+    if len(counts) <= limit: return counts
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = dict(ranked[:limit])
+    kept[OTHER_CATEGORY] = kept.get(OTHER_CATEGORY, 0) + sum(v for _, v in ranked[limit:])
+    return kept
 
 @dataclass
 class Profile:
