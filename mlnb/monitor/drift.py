@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from ..features import SMALL_REFERENCE, ColumnProfile, Profile, bin_counts, value_counts
+from ..features import OTHER_CATEGORY, SMALL_REFERENCE, ColumnProfile, Profile, bin_counts, value_counts
 
 # %% auto #0
 __all__ = ['TESTS', 'P_VALUE_TESTS', 'default_test', 'CurrentSummary', 'ks_from_summary', 'wasserstein_from_summary', 'psi',
@@ -88,8 +88,14 @@ def wasserstein_from_summary(s: CurrentSummary) -> float:
     return (inside + tails) / s.ref.std if s.ref.std else float("inf") if inside + tails else 0.0
 
 def _tables(s: CurrentSummary) -> tuple[list[str], np.ndarray, np.ndarray]:
-    keys = sorted(set(s.ref.categories) | set(s.categories))
-    return keys, np.array([s.ref.categories.get(k, 0) for k in keys], float), np.array([s.categories.get(k, 0) for k in keys], float)
+    current = s.categories
+    if OTHER_CATEGORY in s.ref.categories:      # a capped reference: live values it does not list belong to its "other" bucket
+        current = {}
+        for k, v in s.categories.items():
+            key = k if k in s.ref.categories else OTHER_CATEGORY
+            current[key] = current.get(key, 0) + v
+    keys = sorted(set(s.ref.categories) | set(current))
+    return keys, np.array([s.ref.categories.get(k, 0) for k in keys], float), np.array([current.get(k, 0) for k in keys], float)
 
 def psi(ref_counts, cur_counts, eps: float = 1e-4) -> float:
     "Population stability index: the symmetric Kullback-Leibler divergence of the two binned shares."
