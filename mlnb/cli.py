@@ -186,10 +186,12 @@ def infer_task(y: pd.Series, task: str = "auto") -> tuple[str, str]:
     if task == "auto":
         if not numeric: return ("binary" if levels == 2 else "multiclass"), f"{levels} classes in a non-numeric target"
         if integral and levels <= MAX_CLASS_LEVELS:
-            return ("binary" if levels == 2 else "multiclass"), f"an integer target with {levels} distinct values (at most {MAX_CLASS_LEVELS})"
+            kind = "binary" if levels == 2 else "multiclass"
+            return kind, f"an integer target with {levels} distinct values (at most {MAX_CLASS_LEVELS})"
         return "regression", f"a numeric target with {levels} distinct values"
     if task == "binary" and levels != 2: raise DataError(f"--task binary: target {name!r} has {levels} classes, not 2")
-    if task == "multiclass" and levels < 3: raise DataError(f"--task multiclass: target {name!r} has only {levels} classes (use binary)")
+    if task == "multiclass" and levels < 3:
+        raise DataError(f"--task multiclass: target {name!r} has only {levels} classes (use binary)")
     if task == "regression" and not numeric: raise DataError(f"--task regression: target {name!r} is not numeric ({y.dtype})")
     return task, "--task"
 
@@ -202,9 +204,10 @@ def choose_positive(y: pd.Series, positive: str | None = None) -> tuple[object, 
         match = [c for c in classes if str(c) == str(positive)]
         if not match: raise DataError(f"--positive {positive!r} is not a class of target {y.name!r} (classes: {classes})")
         return _plain(match[0]), "--positive"
-    if counts.min() == counts.max(): return _plain(classes[1]), "balanced classes: the second in sorted order (scikit-learn's convention)"
-    minority = counts.idxmin()
-    return _plain(minority), f"the minority class ({counts[minority]:,} of {int(counts.sum()):,} rows, {counts[minority] / counts.sum():.1%})"
+    if counts.min() == counts.max():
+        return _plain(classes[1]), "balanced classes: the second in sorted order (scikit-learn's convention)"
+    minority, total = counts.idxmin(), int(counts.sum())
+    return _plain(minority), f"the minority class ({counts[minority]:,} of {total:,} rows, {counts[minority] / total:.1%})"
 
 def _plain(v):
     "A numpy scalar as the Python value params.yaml holds."
@@ -246,7 +249,8 @@ def init_params(text: str, source: str, query: str | None, schema_path: str, tar
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(text) or {}
     data = doc.setdefault("data", {})
-    previous = list(data.get("sensitive") or []) + list((doc.get("registry") or {}).get("gates", {}).get("fairness_attributes") or [])
+    old_gates = (doc.get("registry") or {}).get("gates") or {}
+    previous = list(data.get("sensitive") or []) + list(old_gates.get("fairness_attributes") or [])
     for key, value in {"source": source, "query": query, "schema": schema_path, "target": target, "task": task,
                        "positive_class": _quoted(positive) if task == "binary" else None, "sensitive": _flow(sensitive)}.items():
         data[key] = value
@@ -264,7 +268,8 @@ def init_params(text: str, source: str, query: str | None, schema_path: str, tar
     gates["metric"], gates["fairness_attributes"] = None, _flow(sensitive)
     for key in list(gates):                       # comments about the previous data's attributes no longer apply
         tokens = gates.ca.items.get(key)
-        if tokens and len(tokens) > 2 and tokens[2] is not None and any(a in tokens[2].value for a in previous if a not in sensitive):
+        comment = tokens[2].value if tokens and len(tokens) > 2 and tokens[2] is not None else ""
+        if any(a in comment for a in previous if a not in sensitive):
             tokens[2].value = "\n    # gated on demographic parity: each one must be in data.sensitive (binary tasks)\n"
     out = io.StringIO(); yaml.dump(doc, out)
     return out.getvalue()
@@ -276,7 +281,8 @@ def _stem(data: str) -> str:
     return Path(path).stem.split(".")[0] or "data"
 
 def plan_init(data: str, target: str, task: str = "auto", positive: str | None = None, sensitive: list[str] = (),
-              ids: list[str] = (), query: str | None = None, params: str | Path = "params.yaml", schema_dir: str | Path = "schema") -> InitPlan:
+              ids: list[str] = (), query: str | None = None, params: str | Path = "params.yaml",
+              schema_dir: str | Path = "schema") -> InitPlan:
     "Read the data and work out the schema and params `mlnb init` would write (nothing is written)."
     from mlnb.data import DataError, blanks_to_missing, infer_schema, read_source, schema_to_yaml
     params = Path(params)
@@ -314,7 +320,8 @@ def plan_init(data: str, target: str, task: str = "auto", positive: str | None =
 # %% ../nbs/06_cli.ipynb #5422fa74
 def _diff(path: Path, new: str, limit: int = 30) -> str:
     import difflib
-    lines = list(difflib.unified_diff(path.read_text().splitlines(), new.splitlines(), str(path), f"{path} (mlnb init)", n=0, lineterm=""))
+    lines = list(difflib.unified_diff(path.read_text().splitlines(), new.splitlines(), str(path), f"{path} (mlnb init)",
+                                      n=0, lineterm=""))
     return "\n".join(lines[:limit] + ([f"... ({len(lines) - limit} more lines)"] if len(lines) > limit else []))
 
 def _replaceable(path: Path, new: str, is_params: bool) -> bool:
@@ -325,10 +332,10 @@ def _replaceable(path: Path, new: str, is_params: bool) -> bool:
     return (read_yaml(path).get("data") or {}).get("source") == BUNDLED_SOURCE
 
 def write_init(plan: InitPlan, force: bool = False) -> list[Path]:
-    "Validate the plan and write its files (all or none); refuse, with the diff, to change a file that differs. Returns what changed."
+    "Validate the plan and write its files (all or none); refuse, with the diff, to change a file that differs. Returns the changed."
     from mlnb.data import blanks_to_missing, load_schema, read_source, validate
-    refused = [(p, t) for p, t, is_params in ((plan.schema_path, plan.schema_text, False), (plan.params_path, plan.params_text, True))
-               if not force and not _replaceable(p, t, is_params)]
+    files = ((plan.schema_path, plan.schema_text, False), (plan.params_path, plan.params_text, True))
+    refused = [(p, t) for p, t, is_params in files if not force and not _replaceable(p, t, is_params)]
     if refused:
         raise InitRefused("mlnb init would change file(s) that differ from what it writes; nothing was written. "
                           "Re-run with --force to replace them. The change:\n" + "\n".join(_diff(p, t) for p, t in refused))

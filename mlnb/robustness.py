@@ -17,7 +17,7 @@ from .data import DataSchema
 from .features import FeatureSpec, Profile, model_frame
 
 # %% auto #0
-__all__ = ['NumericRange', 'PerturbationSpace', 'perturbation_space', 'model_scores', 'Decision', 'decision_rule',
+__all__ = ['CHUNK_ROWS', 'NumericRange', 'PerturbationSpace', 'perturbation_space', 'model_scores', 'Decision', 'decision_rule',
            'numeric_flips', 'Swaps', 'categorical_swaps', 'swap_table', 'all_swaps', 'search_direction',
            'smallest_flips', 'cheapest_swaps', 'Robustness', 'robustness']
 
@@ -79,7 +79,9 @@ def perturbation_space(spec: FeatureSpec, reference: Profile, schema: DataSchema
     return PerturbationSpace(numeric, categories, untried)
 
 # %% ../nbs/26_robustness.ipynb #838188c0
-def model_scores(model, X: pd.DataFrame, task: str, chunk_rows: int = 20_000) -> np.ndarray:
+CHUNK_ROWS = 5_000           # rows per model call: bounds the memory a wide encoding (one-hot of many categories) takes at once
+
+def model_scores(model, X: pd.DataFrame, task: str, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     "Class probabilities (classification) or predictions as one column (regression), predicted in chunks."
     predict = model.predict if task == "regression" else model.predict_proba
     parts = [np.asarray(predict(X.iloc[i:i + chunk_rows]), dtype=float) for i in range(0, len(X), chunk_rows)]
@@ -147,7 +149,8 @@ def numeric_flips(model, X: pd.DataFrame, base: np.ndarray, space: PerturbationS
     (random signs, the same for every epsilon; worst of `draws`); for regression the change of the prediction instead."""
     n, k = len(X), len(space.numeric)
     if k == 0 or n == 0: return pd.DataFrame({"epsilon": epsilons})
-    signs = np.random.default_rng(seed).integers(0, 2, size=(draws, n, k), dtype=np.int8) * 2 - 1
+    rng = np.random.default_rng(seed)                                  # one draw at a time, kept small (int8)
+    signs = np.stack([rng.choice([-1.0, 1.0], size=(n, k)).astype(np.int8) for _ in range(draws)])
     start, every, rows = _start(X, space), np.arange(n), []
     for eps in epsilons:
         worst = _Worst(base, task, decision)
@@ -165,7 +168,7 @@ class Swaps:
     untried: dict[str, int] = field(default_factory=dict)
 
 def categorical_swaps(model, X: pd.DataFrame, space: PerturbationSpace, task: str, base: np.ndarray | None = None,
-                      keep: np.ndarray = (), decision: Decision = Decision(), chunk_rows: int = 20_000) -> Swaps:
+                      keep: np.ndarray = (), decision: Decision = Decision(), chunk_rows: int = CHUNK_ROWS) -> Swaps:
     """Every row with one categorical column set to each category of `space`, scored at most `chunk_rows` copies at a time;
     kept: the worst case per row and feature, and all the scores of the rows `keep` (for the cheapest swap)."""
     n, keep = len(X), np.asarray(keep, dtype=int)
