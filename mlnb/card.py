@@ -41,9 +41,15 @@ def robustness_rows(robustness: dict) -> list[dict]:
     "The evaluate stage's robustness block as (measure, value) rows for the card."
     if not robustness: return []
     pct = lambda v: "n/a" if v is None else f"{v:.1%}"
+    sampled = []
+    if robustness.get("test_rows") and robustness.get("rows") is not None and robustness["rows"] < robustness["test_rows"]:
+        sampled.append({"measure": "test rows measured (a seeded sample)", "value": f"{robustness['rows']} of {robustness['test_rows']}"})
+    if robustness.get("categories_not_tried"):
+        sampled.append({"measure": "categories not tried (the most frequent and one rare one were)",
+                        "value": ", ".join(f"{f} {k}" for f, k in robustness["categories_not_tried"].items())})
     if robustness.get("task") == "regression":
         rows = [{"measure": f"median relative change, every numeric feature ±{e} std", "value": f"{v:.4g}"} for e, v in robustness.get("median_relative_change", {}).items()]
-        return rows + [{"measure": "label flips", "value": robustness.get("flips", "not measured")}]
+        return rows + [{"measure": "label flips", "value": robustness.get("flips", "not measured")}] + sampled
     rows = [{"measure": f"rows flipped, every numeric feature ±{e} std (worst of {robustness.get('draws')} draws)", "value": pct(v)}
             for e, v in robustness.get("flip_rate", {}).items()]
     rows.append({"measure": "rows flipped by one categorical swap", "value": pct(robustness.get("categorical_flip_rate"))})
@@ -55,7 +61,7 @@ def robustness_rows(robustness: dict) -> list[dict]:
         rows += [{"measure": f"riskiest {r['rows']} decisions: median smallest flipping move", "value": "none within max" if med is None else f"{med:.3g} std"},
                  {"measure": f"riskiest {r['rows']} decisions: not flippable within {r.get('max_epsilon')} std", "value": pct(r.get("unflippable_share"))},
                  {"measure": f"riskiest {r['rows']} decisions: flipped by one categorical swap", "value": pct(r.get("swap_flippable_share"))}]
-    return rows
+    return rows + sampled
 
 def _fairness_sections(facts: dict) -> list[str]:
     "Metrics by sensitive group and the fairness summary; one line saying why when fairness was not measured."
