@@ -108,8 +108,9 @@ def plot_curve(name: str, table: pd.DataFrame, title: str = "") -> plt.Figure:
         ax.plot(table.mean_predicted, table.fraction_positive, marker="o"); ax.plot([0, 1], [0, 1], ls="--", c="grey")
         ax.set(xlabel="mean predicted probability", ylabel="observed frequency")
     elif name == "confusion":
-        cm = pd.crosstab(table.actual, table.predicted)
-        skm.ConfusionMatrixDisplay(cm.to_numpy(), display_labels=list(cm.columns)).plot(ax=ax, colorbar=False)
+        labels = sorted(set(table.actual) | set(table.predicted))          # square, even when a rare class is never predicted
+        cm = skm.confusion_matrix(table.actual, table.predicted, labels=labels)
+        skm.ConfusionMatrixDisplay(cm, display_labels=labels).plot(ax=ax, colorbar=False)
     elif name == "predicted_vs_actual":
         ax.scatter(table.actual, table.predicted, s=4, alpha=.4)
         lo, hi = table.min().min(), table.max().max(); ax.plot([lo, hi], [lo, hi], ls="--", c="grey"); ax.set(xlabel="actual", ylabel="predicted")
