@@ -315,6 +315,8 @@ def plan_init(data: str, target: str, task: str = "auto", positive: str | None =
     if ids: notes.append(f"id columns (read, never features): {', '.join(ids)}")
     missing_target = int(df[target].isna().sum())
     if missing_target: notes.append(f"{missing_target} row(s) without a target are dropped at ingest")
+    if "://" in data: notes.append("a database source: DVC cannot hash it; remove ${data.source} from the ingest stage's deps in "
+                                   "dvc.yaml and run `dvc repro -f ingest` when the data changes (README: Using your own data)")
     return InitPlan(schema_path, schema_text, params, params_text, task, task_why, chosen, positive_why, notes)
 
 # %% ../nbs/06_cli.ipynb #5422fa74
