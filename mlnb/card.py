@@ -24,7 +24,11 @@ def _table(rows: list[dict] | pd.DataFrame) -> str:
 def automatic_caveats(facts: dict) -> list[str]:
     "Warnings the numbers themselves give."
     out = [f"Gate **{g['name']}** failed: {g['detail']}." for g in facts.get("gates", []) if not g["passed"]]
-    for attr, s in facts.get("fairness", {}).items():
+    fairness = facts.get("fairness") if isinstance(facts.get("fairness"), dict) else {}
+    if not fairness and facts.get("fairness_note"):
+        out.append(f"Fairness was {facts['fairness_note']}: if the model's decisions affect people, list the attributes to "
+                   "report by in `data.sensitive` (and gate on in `registry.gates.fairness_attributes`).")
+    for attr, s in fairness.items():
         ratio = s.get("demographic_parity_ratio")
         if ratio is not None and ratio < 0.8:
             out.append(f"Selection rates differ across `{attr}` groups (demographic parity ratio {ratio:.2f} < 0.8): "
@@ -37,9 +41,15 @@ def robustness_rows(robustness: dict) -> list[dict]:
     "The evaluate stage's robustness block as (measure, value) rows for the card."
     if not robustness: return []
     pct = lambda v: "n/a" if v is None else f"{v:.1%}"
+    sampled = []
+    if robustness.get("test_rows") and robustness.get("rows") is not None and robustness["rows"] < robustness["test_rows"]:
+        sampled.append({"measure": "test rows measured (a seeded sample)", "value": f"{robustness['rows']} of {robustness['test_rows']}"})
+    if robustness.get("categories_not_tried"):
+        sampled.append({"measure": "categories not tried (the most frequent and one rare one were)",
+                        "value": ", ".join(f"{f} {k}" for f, k in robustness["categories_not_tried"].items())})
     if robustness.get("task") == "regression":
         rows = [{"measure": f"median relative change, every numeric feature ±{e} std", "value": f"{v:.4g}"} for e, v in robustness.get("median_relative_change", {}).items()]
-        return rows + [{"measure": "label flips", "value": robustness.get("flips", "not measured")}]
+        return rows + [{"measure": "label flips", "value": robustness.get("flips", "not measured")}] + sampled
     rows = [{"measure": f"rows flipped, every numeric feature ±{e} std (worst of {robustness.get('draws')} draws)", "value": pct(v)}
             for e, v in robustness.get("flip_rate", {}).items()]
     rows.append({"measure": "rows flipped by one categorical swap", "value": pct(robustness.get("categorical_flip_rate"))})
@@ -51,7 +61,15 @@ def robustness_rows(robustness: dict) -> list[dict]:
         rows += [{"measure": f"riskiest {r['rows']} decisions: median smallest flipping move", "value": "none within max" if med is None else f"{med:.3g} std"},
                  {"measure": f"riskiest {r['rows']} decisions: not flippable within {r.get('max_epsilon')} std", "value": pct(r.get("unflippable_share"))},
                  {"measure": f"riskiest {r['rows']} decisions: flipped by one categorical swap", "value": pct(r.get("swap_flippable_share"))}]
-    return rows
+    return rows + sampled
+
+def _fairness_sections(facts: dict) -> list[str]:
+    "Metrics by sensitive group and the fairness summary; one line saying why when fairness was not measured."
+    fairness = facts.get("fairness") if isinstance(facts.get("fairness"), dict) else {}
+    if not fairness and facts.get("fairness_note"):
+        return ["## Fairness", f"_Fairness {facts['fairness_note']}: `data.sensitive` is empty._"]
+    return ["## Metrics by sensitive group", _table(pd.DataFrame(facts.get("fairness_table", []))),
+            "## Fairness", _table([{"attribute": a, **s} for a, s in fairness.items()])]
 
 def model_card(facts: dict) -> str:
     "The card as Markdown."
@@ -71,8 +89,7 @@ def model_card(facts: dict) -> str:
                  "rows (train / valid / test)": " / ".join(str(facts.get("rows", {}).get(s, "?")) for s in ("train", "valid", "test")),
                  "split": "stratified on the target, fixed seed; selection on validation, metrics on test"}.items()]),
              "## Metrics (held-out test set)", _table([{"metric": k, "value": v} for k, v in facts.get("metrics", {}).items()]),
-             "## Metrics by sensitive group", _table(pd.DataFrame(facts.get("fairness_table", []))),
-             "## Fairness", _table([{"attribute": a, **s} for a, s in facts.get("fairness", {}).items()]),
+             *_fairness_sections(facts),
              "## Robustness", ("How often the model's decisions flip under small changes (test set; the model's own label as reference).\n\n"
                                + _table(robustness_rows(facts["robustness"]))) if facts.get("robustness") else "_Not measured._",
              "## Gates", _table([{"gate": g["name"], "passed": g["passed"], "detail": g["detail"]} for g in facts.get("gates", [])]),

@@ -1,4 +1,4 @@
-"""The `mlnb` command: run a stage notebook, summarise a run, draft a schema.
+"""The `mlnb` command: run a stage notebook, summarise a run, draft a schema, start a project on new data.
 
 Docs: https://mlnb.github.io/mlnb/cli.html.md"""
 
@@ -7,12 +7,13 @@ Docs: https://mlnb.github.io/mlnb/cli.html.md"""
 # %% ../nbs/06_cli.ipynb #50df8dfd
 from __future__ import annotations
 import getpass, json, os, shutil, sys, tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .config import ConfigError, Paths, load_config, write_json
+from .config import ConfigError, Paths, load_config, staged_outputs, write_json
 
 app = typer.Typer(help="mlnb: notebook-first, reproducible ML pipeline.", no_args_is_help=True, add_completion=False)
 schema_app = typer.Typer(help="Work with data schemas.", no_args_is_help=True)
@@ -23,15 +24,16 @@ users_app = typer.Typer(help="Registry users and roles.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="audit"); app.add_typer(users_app, name="users")
 
 # %% auto #0
-__all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL', 'PARAMS', 'USER',
-           'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app',
-           'stage_notebook', 'to_html', 'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel',
-           'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer', 'registry_list',
-           'registry_show', 'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback',
-           'registry_history', 'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve',
-           'api_key_create', 'api_key_list', 'api_key_revoke', 'ab_report_command', 'admin_call', 'rollout_summary',
-           'rollout_status', 'rollout_start', 'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'batch_predict_cmd',
-           'ci_cmd', 'repro_check_cmd']
+__all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL',
+           'MAX_CLASS_LEVELS', 'BUNDLED_SOURCE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app',
+           'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager',
+           'remember_kernel', 'stop_orphaned_kernel', 'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary',
+           'schema_infer', 'infer_task', 'choose_positive', 'InitRefused', 'InitPlan', 'init_params', 'plan_init',
+           'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
+           'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
+           'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
+           'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
+           'retrain_cmd', 'log_key_new', 'batch_predict_cmd', 'ci_cmd', 'repro_check_cmd']
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -168,6 +170,215 @@ def schema_infer(source: str = typer.Argument(..., help="CSV or Parquet file"),
     text = f"# Drafted by `mlnb schema infer {source}`: review ranges, categories and fills before use.\n" + schema_to_yaml(infer_schema(df))
     if output: output.write_text(text); typer.echo(f"wrote {output}")
     else: typer.echo(text)
+
+# %% ../nbs/06_cli.ipynb #f71477f0
+MAX_CLASS_LEVELS = 10        # an integer target with at most this many distinct values is a classification
+
+def infer_task(y: pd.Series, task: str = "auto") -> tuple[str, str]:
+    "The task for target `y` and why: `auto` infers it; an explicit task is checked against the data."
+    import pandas as pd
+    from mlnb.data import DataError
+    values, name = y.dropna(), y.name
+    levels = int(values.nunique())
+    if levels < 2: raise DataError(f"target {name!r} has {levels} distinct value(s): there is nothing to learn")
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    integral = numeric and bool((values % 1 == 0).all())
+    if task == "auto":
+        if not numeric: return ("binary" if levels == 2 else "multiclass"), f"{levels} classes in a non-numeric target"
+        if integral and levels <= MAX_CLASS_LEVELS:
+            kind = "binary" if levels == 2 else "multiclass"
+            return kind, f"an integer target with {levels} distinct values (at most {MAX_CLASS_LEVELS})"
+        return "regression", f"a numeric target with {levels} distinct values"
+    if task == "binary" and levels != 2: raise DataError(f"--task binary: target {name!r} has {levels} classes, not 2")
+    if task == "multiclass" and levels < 3:
+        raise DataError(f"--task multiclass: target {name!r} has only {levels} classes (use binary)")
+    if task == "regression" and not numeric: raise DataError(f"--task regression: target {name!r} is not numeric ({y.dtype})")
+    return task, "--task"
+
+def choose_positive(y: pd.Series, positive: str | None = None) -> tuple[object, str]:
+    "The positive class of a binary target and why: `positive` (matched against the data), else the minority class."
+    from mlnb.data import DataError
+    counts = y.dropna().value_counts()
+    classes = sorted(counts.index.tolist(), key=str)
+    if positive is not None:
+        match = [c for c in classes if str(c) == str(positive)]
+        if not match: raise DataError(f"--positive {positive!r} is not a class of target {y.name!r} (classes: {classes})")
+        return _plain(match[0]), "--positive"
+    if counts.min() == counts.max():
+        return _plain(classes[1]), "balanced classes: the second in sorted order (scikit-learn's convention)"
+    minority, total = counts.idxmin(), int(counts.sum())
+    return _plain(minority), f"the minority class ({counts[minority]:,} of {total:,} rows, {counts[minority] / total:.1%})"
+
+def _plain(v):
+    "A numpy scalar as the Python value params.yaml holds."
+    return v.item() if hasattr(v, "item") else v
+
+# %% ../nbs/06_cli.ipynb #f21981a7
+BUNDLED_SOURCE = "data/raw/telco_churn.csv"      # the bundled example: its params.yaml is the template `init` may replace
+
+class InitRefused(ConfigError):
+    "`mlnb init` would change a file that differs from what it writes; the message carries the diff."
+
+@dataclass
+class InitPlan:
+    "What `mlnb init` writes: the schema and params texts, and the choices a user should review."
+    schema_path: Path
+    schema_text: str
+    params_path: Path
+    params_text: str
+    task: str
+    task_why: str
+    positive: object = None
+    positive_why: str = ""
+    notes: list[str] = field(default_factory=list)
+
+def _flow(items) -> "CommentedSeq":
+    from ruamel.yaml.comments import CommentedSeq
+    seq = CommentedSeq(list(items)); seq.fa.set_flow_style(); return seq
+
+def _quoted(v):
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+    return DoubleQuotedScalarString(v) if isinstance(v, str) else v
+
+def init_params(text: str, source: str, query: str | None, schema_path: str, target: str, task: str, positive,
+                sensitive: list[str]) -> str:
+    "`params.yaml` text with the data, features and registry sections (and the candidates) set for a new data set."
+    import io
+    from ruamel.yaml import YAML
+    yaml = YAML(); yaml.preserve_quotes, yaml.width = True, 4096
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = yaml.load(text) or {}
+    data = doc.setdefault("data", {})
+    old_gates = (doc.get("registry") or {}).get("gates") or {}
+    previous = list(data.get("sensitive") or []) + list(old_gates.get("fairness_attributes") or [])
+    for key, value in {"source": source, "query": query, "schema": schema_path, "target": target, "task": task,
+                       "positive_class": _quoted(positive) if task == "binary" else None, "sensitive": _flow(sensitive)}.items():
+        data[key] = value
+    features = doc.setdefault("features", {})
+    for key in ("numeric", "categorical", "passthrough"): features[key] = None
+    features["exclude"], features["derived"] = _flow([]), _flow([])
+    candidates = doc.get("train", {}).get("candidates")
+    if candidates is not None:
+        old, new = ("logreg", "ridge") if task == "regression" else ("ridge", "logreg")
+        for i, c in enumerate(candidates):
+            if c == old: candidates[i] = new
+    registry = doc.setdefault("registry", {})
+    registry["model_name"], registry["intended_use"], registry["caveats"] = None, _quoted(""), _flow([])
+    gates = registry.setdefault("gates", {})
+    gates["metric"], gates["fairness_attributes"] = None, _flow(sensitive)
+    for key in list(gates):                       # comments about the previous data's attributes no longer apply
+        tokens = gates.ca.items.get(key)
+        comment = tokens[2].value if tokens and len(tokens) > 2 and tokens[2] is not None else ""
+        if any(a in comment for a in previous if a not in sensitive):
+            tokens[2].value = "\n    # gated on demographic parity: each one must be in data.sensitive (binary tasks)\n"
+    out = io.StringIO(); yaml.dump(doc, out)
+    return out.getvalue()
+
+# %% ../nbs/06_cli.ipynb #b4e70454
+def _stem(data: str) -> str:
+    from urllib.parse import urlparse
+    path = urlparse(data).path if "://" in data else data
+    return Path(path).stem.split(".")[0] or "data"
+
+def plan_init(data: str, target: str, task: str = "auto", positive: str | None = None, sensitive: list[str] = (),
+              ids: list[str] = (), query: str | None = None, params: str | Path = "params.yaml",
+              schema_dir: str | Path = "schema") -> InitPlan:
+    "Read the data and work out the schema and params `mlnb init` would write (nothing is written)."
+    from mlnb.data import DataError, blanks_to_missing, infer_schema, read_source, schema_to_yaml
+    params = Path(params)
+    if not params.exists(): raise ConfigError(f"{params}: not found; run `mlnb init` at the root of an mlnb project")
+    df, _ = blanks_to_missing(read_source(data, query))
+    columns = [str(c) for c in df.columns]
+    shown = ", ".join(columns[:12]) + (f", ... ({len(columns)} columns)" if len(columns) > 12 else "")
+    if target not in columns: raise DataError(f"{data}: no target column {target!r} (columns: {shown})")
+    for option, names in (("--sensitive", sensitive), ("--id", ids)):
+        unknown = [c for c in names if c not in columns]
+        if unknown: raise DataError(f"{data}: {option} column(s) {unknown} not in the data (columns: {shown})")
+        if target in names: raise DataError(f"{option} {target!r}: that is the target")
+    task, task_why = infer_task(df[target], task)
+    chosen, positive_why = (choose_positive(df[target], positive) if task == "binary" else (None, ""))
+    if positive is not None and task != "binary": raise DataError(f"--positive applies to a binary task; {target!r} is {task}")
+    schema = infer_schema(df)
+    cols = dict(schema.columns)
+    for c in ids: cols[c] = cols[c].model_copy(update={"role": "id"})
+    if df[target].isna().any(): cols[target] = cols[target].model_copy(update={"fill": "drop"})
+    schema = schema.model_copy(update={"columns": cols})
+    schema_path = Path(schema_dir) / f"{_stem(data)}.yaml"
+    command = f"mlnb init {data} --target {target}"
+    schema_text = (f"# Drafted by `{command}`: review dtypes, ranges, categories, fills and roles (feature | id | ignore).\n"
+                   + schema_to_yaml(schema))
+    params_text = init_params(params.read_text(), data, query, str(schema_path), target, task, chosen, list(sensitive))
+    notes = [f"task {task}: {task_why}"]
+    if task == "binary": notes.append(f"positive class {chosen!r}: {positive_why}")
+    notes.append(f"sensitive attributes: {', '.join(sensitive)}" if sensitive else
+                 "no sensitive attribute: fairness is not measured (add columns to data.sensitive if decisions affect people)")
+    if ids: notes.append(f"id columns (read, never features): {', '.join(ids)}")
+    missing_target = int(df[target].isna().sum())
+    if missing_target: notes.append(f"{missing_target} row(s) without a target are dropped at ingest")
+    if "://" in data: notes.append("a database source: DVC cannot hash it; remove ${data.source} from the ingest stage's deps in "
+                                   "dvc.yaml and run `dvc repro -f ingest` when the data changes (README: Using your own data)")
+    return InitPlan(schema_path, schema_text, params, params_text, task, task_why, chosen, positive_why, notes)
+
+# %% ../nbs/06_cli.ipynb #5422fa74
+def _diff(path: Path, new: str, limit: int = 30) -> str:
+    import difflib
+    lines = list(difflib.unified_diff(path.read_text().splitlines(), new.splitlines(), str(path), f"{path} (mlnb init)",
+                                      n=0, lineterm=""))
+    return "\n".join(lines[:limit] + ([f"... ({len(lines) - limit} more lines)"] if len(lines) > limit else []))
+
+def _replaceable(path: Path, new: str, is_params: bool) -> bool:
+    "A file init may write: new, identical, or the bundled example's params.yaml."
+    if not path.exists() or path.read_text() == new: return True
+    if not is_params: return False
+    from mlnb.config import read_yaml
+    return (read_yaml(path).get("data") or {}).get("source") == BUNDLED_SOURCE
+
+def write_init(plan: InitPlan, force: bool = False) -> list[Path]:
+    "Validate the plan and write its files (all or none); refuse, with the diff, to change a file that differs. Returns the changed."
+    from mlnb.data import blanks_to_missing, load_schema, read_source, validate
+    files = ((plan.schema_path, plan.schema_text, False), (plan.params_path, plan.params_text, True))
+    refused = [(p, t) for p, t, is_params in files if not force and not _replaceable(p, t, is_params)]
+    if refused:
+        raise InitRefused("mlnb init would change file(s) that differ from what it writes; nothing was written. "
+                          "Re-run with --force to replace them. The change:\n" + "\n".join(_diff(p, t) for p, t in refused))
+    changed = [p for p, t in ((plan.schema_path, plan.schema_text), (plan.params_path, plan.params_text))
+               if not p.exists() or p.read_text() != t]
+    with staged_outputs(plan.schema_path, plan.params_path) as (schema_tmp, params_tmp):
+        Path(schema_tmp).write_text(plan.schema_text); Path(params_tmp).write_text(plan.params_text)
+        cfg, schema = load_config(params_tmp), load_schema(schema_tmp)
+        if cfg.data.target not in schema.columns: raise ConfigError(f"{plan.schema_path}: the target {cfg.data.target!r} is not declared")
+        df, _ = blanks_to_missing(read_source(cfg.data.source, cfg.data.query))
+        validate(df, schema, source=cfg.data.source, target=cfg.data.target)      # what the ingest stage will check
+    return changed
+
+def init_report(plan: InitPlan, changed: list[Path]) -> str:
+    "What was written, what to review, and the next command."
+    wrote = ", ".join(map(str, changed)) if changed else "nothing (both files already say this)"
+    return "\n".join([f"wrote {wrote}", *(f"  {n}" for n in plan.notes), "review:",
+                      f"  {plan.schema_path}: dtypes, ranges (min/max), allowed categories, fills, id and ignore roles",
+                      f"  {plan.params_path}: data (task, positive class, sensitive), registry.intended_use and caveats (for the model card)",
+                      "next: make run"])
+
+@app.command()
+def init(data: str = typer.Argument(..., help="CSV or Parquet file, or an SQLAlchemy URL (with --query)"),
+         target: str = typer.Option(..., "--target", help="The column to predict"),
+         task: str = typer.Option("auto", "--task", help="auto | binary | multiclass | regression"),
+         positive: Optional[str] = typer.Option(None, "--positive", help="Binary: the positive class (default: the minority class)"),
+         sensitive: list[str] = typer.Option([], "--sensitive", help="A sensitive attribute to report fairness by (repeatable, or comma-separated)"),
+         ids: list[str] = typer.Option([], "--id", help="An id column: read, never a feature (repeatable, or comma-separated)"),
+         query: Optional[str] = typer.Option(None, "--query", help="SQL query, when DATA is a database URL"),
+         force: bool = typer.Option(False, "--force", help="Replace a schema or params file that differs"),
+         params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file to write")):
+    "Set the project up for a data set: draft its schema, point params.yaml at it, validate; then `make run`."
+    from mlnb.data import DataError
+    if task not in ("auto", "binary", "multiclass", "regression"):
+        typer.echo(f"error: --task {task!r}: use auto, binary, multiclass or regression", err=True); raise typer.Exit(2)
+    try:
+        split = lambda names: [c.strip() for n in names for c in n.split(",") if c.strip()]
+        plan = plan_init(data, target, task, positive, split(sensitive), split(ids), query, params)
+        typer.echo(init_report(plan, write_init(plan, force)))
+    except InitRefused as e: typer.echo(f"refused: {e}", err=True); raise typer.Exit(1)
+    except (DataError, ConfigError, OSError) as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(1)
 
 # %% ../nbs/06_cli.ipynb #ac697ad5
 PARAMS = typer.Option("params.yaml", "--params", help="Params file (registry settings)")

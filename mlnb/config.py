@@ -99,6 +99,8 @@ class RobustnessConfig(_Strict):
     riskiest_n: int = Field(50, ge=0)            # the highest-risk rows searched for their smallest flipping perturbation ...
     max_epsilon: float = Field(2.0, gt=0)        # ... up to this many standard deviations
     max_rows: int | None = Field(20_000, ge=1)   # test rows measured (a seeded sample beyond); None: all
+    max_swap_categories: int | None = Field(20, ge=1)   # categories tried per swapped column: the most frequent, plus one
+                                                 # rare one standing for the infrequent rest; None: every category seen
 
     @field_validator("epsilons")
     @classmethod
@@ -109,6 +111,7 @@ class RobustnessConfig(_Strict):
 class EvaluateConfig(_Strict):
     permutation_repeats: int = Field(5, ge=1)
     calibration_bins: int = Field(10, ge=2)
+    importance_max_rows: int | None = Field(5_000, ge=1)   # permutation importance on a seeded sample of this many test rows
     robustness: RobustnessConfig = RobustnessConfig()
 
 class ParityConfig(_Strict):
@@ -129,7 +132,7 @@ class GatesConfig(_Strict):
     metric: str | None = None              # roc_auc | accuracy | f1 | log_loss | rmse | mae | r2; None: roc_auc (classification), rmse
     max_metric_drop: float = 0.01          # vs the champion, re-scored on the same test set
     min_demographic_parity_ratio: float = Field(0.8, ge=0, le=1)
-    fairness_attributes: list[str] | None = None   # None: every data.sensitive attribute
+    fairness_attributes: list[str] | None = None   # None: every data.sensitive attribute; each must be in data.sensitive
     max_flip_rate: float | None = Field(0.2, ge=0, le=1)   # share of test rows whose label flips at ±flip_rate_epsilon; None: not gated
     flip_rate_epsilon: float = Field(0.1, gt=0)             # in standard deviations; one of evaluate.robustness.epsilons
     max_categorical_flip_rate: float | None = Field(0.45, ge=0, le=1)   # share of test rows one categorical swap flips; None: not gated

@@ -21,14 +21,15 @@ from sklearn.inspection import permutation_importance
 from sklearn.pipeline import Pipeline
 
 from .config import EvaluateConfig, Paths, staged_outputs, write_json
-from .data import DataSchema
+from .data import DataSchema, stratified_sample
 from .features import FeatureSpec, Profile, model_frame
 from .robustness import Robustness, perturbation_space, robustness
 from .train import DEFAULT_METRIC
 
 # %% auto #0
-__all__ = ['Predictions', 'predict', 'classification_metrics', 'regression_metrics', 'test_metrics', 'curves', 'plot_curve',
-           'fairness', 'importance', 'plot_importance', 'Evaluation', 'evaluate']
+__all__ = ['FAIRNESS_NOT_MEASURED', 'Predictions', 'predict', 'classification_metrics', 'regression_metrics', 'test_metrics',
+           'curves', 'plot_curve', 'fairness', 'importance_rows', 'importance', 'plot_importance', 'Evaluation',
+           'evaluate']
 
 # %% ../nbs/04_evaluate.ipynb #244430c4
 @dataclass
@@ -107,8 +108,9 @@ def plot_curve(name: str, table: pd.DataFrame, title: str = "") -> plt.Figure:
         ax.plot(table.mean_predicted, table.fraction_positive, marker="o"); ax.plot([0, 1], [0, 1], ls="--", c="grey")
         ax.set(xlabel="mean predicted probability", ylabel="observed frequency")
     elif name == "confusion":
-        cm = pd.crosstab(table.actual, table.predicted)
-        skm.ConfusionMatrixDisplay(cm.to_numpy(), display_labels=list(cm.columns)).plot(ax=ax, colorbar=False)
+        labels = sorted(set(table.actual) | set(table.predicted))          # square, even when a rare class is never predicted
+        cm = skm.confusion_matrix(table.actual, table.predicted, labels=labels)
+        skm.ConfusionMatrixDisplay(cm, display_labels=labels).plot(ax=ax, colorbar=False)
     elif name == "predicted_vs_actual":
         ax.scatter(table.actual, table.predicted, s=4, alpha=.4)
         lo, hi = table.min().min(), table.max().max(); ax.plot([lo, hi], [lo, hi], ls="--", c="grey"); ax.set(xlabel="actual", ylabel="predicted")
@@ -116,6 +118,8 @@ def plot_curve(name: str, table: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 # %% ../nbs/04_evaluate.ipynb #27ca6ffe
+FAIRNESS_NOT_MEASURED = "not measured (no sensitive attributes)"
+
 def fairness(p: Predictions, groups: pd.DataFrame, task: str) -> tuple[pd.DataFrame, dict]:
     "Per-group table and per-attribute summary for every sensitive attribute."
     tables, summary = [], {}
@@ -137,7 +141,14 @@ def fairness(p: Predictions, groups: pd.DataFrame, task: str) -> tuple[pd.DataFr
     return (table[["attribute"] + [c for c in table.columns if c != "attribute"]].round(6) if len(table) else table), summary
 
 # %% ../nbs/04_evaluate.ipynb #3d57255f
+def importance_rows(df: pd.DataFrame, spec: FeatureSpec, max_rows: int | None, seed: int) -> pd.DataFrame:
+    "The test rows permutation importance shuffles: all of them, or a seeded sample of `max_rows` (stratified where it can be)."
+    if max_rows is None or len(df) <= max_rows: return df
+    try: return stratified_sample(df, spec.target, spec.task, max_rows, seed)
+    except ValueError: return df.sample(max_rows, random_state=seed).reset_index(drop=True)   # a class too rare to stratify
+
 def importance(model: Pipeline, df: pd.DataFrame, spec: FeatureSpec, metric: str, repeats: int, seed: int) -> pd.DataFrame:
+    "Permutation importance of each raw input column on `df` (sample it first with `importance_rows`)."
     X, y = model_frame(df, spec), df[spec.target]
     r = permutation_importance(model, X, y, scoring=metric, n_repeats=repeats, random_state=seed, n_jobs=1)
     return (pd.DataFrame({"feature": X.columns, "importance": r.importances_mean, "std": r.importances_std})
@@ -159,9 +170,21 @@ class Evaluation:
     importance: pd.DataFrame
     predictions: Predictions
     robustness: Robustness | None = None
+    importance_sample: dict = field(default_factory=dict)   # rows, test_rows, repeats
+
+    @property
+    def fairness_measured(self) -> bool: return bool(self.fairness_summary)
 
     def metrics_table(self) -> pd.DataFrame:
         return pd.DataFrame({"metric": list(self.metrics), "value": [f"{v:.4f}" if isinstance(v, float) else v for v in self.metrics.values()]})
+
+    def sampling(self) -> list[str]:
+        "What was measured on a sample or capped, in words for the report (empty: everything on every test row)."
+        s, out = self.importance_sample, []
+        if s and s["rows"] < s["test_rows"]:
+            out.append(f"permutation importance on a seeded sample of {s['rows']:,} of {s['test_rows']:,} test rows "
+                       "(evaluate.importance_max_rows)")
+        return out + (self.robustness.sampling() if self.robustness is not None else [])
 
     def figures(self) -> dict[str, plt.Figure]:
         figs = {name: plot_curve(name, t) for name, t in self.curves.items()}
@@ -169,10 +192,13 @@ class Evaluation:
         return figs
 
     def save(self, metrics_path: str | Path, plots_dir: str | Path) -> None:
+        "metrics/evaluate.json, the plot tables and PNGs, all or nothing; no fairness.csv (and none left over) when not measured."
         plots_dir = Path(plots_dir)
-        tables = {**self.curves, "importance": self.importance, "fairness": self.fairness_table}
+        tables = {**self.curves, "importance": self.importance}
+        if self.fairness_measured: tables["fairness"] = self.fairness_table
         figs = self.figures()
-        summary = {**self.metrics, "fairness": self.fairness_summary}
+        summary = {**self.metrics, "fairness": self.fairness_summary if self.fairness_measured else FAIRNESS_NOT_MEASURED}
+        if self.importance_sample: summary["importance"] = self.importance_sample
         if self.robustness is not None:
             tables.update(self.robustness.tables()); figs["robustness"] = self.robustness.figure()
             summary["robustness"] = self.robustness.summary()
@@ -182,6 +208,7 @@ class Evaluation:
             for (n, t), tmp in zip(tables.items(), temps[1:]): t.to_csv(tmp, index=False)
             for (n, fig), tmp in zip(figs.items(), temps[1 + len(tables):]):
                 fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None}); plt.close(fig)
+        if not self.fairness_measured: (plots_dir / "fairness.csv").unlink(missing_ok=True)   # from an earlier run with attributes
 
 def evaluate(model: Pipeline, test_df: pd.DataFrame, spec: FeatureSpec, cfg: EvaluateConfig, sensitive: list[str],
              seed: int, metric: str | None = None, positive_class=None, reference: Profile | None = None,
@@ -190,10 +217,13 @@ def evaluate(model: Pipeline, test_df: pd.DataFrame, spec: FeatureSpec, cfg: Eva
     p = predict(model, test_df, spec, positive_class)
     missing = [c for c in sensitive if c not in test_df.columns]
     if missing: raise ValueError(f"data.sensitive: column(s) {missing} are not in the test data")
-    fair_table, fair_summary = fairness(p, test_df[sensitive], spec.task)
-    imp = importance(model, test_df, spec, metric or DEFAULT_METRIC[spec.task], cfg.permutation_repeats, seed)
+    fair_table, fair_summary = fairness(p, test_df[list(sensitive)], spec.task)
+    shuffled = importance_rows(test_df, spec, cfg.importance_max_rows, seed)
+    imp = importance(model, shuffled, spec, metric or DEFAULT_METRIC[spec.task], cfg.permutation_repeats, seed)
+    sample = {"rows": len(shuffled), "test_rows": len(test_df), "repeats": cfg.permutation_repeats}
     robust = None
     if cfg.robustness.enabled:
-        space = perturbation_space(spec, reference if reference is not None else Profile.from_frame(test_df, spec.inputs), schema)
+        space = perturbation_space(spec, reference if reference is not None else Profile.from_frame(test_df, spec.inputs), schema,
+                                   cfg.robustness.max_swap_categories)
         robust = robustness(model, test_df, spec, space, cfg.robustness, seed, p.positive)
-    return Evaluation(test_metrics(p, spec.task), curves(p, cfg.calibration_bins), fair_table, fair_summary, imp, p, robust)
+    return Evaluation(test_metrics(p, spec.task), curves(p, cfg.calibration_bins), fair_table, fair_summary, imp, p, robust, sample)

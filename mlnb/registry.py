@@ -17,12 +17,13 @@ from fastcore.basics import patch
 
 from .access import AccessDenied, Identity, Users, identify
 from .audit import AuditLog
-from .config import Config, Paths, file_md5, params_hash, write_json
+from .config import Config, ConfigError, Paths, file_md5, params_hash, write_json
 
 # %% auto #0
-__all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'LINEAGE_CHAIN',
-           'RegistryError', 'RegistryUnreachable', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates',
-           'run_gates', 'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
+__all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'FAIRNESS_NOT_MEASURED',
+           'LINEAGE_CHAIN', 'RegistryError', 'RegistryUnreachable', 'Version', 'gate_metric', 'onnx_score', 'Gate',
+           'robustness_gates', 'fairness_attributes', 'fairness_gates', 'run_gates', 'lineage_from_lock',
+           'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
 
 # %% ../nbs/10_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
@@ -115,10 +116,39 @@ def robustness_gates(robustness: dict, cfg: Config) -> list[Gate]:
         out.append(Gate(name, rate <= limit, detail, rate))
     return out
 
+FAIRNESS_NOT_MEASURED = "not measured (no sensitive attributes)"
+
+def fairness_attributes(cfg: Config) -> list[str]:
+    "The attributes the fairness gate reads: `registry.gates.fairness_attributes` (None: all of `data.sensitive`), each in `data.sensitive`."
+    g, sensitive = cfg.registry.gates, list(cfg.data.sensitive)
+    attrs = list(g.fairness_attributes) if g.fairness_attributes is not None else sensitive
+    stray = [a for a in attrs if a not in sensitive]
+    if stray:
+        raise ConfigError(f"registry.gates.fairness_attributes: {stray} {'is' if len(stray) == 1 else 'are'} not in data.sensitive "
+                          f"{sensitive}; fairness is measured only for data.sensitive: add {'it' if len(stray) == 1 else 'them'} "
+                          "there or remove from fairness_attributes")
+    return attrs
+
+def fairness_gates(cfg: Config, fairness: dict) -> list[Gate]:
+    "One gate per gated attribute (binary), or one skipped record that says why there is none."
+    attrs = fairness_attributes(cfg)
+    if not cfg.data.sensitive: return [Gate("fairness", True, f"skipped: {FAIRNESS_NOT_MEASURED}; data.sensitive is empty")]
+    if not attrs: return [Gate("fairness", True, "skipped: registry.gates.fairness_attributes is empty (fairness reported, not gated)")]
+    if cfg.data.task != "binary":
+        return [Gate("fairness", True, f"skipped: demographic parity applies to binary tasks; the {cfg.data.task} per-group "
+                     "differences are reported (evaluate stage, model card)")]
+    gates, minimum = [], cfg.registry.gates.min_demographic_parity_ratio
+    for a in attrs:
+        ratio = (fairness or {}).get(a, {}).get("demographic_parity_ratio")
+        if ratio is None: gates.append(Gate(f"fairness:{a}", False, f"no fairness result for {a!r} in metrics/evaluate.json (re-run evaluate)")); continue
+        gates.append(Gate(f"fairness:{a}", ratio >= minimum, f"demographic parity ratio {ratio:.3f} (minimum {minimum})", ratio))
+    return gates
+
 def run_gates(candidate: OnnxModel, champion: tuple[str, OnnxModel] | None, test: pd.DataFrame, cfg: Config,
               fairness: dict, parity: dict, signature_error: str | None, robustness: dict | None = None) -> list[Gate]:
     "Evaluate every gate for a candidate. `robustness`: the evaluate stage's block; None leaves the robustness gates out."
     metric, g = gate_metric(cfg), cfg.registry.gates
+    fairness_attributes(cfg)                   # a misconfigured gate fails before any scoring
     higher = HIGHER_IS_BETTER[metric]
     score = onnx_score(candidate, test, cfg, metric)
     if champion is None: gates = [Gate("quality", True, f"no champion yet; test {metric} {score:.4f}", score)]
@@ -128,13 +158,7 @@ def run_gates(candidate: OnnxModel, champion: tuple[str, OnnxModel] | None, test
         drop = (ref - score) if higher else (score - ref)
         gates = [Gate("quality", drop <= g.max_metric_drop,
                       f"test {metric} {score:.4f} vs champion v{version} {ref:.4f} on the same {len(test)} rows (worse by {drop:+.4f}, tolerance {g.max_metric_drop})", score)]
-    attrs = g.fairness_attributes if g.fairness_attributes is not None else cfg.data.sensitive
-    if cfg.data.task == "binary":
-        for a in attrs:
-            ratio = fairness.get(a, {}).get("demographic_parity_ratio")
-            if ratio is None: gates.append(Gate(f"fairness:{a}", False, f"no fairness result for {a!r} (is it in data.sensitive?)")); continue
-            gates.append(Gate(f"fairness:{a}", ratio >= g.min_demographic_parity_ratio,
-                              f"demographic parity ratio {ratio:.3f} (minimum {g.min_demographic_parity_ratio})", ratio))
+    gates += fairness_gates(cfg, fairness if isinstance(fairness, dict) else {})
     gates.append(Gate("parity", bool(parity.get("passed")), f"max |Δ| {parity.get('max_abs_diff')}, label agreement {parity.get('label_agreement')}"))
     gates.append(Gate("signature", signature_error is None, signature_error or "verifies with the configured public key"))
     if robustness is not None: gates += robustness_gates(robustness, cfg)
@@ -498,12 +522,18 @@ def download(self: Registry, version, dst: str | Path) -> Path:
 def signing_keys(cfg: Config) -> tuple[Path, Path]:
     return (Path(os.environ.get("MLNB_SIGNING_KEY", cfg.registry.signing_key)), Path(os.environ.get("MLNB_PUBLIC_KEY", cfg.registry.public_key)))
 
+def _records(path: Path) -> list[dict]:
+    "A CSV table as records; none for a missing or empty file (an evaluation with no sensitive attribute writes none)."
+    try: return pd.read_csv(path).to_dict("records") if path.exists() and path.stat().st_size > 1 else []
+    except pd.errors.EmptyDataError: return []
+
 def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), metrics_dir: str | Path = "metrics",
                      plots_dir: str | Path = "plots/evaluate", lock_path: str | Path = "dvc.lock") -> tuple[Version, bool, bool]:
     "Register the pipeline's current outputs. Returns (version, created, bootstrapped)."
     import pyarrow.parquet as pq
     from mlnb.export import ensure_signing_key, key_fingerprint
     metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
+    fairness_attributes(cfg)                     # a gate on an attribute nothing measured: say so before anything else
     evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
     exported = json.loads((metrics_dir / "export.json").read_text())
     report = json.loads(paths.export_report.read_text())
@@ -513,7 +543,8 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), me
               "export.json": metrics_dir / "export.json", "export_report.json": paths.export_report}
     if paths.onnx_int8.exists(): bundle["model.int8.onnx"] = paths.onnx_int8
     if Path(cfg.data.schema_path).exists(): bundle["schema.yaml"] = Path(cfg.data.schema_path)   # the data contract, for serving
-    if (plots_dir / "fairness.csv").exists(): bundle["fairness.csv"] = plots_dir / "fairness.csv"
+    fairness_table = _records(plots_dir / "fairness.csv")
+    if fairness_table: bundle["fairness.csv"] = plots_dir / "fairness.csv"
     lineage = lineage_from_lock(cfg, paths, lock_path)
     metric = gate_metric(cfg)
     tags = {**{f"mlnb.{k}": v for k, v in lineage.items() if v is not None}, "mlnb.family": board["selected"],
@@ -522,16 +553,17 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), me
     robustness = evaluation.get("robustness", {})
     if robustness: tags["mlnb.robustness"] = json.dumps(robustness)
     test = pd.read_parquet(paths.split("test"))
-    fairness_table = pd.read_csv(plots_dir / "fairness.csv").to_dict("records") if (plots_dir / "fairness.csv").exists() else []
+    fairness = evaluation.get("fairness")
+    fairness, fairness_note = (fairness, None) if isinstance(fairness, dict) and fairness else ({}, FAIRNESS_NOT_MEASURED)
     facts = {"task": cfg.data.task, "target": cfg.data.target, "family": board["selected"], "params": board.get("selected_params", {}),
-             "lineage": lineage, "metrics": {k: v for k, v in evaluation.items() if k not in ("fairness", "robustness")}, "fairness": evaluation.get("fairness", {}),
+             "lineage": lineage, "metrics": {k: v for k, v in evaluation.items() if isinstance(v, (int, float))}, "fairness": fairness, "fairness_note": fairness_note,
              "fairness_table": fairness_table, "inputs": report.get("inputs", {}), "intended_use": cfg.registry.intended_use,
              "caveats": cfg.registry.caveats, "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")},
              "robustness": robustness}
     signing_key, public_key = signing_keys(cfg)
     if ensure_signing_key(signing_key, public_key):
         registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
-    gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, evaluation.get("fairness", {}), exported["parity"], sig_err, robustness)
+    gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, exported["parity"], sig_err, robustness)
     version, created = registry.register(bundle, tags, facts, gates_fn, signing_key, public_key)
     booted = created and cfg.registry.bootstrap_auto_approve and registry.bootstrap(version)
     return registry.get(version.version), created, booted

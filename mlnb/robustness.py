@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/robustness.html.md"""
 
 # %% ../nbs/26_robustness.ipynb #4586cc5c
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,9 +17,9 @@ from .data import DataSchema
 from .features import FeatureSpec, Profile, model_frame
 
 # %% auto #0
-__all__ = ['NumericRange', 'PerturbationSpace', 'perturbation_space', 'model_scores', 'numeric_flips', 'Swaps',
-           'categorical_swaps', 'swap_table', 'search_direction', 'smallest_flips', 'cheapest_swaps', 'Robustness',
-           'robustness']
+__all__ = ['CHUNK_ROWS', 'NumericRange', 'PerturbationSpace', 'perturbation_space', 'model_scores', 'Decision', 'decision_rule',
+           'numeric_flips', 'Swaps', 'categorical_swaps', 'swap_table', 'all_swaps', 'search_direction',
+           'smallest_flips', 'cheapest_swaps', 'Robustness', 'robustness']
 
 # %% ../nbs/26_robustness.ipynb #4d173b09
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class PerturbationSpace:
     "Numeric columns moved in standard-deviation units, and the categories each categorical column may be swapped to."
     numeric: dict[str, NumericRange]
     categories: dict[str, list]
+    untried: dict[str, int] = field(default_factory=dict)   # per swapped column: categories seen in training, not tried (the cap)
 
     def move(self, base: np.ndarray, steps: np.ndarray) -> np.ndarray:
         "`base` (rows × numeric columns) moved by `steps` standard deviations, kept within bounds, integers rounded."
@@ -45,17 +46,23 @@ class PerturbationSpace:
         if ints.any(): out[:, ints] = np.rint(out[:, ints])
         return out
 
-def _categories(profile, as_number: bool) -> list:
+def _categories(profile, as_number: bool, cap: int | None) -> tuple[list, int]:
+    "The categories to try, most frequent first (at most `cap`, plus the rarest for the rest), and how many were left out."
     ordered = sorted(profile.categories, key=lambda k: -profile.categories[k])     # most frequent first
-    return [float(k) for k in ordered] if as_number else ordered
+    untried = 0
+    if cap is not None and len(ordered) > cap + 1: ordered, untried = ordered[:cap] + ordered[-1:], len(ordered) - cap - 1
+    return ([float(k) for k in ordered] if as_number else ordered), untried
 
-def perturbation_space(spec: FeatureSpec, reference: Profile, schema: DataSchema | None = None) -> PerturbationSpace:
-    "What may move: numeric columns by their reference standard deviation within the schema's bounds; categories seen in the reference."
-    missing = [c for c in spec.inputs if c not in reference.columns]
+def perturbation_space(spec: FeatureSpec, reference: Profile, schema: DataSchema | None = None,
+                       max_categories: int | None = None) -> PerturbationSpace:
+    """What may move: numeric columns by their reference standard deviation within the schema's bounds; categories seen
+    in the reference (at most `max_categories` per column, plus one rare one). Other inputs (dates) stay as they are."""
+    moved = [c for c in spec.inputs if c in spec.numeric or c in spec.passthrough or c in spec.categorical]
+    missing = [c for c in moved if c not in reference.columns]
     if missing: raise ValueError(f"the reference profile has no column(s) {missing}: re-run the featurize stage")
     columns = schema.columns if schema is not None else {}
-    numeric, categories = {}, {}
-    for c in spec.inputs:
+    numeric, categories, untried = {}, {}, {}
+    for c in moved:
         p = reference.columns[c]
         if c in spec.numeric or (c in spec.passthrough and p.kind == "numeric"):
             if p.kind != "numeric" and p.categories:                          # a numeric column with few values: their spread
@@ -66,15 +73,36 @@ def perturbation_space(spec: FeatureSpec, reference: Profile, schema: DataSchema
             s = columns.get(c)
             numeric[c] = NumericRange(std, s.min if s is not None and s.min is not None else -np.inf,
                                       s.max if s is not None and s.max is not None else np.inf, s is not None and s.dtype == "int")
-        elif p.categories: categories[c] = _categories(p, as_number=c in spec.passthrough)
-    return PerturbationSpace(numeric, categories)
+        elif p.categories:
+            categories[c], left_out = _categories(p, c in spec.passthrough, max_categories)
+            if left_out: untried[c] = left_out
+    return PerturbationSpace(numeric, categories, untried)
 
 # %% ../nbs/26_robustness.ipynb #838188c0
-def model_scores(model, X: pd.DataFrame, task: str, chunk_rows: int = 100_000) -> np.ndarray:
+CHUNK_ROWS = 5_000           # rows per model call: bounds the memory a wide encoding (one-hot of many categories) takes at once
+
+def model_scores(model, X: pd.DataFrame, task: str, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     "Class probabilities (classification) or predictions as one column (regression), predicted in chunks."
     predict = model.predict if task == "regression" else model.predict_proba
     parts = [np.asarray(predict(X.iloc[i:i + chunk_rows]), dtype=float) for i in range(0, len(X), chunk_rows)]
-    return np.concatenate(parts).reshape(len(X), -1)
+    return np.concatenate(parts).reshape(len(X), -1) if parts else np.zeros((0, 1))
+
+@dataclass(frozen=True)
+class Decision:
+    "How class probabilities become the model's label: the arg-max, or p(positive) >= threshold for a binary model with one."
+    positive: int | None = None                # column of the positive class
+    threshold: float | None = None
+
+    def labels(self, scores: np.ndarray) -> np.ndarray:
+        if self.threshold is None: return scores.argmax(-1)
+        return np.where(scores[..., self.positive] >= self.threshold, self.positive, 1 - self.positive)
+
+def decision_rule(model, task: str) -> Decision:
+    "The model's own rule: a binary model with a `threshold` (scikit-learn's FixedThresholdClassifier) uses it, others the arg-max."
+    threshold = getattr(model, "threshold", None)
+    if task != "binary" or threshold is None or isinstance(threshold, str): return Decision()    # "auto": 0.5, the arg-max
+    classes, pos_label = list(model.classes_), getattr(model, "pos_label", None)
+    return Decision(classes.index(pos_label if pos_label is not None else classes[1]), float(threshold))
 
 def _rows(X: pd.DataFrame, rows: np.ndarray, space: PerturbationSpace | None = None, values: np.ndarray | None = None) -> pd.DataFrame:
     "The rows `rows` of X (repeats allowed), with the numeric columns of `space` set to `values` when given."
@@ -85,57 +113,93 @@ def _rows(X: pd.DataFrame, rows: np.ndarray, space: PerturbationSpace | None = N
 
 def _start(X: pd.DataFrame, space: PerturbationSpace) -> np.ndarray: return X[list(space.numeric)].to_numpy(float)
 
-# %% ../nbs/26_robustness.ipynb #7b61135a
-def numeric_flips(model, X: pd.DataFrame, base: np.ndarray, space: PerturbationSpace, epsilons: list[float], draws: int,
-                  seed: int, task: str) -> pd.DataFrame:
-    """Per epsilon, the share of rows whose label flips when every numeric column moves by ±epsilon standard deviations
-    (random signs, the same for every epsilon; worst of `draws`); for regression the change of the prediction instead."""
-    n, k = len(X), len(space.numeric)
-    if k == 0 or n == 0: return pd.DataFrame({"epsilon": epsilons})
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(draws * n, k))
-    every, start = np.tile(np.arange(n), draws), np.tile(_start(X, space), (draws, 1))
-    rows = []
-    for eps in epsilons:
-        scores = model_scores(model, _rows(X, every, space, space.move(start, eps * signs)), task).reshape(draws, n, -1)
-        rows.append({"epsilon": eps, **_outcome(base, scores, task)})
-    return pd.DataFrame(rows)
+class _Worst:
+    "Per row, the worst case over the perturbed copies scored so far: flipped (classification) or the largest change (regression)."
+    def __init__(self, base: np.ndarray, task: str, decision: Decision):
+        self.base, self.task, self.decision = base, task, decision
+        self.label = decision.labels(base) if task != "regression" else None
+        self.value = np.zeros(len(base), float if task == "regression" else bool)
+
+    def add(self, scores: np.ndarray) -> None:
+        "`scores`: (copies, rows, classes) or (rows, classes) for every row."
+        scores = scores.reshape(-1, len(self.base), scores.shape[-1])
+        if self.task == "regression": self.value = np.maximum(self.value, np.abs(scores[..., 0] - self.base[None, :, 0]).max(0))
+        else: self.value |= (self.decision.labels(scores) != self.label[None]).any(0)
+
+    def combine(self, other: "_Worst") -> "_Worst":
+        out = _Worst(self.base, self.task, self.decision)
+        out.value = np.maximum(self.value, other.value) if self.task == "regression" else self.value | other.value
+        return out
+
+    def outcome(self) -> dict:
+        "Flip share (classification) or the relative change of the prediction (regression)."
+        if self.task == "regression":
+            change = self.value / _scale(self.base)
+            return {"median_relative_change": float(np.median(change)), "p95_relative_change": float(np.quantile(change, 0.95))}
+        return {"flip_rate": float(self.value.mean())}
 
 def _scale(base: np.ndarray) -> float:
     s = float(np.std(base[:, 0]))
     return s if s > 0 else 1.0
 
-def _outcome(base: np.ndarray, scores: np.ndarray, task: str) -> dict:
-    "Flip share (classification) or the relative change of the prediction (regression), worst case over the first axis."
-    if task == "regression":
-        change = np.max(np.abs(scores[..., 0] - base[None, :, 0]), axis=0) / _scale(base)
-        return {"median_relative_change": float(np.median(change)), "p95_relative_change": float(np.quantile(change, 0.95))}
-    return {"flip_rate": float((scores.argmax(-1) != base.argmax(-1)[None, :]).any(axis=0).mean())}
+# %% ../nbs/26_robustness.ipynb #7b61135a
+def numeric_flips(model, X: pd.DataFrame, base: np.ndarray, space: PerturbationSpace, epsilons: list[float], draws: int,
+                  seed: int, task: str, decision: Decision = Decision()) -> pd.DataFrame:
+    """Per epsilon, the share of rows whose label flips when every numeric column moves by ±epsilon standard deviations
+    (random signs, the same for every epsilon; worst of `draws`); for regression the change of the prediction instead."""
+    n, k = len(X), len(space.numeric)
+    if k == 0 or n == 0: return pd.DataFrame({"epsilon": epsilons})
+    rng = np.random.default_rng(seed)                                  # one draw at a time, kept small (int8)
+    signs = np.stack([rng.choice([-1.0, 1.0], size=(n, k)).astype(np.int8) for _ in range(draws)])
+    start, every, rows = _start(X, space), np.arange(n), []
+    for eps in epsilons:
+        worst = _Worst(base, task, decision)
+        for d in range(draws): worst.add(model_scores(model, _rows(X, every, space, space.move(start, eps * signs[d])), task))
+        rows.append({"epsilon": eps, **worst.outcome()})
+    return pd.DataFrame(rows)
 
 # %% ../nbs/26_robustness.ipynb #4d1a66d6
 @dataclass
 class Swaps:
-    "Every single categorical swap of every row: the (feature, value) pairs tried, and the scores they gave."
+    "Single categorical swaps: the (feature, value) pairs tried, the worst case per row under each feature, the kept rows' scores."
     pairs: list[tuple[str, object]]
-    scores: np.ndarray          # (swaps, rows, classes)
+    by_feature: dict[str, _Worst]
+    kept: np.ndarray            # (swaps, kept rows, classes): every swap's scores for the rows asked to be kept
+    untried: dict[str, int] = field(default_factory=dict)
 
-def categorical_swaps(model, X: pd.DataFrame, space: PerturbationSpace, task: str) -> Swaps:
-    "Scores of every row with one categorical column set to each category seen in training (one stacked prediction per column)."
-    n, pairs, parts = len(X), [], []
+def categorical_swaps(model, X: pd.DataFrame, space: PerturbationSpace, task: str, base: np.ndarray | None = None,
+                      keep: np.ndarray = (), decision: Decision = Decision(), chunk_rows: int = CHUNK_ROWS) -> Swaps:
+    """Every row with one categorical column set to each category of `space`, scored at most `chunk_rows` copies at a time;
+    kept: the worst case per row and feature, and all the scores of the rows `keep` (for the cheapest swap)."""
+    n, keep = len(X), np.asarray(keep, dtype=int)
+    base = model_scores(model, X, task) if base is None else base
+    pairs, by_feature, kept = [], {}, []
+    per_call = max(1, chunk_rows // max(n, 1))                            # categories per stacked copy
     for c, values in space.categories.items():
-        stacked = _rows(X, np.tile(np.arange(n), len(values)))
-        kind = float if all(isinstance(v, float) for v in values) else object
-        stacked[c] = np.repeat(np.array(values, dtype=kind), n)
-        parts.append(model_scores(model, stacked, task).reshape(len(values), n, -1))
-        pairs += [(c, v) for v in values]
-    return Swaps(pairs, np.concatenate(parts) if parts else np.zeros((0, n, 1)))
+        worst, kind = _Worst(base, task, decision), float if all(isinstance(v, float) for v in values) else object
+        for i in range(0, len(values), per_call):
+            chunk = values[i:i + per_call]
+            stacked = _rows(X, np.tile(np.arange(n), len(chunk)))
+            stacked[c] = np.repeat(np.array(chunk, dtype=kind), n)
+            scores = model_scores(model, stacked, task).reshape(len(chunk), n, -1)
+            worst.add(scores); kept.append(scores[:, keep])
+        by_feature[c], pairs = worst, pairs + [(c, v) for v in values]
+    return Swaps(pairs, by_feature, np.concatenate(kept) if kept else np.zeros((0, len(keep), base.shape[-1])), dict(space.untried))
 
-def swap_table(swaps: Swaps, base: np.ndarray, task: str) -> pd.DataFrame:
-    "Per feature: the number of categories and the flip share (or relative change) under a swap of that feature alone."
-    rows = []
-    for f in dict.fromkeys(c for c, _ in swaps.pairs):
-        idx = [i for i, (c, _) in enumerate(swaps.pairs) if c == f]
-        rows.append({"feature": f, "categories": len(idx), **_outcome(base, swaps.scores[idx], task)})
-    return pd.DataFrame(rows, columns=["feature", "categories", *(["median_relative_change", "p95_relative_change"] if task == "regression" else ["flip_rate"])])
+def swap_table(swaps: Swaps, task: str) -> pd.DataFrame:
+    "Per feature: the categories tried and left out, and the flip share (or relative change) under a swap of that feature alone."
+    tried = lambda f: sum(c == f for c, _ in swaps.pairs)
+    rows = [{"feature": f, "categories": tried(f), "untried": swaps.untried.get(f, 0), **w.outcome()} for f, w in swaps.by_feature.items()]
+    outcome = ["median_relative_change", "p95_relative_change"] if task == "regression" else ["flip_rate"]
+    return pd.DataFrame(rows, columns=["feature", "categories", "untried", *outcome])
+
+def all_swaps(swaps: Swaps) -> dict:
+    "The outcome over every single swap of every feature (empty: nothing to swap)."
+    worsts = list(swaps.by_feature.values())
+    if not worsts: return {}
+    out = worsts[0]
+    for w in worsts[1:]: out = out.combine(w)
+    return out.outcome()
 
 # %% ../nbs/26_robustness.ipynb #e4750a1a
 def search_direction(model, X: pd.DataFrame, space: PerturbationSpace, label: np.ndarray, max_epsilon: float, task: str) -> np.ndarray:
@@ -157,16 +221,16 @@ def search_direction(model, X: pd.DataFrame, space: PerturbationSpace, label: np
     return direction
 
 def smallest_flips(model, X: pd.DataFrame, base: np.ndarray, space: PerturbationSpace, max_epsilon: float, task: str,
-                   grid: int = 16, halvings: int = 10) -> pd.DataFrame:
+                   grid: int = 16, halvings: int = 10, decision: Decision = Decision()) -> pd.DataFrame:
     """Per row, the smallest move (L-infinity, in standard deviations) along the score-lowering sign direction that flips its label:
     the first of `grid` even steps up to `max_epsilon` that flips, refined by bisection. NaN when none does."""
     n, k = len(X), len(space.numeric)
     if n == 0 or k == 0: return pd.DataFrame({"min_epsilon": np.full(n, np.nan), "direction": [""] * n})
-    label, start = base.argmax(1), _start(X, space)
+    label, start = decision.labels(base), _start(X, space)
     direction = search_direction(model, X, space, label, max_epsilon, task)
     def flips(eps: np.ndarray, rows: np.ndarray) -> np.ndarray:
         values = space.move(start[rows], eps[:, None] * direction[rows])
-        return model_scores(model, _rows(X, rows, space, values), task).argmax(1) != label[rows]
+        return decision.labels(model_scores(model, _rows(X, rows, space, values), task)) != label[rows]
     steps = max_epsilon * np.arange(1, grid + 1) / grid
     flipped = flips(np.repeat(steps, n), np.tile(np.arange(n), grid)).reshape(grid, n)
     found, first = flipped.any(axis=0), flipped.argmax(axis=0)
@@ -183,12 +247,13 @@ def smallest_flips(model, X: pd.DataFrame, base: np.ndarray, space: Perturbation
     return pd.DataFrame({"min_epsilon": np.where(found, realised, np.nan), "direction": [describe(d) for d in direction]})
 
 # %% ../nbs/26_robustness.ipynb #835a0ad3
-def cheapest_swaps(swaps: Swaps, base: np.ndarray, rows: np.ndarray) -> list[str | None]:
-    "Per row, the single categorical swap that flips its label and leaves the predicted class the lowest score; None if no swap flips it."
-    if not len(swaps.pairs): return [None] * len(rows)
-    label, scores = base[rows].argmax(1), swaps.scores[:, rows]           # (swaps, rows, classes)
-    flipped = scores.argmax(-1) != label[None]
-    best = np.where(flipped, scores[:, np.arange(len(rows)), label], np.inf).argmin(axis=0)
+def cheapest_swaps(swaps: Swaps, base: np.ndarray, decision: Decision = Decision()) -> list[str | None]:
+    """Per kept row (`base`: their scores), the single swap that flips its label and leaves the predicted class the lowest score;
+    None if no swap flips it."""
+    if not len(swaps.pairs): return [None] * len(base)
+    label, scores = decision.labels(base), swaps.kept                    # (swaps, rows, classes)
+    flipped = decision.labels(scores) != label[None]
+    best = np.where(flipped, scores[:, np.arange(len(base)), label], np.inf).argmin(axis=0)
     return [f"{swaps.pairs[b][0]} → {swaps.pairs[b][1]}" if flipped[b, i] else None for i, b in enumerate(best)]
 
 # %% ../nbs/26_robustness.ipynb #09eb5b4f
@@ -204,6 +269,9 @@ class Robustness:
     categorical_all: dict          # the same over every single swap of every feature
     riskiest: pd.DataFrame         # classification: the riskiest rows, their smallest flipping move and cheapest flipping swap
     numeric_columns: list[str]
+    test_rows: int | None = None   # before the sample of at most max_rows
+    untried: dict = field(default_factory=dict)   # per categorical feature: categories seen in training and not tried (the cap)
+    threshold: float | None = None # the model's decision threshold (binary), when it has one
 
     @property
     def classification(self) -> bool: return self.task != "regression"
@@ -220,8 +288,10 @@ class Robustness:
         "The block written to metrics/evaluate.json under `robustness` (numbers rounded, so equal runs write equal files)."
         by_eps = lambda col: {f"{e:g}": v for e, v in zip(self.numeric.epsilon, self.numeric[col])} if col in self.numeric else {}
         by_feature = lambda col: dict(zip(self.categorical.feature, self.categorical[col])) if col in self.categorical else {}
-        out = {"task": self.task, "rows": self.rows, "draws": self.draws, "numeric_features": len(self.numeric_columns),
-               "categorical_features": int(len(self.categorical))}
+        out = {"task": self.task, "rows": self.rows, "test_rows": self.test_rows if self.test_rows is not None else self.rows,
+               "draws": self.draws, "numeric_features": len(self.numeric_columns), "categorical_features": int(len(self.categorical))}
+        if self.untried: out["categories_not_tried"] = dict(self.untried)
+        if self.threshold is not None: out["decision_threshold"] = self.threshold
         if self.classification:
             out.update(flip_rate=by_eps("flip_rate"), categorical_flip_rate=self.categorical_all.get("flip_rate"),
                        categorical_flip_rate_by_feature=by_feature("flip_rate"), riskiest=self.riskiest_summary())
@@ -231,6 +301,16 @@ class Robustness:
                        categorical_median_relative_change_by_feature=by_feature("median_relative_change"),
                        flips="not measured: a regression has no label to flip; the change of the prediction is reported relative to its spread on the test set")
         return _rounded(out)
+
+    def sampling(self) -> list[str]:
+        "What was measured on a sample or a subset, in words for the report."
+        out = []
+        if self.test_rows is not None and self.rows < self.test_rows:
+            out.append(f"robustness on a seeded sample of {self.rows:,} of {self.test_rows:,} test rows (evaluate.robustness.max_rows)")
+        if self.untried:
+            out.append("categorical swaps tried the most frequent categories and one rare one (evaluate.robustness.max_swap_categories); "
+                       + ", ".join(f"{f}: {k:,} not tried" for f, k in self.untried.items()))
+        return out
 
     def tables(self) -> dict[str, pd.DataFrame]:
         "The plot tables (CSV for `dvc plots`): flip rate by epsilon (`robustness_change` for regression), by feature, the riskiest rows."
@@ -261,21 +341,24 @@ def robustness(model, test_df: pd.DataFrame, spec: FeatureSpec, space: Perturbat
                positive_class=None) -> Robustness:
     "Flip rates under numeric perturbations and single categorical swaps, and the smallest flipping moves of the riskiest rows."
     X = model_frame(test_df, spec)
+    test_rows = len(X)
     if cfg.max_rows is not None and len(X) > cfg.max_rows: X = X.sample(cfg.max_rows, random_state=seed)
     index, X = X.index.to_numpy(), X.reset_index(drop=True)
-    task = spec.task
+    task, decision = spec.task, decision_rule(model, spec.task)
     base = model_scores(model, X, task)
-    numeric = numeric_flips(model, X, base, space, cfg.epsilons, cfg.draws, seed, task)
-    swaps = categorical_swaps(model, X, space, task)
-    riskiest = pd.DataFrame()
+    numeric = numeric_flips(model, X, base, space, cfg.epsilons, cfg.draws, seed, task, decision)
+    rows = np.zeros(0, dtype=int)
     if task != "regression":
         classes = list(model.classes_)
         positive = (positive_class if positive_class is not None else classes[1]) if task == "binary" else None
         risk = base[:, classes.index(positive)] if positive is not None else base.max(axis=1)
         rows = np.argsort(-risk, kind="stable")[:cfg.riskiest_n]
-        riskiest = pd.DataFrame({"row": index[rows], "predicted": np.array(classes, dtype=object)[base[rows].argmax(1)],
+    swaps = categorical_swaps(model, X, space, task, base, keep=rows, decision=decision)
+    riskiest = pd.DataFrame()
+    if task != "regression":
+        riskiest = pd.DataFrame({"row": index[rows], "predicted": np.array(classes, dtype=object)[decision.labels(base[rows])],
                                  "risk": risk[rows]})
-        search = smallest_flips(model, X.iloc[rows].reset_index(drop=True), base[rows], space, cfg.max_epsilon, task)
-        riskiest = pd.concat([riskiest, search], axis=1).assign(swap=cheapest_swaps(swaps, base, rows))
-    all_swaps = _outcome(base, swaps.scores, task) if len(swaps.pairs) else {}
-    return Robustness(task, len(X), cfg.draws, cfg.max_epsilon, numeric, swap_table(swaps, base, task), all_swaps, riskiest, list(space.numeric))
+        search = smallest_flips(model, X.iloc[rows].reset_index(drop=True), base[rows], space, cfg.max_epsilon, task, decision=decision)
+        riskiest = pd.concat([riskiest, search], axis=1).assign(swap=cheapest_swaps(swaps, base[rows], decision))
+    return Robustness(task, len(X), cfg.draws, cfg.max_epsilon, numeric, swap_table(swaps, task), all_swaps(swaps), riskiest,
+                      list(space.numeric), test_rows, dict(space.untried), decision.threshold)

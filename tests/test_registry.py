@@ -60,7 +60,7 @@ def make_env(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     users = Users(default_roles=["viewer"], users={n: User(roles=ROLES[n], secret_hash=hash_secret(s)) for n, s in SECRETS.items()})
     users.save(root / "users.yaml")
-    return {"train": {"tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "reg-tests"},
+    return {"data": {"sensitive": ["female"]}, "train": {"tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "reg-tests"},
             "registry": {"audit_log": str(root / "audit.jsonl"), "users": str(root / "users.yaml"),
                          "signing_key": str(root / "keys/signing.key"), "public_key": str(root / "keys/signing.pub"),
                          "gates": {"fairness_attributes": ["female"]}}}
