@@ -298,7 +298,7 @@ def plan_init(data: str, target: str, task: str = "auto", positive: str | None =
     task, task_why = infer_task(df[target], task)
     chosen, positive_why = (choose_positive(df[target], positive) if task == "binary" else (None, ""))
     if positive is not None and task != "binary": raise DataError(f"--positive applies to a binary task; {target!r} is {task}")
-    schema = infer_schema(df)
+    schema = infer_schema(df, target=target)          # a whole-number target unique per row is no id
     cols = dict(schema.columns)
     for c in ids: cols[c] = cols[c].model_copy(update={"role": "id"})
     if df[target].isna().any(): cols[target] = cols[target].model_copy(update={"fill": "drop"})
