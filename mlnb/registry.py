@@ -527,7 +527,7 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), me
              "lineage": lineage, "metrics": {k: v for k, v in evaluation.items() if k not in ("fairness", "robustness")}, "fairness": evaluation.get("fairness", {}),
              "fairness_table": fairness_table, "inputs": report.get("inputs", {}), "intended_use": cfg.registry.intended_use,
              "caveats": cfg.registry.caveats, "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")},
-             "robustness": robustness}
+             "robustness": robustness, "threshold": board.get("threshold")}
     signing_key, public_key = signing_keys(cfg)
     if ensure_signing_key(signing_key, public_key):
         registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
