@@ -100,7 +100,7 @@ class TrainConfig(_Strict):
     checkpoint_dir: str = "models/.checkpoints"   # not a DVC output, so a killed run's checkpoints survive until it resumes
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str = "mlnb"
-    time_budget_seconds: float | None = Field(90, gt=0)   # all family searches together (and the final fit); None: no limit
+    time_budget_seconds: float | None = Field(120, gt=0)   # all family searches together (and the final fit); None: no limit
     threshold: float | Literal["f1", "youden"] | CostThreshold = "f1"   # binary: the decision rule chosen on validation
 
     @field_validator("threshold", mode="before")
