@@ -298,6 +298,11 @@ ITERATION_PARAM = {RandomForestClassifier: "n_estimators", RandomForestRegressor
 def _failpoint(name: str) -> None:
     if os.environ.get("MLNB_FAILPOINT") == name: os.kill(os.getpid(), signal.SIGKILL)
 
+def _early_stopped(model) -> bool:
+    "Whether a gradient-boosting model's own early-stopping rule says stop (it can be met exactly at a step's last iteration)."
+    if not getattr(model, "do_early_stopping_", False): return False
+    return bool(model._should_stop(model.validation_score_ if model.validation_fraction is not None else model.train_score_))
+
 class Checkpoints:
     "Atomic joblib checkpoints in one directory per training run (its key: a hash of what the result depends on)."
     def __init__(self, root: str | Path, key: str):
@@ -342,7 +347,7 @@ def fit_in_steps(pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, every: int, 
             warnings.simplefilter("ignore", ConvergenceWarning)
             pipeline.fit(X, y)
         model = pipeline.named_steps["model"]
-        stopped = getattr(model, "n_iter_", done + step) < done + step   # early stopping (MLP, HGB) ended it within this step
+        stopped = getattr(model, "n_iter_", done + step) < done + step or _early_stopped(model)   # within or at the end of this step
         done = total if stopped else done + step
         if ck:
             ck.save(name, {"done": done, "pipeline": pipeline})
