@@ -152,6 +152,13 @@ def part_path(output: str | Path, index: int) -> Path: return Path(output) / f"p
 def _constant(value: str, n: int) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
 
+def _label_column(labels: np.ndarray, classes: list[str]) -> pa.Array:
+    "The graph's labels as a dictionary column over `classes` (or over the labels seen, when the file names no classes)."
+    labels = np.asarray(labels).ravel().astype(str)
+    codes = pd.Index(classes).get_indexer(labels)
+    if (codes < 0).any(): return pa.array(labels, pa.string()).dictionary_encode()
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(classes))
+
 def predictions_table(job: Job, outputs: dict[str, np.ndarray], ids: np.ndarray, piece: Piece, rows: np.ndarray, kept: pa.Table) -> pa.Table:
     "The output rows: id, source, kept columns, prediction, probabilities, model name and version."
     n = len(ids)
@@ -162,8 +169,8 @@ def predictions_table(job: Job, outputs: dict[str, np.ndarray], ids: np.ndarray,
     if "probabilities" in outputs:
         probs = outputs["probabilities"]
         classes = [str(c) for c in (job.classes or range(probs.shape[1]))]
-        # the label is the most probable class, as the graph's own label output says; kept as a dictionary column
-        cols["label"] = pa.DictionaryArray.from_arrays(pa.array(probs.argmax(axis=1).astype(np.int32)), pa.array(classes))
+        # the label is the graph's own decision (a binary model's threshold is in the graph), kept as a dictionary column
+        cols["label"] = _label_column(outputs["label"], classes)
         for i, cls in enumerate(classes): cols[f"probability_{cls}"] = pa.array(probs[:, i].astype(np.float32, copy=False))
     else: cols["prediction"] = pa.array(outputs["variable"].ravel().astype(np.float32) if n else np.array([], np.float32))
     cols["model_name"], cols["model_version"] = _constant(job.model_name, n), _constant(job.model_version, n)
@@ -186,7 +193,7 @@ def score_piece(piece: Piece, job: Job, model: bytes) -> dict:
         good = pd.isna(reason)
         idx, bad = np.flatnonzero(good), np.flatnonzero(~good)
         inputs = feed if not len(bad) else {k: v[idx] for k, v in feed.items()}
-        wanted = ["probabilities"] if "probabilities" in session.outputs else session.outputs   # the label follows from them
+        wanted = session.outputs                                       # label (the decision) and probabilities, or the value
         outputs = dict(zip(wanted, session.session.run(wanted, inputs))) if len(idx) else _no_outputs(session, job)
         tables.append(predictions_table(job, outputs, piece.offset + rows + idx, piece, piece.first_row + rows + idx, table.select(list(job.keep)).take(idx)))
         for k, v in unk.items(): unknown[k] = unknown.get(k, 0) + v

@@ -11,7 +11,7 @@ import json
 import pandas as pd
 
 # %% auto #0
-__all__ = ['automatic_caveats', 'robustness_rows', 'model_card', 'card_html']
+__all__ = ['automatic_caveats', 'robustness_rows', 'threshold_text', 'model_card', 'card_html']
 
 # %% ../nbs/09_card.ipynb #45ec6e4b
 def _table(rows: list[dict] | pd.DataFrame) -> str:
@@ -71,6 +71,12 @@ def _fairness_sections(facts: dict) -> list[str]:
     return ["## Metrics by sensitive group", _table(pd.DataFrame(facts.get("fairness_table", []))),
             "## Fairness", _table([{"attribute": a, **s} for a, s in fairness.items()])]
 
+def threshold_text(threshold: dict | None) -> str:
+    "How labels are decided: a binary model's threshold on its positive class, or why there is none."
+    if not threshold: return "not recorded"
+    if threshold.get("value") is None: return threshold.get("rule", "not applicable")
+    return f"{threshold['value']:g} on p({threshold['positive_class']}) (rule: {threshold['rule']}, chosen on the validation split)"
+
 def model_card(facts: dict) -> str:
     "The card as Markdown."
     lin = facts.get("lineage", {})
@@ -79,6 +85,7 @@ def model_card(facts: dict) -> str:
              _table([{"field": k, "value": v} for k, v in {
                  "name": facts["name"], "version": facts["version"], "status at registration": facts.get("status"), "task": facts.get("task"),
                  "target": facts.get("target"), "model family": facts.get("family"), "hyperparameters": json.dumps(facts.get("params", {})),
+                 "decision threshold": threshold_text(facts.get("threshold")),
                  "format": "ONNX (+ scikit-learn pipeline)", "registered by": facts.get("registered_by"), "registered at": facts.get("registered_at"),
                  "git commit": lin.get("git_commit"), "signing key (sha256)": facts.get("signing_key")}.items()]),
              "## Intended use", facts.get("intended_use") or "_Not stated in params.yaml (`registry.intended_use`)._",

@@ -130,6 +130,7 @@ def stage(name: str = typer.Argument(..., help="Stage notebook, e.g. ingest or 0
 # %% ../nbs/06_cli.ipynb #790d0e03
 def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.json") -> str:
     "A short text summary of the last run's outputs."
+    from mlnb.card import threshold_text
     needed = [paths.leaderboard, Path(metrics_path), paths.export_report]
     missing = [str(p) for p in needed if not Path(p).exists()]
     if missing: raise ConfigError(f"no complete run yet (missing {', '.join(missing)}); run `make run` or `dvc repro`")
@@ -138,6 +139,7 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
     report = json.loads(paths.export_report.read_text())
     lines = [f"selected model : {board['selected']} (validation {board['metric']} {board['candidates'][0]['valid_score']:.4f})",
              "candidates     : " + ", ".join(f"{c['family']} {c['valid_score']:.4f}" for c in board["candidates"]),
+             f"threshold      : {threshold_text(board.get('threshold'))}",
              "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
              f"onnx model     : {paths.onnx} ({report['variants']['onnx']['bytes'] / 1024:.0f} KiB, parity max |Δp| {report['parity']['max_abs_diff']:.2g})"]
     robust = metrics.get("robustness") or {}

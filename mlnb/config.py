@@ -14,12 +14,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['Task', 'DerivedOp', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig',
-           'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
-           'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
-           'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan', 'RolloutConfig', 'AuthConfig', 'TLSConfig',
-           'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'read_yaml',
-           'load_config', 'Paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
+__all__ = ['Task', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature',
+           'FeaturesConfig', 'DecisionCosts', 'CostThreshold', 'TrainConfig', 'RobustnessConfig', 'EvaluateConfig',
+           'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig', 'RegistryConfig', 'ProjectConfig',
+           'CacheConfig', 'LogEncryptionConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
+           'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig',
+           'Config', 'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5',
+           'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../nbs/00_config.ipynb #46603c3d
 class ConfigError(ValueError):
@@ -80,6 +81,16 @@ class FeaturesConfig(_Strict):
     max_categories: int = Field(32, ge=2)   # one-hot width cap per categorical: the max_categories - 1 most frequent values + one bucket
 
 # %% ../nbs/00_config.ipynb #087d59aa
+class DecisionCosts(_Strict):
+    "What one wrong decision of each kind costs (any unit; only the ratio matters)."
+    fp: float = Field(gt=0)                # a negative called positive (e.g. a needless retention offer)
+    fn: float = Field(gt=0)                # a positive missed (e.g. a customer lost)
+
+class CostThreshold(_Strict):
+    cost: DecisionCosts
+
+THRESHOLD_RULES = ("f1", "youden")
+
 class TrainConfig(_Strict):
     candidates: list[str] = ["logreg", "hgb", "rf", "mlp"]
     metric: str | None = None              # a scikit-learn scorer name; None: the task's default
@@ -90,6 +101,17 @@ class TrainConfig(_Strict):
     checkpoint_dir: str = "models/.checkpoints"   # not a DVC output, so a killed run's checkpoints survive until it resumes
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str = "mlnb"
+    time_budget_seconds: float | None = Field(120, gt=0)   # all family searches together (and the final fit); None: no limit
+    threshold: float | Literal["f1", "youden"] | CostThreshold = "f1"   # binary: the decision rule chosen on validation
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_rule(cls, v):
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1) or v in THRESHOLD_RULES or (
+            isinstance(v, dict) and set(v) == {"cost"} and isinstance(v["cost"], dict) and set(v["cost"]) == {"fp", "fn"})
+        if not ok and not isinstance(v, CostThreshold):
+            raise ValueError(f"must be a probability between 0 and 1 (e.g. 0.5), 'f1', 'youden' or {{cost: {{fp: 1, fn: 5}}}}; got {v!r}")
+        return v
 
 class RobustnessConfig(_Strict):
     "How hard the evaluate stage pushes on the model's decisions (see `mlnb.robustness`)."

@@ -24,24 +24,67 @@ from .config import Config, ExportConfig, ParityConfig, Paths, file_md5, params_
 from .features import FeatureSpec, model_frame, register_onnx_converters
 
 # %% auto #0
-__all__ = ['QUANTIZABLE_OPS', 'input_types', 'to_onnx', 'OnnxModel', 'ParityError', 'Parity', 'check_parity', 'quantizable',
-           'quantize', 'git_commit', 'dvc_locked_md5', 'provenance', 'single_row_latency', 'ExportResult', 'export',
-           'SignatureError', 'ensure_signing_key', 'key_fingerprint', 'signature_path', 'sign_model', 'verify_model',
-           'load_verified']
+__all__ = ['QUANTIZABLE_OPS', 'input_types', 'decision_threshold', 'threshold_metadata', 'to_onnx', 'bake_threshold', 'OnnxModel',
+           'ParityError', 'Parity', 'check_parity', 'quantizable', 'quantize', 'git_commit', 'dvc_locked_md5',
+           'provenance', 'single_row_latency', 'ExportResult', 'export', 'SignatureError', 'ensure_signing_key',
+           'key_fingerprint', 'signature_path', 'sign_model', 'verify_model', 'load_verified']
 
 # %% ../nbs/05_export.ipynb #ae684f76
 def input_types(spec: FeatureSpec) -> list:
     return ([(c, FloatTensorType([None, 1])) for c in spec.numeric + spec.passthrough]
             + [(c, StringTensorType([None, 1])) for c in spec.categorical])
 
-def to_onnx(model: Pipeline, spec: FeatureSpec, opset: int = 17, metadata: dict | None = None) -> onnx.ModelProto:
-    "Convert a fitted pipeline to ONNX: named raw-column inputs, no ZipMap, `metadata` in metadata_props."
+def decision_threshold(model) -> tuple[Pipeline, float | None, object]:
+    "The fitted pipeline of a saved model, its decision threshold and positive class (None, None: the most probable class)."
+    from sklearn.model_selection import FixedThresholdClassifier    # here, not at import: the server reads ONNX files only
+    if isinstance(model, FixedThresholdClassifier): return model.estimator, float(model.threshold), model.pos_label
+    return model, None, None
+
+def threshold_metadata(model) -> dict:
+    "metadata_props that name a binary model's decision threshold and positive class (none for the most probable class)."
+    _, threshold, positive = decision_threshold(model)
+    return {} if threshold is None else {"mlnb.threshold": f"{threshold:g}", "mlnb.positive_class": str(positive)}
+
+def to_onnx(model, spec: FeatureSpec, opset: int = 17, metadata: dict | None = None) -> onnx.ModelProto:
+    "Convert a fitted pipeline to ONNX: named raw-column inputs, no ZipMap, its threshold baked in, `metadata` in metadata_props."
     register_onnx_converters()
-    options = {id(model.steps[-1][1]): {"zipmap": False}} if spec.task != "regression" else None
-    proto = convert_sklearn(model, initial_types=input_types(spec), options=options,
+    pipeline, threshold, positive = decision_threshold(model)
+    options = {id(pipeline.steps[-1][1]): {"zipmap": False}} if spec.task != "regression" else None
+    proto = convert_sklearn(pipeline, initial_types=input_types(spec), options=options,
                             target_opset={"": opset, "ai.onnx.ml": 3}, name=(metadata or {}).get("model_name", "mlnb"))
+    if threshold is not None:
+        proto = bake_threshold(proto, list(pipeline.classes_), positive, threshold)
+        metadata = {**threshold_metadata(model), **(metadata or {})}
     for k, v in (metadata or {}).items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    return proto
+
+# %% ../nbs/05_export.ipynb #e5b0a002
+def _prune(graph: onnx.GraphProto) -> None:
+    "Drop the nodes no graph output depends on."
+    needed, keep = {o.name for o in graph.output}, []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output): keep.append(node); needed.update(node.input)
+    del graph.node[:]; graph.node.extend(reversed(keep))
+    live = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]; graph.initializer.extend(live)
+
+def bake_threshold(proto: onnx.ModelProto, classes: list, positive, threshold: float) -> onnx.ModelProto:
+    "`proto` with its `label` output replaced by: `positive` when probabilities[:, positive] >= `threshold`, else the other class."
+    from onnx import helper, numpy_helper
+    g, (pos,) = proto.graph, [i for i, c in enumerate(classes) if c == positive]
+    label = next(o for o in g.output if o.name == "label")
+    elem = label.type.tensor_type.elem_type
+    as_array = (lambda c: np.array(str(c), dtype=object)) if elem == onnx.TensorProto.STRING else (lambda c: np.array(c, dtype=np.int64))
+    for node in g.node: node.output[:] = ["mlnb_argmax_label" if o == "label" else o for o in node.output]
+    consts = {"mlnb_positive_index": np.array(pos, dtype=np.int64), "mlnb_threshold": np.array(threshold, dtype=np.float32),
+              "mlnb_positive": as_array(classes[pos]), "mlnb_negative": as_array(classes[1 - pos])}
+    g.initializer.extend(numpy_helper.from_array(v, name=k) for k, v in consts.items())
+    g.node.extend([helper.make_node("Gather", ["probabilities", "mlnb_positive_index"], ["mlnb_p_positive"], axis=1, name="mlnb_gather"),
+                   helper.make_node("GreaterOrEqual", ["mlnb_p_positive", "mlnb_threshold"], ["mlnb_is_positive"], name="mlnb_threshold_cmp"),
+                   helper.make_node("Where", ["mlnb_is_positive", "mlnb_positive", "mlnb_negative"], ["label"], name="mlnb_decision")])
+    _prune(g)
+    onnx.checker.check_model(proto)
     return proto
 
 # %% ../nbs/05_export.ipynb #b7159ede
@@ -199,11 +242,11 @@ class ExportResult:
             if self.quantized: Path(temps[3]).write_bytes(self.quantized)
         if not self.quantized: paths.onnx_int8.unlink(missing_ok=True)
 
-def export(model: Pipeline, test_df: pd.DataFrame, spec: FeatureSpec, cfg: ExportConfig, metadata: dict,
+def export(model, test_df: pd.DataFrame, spec: FeatureSpec, cfg: ExportConfig, metadata: dict,
            workdir: str | Path | None = None) -> ExportResult:
     "Convert, check parity (raising `ParityError`), quantize when it pays, measure."
     import tempfile
-    if spec.task != "regression": metadata = {**metadata, "classes": json.dumps([str(c) for c in model.classes_])}
+    if spec.task != "regression": metadata = {**metadata, "classes": json.dumps([str(c) for c in model.classes_]), **threshold_metadata(model)}
     proto = to_onnx(model, spec, cfg.opset, metadata)
     raw = proto.SerializeToString()
     onnx_model = OnnxModel(raw)

@@ -559,7 +559,7 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), me
              "lineage": lineage, "metrics": {k: v for k, v in evaluation.items() if isinstance(v, (int, float))}, "fairness": fairness, "fairness_note": fairness_note,
              "fairness_table": fairness_table, "inputs": report.get("inputs", {}), "intended_use": cfg.registry.intended_use,
              "caveats": cfg.registry.caveats, "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")},
-             "robustness": robustness}
+             "robustness": robustness, "threshold": board.get("threshold")}
     signing_key, public_key = signing_keys(cfg)
     if ensure_signing_key(signing_key, public_key):
         registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))

@@ -6,8 +6,8 @@ Docs: https://mlnb.github.io/mlnb/train.html.md"""
 
 # %% ../nbs/03_train.ipynb #17865f03
 from __future__ import annotations
-import hashlib, json, os, shutil, signal, time, warnings
-from dataclasses import dataclass, field
+import hashlib, json, math, os, shutil, signal, time, warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,18 +19,21 @@ from sklearn.base import clone
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import get_scorer
-from sklearn.model_selection import KFold, RandomizedSearchCV, StratifiedKFold
+from sklearn.metrics import balanced_accuracy_score, f1_score, get_scorer, make_scorer, precision_score, recall_score
+from sklearn.model_selection import (FixedThresholdClassifier, GridSearchCV, KFold, ParameterSampler, StratifiedKFold,
+                                     TunedThresholdClassifierCV, train_test_split)
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
-from .config import ConfigError, Paths, TrainConfig, staged_outputs, write_json
+from .config import ConfigError, CostThreshold, Paths, TrainConfig, staged_outputs, write_json
 from .features import FeatureSpec, model_frame, preprocessor
 
 # %% auto #0
-__all__ = ['FAMILIES', 'DEFAULT_METRIC', 'ITERATION_PARAM', 'Family', 'family', 'candidate_pipeline', 'Candidate',
-           'search_family', 'experiment_id', 'log_candidates', 'Checkpoints', 'fit_in_steps', 'TrainResult', 'train',
-           'plot_leaderboard']
+__all__ = ['FAMILIES', 'DEFAULT_METRIC', 'PROBE_ROWS', 'MIN_SEARCH_ROWS', 'THRESHOLD_GRID', 'ITERATION_PARAM', 'Family', 'family',
+           'candidate_pipeline', 'Candidate', 'search_points', 'search_family', 'coarse_seconds', 'time_one_fit',
+           'FamilyPlan', 'search_seconds', 'plan_family', 'Threshold', 'threshold_rule', 'threshold_scorer',
+           'positive_of', 'choose_threshold', 'with_threshold', 'pipeline_of', 'experiment_id', 'log_candidates',
+           'Checkpoints', 'fit_in_steps', 'TrainResult', 'train', 'plot_leaderboard']
 
 # %% ../nbs/03_train.ipynb #964c3793
 @dataclass(frozen=True)
@@ -50,8 +53,8 @@ FAMILIES = {f.name: f for f in [
     Family("ridge", ("regression",), lambda task, seed: Ridge(),
            {"model__alpha": loguniform(1e-3, 1e2)}, scale=True),
     Family("hgb", ("binary", "multiclass", "regression"),
-           _by_task(lambda s: HistGradientBoostingClassifier(early_stopping=False, random_state=s),
-                    lambda s: HistGradientBoostingRegressor(early_stopping=False, random_state=s)),
+           _by_task(lambda s: HistGradientBoostingClassifier(early_stopping=True, validation_fraction=0.1, n_iter_no_change=10, random_state=s),
+                    lambda s: HistGradientBoostingRegressor(early_stopping=True, validation_fraction=0.1, n_iter_no_change=10, random_state=s)),
            {"model__learning_rate": loguniform(0.02, 0.2), "model__max_iter": randint(60, 200),
             "model__max_leaf_nodes": randint(6, 32), "model__min_samples_leaf": randint(20, 100),
             "model__l2_regularization": loguniform(1e-3, 1.0)}, scale=False),
@@ -86,37 +89,179 @@ def candidate_pipeline(name: str, spec: FeatureSpec, seed: int) -> Pipeline:
 @dataclass
 class Candidate:
     family: str
-    pipeline: Pipeline
+    pipeline: Pipeline | None            # None: skipped by the budget
     params: dict
     cv_mean: float
     cv_std: float
     valid_score: float
     fit_seconds: float
     run_id: str | None = None
+    fits: int = 0                        # model fits, the cross-validation's and the refit
+    search_rows: int | None = None       # training rows the search cross-validated on
+    budget_note: str = ""                # what the budget did to this family, and why
+
+    @property
+    def skipped(self) -> bool: return self.pipeline is None
 
     def row(self) -> dict:
         return {"family": self.family, "cv_mean": self.cv_mean, "cv_std": self.cv_std, "valid_score": self.valid_score,
-                "fit_seconds": round(self.fit_seconds, 2), "params": json.dumps(self.params, default=str), "run_id": self.run_id}
+                "fit_seconds": round(self.fit_seconds, 2), "fits": self.fits, "search_rows": self.search_rows,
+                "budget_note": self.budget_note, "params": json.dumps(self.params, default=str), "run_id": self.run_id}
 
 def _folds(task: str, k: int, seed: int):
     return KFold(k, shuffle=True, random_state=seed) if task == "regression" else StratifiedKFold(k, shuffle=True, random_state=seed)
 
+def _sample_rows(X: pd.DataFrame, y: pd.Series, rows: int, task: str, seed: int):
+    "A seeded sample of `rows` rows, stratified by class for classification (when every class can be)."
+    if rows >= len(X): return X, y
+    try: Xs, _, ys, _ = train_test_split(X, y, train_size=rows, random_state=seed, stratify=None if task == "regression" else y)
+    except ValueError: Xs, _, ys, _ = train_test_split(X, y, train_size=rows, random_state=seed)
+    return Xs, ys
+
+def search_points(f: Family, draws: int, seed: int) -> list[dict]:
+    "The family's defaults (`{}`), then `draws` seeded draws from its space, as a `GridSearchCV` grid of single points."
+    sampled = list(ParameterSampler(f.space, draws, random_state=seed)) if draws > 0 else []
+    return [{}] + [{k: [v] for k, v in point.items()} for point in sampled]
+
+def _plain(v): return v.item() if hasattr(v, "item") else v
+
 def search_family(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, X_valid: pd.DataFrame, y_valid: pd.Series,
-                  cfg: TrainConfig, metric: str, seed: int) -> Candidate:
-    "Randomized search for one family; the best point refitted on the training split."
+                  cfg: TrainConfig, metric: str, seed: int, draws: int | None = None, rows: int | None = None) -> Candidate:
+    "Cross-validate the defaults and `draws` (default `cfg.n_iter`) draws on `rows` training rows (default all); refit the best on all."
     f = family(name, spec.task)
-    search = RandomizedSearchCV(candidate_pipeline(name, spec, seed), f.space, n_iter=cfg.n_iter, scoring=metric,
-                                cv=_folds(spec.task, cfg.cv_folds, seed), n_jobs=cfg.n_jobs, random_state=seed,
-                                refit=True, error_score="raise")
+    points = search_points(f, cfg.n_iter if draws is None else draws, seed)
+    Xs, ys = _sample_rows(X, y, rows or len(X), spec.task, seed)
+    search = GridSearchCV(candidate_pipeline(name, spec, seed), points, scoring=metric, cv=_folds(spec.task, cfg.cv_folds, seed),
+                          n_jobs=cfg.n_jobs, refit=False, error_score="raise")
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        search.fit(X, y)
+        search.fit(Xs, ys)
+        i = search.best_index_
+        best = candidate_pipeline(name, spec, seed).set_params(**search.cv_results_["params"][i]).fit(X, y)
     seconds = time.perf_counter() - start
-    i = search.best_index_
-    params = {k.removeprefix("model__"): (v.item() if hasattr(v, "item") else v) for k, v in search.best_params_.items()}
-    return Candidate(name, search.best_estimator_, params, float(search.cv_results_["mean_test_score"][i]),
-                     float(search.cv_results_["std_test_score"][i]), float(get_scorer(metric)(search.best_estimator_, X_valid, y_valid)), seconds)
+    model_params = best.named_steps["model"].get_params()
+    params = {k.removeprefix("model__"): _plain(model_params[k.removeprefix("model__")]) for k in f.space}
+    return Candidate(name, best, params, float(search.cv_results_["mean_test_score"][i]), float(search.cv_results_["std_test_score"][i]),
+                     float(get_scorer(metric)(best, X_valid, y_valid)), seconds, fits=len(points) * cfg.cv_folds + 1, search_rows=len(Xs))
+
+# %% ../nbs/03_train.ipynb #c1b2a002
+PROBE_ROWS, MIN_SEARCH_ROWS = 5000, 2000
+
+def coarse_seconds(seconds: float) -> float:
+    "`seconds` rounded up to 1, 1.5, 2, 3, 5 or 7 times a power of ten (at least 0.01 s)."
+    seconds = max(seconds, 0.01)
+    scale = 10 ** math.floor(math.log10(seconds))
+    return float(f"{next(m * scale for m in (1, 1.5, 2, 3, 5, 7, 10) if seconds <= m * scale * (1 + 1e-9)):.3g}")
+
+def time_one_fit(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, seed: int, max_rows: int = PROBE_ROWS,
+                 threads: int = 1) -> float:
+    "Seconds one fit of the family's defaults takes on all of `X`: timed on at most `max_rows` rows, scaled, rounded coarsely."
+    from threadpoolctl import threadpool_limits
+    Xs, ys = _sample_rows(X, y, max_rows, spec.task, seed)
+    start = time.perf_counter()
+    with warnings.catch_warnings(), threadpool_limits(threads):   # as many threads as each of the search's parallel fits gets
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        candidate_pipeline(name, spec, seed).fit(Xs, ys)
+    return coarse_seconds((time.perf_counter() - start) * len(X) / len(Xs))
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    action: str              # "search" | "defaults" (fitted once, no cross-validation) | "skip"
+    draws: int = 0           # draws besides the defaults
+    rows: int | None = None  # training rows the search uses; None: all
+    note: str = ""
+
+def search_seconds(one_fit: float, points: int, cfg: TrainConfig, fraction: float = 1.0, final_share: float = 1.0) -> float:
+    "Estimated seconds of a search of `points` points on `fraction` of the rows, with its refit and the final fit."
+    jobs = cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1)
+    rounds = math.ceil(points * cfg.cv_folds / jobs)
+    return rounds * one_fit * fraction * (cfg.cv_folds - 1) / cfg.cv_folds + one_fit * (1 + final_share)
+
+def plan_family(one_fit: float | None, share: float | None, rows: int, cfg: TrainConfig, valid_rows: int = 0,
+                must_fit: bool = False) -> FamilyPlan:
+    "What a family's search can afford in `share` seconds when one fit on all `rows` training rows takes `one_fit` seconds."
+    n = cfg.n_iter
+    if share is None or one_fit is None: return FamilyPlan("search", n)
+    final = 1 + valid_rows / max(rows, 1)
+    full = search_seconds(one_fit, 1 + n, cfg, final_share=final)
+    facts = f"one fit ≈ {one_fit:g} s, share {share:.0f} s"
+    if full <= share: return FamilyPlan("search", n, None, f"full search ≈ {full:.0f} s: {facts}")
+    refits = search_seconds(one_fit, 0, cfg, final_share=final)
+    sample = int(rows * (share - refits) / (full - refits)) if share > refits else 0
+    if MIN_SEARCH_ROWS <= sample < rows:
+        return FamilyPlan("search", n, sample, f"search on {sample:,} of {rows:,} rows: full search ≈ {full:.0f} s, {facts}")
+    fits = [d for d in range(n - 1, -1, -1) if search_seconds(one_fit, 1 + d, cfg, final_share=final) <= share]
+    if fits: return FamilyPlan("search", fits[0], None, f"n_iter {n} -> {fits[0]}: full search ≈ {full:.0f} s, {facts}")
+    if refits <= share: return FamilyPlan("defaults", 0, None, f"defaults fitted once, no search: full search ≈ {full:.0f} s, {facts}")
+    if must_fit: return FamilyPlan("defaults", 0, None, f"defaults fitted once, over its share (the last family, none fitted): {facts}")
+    return FamilyPlan("skip", 0, None, f"skipped: its refits alone ≈ {refits:.0f} s, {facts}")
+
+# %% ../nbs/03_train.ipynb #c1b2a006
+THRESHOLD_GRID = np.round(np.arange(1, 200) / 200, 3)     # 0.005, 0.01, ..., 0.995
+
+@dataclass
+class Threshold:
+    rule: str                        # "0.5", "f1", "youden", "cost (fp 1, fn 5)", or "not applicable (<task>)"
+    value: float | None = None
+    positive_class: object = None
+    valid: dict = field(default_factory=dict)   # precision and recall on validation at 0.5 and at `value`
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "value": self.value, "positive_class": _plain(self.positive_class), "valid": self.valid}
+
+def threshold_rule(rule) -> str:
+    if isinstance(rule, CostThreshold): return f"cost (fp {rule.cost.fp:g}, fn {rule.cost.fn:g})"
+    return rule if isinstance(rule, str) else f"{rule:g}"
+
+def _decision_cost(y, pred, fp: float, fn: float, pos_label) -> float:
+    y, pred = np.asarray(y) == pos_label, np.asarray(pred) == pos_label
+    return float(fp * np.sum(pred & ~y) + fn * np.sum(~pred & y))
+
+def _youden(y, pred, pos_label) -> float: return balanced_accuracy_score(y, pred)   # J = 2 * balanced accuracy - 1
+
+def threshold_scorer(rule, positive):
+    "The scorer `rule` maximises (a cost is minimised); its `pos_label` tells the threshold search which probability to cut."
+    if rule == "f1": return make_scorer(f1_score, pos_label=positive, zero_division=0)
+    if rule == "youden": return make_scorer(_youden, pos_label=positive)
+    if isinstance(rule, CostThreshold):
+        return make_scorer(_decision_cost, greater_is_better=False, fp=rule.cost.fp, fn=rule.cost.fn, pos_label=positive)
+    raise ConfigError(f"train.threshold: unknown rule {rule!r} (use a probability, 'f1', 'youden' or {{cost: {{fp: 1, fn: 5}}}})")
+
+def positive_of(classes, positive_class=None):
+    "The positive class of a binary task: `data.positive_class`, else the second class in sorted order."
+    classes = list(classes)
+    if positive_class is None: return classes[1]
+    match = [c for c in classes if c == positive_class or str(c) == str(positive_class)]
+    if not match: raise ConfigError(f"data.positive_class: {positive_class!r} is not one of the target's classes {classes}")
+    return match[0]
+
+def _rates(model, X, y, positive, t: float) -> dict:
+    pred = np.where(model.predict_proba(X)[:, list(model.classes_).index(positive)] >= t, positive, "\0")
+    return {"precision": round(float(precision_score(y == positive, pred == positive, zero_division=0)), 6),
+            "recall": round(float(recall_score(y == positive, pred == positive, zero_division=0)), 6)}
+
+def choose_threshold(model, X_valid: pd.DataFrame, y_valid: pd.Series, rule, positive_class=None) -> Threshold:
+    "The decision threshold of fitted binary `model` under `rule` (`train.threshold`), chosen on the validation rows."
+    positive = positive_of(model.classes_, positive_class)
+    y = np.asarray(y_valid)
+    if not isinstance(rule, (str, CostThreshold)): value = float(rule)
+    else:
+        tuned = TunedThresholdClassifierCV(model, scoring=threshold_scorer(rule, positive), response_method="predict_proba",
+                                           thresholds=THRESHOLD_GRID, cv="prefit", refit=False)
+        tuned.fit(X_valid, y_valid)
+        value = round(float(tuned.best_threshold_), 3)
+    valid = {"at_0.5": _rates(model, X_valid, y, positive, 0.5), "at_threshold": _rates(model, X_valid, y, positive, value)}
+    return Threshold(threshold_rule(rule), value, positive, valid)
+
+def with_threshold(pipeline: Pipeline, threshold: Threshold) -> FixedThresholdClassifier:
+    "The fitted `pipeline` deciding at `threshold` (positive when p(positive) >= value); nothing is refitted."
+    return FixedThresholdClassifier(pipeline, threshold=threshold.value, pos_label=threshold.positive_class,
+                                    response_method="predict_proba")
+
+def pipeline_of(model) -> Pipeline:
+    "The fitted pipeline of a saved model (itself, or the one a `FixedThresholdClassifier` wraps)."
+    return model.estimator if isinstance(model, FixedThresholdClassifier) else model
 
 # %% ../nbs/03_train.ipynb #8146d436
 def experiment_id(client, name: str, tracking_uri: str) -> str:
@@ -128,7 +273,8 @@ def experiment_id(client, name: str, tracking_uri: str) -> str:
         location = (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
-def log_candidates(candidates: list[Candidate], best: str, cfg: TrainConfig, metric: str, tags: dict | None = None) -> str:
+def log_candidates(candidates: list[Candidate], best: str, cfg: TrainConfig, metric: str, tags: dict | None = None,
+                   threshold=None) -> str:
     "Record the candidates as nested MLflow runs; return the parent run id."
     import mlflow
     mlflow.set_tracking_uri(cfg.tracking_uri)
@@ -136,12 +282,13 @@ def log_candidates(candidates: list[Candidate], best: str, cfg: TrainConfig, met
     with mlflow.start_run(run_name="train", tags={"mlnb.stage": "train", **(tags or {})}) as parent:
         mlflow.log_params({"metric": metric, "cv_folds": cfg.cv_folds, "n_iter": cfg.n_iter, "candidates": ",".join(c.family for c in candidates)})
         for c in candidates:
-            with mlflow.start_run(run_name=c.family, nested=True, tags={"mlnb.family": c.family}) as run:
+            with mlflow.start_run(run_name=c.family, nested=True, tags={"mlnb.family": c.family, "mlnb.budget_note": c.budget_note}) as run:
                 mlflow.log_params({k: str(v) for k, v in c.params.items()})
-                mlflow.log_metrics({f"cv_{metric}": c.cv_mean, f"cv_{metric}_std": c.cv_std, f"valid_{metric}": c.valid_score,
-                                    "fit_seconds": c.fit_seconds})
+                scores = {f"cv_{metric}": c.cv_mean, f"cv_{metric}_std": c.cv_std, f"valid_{metric}": c.valid_score}
+                mlflow.log_metrics({**{k: v for k, v in scores.items() if not np.isnan(v)}, "fit_seconds": c.fit_seconds})
                 c.run_id = run.info.run_id
-        mlflow.set_tags({"mlnb.selected_family": best})
+        mlflow.set_tags({"mlnb.selected_family": best,
+                         **({"mlnb.threshold": str(threshold.value), "mlnb.threshold_rule": threshold.rule} if threshold else {})})
         return parent.info.run_id
 
 # %% ../nbs/03_train.ipynb #54e7b5fe
@@ -150,6 +297,11 @@ ITERATION_PARAM = {RandomForestClassifier: "n_estimators", RandomForestRegressor
 
 def _failpoint(name: str) -> None:
     if os.environ.get("MLNB_FAILPOINT") == name: os.kill(os.getpid(), signal.SIGKILL)
+
+def _early_stopped(model) -> bool:
+    "Whether a gradient-boosting model's own early-stopping rule says stop (it can be met exactly at a step's last iteration)."
+    if not getattr(model, "do_early_stopping_", False): return False
+    return bool(model._should_stop(model.validation_score_ if model.validation_fraction is not None else model.train_score_))
 
 class Checkpoints:
     "Atomic joblib checkpoints in one directory per training run (its key: a hash of what the result depends on)."
@@ -195,7 +347,7 @@ def fit_in_steps(pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, every: int, 
             warnings.simplefilter("ignore", ConvergenceWarning)
             pipeline.fit(X, y)
         model = pipeline.named_steps["model"]
-        stopped = epochs and model.n_iter_ < done + step            # early stopping ended it before this step's epochs
+        stopped = getattr(model, "n_iter_", done + step) < done + step or _early_stopped(model)   # within or at the end of this step
         done = total if stopped else done + step
         if ck:
             ck.save(name, {"done": done, "pipeline": pipeline})
@@ -208,9 +360,11 @@ def fit_in_steps(pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, every: int, 
 class TrainResult:
     candidates: list[Candidate]
     best: Candidate
-    model: Pipeline
+    model: Pipeline | FixedThresholdClassifier
     metric: str
     parent_run_id: str | None = None
+    threshold: Threshold | None = None
+    budget_seconds: float | None = None
 
     def leaderboard(self) -> pd.DataFrame:
         return pd.DataFrame([c.row() for c in self.candidates]).sort_values("valid_score", ascending=False, ignore_index=True)
@@ -220,34 +374,73 @@ class TrainResult:
             joblib.dump(self.model, model_tmp)
             Path(board_tmp).write_text(json.dumps({"metric": self.metric, "selected": self.best.family, "parent_run_id": self.parent_run_id,
                                                    "selected_run_id": self.best.run_id, "selected_params": self.best.params,
+                                                   "threshold": self.threshold.to_dict() if self.threshold else None,
+                                                   "time_budget_seconds": self.budget_seconds,
                                                    "candidates": self.leaderboard().to_dict("records")}, indent=2, default=str) + "\n")
 
     def metrics(self) -> dict:
         "The figures a DVC metrics file should hold (deterministic: no timings)."
+        t = self.threshold
         return {"selected": self.best.family, "metric": self.metric, "cv_mean": round(self.best.cv_mean, 6),
-                "valid_score": round(self.best.valid_score, 6)}
+                "valid_score": round(self.best.valid_score, 6), "threshold": t.value if t else None,
+                "threshold_rule": t.rule if t else None, "positive_class": _plain(t.positive_class) if t else None}
+
+def _skipped(name: str, note: str) -> Candidate:
+    return Candidate(name, None, {}, float("nan"), float("nan"), float("nan"), 0.0, budget_note=note)
+
+def _defaults_once(name: str, spec: FeatureSpec, X, y, Xv, yv, metric: str, seed: int, note: str) -> Candidate:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pipe = candidate_pipeline(name, spec, seed).fit(X, y)
+    return Candidate(name, pipe, {}, float("nan"), float("nan"), float(get_scorer(metric)(pipe, Xv, yv)), time.perf_counter() - start,
+                     fits=1, search_rows=0, budget_note=note)
+
+def _run_family(name, spec, X, y, Xv, yv, cfg: TrainConfig, metric: str, seed: int, started: float, left: int, must_fit: bool) -> Candidate:
+    "One family under the budget: plan from one timed fit, then search, fit the defaults once, or skip."
+    if cfg.time_budget_seconds is None: return search_family(name, spec, X, y, Xv, yv, cfg, metric, seed)
+    jobs = cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1)
+    one_fit = time_one_fit(name, spec, X, y, seed, threads=max(1, (os.cpu_count() or 1) // jobs))
+    share = max(cfg.time_budget_seconds - (time.perf_counter() - started), 0.0) / left
+    plan = plan_family(one_fit, share, len(X), cfg, len(Xv), must_fit)
+    if plan.action == "skip": return _skipped(name, plan.note)
+    if plan.action == "defaults": return _defaults_once(name, spec, X, y, Xv, yv, metric, seed, plan.note)
+    c = search_family(name, spec, X, y, Xv, yv, cfg, metric, seed, draws=plan.draws, rows=plan.rows)
+    c.budget_note = plan.note
+    return c
+
+def _progress(c: Candidate, metric: str) -> str:
+    if c.skipped: return f"train {c.family}: {c.budget_note}"
+    cv = "" if np.isnan(c.cv_mean) else f"cv {metric} {c.cv_mean:.4f}, "
+    return f"train {c.family}: {c.fits} fits in {c.fit_seconds:.1f} s, {cv}valid {c.valid_score:.4f}" + (f" [{c.budget_note}]" if c.budget_note else "")
 
 def train(train_df: pd.DataFrame, valid_df: pd.DataFrame, spec: FeatureSpec, cfg: TrainConfig, seed: int,
-          track: bool = True, tags: dict | None = None, progress: bool = True, checkpoints: bool = True) -> TrainResult:
-    "Search every candidate family, select the best on validation, refit it on train + valid; resume from checkpoints."
+          track: bool = True, tags: dict | None = None, progress: bool = True, checkpoints: bool = True,
+          positive_class=None) -> TrainResult:
+    "Search every family within the budget, select the best on validation, choose its threshold (binary), refit on train + valid."
     metric = cfg.metric or DEFAULT_METRIC[spec.task]
     for name in cfg.candidates: family(name, spec.task)    # fail on a bad list before any work
     X, y = model_frame(train_df, spec), train_df[spec.target]
     Xv, yv = model_frame(valid_df, spec), valid_df[spec.target]
+    if spec.task == "binary": positive_of(sorted(y.unique()), positive_class)   # a wrong data.positive_class fails before any work
     ck = Checkpoints.for_run(cfg.checkpoint_dir, [X, y.to_frame(), Xv, yv.to_frame()], spec, cfg, seed) if checkpoints else None
-    from tqdm.auto import tqdm
-    candidates = []
-    for n in tqdm(cfg.candidates, desc="candidates", disable=not progress):
+    candidates, started = [], time.perf_counter()
+    for i, n in enumerate(cfg.candidates):
         c = ck.load(f"family-{n}") if ck else None
         if c is None:
-            c = search_family(n, spec, X, y, Xv, yv, cfg, metric, seed)
+            must_fit = i == len(cfg.candidates) - 1 and all(k.skipped for k in candidates)
+            c = _run_family(n, spec, X, y, Xv, yv, cfg, metric, seed, started, len(cfg.candidates) - i, must_fit)
             if ck: ck.save(f"family-{n}", c); _failpoint(f"train:family:{n}")
         candidates.append(c)
-    best = max(candidates, key=lambda c: c.valid_score)
+        if progress: print(_progress(c, metric), flush=True)
+    best = max((c for c in candidates if not c.skipped), key=lambda c: c.valid_score)
+    threshold = None
+    if spec.task == "binary": threshold = choose_threshold(best.pipeline, Xv, yv, cfg.threshold, positive_class)
     final = fit_in_steps(clone(best.pipeline), pd.concat([X, Xv], ignore_index=True), pd.concat([y, yv], ignore_index=True), cfg.checkpoint_every, ck)
-    parent = log_candidates(candidates, best.family, cfg, metric, tags) if track else None
+    model = with_threshold(final, threshold) if threshold else final
+    parent = log_candidates(candidates, best.family, cfg, metric, tags, threshold) if track else None
     if ck: ck.clear()
-    return TrainResult(candidates, best, final, metric, parent)
+    return TrainResult(candidates, best, model, metric, parent, threshold or Threshold(f"not applicable ({spec.task})"), cfg.time_budget_seconds)
 
 # %% ../nbs/03_train.ipynb #6e15583d
 def plot_leaderboard(result: TrainResult):

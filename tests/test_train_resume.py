@@ -9,6 +9,7 @@ import pytest
 
 from conftest import copy_project, run, set_params, tool_env
 from mlnb.features import FeatureSpec, model_frame
+from mlnb.train import pipeline_of
 
 
 def train_stage(project, failpoint: str | None = None):
@@ -51,4 +52,5 @@ def test_a_run_killed_with_sigkill_resumes_from_its_checkpoints_to_the_identical
     train_stage(project)                                              # the same run, never interrupted
     uninterrupted = joblib.load(project / "models/model.joblib")
     assert np.array_equal(resumed_scores, uninterrupted.predict_proba(test))
-    assert resumed.named_steps["model"].get_params() == uninterrupted.named_steps["model"].get_params()
+    assert np.array_equal(resumed.predict(test), uninterrupted.predict(test)) and resumed.threshold == uninterrupted.threshold
+    assert pipeline_of(resumed).named_steps["model"].get_params() == pipeline_of(uninterrupted).named_steps["model"].get_params()

@@ -83,10 +83,18 @@ class ServedModel:
         "Outputs by name for validated input columns (each a (rows, 1) array)."
         return dict(zip(self.onnx.outputs, self.onnx.session.run(None, columns)))
 
+    @property
+    def threshold(self) -> float | None:
+        "A binary model's decision threshold, baked into its graph's `label` (None: the most probable class)."
+        t = self.onnx.metadata.get("mlnb.threshold")
+        return float(t) if t is not None else None
+    @property
+    def positive_class(self) -> str | None: return self.onnx.metadata.get("mlnb.positive_class")
+
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "source": self.source, "sha256": self.sha256,
-                "task": self.task, "classes": self.classes, "load_seconds": round(self.load_seconds, 4),
-                "inputs": self.onnx.inputs, "outputs": self.onnx.outputs}
+                "task": self.task, "classes": self.classes, "threshold": self.threshold, "positive_class": self.positive_class,
+                "load_seconds": round(self.load_seconds, 4), "inputs": self.onnx.inputs, "outputs": self.onnx.outputs}
 
 def warm_up_row(contract: Contract) -> tuple:
     "A plausible row for warming a session up: zeros and the first declared category."
