@@ -146,7 +146,7 @@ class QuantizeConfig(_Strict):
     max_metric_drop: float = 0.01          # keep the int8 model only if the test metric drops less
 
 class ExportConfig(_Strict):
-    opset: int = 17
+    opset: int = 20                        # 20: string ops that parse date columns inside the graph
     parity: ParityConfig = ParityConfig()
     quantize: QuantizeConfig = QuantizeConfig()
 
