@@ -25,11 +25,11 @@ app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="aud
 
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL',
-           'MAX_CLASS_LEVELS', 'BUNDLED_SOURCE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app',
-           'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager',
-           'remember_kernel', 'stop_orphaned_kernel', 'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary',
-           'schema_infer', 'infer_task', 'choose_positive', 'InitRefused', 'InitPlan', 'init_params', 'plan_init',
-           'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
+           'MAX_CLASS_LEVELS', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON',
+           'API_KEY', 'CACERT', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager', 'remember_kernel',
+           'stop_orphaned_kernel', 'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer',
+           'infer_task', 'choose_positive', 'InitRefused', 'InitPlan', 'init_params', 'plan_init', 'write_init',
+           'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
            'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
            'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
            'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
@@ -216,8 +216,6 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 # %% ../nbs/06_cli.ipynb #f21981a7
-BUNDLED_SOURCE = "data/raw/telco_churn.csv"      # the bundled example: its params.yaml is the template `init` may replace
-
 class InitRefused(ConfigError):
     "`mlnb init` would change a file that differs from what it writes; the message carries the diff."
 
@@ -328,18 +326,15 @@ def _diff(path: Path, new: str, limit: int = 30) -> str:
                                       n=0, lineterm=""))
     return "\n".join(lines[:limit] + ([f"... ({len(lines) - limit} more lines)"] if len(lines) > limit else []))
 
-def _replaceable(path: Path, new: str, is_params: bool) -> bool:
-    "A file init may write: new, identical, or the bundled example's params.yaml."
-    if not path.exists() or path.read_text() == new: return True
-    if not is_params: return False
-    from mlnb.config import read_yaml
-    return (read_yaml(path).get("data") or {}).get("source") == BUNDLED_SOURCE
+def _replaceable(path: Path, new: str) -> bool:
+    "A file init may write without --force: a new one, or one that already says this."
+    return not path.exists() or path.read_text() == new
 
 def write_init(plan: InitPlan, force: bool = False) -> list[Path]:
     "Validate the plan and write its files (all or none); refuse, with the diff, to change a file that differs. Returns the changed."
     from mlnb.data import blanks_to_missing, load_schema, read_source, validate
-    files = ((plan.schema_path, plan.schema_text, False), (plan.params_path, plan.params_text, True))
-    refused = [(p, t) for p, t, is_params in files if not force and not _replaceable(p, t, is_params)]
+    files = ((plan.schema_path, plan.schema_text), (plan.params_path, plan.params_text))
+    refused = [(p, t) for p, t in files if not force and not _replaceable(p, t)]
     if refused:
         raise InitRefused("mlnb init would change file(s) that differ from what it writes; nothing was written. "
                           "Re-run with --force to replace them. The change:\n" + "\n".join(_diff(p, t) for p, t in refused))
