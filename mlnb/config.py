@@ -157,7 +157,7 @@ class GatesConfig(_Strict):
     fairness_attributes: list[str] | None = None   # None: every data.sensitive attribute; each must be in data.sensitive
     max_flip_rate: float | None = Field(0.2, ge=0, le=1)   # share of test rows whose label flips at ±flip_rate_epsilon; None: not gated
     flip_rate_epsilon: float = Field(0.1, gt=0)             # in standard deviations; one of evaluate.robustness.epsilons
-    max_categorical_flip_rate: float | None = Field(0.45, ge=0, le=1)   # share of test rows one categorical swap flips; None: not gated
+    max_categorical_flip_rate: float | None = Field(0.6, ge=0, le=1)   # share of test rows one categorical swap flips; None: not gated
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = None        # None: train.tracking_uri

@@ -66,7 +66,7 @@ SMALL_RUN = {"data": {"sample_rows": 700},
              "evaluate": {"permutation_repeats": 1},
              # 140 test rows make the demographic parity ratio noisy (0.68 for `female` here, 0.99 on the full data);
              # one hyperparameter draw of hgb on 560 rows is far more brittle than the full model: 29% of the test rows flip
-             # at ±0.1 std and 39% under one categorical swap (11% and 31% for the bundled model, under the default 0.2 and 0.45)
+             # at ±0.1 std and 39% under one categorical swap (8% and 44% for the bundled model, under the default 0.2 and 0.6)
              "registry": {"gates": {"min_demographic_parity_ratio": 0.6, "max_flip_rate": 0.5, "max_categorical_flip_rate": 0.6}}}
 
 
