@@ -25,11 +25,11 @@ app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="aud
 
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL',
-           'MAX_CLASS_LEVELS', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON',
-           'API_KEY', 'CACERT', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager', 'remember_kernel',
-           'stop_orphaned_kernel', 'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary', 'schema_infer',
-           'infer_task', 'choose_positive', 'InitRefused', 'InitPlan', 'init_params', 'plan_init', 'write_init',
-           'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
+           'MAX_CLASS_LEVELS', 'NO_SWAP_GATE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app',
+           'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager',
+           'remember_kernel', 'stop_orphaned_kernel', 'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary',
+           'schema_infer', 'infer_task', 'choose_positive', 'InitRefused', 'InitPlan', 'init_params', 'plan_init',
+           'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
            'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
            'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
            'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
@@ -216,6 +216,9 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 # %% ../nbs/06_cli.ipynb #f21981a7
+NO_SWAP_GATE = ("not gated: set a maximum once the evaluate report shows how often one category swap flips a "
+                "decision on this data (a category that matters flips many)")
+
 class InitRefused(ConfigError):
     "`mlnb init` would change a file that differs from what it writes; the message carries the diff."
 
@@ -266,6 +269,9 @@ def init_params(text: str, source: str, query: str | None, schema_path: str, tar
     registry["model_name"], registry["intended_use"], registry["caveats"] = None, _quoted(""), _flow([])
     gates = registry.setdefault("gates", {})
     gates["metric"], gates["fairness_attributes"] = None, _flow(sensitive)
+    if "max_categorical_flip_rate" in gates:       # how much one category swap may move is a property of the data: not gated
+        gates["max_categorical_flip_rate"] = None    # until a user has read the evaluate report of this data
+        gates.yaml_add_eol_comment(NO_SWAP_GATE, "max_categorical_flip_rate")
     for key in list(gates):                       # comments about the previous data's attributes no longer apply
         tokens = gates.ca.items.get(key)
         comment = tokens[2].value if tokens and len(tokens) > 2 and tokens[2] is not None else ""
@@ -313,6 +319,8 @@ def plan_init(data: str, target: str, task: str = "auto", positive: str | None =
     notes.append(f"sensitive attributes: {', '.join(sensitive)}" if sensitive else
                  "no sensitive attribute: fairness is not measured (add columns to data.sensitive if decisions affect people)")
     if ids: notes.append(f"id columns (read, never features): {', '.join(ids)}")
+    notes.append("robustness: the categorical-swap gate is off (registry.gates.max_categorical_flip_rate); "
+                 "set it after reading the evaluate report")
     missing_target = int(df[target].isna().sum())
     if missing_target: notes.append(f"{missing_target} row(s) without a target are dropped at ingest")
     if "://" in data: notes.append("a database source: DVC cannot hash it; remove ${data.source} from the ingest stage's deps in "
