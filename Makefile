@@ -63,6 +63,7 @@ bench: env
 	python benchmarks/robustness_bench.py
 	python benchmarks/auth_bench.py
 	python benchmarks/log_encryption_bench.py
+	python benchmarks/datasets_bench.py
 
 # Re-resolve the pins after editing requirements.in.
 lock: env
