@@ -170,7 +170,7 @@ class Evaluation:
     importance: pd.DataFrame
     predictions: Predictions
     robustness: Robustness | None = None
-    importance_sample: dict = field(default_factory=dict)   # rows, test_rows, repeats
+    importance_sample: dict = field(default_factory=dict)   # rows measured, test rows
 
     @property
     def fairness_measured(self) -> bool: return bool(self.fairness_summary)
@@ -220,7 +220,7 @@ def evaluate(model: Pipeline, test_df: pd.DataFrame, spec: FeatureSpec, cfg: Eva
     fair_table, fair_summary = fairness(p, test_df[list(sensitive)], spec.task)
     shuffled = importance_rows(test_df, spec, cfg.importance_max_rows, seed)
     imp = importance(model, shuffled, spec, metric or DEFAULT_METRIC[spec.task], cfg.permutation_repeats, seed)
-    sample = {"rows": len(shuffled), "test_rows": len(test_df), "repeats": cfg.permutation_repeats}
+    sample = {"rows": len(shuffled), "test_rows": len(test_df)}    # repeats: a param, kept out so export does not re-run
     robust = None
     if cfg.robustness.enabled:
         space = perturbation_space(spec, reference if reference is not None else Profile.from_frame(test_df, spec.inputs), schema,
