@@ -218,6 +218,10 @@ def _identity_converter(scope, operator, container):
 # %% ../nbs/02_features.ipynb #c0375898
 OTHER_CATEGORY = "__other__"
 
+def _key(v) -> str:
+    "A value as category text: 1 and 1.0 are one category."
+    return str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
+
 def _as_text(values) -> np.ndarray:
     "Values as str objects; missing as None (1 and 1.0 are the same category)."
     s = pd.Series(np.asarray(values, dtype=object).ravel())
@@ -226,7 +230,7 @@ def _as_text(values) -> np.ndarray:
         x = pd.to_numeric(s)
         whole = (x % 1 == 0).to_numpy()
         return np.where(x.isna(), None, np.where(whole, x.fillna(0).round().astype("int64").astype(str), x.astype(str))).astype(object)
-    keyed = s.map(lambda v: str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v))
+    keyed = s.map(_key)
     return keyed.where(s.notna(), None).to_numpy(dtype=object)
 
 class CategoryGrouper(TransformerMixin, BaseEstimator):
@@ -410,8 +414,6 @@ def _numeric_profile(name: str, x: np.ndarray, missing: int) -> ColumnProfile:
 def bin_counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     "Counts in the bins between inner edges; values beyond the outer edges go to the end bins."
     return np.bincount(np.searchsorted(edges[1:-1], x, side="right"), minlength=len(edges) - 1)
-
-def _key(v) -> str: return str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
 
 def value_counts(values: pd.Series) -> dict[str, int]:
     "Counts by value as text (1 and 1.0 are one category): counted first, then only the distinct values converted."
