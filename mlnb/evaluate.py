@@ -24,7 +24,7 @@ from .config import EvaluateConfig, Paths, staged_outputs, write_json
 from .data import DataSchema, stratified_sample
 from .features import FeatureSpec, Profile, model_frame
 from .robustness import Robustness, perturbation_space, robustness
-from .train import DEFAULT_METRIC
+from .train import DEFAULT_METRIC, positive_of
 
 # %% auto #0
 __all__ = ['FAIRNESS_NOT_MEASURED', 'Predictions', 'predict', 'classification_metrics', 'regression_metrics', 'test_metrics',
@@ -46,8 +46,7 @@ def predict(model: Pipeline, df: pd.DataFrame, spec: FeatureSpec, positive_class
     classes = list(model.classes_)
     positive = None
     if spec.task == "binary":
-        positive = positive_class if positive_class is not None else classes[1]
-        if positive not in classes: raise ValueError(f"data.positive_class {positive!r} is not one of the classes {classes}")
+        positive = positive_of(classes, positive_class)
     return Predictions(y, model.predict(X), model.predict_proba(X), classes, positive)
 
 # %% ../nbs/04_evaluate.ipynb #566f6feb
