@@ -25,7 +25,7 @@ def toy_model(d: Path) -> Path:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder
-    from mlnb.export import ensure_signing_key, sign_model
+    from mlnb.model.signing import ensure_signing_key, sign_model
     df = pd.DataFrame({"tenure": [1.0, 5, 20, 40, 2, 60], "contract": ["Month-to-month", "Month-to-month", "One year", "Two year", "Month-to-month", "Two year"]})
     pipe = make_pipeline(ColumnTransformer([("num", "passthrough", ["tenure"]), ("cat", OneHotEncoder(handle_unknown="ignore"), ["contract"])]),
                          LogisticRegression()).fit(df, ["Yes", "Yes", "No", "No", "Yes", "No"])
@@ -54,7 +54,7 @@ async def drive(app, n: int, headers: list) -> float:
 
 
 async def compare(cfg_off, cfg_on, key: str, n: int, rounds: int) -> dict:
-    from mlnb.serve.app import build_server, create_app
+    from mlnb.serving.app import build_server, create_app
     servers = {"off": build_server(cfg_off), "on": build_server(cfg_on)}
     apps = {name: create_app(s) for name, s in servers.items()}
     for s in servers.values(): await s.start()
@@ -76,8 +76,8 @@ def main():
     args = parser.parse_args()
     import os
     if hasattr(os, "sched_setaffinity"): os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from mlnb.config import config_from_dict
-    from mlnb.serve.auth import KeyAuth, create_key
+    from mlnb.core.config import config_from_dict
+    from mlnb.serving.auth import KeyAuth, create_key
     d = Path(tempfile.mkdtemp(prefix="auth-bench-"))
     model = toy_model(d)
     keys = [create_key(d / "keys.yaml", f"client-{i}", "predict") for i in range(10)]

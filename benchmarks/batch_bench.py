@@ -1,13 +1,13 @@
 """Batch inference throughput: `mlnb batch-predict` on Dask with 1 and 2 workers against one in-process ONNX Runtime session.
 
-The data is synthetic Telco-like customers (`mlnb.data.synthesize`), 10 million rows by default, in 20 Parquet files of
+The data is synthetic Telco-like customers (`mlnb.data.ingest.synthesize`), 10 million rows by default, in 20 Parquet files of
 500,000 rows (row groups of 250,000), generated once into .benchmarks/ and reused. The model is the project's champion
 (`churn@champion`, registered and signed by `make run`), with one ONNX Runtime thread per session everywhere.
 
 - `ceiling`: one session in a process of its own, file by file: read the model's columns (strings dictionary-encoded, as
   the workers read them), build its inputs the same way, `session.run` in chunks of 65,536 rows, on one core (Arrow's
   threads limited to one). No validation, no ids, nothing written. `session.run alone` is that run's inference time.
-- `dask N`: `mlnb.batch.batch_predict` on a LocalCluster of N single-threaded worker processes: row checks, prediction
+- `dask N`: `mlnb.pipeline.batch.batch_predict` on a LocalCluster of N single-threaded worker processes: row checks, prediction
   ids, Parquet output included. "end to end" counts from starting the cluster to the last part file written; "scoring
   only" from the moment every worker holds its ONNX Runtime session (starting the cluster, importing, creating the
   sessions: about 2 s, a fixed cost, not throughput).
@@ -51,7 +51,7 @@ class PeakRss:
 
 def dataset(rows: int) -> Path:
     "rows synthetic customers in files of FILE_ROWS, made once."
-    from mlnb.data import synthesize
+    from mlnb.data.ingest import synthesize
     d = ROOT / ".benchmarks" / f"batch-{rows}"
     files = rows // FILE_ROWS
     if len(list(d.glob("*.parquet"))) == files: return d
@@ -67,7 +67,7 @@ def ceiling(model_path: Path, data: Path) -> tuple[float, float, int]:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from mlnb.export import OnnxModel
+    from mlnb.model.onnx import OnnxModel
     pa.set_cpu_count(1)                   # one core, as each Dask worker has: Arrow's decoding threads included
     model = OnnxModel(model_path, threads=1)
     rows, run_seconds = 0, 0.0
@@ -109,8 +109,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import os
     os.chdir(ROOT)
-    from mlnb.batch import batch_predict, load_model
-    from mlnb.config import load_config
+    from mlnb.pipeline.batch import batch_predict, load_model
+    from mlnb.core.config import load_config
     if not Path("models/registration.json").exists(): sys.exit("no registered model: run `make run` first")
     model = load_model(load_config("params.yaml"))
     model_path = model.path.resolve()

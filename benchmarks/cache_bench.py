@@ -1,8 +1,8 @@
 """Prediction cache and recent prediction ids: memory per entry and cost per row, against the previous design in the same run.
 
 Baseline: a `cachetools.TTLCache` keyed by (version, row tuple) holding per-row tuples of NumPy views, and the recent ids as an
-`OrderedDict` of the id strings. Now: `mlnb.serve.runtime.PredictionCache` (16-byte BLAKE2b keys, outputs packed in one bytes
-object) and `mlnb.serve.log.RecentIds` (ranges of a counter).
+`OrderedDict` of the id strings. Now: `mlnb.serving.runtime.PredictionCache` (16-byte BLAKE2b keys, outputs packed in one bytes
+object) and `mlnb.predlog.log.RecentIds` (ranges of a counter).
 Rows are the test split's, validated as the server validates them (`parse_mlflow`), each made unique (monthly and total charges
 nudged), and scored by the real ONNX model in micro-batches of 64 rows, as the server does under load (the old cache's views
 kept such whole batch arrays alive). Memory is what tracemalloc counts as still held once a full cache of N rows stands
@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 from cachetools import TTLCache
 
-from mlnb.data import load_schema
-from mlnb.export import OnnxModel
-from mlnb.serve.log import RecentIds
-from mlnb.serve.protocol import columns_from_rows, contract_from, parse_mlflow
-from mlnb.serve.runtime import PredictionCache, stack_rows
+from mlnb.data.schema import load_schema
+from mlnb.model.onnx import OnnxModel
+from mlnb.predlog.log import RecentIds
+from mlnb.serving.protocol import columns_from_rows, contract_from, parse_mlflow
+from mlnb.serving.runtime import PredictionCache, stack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The whole pipeline on data sets mlnb has never seen, against a default HistGradientBoosting baseline.
 
-For each data set of `mlnb.datasets.demo_datasets()` (binary without sensitive attributes, imbalanced binary,
+For each data set of `mlnb.data.datasets.demo_datasets()` (binary without sensitive attributes, imbalanced binary,
 multiclass, regression, wide with a 5,000-level categorical and a date, 100,000 rows) this script
 
 1. makes a fresh project in a temporary directory (the pipeline files of this repository, no data, no schema),
@@ -36,7 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mlnb.datasets import demo_datasets  # noqa: E402
+from mlnb.data.datasets import demo_datasets  # noqa: E402
 
 BIN = Path(sys.executable).parent
 STAGES = ["ingest", "featurize", "train", "evaluate", "export", "register"]

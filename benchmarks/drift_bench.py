@@ -1,6 +1,6 @@
-"""Drift check speed and memory: `mlnb.monitor.drift` against SciPy on the raw columns, at 10k, 100k and 1M rows x 20 columns.
+"""Drift check speed and memory: `mlnb.stats.drift` against SciPy on the raw columns, at 10k, 100k and 1M rows x 20 columns.
 
-Reference and current are synthetic Telco-like data of equal size (`mlnb.data.synthesize`), the current with a 0.5 SD shift in tenure.
+Reference and current are synthetic Telco-like data of equal size (`mlnb.data.ingest.synthesize`), the current with a 0.5 SD shift in tenure.
 Each measurement runs in a fresh process. Memory is the process's resident set (sampled every 2 ms from /proc), so
 Arrow's and NumPy's allocations both count:
 - `mlnb`: `drift_report` on a DataFrame already in memory (the reference profile built beforehand, as it is saved with a model);
@@ -45,7 +45,7 @@ def scipy_check(ref, cur) -> list[str]:
     import numpy as np
     from scipy.spatial.distance import jensenshannon
     from scipy.stats import chi2_contingency, ks_2samp, wasserstein_distance
-    from mlnb.features import column_kind
+    from mlnb.features.spec import column_kind
     drifted = []
     for c in ref.columns:
         r, k = ref[c].dropna(), cur[c].dropna()
@@ -64,8 +64,8 @@ def scipy_check(ref, cur) -> list[str]:
 
 def prepare(rows: int, where: Path) -> None:
     "In its own process: the reference profile (saved, as with a model) and the current window as 10 Parquet files."
-    from mlnb.features import Profile
-    from mlnb.data import synthesize
+    from mlnb.features.spec import Profile
+    from mlnb.data.ingest import synthesize
     ref = synthesize(rows, seed=1)
     started = time.perf_counter(); Profile.from_frame(ref).save(where / "profile.json")
     (where / "profile_seconds").write_text(str(time.perf_counter() - started))
@@ -75,9 +75,9 @@ def prepare(rows: int, where: Path) -> None:
 
 def one(rows: int, method: str, where: Path) -> dict:
     import scipy.spatial.distance, scipy.stats, statsmodels.stats.proportion  # noqa: F401 (imported before the clock starts, for both)
-    from mlnb.features import Profile
-    from mlnb.monitor.drift import drift_report
-    from mlnb.data import synthesize
+    from mlnb.features.spec import Profile
+    from mlnb.stats.drift import drift_report
+    from mlnb.data.ingest import synthesize
     profile, profile_s = Profile.load(where / "profile.json"), float((where / "profile_seconds").read_text())
     if method == "mlnb-parquet": current = sorted(where.glob("part-*.parquet"))
     else:

@@ -141,7 +141,7 @@ def main() -> None:
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path = ROOT / "models/onnx/model.onnx"
     if not onnx_path.exists(): raise SystemExit("models/onnx/model.onnx not found: run `make run` first")
-    from mlnb.export import ensure_signing_key, sign_model
+    from mlnb.model.signing import ensure_signing_key, sign_model
     rows = json.loads(pd.read_parquet(ROOT / "data/processed/test.parquet").drop(columns=["churn"]).to_json(orient="records"))
     results = []
     print(f"{args.requests} requests at concurrency {args.concurrency} (warm-up {args.warmup}); 4 in 5 single rows, the rest 2-8 rows", flush=True)

@@ -1,6 +1,6 @@
 """Prediction log write and read throughput with encryption at rest against plain Parquet, measured in the same run.
 
-Each request is one `PredictionEntry` of Telco-like inputs (`mlnb.data.synthesize`, 19 columns) with a label and two
+Each request is one `PredictionEntry` of Telco-like inputs (`mlnb.data.ingest.synthesize`, 19 columns) with a label and two
 class probabilities, as `mlnb serve` logs it. For each mode (plain, encrypted):
 - `put`: the request path's cost, microseconds per `ParquetLog.put` (the same code in both modes: sealing happens on the
   writer thread, so this should not move);
@@ -22,8 +22,8 @@ import numpy as np
 
 def entries(n_rows: int, per_request: int, seed: int = 0):
     "Prediction entries as the server makes them, `per_request` rows each (inputs drawn from 10,000 synthetic rows)."
-    from mlnb.data import synthesize
-    from mlnb.serve.log import PredictionEntry
+    from mlnb.data.ingest import synthesize
+    from mlnb.predlog.log import PredictionEntry
     pool = synthesize(10_000, seed=seed).drop(columns=["churn"])
     names = tuple(pool.columns)
     kinds = tuple("number" if pool[c].dtype.kind in "if" else "string" for c in names)
@@ -46,7 +46,7 @@ def seconds(fn) -> float:
 
 
 def write(directory: Path, keys, args) -> dict:
-    from mlnb.serve.log import ParquetLog, log_files, logged_ids, prediction_table, read_log
+    from mlnb.predlog.log import ParquetLog, log_files, logged_ids, prediction_table, read_log
     writer_cpu = []
     log = ParquetLog(directory, prediction_table, "predictions", flush_seconds=0.2, max_rows_per_file=args.rows_per_file,
                      queue_size=args.rows + 1, keys=keys, on_write=lambda _: writer_cpu.append(time.thread_time()))   # runs on the writer thread
@@ -63,14 +63,14 @@ def write(directory: Path, keys, args) -> dict:
 
 def read(directory: Path, keys, args, some_ids: list[str]) -> dict:
     "One timing of each read (seconds)."
-    from mlnb.serve.log import logged_ids, read_log
+    from mlnb.predlog.log import logged_ids, read_log
     return {"read_all_rows_s": seconds(lambda: read_log(directory, keys=keys)),
             "read_ids_rows_s": seconds(lambda: read_log(directory, ["prediction_id"], keys=keys)),
             "logged_ids_s": seconds(lambda: logged_ids(directory, some_ids, keys=keys))}
 
 
 def main():
-    from mlnb.serve.log import LogKeys
+    from mlnb.predlog.log import LogKeys
     import os
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlnb.config import load_config
-from mlnb.data import clean, load_schema, read_source, split_data, validate
-from mlnb.export import OnnxModel, quantizable, quantize, single_row_latency, to_onnx
-from mlnb.features import feature_spec, model_frame
-from mlnb.train import candidate_pipeline
+from mlnb.core.config import load_config
+from mlnb.data.ingest import clean, read_source, split_data, validate
+from mlnb.data.schema import load_schema
+from mlnb.model.onnx import OnnxModel
+from mlnb.training.export import quantizable, quantize, single_row_latency, to_onnx
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.training.train import candidate_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 50

@@ -1,5 +1,5 @@
-"""What robustness adds to the evaluate stage: `mlnb.evaluate.evaluate` on the bundled outputs with `evaluate.robustness`
-off (the baseline: metrics, curves, fairness, permutation importance) and on (the same plus `mlnb.robustness`), alternating,
+"""What robustness adds to the evaluate stage: `mlnb.evaluation.evaluate.evaluate` on the bundled outputs with `evaluate.robustness`
+off (the baseline: metrics, curves, fairness, permutation importance) and on (the same plus `mlnb.evaluation.robustness`), alternating,
 in one process. Wall and CPU seconds, median of the repeats; the difference is what the stage pays.
 
 Needs the pipeline's outputs (`make run`). Usage: python benchmarks/robustness_bench.py [--repeats 3]
@@ -11,10 +11,10 @@ import argparse, statistics, time
 import joblib
 import pandas as pd
 
-from mlnb.config import Paths, load_config
-from mlnb.data import load_schema
-from mlnb.evaluate import evaluate
-from mlnb.features import FeatureSpec, Profile
+from mlnb.core.config import Paths, load_config
+from mlnb.data.schema import load_schema
+from mlnb.evaluation.evaluate import evaluate
+from mlnb.features.spec import FeatureSpec, Profile
 
 
 def timed(fn) -> tuple[float, float]:

@@ -114,7 +114,7 @@ def main() -> None:
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
     if not onnx_path.exists(): raise SystemExit("models/onnx/model.onnx not found: run `make run` first")
-    from mlnb.export import ensure_signing_key, sign_model
+    from mlnb.model.signing import ensure_signing_key, sign_model
     rows = pd.read_parquet(ROOT / "data/processed/test.parquet").drop(columns=["churn"]).to_dict("records")
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mlnb-bench-") as tmp:

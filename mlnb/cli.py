@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .config import ConfigError, Paths, load_config, staged_outputs, write_json
+from .core.config import ConfigError, Paths, load_config, staged_outputs, write_json
 
 app = typer.Typer(help="mlnb: notebook-first, reproducible ML pipeline.", no_args_is_help=True, add_completion=False)
 schema_app = typer.Typer(help="Work with data schemas.", no_args_is_help=True)
@@ -130,7 +130,7 @@ def stage(name: str = typer.Argument(..., help="Stage notebook, e.g. ingest or 0
 # %% ../nbs/06_cli.ipynb #790d0e03
 def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.json") -> str:
     "A short text summary of the last run's outputs."
-    from mlnb.card import threshold_text
+    from mlnb.evaluation.card import threshold_text
     needed = [paths.leaderboard, Path(metrics_path), paths.export_report]
     missing = [str(p) for p in needed if not Path(p).exists()]
     if missing: raise ConfigError(f"no complete run yet (missing {', '.join(missing)}); run `make run` or `dvc repro`")
@@ -166,7 +166,8 @@ def summary():
 def schema_infer(source: str = typer.Argument(..., help="CSV or Parquet file"),
                  output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout")):
     "Draft a schema YAML from a data file, to review before use."
-    from mlnb.data import DataError, blanks_to_missing, infer_schema, read_source, schema_to_yaml
+    from mlnb.data.schema import DataError, schema_to_yaml
+    from mlnb.data.ingest import blanks_to_missing, infer_schema, read_source
     try: df, _ = blanks_to_missing(read_source(source))
     except DataError as e: typer.echo(str(e), err=True); raise typer.Exit(1)
     text = f"# Drafted by `mlnb schema infer {source}`: review ranges, categories and fills before use.\n" + schema_to_yaml(infer_schema(df))
@@ -179,7 +180,7 @@ MAX_CLASS_LEVELS = 10        # an integer target with at most this many distinct
 def infer_task(y: pd.Series, task: str = "auto") -> tuple[str, str]:
     "The task for target `y` and why: `auto` infers it; an explicit task is checked against the data."
     import pandas as pd
-    from mlnb.data import DataError
+    from mlnb.data.schema import DataError
     values, name = y.dropna(), y.name
     levels = int(values.nunique())
     if levels < 2: raise DataError(f"target {name!r} has {levels} distinct value(s): there is nothing to learn")
@@ -199,7 +200,7 @@ def infer_task(y: pd.Series, task: str = "auto") -> tuple[str, str]:
 
 def choose_positive(y: pd.Series, positive: str | None = None) -> tuple[object, str]:
     "The positive class of a binary target and why: `positive` (matched against the data), else the minority class."
-    from mlnb.data import DataError
+    from mlnb.data.schema import DataError
     counts = y.dropna().value_counts()
     classes = sorted(counts.index.tolist(), key=str)
     if positive is not None:
@@ -290,7 +291,8 @@ def plan_init(data: str, target: str, task: str = "auto", positive: str | None =
               ids: list[str] = (), query: str | None = None, params: str | Path = "params.yaml",
               schema_dir: str | Path = "schema") -> InitPlan:
     "Read the data and work out the schema and params `mlnb init` would write (nothing is written)."
-    from mlnb.data import DataError, blanks_to_missing, infer_schema, read_source, schema_to_yaml
+    from mlnb.data.schema import DataError, schema_to_yaml
+    from mlnb.data.ingest import blanks_to_missing, infer_schema, read_source
     params = Path(params)
     if not params.exists(): raise ConfigError(f"{params}: not found; run `mlnb init` at the root of an mlnb project")
     df, _ = blanks_to_missing(read_source(data, query))
@@ -340,7 +342,8 @@ def _replaceable(path: Path, new: str) -> bool:
 
 def write_init(plan: InitPlan, force: bool = False) -> list[Path]:
     "Validate the plan and write its files (all or none); refuse, with the diff, to change a file that differs. Returns the changed."
-    from mlnb.data import blanks_to_missing, load_schema, read_source, validate
+    from mlnb.data.ingest import blanks_to_missing, read_source, validate
+    from mlnb.data.schema import load_schema
     files = ((plan.schema_path, plan.schema_text), (plan.params_path, plan.params_text))
     refused = [(p, t) for p, t in files if not force and not _replaceable(p, t)]
     if refused:
@@ -375,7 +378,7 @@ def init(data: str = typer.Argument(..., help="CSV or Parquet file, or an SQLAlc
          force: bool = typer.Option(False, "--force", help="Replace a schema or params file that differs"),
          params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file to write")):
     "Set the project up for a data set: draft its schema, point params.yaml at it, validate; then `make run`."
-    from mlnb.data import DataError
+    from mlnb.data.schema import DataError
     if task not in ("auto", "binary", "multiclass", "regression"):
         typer.echo(f"error: --task {task!r}: use auto, binary, multiclass or regression", err=True); raise typer.Exit(2)
     try:
@@ -390,12 +393,12 @@ PARAMS = typer.Option("params.yaml", "--params", help="Params file (registry set
 USER = typer.Option(None, "--user", help="Act as this user (default: MLNB_USER or the OS user)")
 
 def _fail(e: Exception) -> None:
-    from mlnb.access import AccessDenied
+    from mlnb.core.access import AccessDenied
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(3 if isinstance(e, AccessDenied) else 1)
 
 def _registry(params: str, user: str | None, name: str | None = None):
-    from mlnb.registry import Registry
+    from mlnb.registry.store import Registry
     cfg = load_config(params)
     if name is not None and name != cfg.model_name:
         cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": name})})
@@ -405,10 +408,10 @@ def _guard(fn):
     "Run `fn`, turning mlnb's own errors into a message and an exit status (nothing heavy imported unless needed)."
     try: return fn()
     except Exception as e:
-        from mlnb.access import AccessDenied
-        from mlnb.registry import RegistryError
+        from mlnb.core.access import AccessDenied
+        from mlnb.registry.store import RegistryError
         if isinstance(e, (AccessDenied, RegistryError, ConfigError)): _fail(e)
-        from mlnb.export import SignatureError
+        from mlnb.model.signing import SignatureError
         if isinstance(e, SignatureError): _fail(e)
         raise
 
@@ -466,7 +469,7 @@ def registry_history(name: str, params: str = PARAMS, user: Optional[str] = USER
 @registry_app.command("lineage")
 def registry_lineage(name: str, version: str, params: str = PARAMS, user: Optional[str] = USER):
     "Print raw data → processed data → features → run → version, and whether the working tree still matches."
-    from mlnb.registry import working_tree_lineage
+    from mlnb.registry.store import working_tree_lineage
     def go():
         table = _registry(params, user, name).lineage(version, working_tree_lineage(load_config(params), Paths()))
         typer.echo(table.to_string(index=False))
@@ -488,7 +491,7 @@ def registry_card(name: str, version: str, html: Optional[Path] = typer.Option(N
 @audit_app.command("verify")
 def audit_verify(params: str = PARAMS):
     "Check the audit log's hash chain; name every edited, deleted or reordered entry."
-    from mlnb.audit import AuditLog
+    from mlnb.core.audit import AuditLog
     cfg = load_config(params)
     log = AuditLog(cfg.registry.audit_log)
     problems = log.verify()
@@ -503,8 +506,8 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
               os_user: bool = typer.Option(False, help="Identify by OS login instead of a secret"),
               params: str = PARAMS, user: Optional[str] = USER):
     "Add or update a user (admin role; the first admin may be created by the local OS user)."
-    from mlnb.access import ROLES, User, Users, hash_secret, identify
-    from mlnb.audit import AuditLog
+    from mlnb.core.access import ROLES, User, Users, hash_secret, identify
+    from mlnb.core.audit import AuditLog
     def go():
         cfg = load_config(params)
         users = Users.load(cfg.registry.users)
@@ -528,7 +531,7 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
 @users_app.command("list")
 def users_list(params: str = PARAMS):
     "List users and their roles (never secrets)."
-    from mlnb.access import Users
+    from mlnb.core.access import Users
     cfg = load_config(params)
     users = Users.load(cfg.registry.users)
     typer.echo(f"(any other local OS user): {', '.join(users.default_roles)}")
@@ -542,8 +545,8 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
           workers: Optional[int] = typer.Option(None, help="uvicorn worker processes (default: serve.workers, 1)"),
           params: str = PARAMS):
     "Serve a model over HTTP: Open Inference Protocol (V2) and MLflow /invocations."
-    from mlnb.serve.app import run, serve_config
-    from mlnb.serve.log import LogKeyError
+    from mlnb.serving.app import run, serve_config
+    from mlnb.predlog.log import LogKeyError
     def go():
         cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers)
         try: run(cfg)
@@ -566,7 +569,7 @@ def api_key_create(name: str = typer.Argument(..., help="Who or what holds the k
                    role: str = typer.Option(..., "--role", help="predict (inference, feedback), operate (+ reload, rollouts) or admin (+ keys)"),
                    keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
     "Create a key and print it, once: only its SHA-256 is stored."
-    from mlnb.serve.auth import create_key
+    from mlnb.serving.auth import create_key
     def go():
         path = _keys_file(params, keys_file)
         typer.echo(create_key(path, name, role))          # alone on stdout, so KEY=$(mlnb api-key create ...) works
@@ -576,7 +579,7 @@ def api_key_create(name: str = typer.Argument(..., help="Who or what holds the k
 @api_key_app.command("list")
 def api_key_list(keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
     "The keys' names, roles and creation times."
-    from mlnb.serve.auth import load_keys
+    from mlnb.serving.auth import load_keys
     def go():
         path = _keys_file(params, keys_file)
         keys = load_keys(path).keys if path.exists() else []
@@ -587,7 +590,7 @@ def api_key_list(keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
 @api_key_app.command("revoke")
 def api_key_revoke(name: str = typer.Argument(..., help="The key's name"), keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
     "Remove a key; a running server refuses it within a second."
-    from mlnb.serve.auth import revoke_key
+    from mlnb.serving.auth import revoke_key
     def go():
         gone = revoke_key(_keys_file(params, keys_file), name)
         typer.echo(f"revoked key {gone.name!r} (role {gone.role})")
@@ -607,9 +610,9 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
                       figure: Optional[Path] = typer.Option(None, help="Write the figure (PNG) here"),
                       params: str = PARAMS):
     "Per-variant counts, latency and outcome, the difference from the control with a CI and a test, and a verdict."
-    from mlnb.ab import ab_report
+    from mlnb.rollout.ab import ab_report
     cfg = load_config(params)
-    from mlnb.serve.log import log_keys
+    from mlnb.predlog.log import log_keys
     try: report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled,
                             log_keys(cfg.serve.prediction_log.encryption))
     except ValueError as e: _fail(e)
@@ -705,7 +708,7 @@ def synth(output: Path = typer.Argument(..., help="Where to write: .csv or .parq
           share: list[str] = typer.Option([], help="COLUMN:CATEGORY=POINTS: move a category's share, e.g. contract:Month-to-month=0.1 (repeatable)"),
           churn_offset: float = typer.Option(0.0, help="Added to the churn logit (concept drift)")):
     "Write synthetic Telco-like data, with drift where asked."
-    from mlnb.data import synthesize
+    from mlnb.data.ingest import synthesize
     if output.suffix not in (".csv", ".parquet"): raise typer.BadParameter(f"{output}: the output must end in .csv or .parquet")
     shares: dict[str, dict[str, float]] = {}
     for text in share:
@@ -732,7 +735,7 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
             params: str = PARAMS, user: Optional[str] = USER):
     "Check the prediction log for drift and accuracy decay; write the result and alert."
     from datetime import datetime, timedelta, timezone
-    from mlnb.monitor.check import run_monitor
+    from mlnb.monitoring.check import run_monitor
     cfg = load_config(params)
     until = datetime.now(timezone.utc)
     try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
@@ -750,15 +753,15 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
         try: typer.echo(f"wrote {run_stage('07_monitor', params, reports_dir=Path(cfg.monitor.output_dir))}")
         except StageFailed as e: _fail(e)
     if retrain:
-        from mlnb.monitor.retrain import retrain_trigger
+        from mlnb.pipeline.retrain import retrain_trigger
         trigger = retrain_trigger(result, cfg)
         if trigger: _retrain(cfg, trigger, user)
     if fail_on_alert and result.alerts: raise typer.Exit(2)
 
 def _retrain(cfg, trigger: str, user: str | None) -> None:
-    from mlnb.data import DataError
-    from mlnb.monitor.retrain import RetrainError, retrain as run_retrain
-    from mlnb.serve.log import LogKeyError
+    from mlnb.data.schema import DataError
+    from mlnb.pipeline.retrain import RetrainError, retrain as run_retrain
+    from mlnb.predlog.log import LogKeyError
     typer.echo(f"retraining ({trigger}) ...")
     r = _guard(lambda: _catch((RetrainError, DataError, LogKeyError), lambda: run_retrain(cfg, trigger, Paths(), user)))
     typer.echo(f"retrain {r.run}: {r.status}" + (f", {r.new_rows} new labelled rows (data md5 {r.data_md5})" if r.data_md5 else "") + f": {r.detail}")
@@ -781,7 +784,7 @@ app.add_typer(log_key_app, name="log-key")
 @log_key_app.command("new")
 def log_key_new(key_file: Optional[Path] = typer.Option(None, help="The key file (default: serve.prediction_log.encryption.key_file)"), params: str = PARAMS):
     "Create the log key file, or add a new key in front of its keys (rotation: the new key encrypts, all decrypt)."
-    from mlnb.serve.log import LogKeyError, add_log_key
+    from mlnb.predlog.log import LogKeyError, add_log_key
     path = key_file or load_config(params).serve.prediction_log.encryption.key_file
     if path is None: _fail(ValueError("no key file: pass --key-file or set serve.prediction_log.encryption.key_file"))
     try: n = add_log_key(path)
@@ -804,8 +807,8 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
                       report: bool = typer.Option(False, help="Also write the batch report notebook (and its HTML) into --output/_report"),
                       params: str = PARAMS, user: Optional[str] = USER):
     "Score a Parquet data set with the ONNX model on Dask."
-    from mlnb.batch import BatchError, batch_predict, load_model
-    from mlnb.export import SignatureError
+    from mlnb.pipeline.batch import BatchError, batch_predict, load_model
+    from mlnb.model.signing import SignatureError
     cfg = load_config(params)
     def go():
         try:
@@ -824,14 +827,14 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
 
 # %% ../nbs/06_cli.ipynb #c1e0a7b3
 # Continuous training: `mlnb ci` is what a CI job runs (exit 0 fine, 1 regression, 2 pipeline failed), `mlnb repro-check` re-runs the
-# committed pipeline in a fresh clone and compares it with dvc.lock (mlnb.ci, README: Continuous training).
+# committed pipeline in a fresh clone and compares it with dvc.lock (mlnb.pipeline.ci, README: Continuous training).
 @app.command("ci")
 def ci_cmd(base: str = typer.Option("main", help="Branch whose committed metrics this run is compared with (dvc metrics diff)"),
            summary: Optional[Path] = typer.Option(None, help="Write the Markdown summary here (it is also appended to $GITHUB_STEP_SUMMARY when set)"),
            register: bool = typer.Option(True, help="--no-register: run every stage except the register stage (no new version, no gates)"),
            params: str = PARAMS, user: Optional[str] = USER):
     "Run dvc repro, read the gates and the registration, diff metrics against --base; exit 1 on a regression, 2 when the pipeline fails."
-    from mlnb.ci import ci_summary, run_ci, write_summary
+    from mlnb.pipeline.ci import ci_summary, run_ci, write_summary
     result = _guard(lambda: run_ci(base, params, register, user))
     markdown = ci_summary(result)
     typer.echo(markdown)
@@ -845,7 +848,7 @@ def repro_check_cmd(tolerance_metrics: float = typer.Option(1e-9, min=0, help="L
                     report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)")):
     "Re-run the committed pipeline in a fresh clone; compare dvc.lock outputs, metrics and predictions; exit 1 when out of tolerance."
     import subprocess
-    from mlnb.ci import repro_check, repro_report, write_summary
+    from mlnb.pipeline.ci import repro_check, repro_report, write_summary
     try: check = repro_check(".", tolerance_metrics, tolerance_proba, keep)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(2)
     text = repro_report(check)

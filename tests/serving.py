@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from mlnb.export import ensure_signing_key, sign_model
+from mlnb.model.signing import ensure_signing_key, sign_model
 
 from conftest import BIN, ROOT, tool_env
 

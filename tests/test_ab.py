@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from mlnb.serve.log import FeedbackEntry, ParquetLog, PredictionEntry, feedback_table, prediction_table
+from mlnb.predlog.log import FeedbackEntry, ParquetLog, PredictionEntry, feedback_table, prediction_table
 
 from conftest import ROOT, run
 

@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, run, tool_env
-from mlnb.batch import BatchError, batch_predict
-from mlnb.config import config_from_dict
-from mlnb.data import load_schema, synthesize
-from mlnb.export import OnnxModel
-from mlnb.features import feature_spec, model_frame
-from mlnb.serve.runtime import load_served_model
+from mlnb.pipeline.batch import BatchError, batch_predict
+from mlnb.core.config import config_from_dict
+from mlnb.data.schema import load_schema
+from mlnb.data.ingest import synthesize
+from mlnb.model.onnx import OnnxModel
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.serving.runtime import load_served_model
 from serving import free_port, signed_model_dir
 from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 

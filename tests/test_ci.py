@@ -10,7 +10,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import BIN, ROOT, SMALL_RUN, copy_project, run, set_params, tool_env
-from mlnb.ci import resolve_base
+from mlnb.pipeline.ci import resolve_base
 
 WORKFLOW = ROOT / "deploy/github/train.yml"
 COMMIT = "git -c user.name=ci -c user.email=ci@ci commit -qm"

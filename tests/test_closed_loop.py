@@ -10,13 +10,14 @@ import pytest
 import yaml
 
 from conftest import copy_project, deep_update, run, tool_env
-from mlnb.access import User, Users, hash_secret
-from mlnb.audit import AuditLog
-from mlnb.config import load_config
-from mlnb.data import DataError, synthesize
-from mlnb.features import FeatureSpec, model_frame
-from mlnb.monitor.retrain import RetrainError, add_data_version, labelled_traffic, retrain
-from mlnb.serve.log import read_log
+from mlnb.core.access import User, Users, hash_secret
+from mlnb.core.audit import AuditLog
+from mlnb.core.config import load_config
+from mlnb.data.schema import DataError
+from mlnb.data.ingest import synthesize
+from mlnb.features.spec import FeatureSpec, model_frame
+from mlnb.pipeline.retrain import RetrainError, add_data_version, labelled_traffic, retrain
+from mlnb.predlog.log import read_log
 from serving import Server
 
 APPROVER_SECRET = "approver-secret"

@@ -22,7 +22,7 @@ DATASOURCE_UID = "mlnb-prometheus"
 
 def monitor_gauge_names() -> set[str]:
     "The gauges `mlnb monitor` produces for a result with every part present (served on /metrics, pushable)."
-    from mlnb.monitor.check import gauge_families
+    from mlnb.monitoring.check import gauge_families
     result = {"window_end": "2026-11-01T00:00:00+00:00", "rows": 500, "verdict": True, "alerts": ["x"],
               "drift": {"columns": [{"column": "tenure", "test": "ks", "statistic": 0.01, "threshold": 0.05, "drifted": True}],
                         "drifted_columns": ["tenure"], "dataset_drift": True},
@@ -100,7 +100,7 @@ def metric_names(expr: str) -> set[str]:
 
 def exposed_names() -> set[str]:
     "Series names the server exposes (ServeMetrics), the monitor gauges and `up`."
-    from mlnb.serve.telemetry import ServeMetrics
+    from mlnb.serving.telemetry import ServeMetrics
     names = {"up"} | MONITOR_GAUGES
     for fam in ServeMetrics().registry.collect():
         names |= {s.name for s in fam.samples}
@@ -171,7 +171,7 @@ def test_alerts_cover_the_expected_conditions():
 
 def test_server_error_outcome_is_one_the_server_reports():
     "The error-rate alert selects outcome=\"server_error\": the value the server gives 5xx responses."
-    from mlnb.serve.app import _outcome
+    from mlnb.serving.app import _outcome
     assert _outcome(500) == _outcome(503) == "server_error"
     assert _outcome(200) == "ok" and _outcome(422) == "client_error"
 

@@ -5,9 +5,9 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from mlnb.features import Profile
-from mlnb.monitor.drift import drift_report
-from mlnb.data import synthesize
+from mlnb.features.spec import Profile
+from mlnb.stats.drift import drift_report
+from mlnb.data.ingest import synthesize
 
 FEATURES = [c for c in synthesize(10).columns if c != "churn"]
 

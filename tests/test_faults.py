@@ -13,7 +13,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from mlnb.serve.log import read_log
+from mlnb.predlog.log import read_log
 from serving import Server, serve_params
 from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 from test_serve import metric, model_dir, records  # noqa: F401 (fixtures)
@@ -200,7 +200,7 @@ def registry_params(env: dict, url: str, cache: Path, work: Path) -> dict:
 def test_a_registry_unreachable_at_start_serves_the_last_verified_version_until_it_answers(onnx_models, telco_split, records, tmp_path):
     from test_registry import make_env, register, registry_as
     from tracking import free_port, running_mlflow
-    from mlnb.config import config_from_dict
+    from mlnb.core.config import config_from_dict
     _, split = telco_split
     env, cache, port = make_env(tmp_path / "registry"), tmp_path / "cache", free_port()
     backend, artifacts = f"sqlite:///{tmp_path / 'tracking.db'}", tmp_path / "artifacts"
@@ -274,7 +274,7 @@ def test_a_registry_unreachable_at_start_never_serves_an_unverified_file(onnx_mo
 def make_env_for_faults(tmp_path: Path) -> dict:
     from test_registry import make_env
     env = make_env(tmp_path / "registry")
-    from mlnb.export import ensure_signing_key
+    from mlnb.model.signing import ensure_signing_key
     ensure_signing_key(Path(env["registry"]["signing_key"]), Path(env["registry"]["public_key"]))
     return env
 

@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, ignored
                                                status_code_conformance)
 from schemathesis.specs.openapi.definitions import OPENAPI_30
 
-from mlnb.serve.auth import RANK, includes, required_role
+from mlnb.serving.auth import RANK, includes, required_role
 from serving import Server, serve_params, signed_model_dir
 from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 from test_serve_auth import CHALLENGE, certificate, create_key, secured_params, tls_params  # noqa: F401 (fixture)

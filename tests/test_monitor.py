@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
-from mlnb.config import config_from_dict
-from mlnb.data import load_schema, synthesize
-from mlnb.export import OnnxModel
-from mlnb.features import feature_spec, model_frame, reference_profile
+from mlnb.core.config import config_from_dict
+from mlnb.data.schema import load_schema
+from mlnb.data.ingest import synthesize
+from mlnb.model.onnx import OnnxModel
+from mlnb.features.spec import feature_spec, model_frame, reference_profile
 from serving import Server, serve_params, signed_model_dir
 from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 

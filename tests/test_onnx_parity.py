@@ -3,11 +3,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlnb.config import ExportConfig, FeaturesConfig, ParityConfig, config_from_dict
-from mlnb.data import clean, load_schema, split_data, validate
-from mlnb.export import OnnxModel, ParityError, export
-from mlnb.features import feature_spec, model_frame
-from mlnb.train import candidate_pipeline
+from mlnb.core.config import ExportConfig, FeaturesConfig, ParityConfig, config_from_dict
+from mlnb.data.ingest import clean, split_data, validate
+from mlnb.data.schema import load_schema
+from mlnb.model.onnx import OnnxModel
+from mlnb.training.export import ParityError, export
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.training.train import candidate_pipeline
 
 from conftest import ROOT
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mlnb.datasets import affairs, doctor_visits, four_classes, wide_loans
+from mlnb.data.datasets import affairs, doctor_visits, four_classes, wide_loans
 from conftest import copy_project, deep_update, run, set_params
 from serving import Server
 

@@ -13,14 +13,16 @@ import pandas as pd
 import pytest
 
 from tracking import postgres_database, running_mlflow
-from mlnb.access import AccessDenied, User, Users, hash_secret
-from mlnb.audit import AuditLog
-from mlnb.config import config_from_dict
-from mlnb.data import clean, load_schema, split_data, validate
-from mlnb.export import SignatureError, ensure_signing_key, load_verified, to_onnx, verify_model
-from mlnb.features import feature_spec, model_frame
-from mlnb.registry import Registry, RegistryError, run_gates
-from mlnb.train import candidate_pipeline
+from mlnb.core.access import AccessDenied, User, Users, hash_secret
+from mlnb.core.audit import AuditLog
+from mlnb.core.config import config_from_dict
+from mlnb.data.ingest import clean, split_data, validate
+from mlnb.data.schema import load_schema
+from mlnb.model.signing import SignatureError, ensure_signing_key, load_verified, verify_model
+from mlnb.training.export import to_onnx
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.registry.store import Registry, RegistryError, run_gates
+from mlnb.training.train import candidate_pipeline
 
 from conftest import ROOT, run, tool_env
 

@@ -8,8 +8,8 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import ROOT, run, set_params, small_project
-from mlnb.config import load_config
-from mlnb.registry import robustness_gates
+from mlnb.core.config import load_config
+from mlnb.registry.store import robustness_gates
 
 
 def test_the_bundled_model_passes_the_default_gates_with_a_margin():
@@ -76,7 +76,7 @@ def test_passing_robustness_gates_are_recorded_on_the_version(pipeline):
     block = evaluation(pipeline)["robustness"]
     assert gates["robustness:numeric"]["passed"] and gates["robustness:numeric"]["value"] == block["flip_rate"]["0.1"]
     assert gates["robustness:categorical"]["passed"] and gates["robustness:categorical"]["value"] == block["categorical_flip_rate"]
-    assert json.loads(v.tags["mlnb.robustness"]) == block                    # the gates' input, kept on the version
+    assert json.loads(v.tags["mlnb.evaluation.robustness"]) == block                    # the gates' input, kept on the version
     card = run(["mlnb", "registry", "card", "churn", "1"], pipeline).stdout
     assert "## Robustness" in card and "robustness:numeric" in card and "rows flipped by one categorical swap" in card
 

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from mlnb.rollout import Rollout, RolloutPlan, Split
+from mlnb.rollout.plan import Rollout, RolloutPlan, Split
 
 
 class Clock:

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlnb.config import config_from_dict
-from mlnb.export import OnnxModel
-from mlnb.features import feature_spec, model_frame
-from mlnb.serve.log import join_feedback, read_log
+from mlnb.core.config import config_from_dict
+from mlnb.model.onnx import OnnxModel
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.predlog.log import join_feedback, read_log
 from serving import Server, serve_params, signed_model_dir
 from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import run, tool_env
-from mlnb.config import config_from_dict
-from mlnb.export import to_onnx
-from mlnb.features import feature_spec, model_frame
-from mlnb.train import candidate_pipeline
+from mlnb.core.config import config_from_dict
+from mlnb.training.export import to_onnx
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.training.train import candidate_pipeline
 from serving import Server, serve_params, signed_model_dir
 from test_registry import telco_split  # noqa: F401 (fixture)
 from test_serve import metric

@@ -4,11 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from mlnb.config import config_from_dict
-from mlnb.export import OnnxModel, to_onnx
-from mlnb.features import feature_spec, model_frame
-from mlnb.serve.protocol import RequestError, contract_from, mlflow_response, parse_mlflow, parse_v2, v2_response
-from mlnb.train import candidate_pipeline
+from mlnb.core.config import config_from_dict
+from mlnb.model.onnx import OnnxModel
+from mlnb.training.export import to_onnx
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.serving.protocol import RequestError, contract_from, mlflow_response, parse_mlflow, parse_v2, v2_response
+from mlnb.training.train import candidate_pipeline
 from test_registry import telco_split  # noqa: F401 (fixture)
 
 

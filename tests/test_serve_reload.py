@@ -4,7 +4,7 @@ import time
 
 import httpx
 
-from mlnb.config import config_from_dict
+from mlnb.core.config import config_from_dict
 from serving import Server
 from test_registry import make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
 from test_serve import metric, records  # noqa: F401 (fixture)

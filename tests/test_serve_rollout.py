@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from conftest import run
-from mlnb.audit import AuditLog
-from mlnb.config import config_from_dict
-from mlnb.export import OnnxModel
-from mlnb.features import feature_spec, model_frame
-from mlnb.serve.log import read_log
+from mlnb.core.audit import AuditLog
+from mlnb.core.config import config_from_dict
+from mlnb.model.onnx import OnnxModel
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.predlog.log import read_log
 from serving import Server, grafted, serve_params, signed_model_dir
 from test_registry import SECRETS, make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
 from test_serve import metric

@@ -2,8 +2,9 @@
 import pandas as pd
 import sqlalchemy
 
-from mlnb.config import config_from_dict
-from mlnb.data import DataError, ingest, load_schema
+from mlnb.core.config import config_from_dict
+from mlnb.data.schema import DataError, load_schema
+from mlnb.data.ingest import ingest
 
 from conftest import ROOT, run
 

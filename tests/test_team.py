@@ -3,8 +3,8 @@ pipeline's outputs and the retraining data from one clone to another."""
 import pandas as pd
 
 from conftest import copy_project, run, set_params
-from mlnb.data import synthesize
-from mlnb.monitor.retrain import add_data_version
+from mlnb.data.ingest import synthesize
+from mlnb.pipeline.retrain import add_data_version
 
 
 def test_a_local_directory_remote_carries_outputs_and_data_versions_to_another_clone(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from conftest import copy_project, run, set_params, tool_env
-from mlnb.features import FeatureSpec, model_frame
-from mlnb.train import pipeline_of
+from mlnb.features.spec import FeatureSpec, model_frame
+from mlnb.training.train import pipeline_of
 
 
 def train_stage(project, failpoint: str | None = None):
