@@ -9,7 +9,12 @@ With --rollout, mlnb is measured three more times with a challenger beside the c
 so only routing costs differ): a 5% canary split and a 50/50 split (the challenger's requests run in its pool thread) and
 a shadow (every request copied, so the inference work doubles).
 
-Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow] [--rollout]   (after `make run`; needs wrk: apt-get install wrk)
+With --baseline REV, the same `mlnb serve` is also run from the code of git revision REV (checked out into a temporary
+worktree and put first on PYTHONPATH), in the same run, so a refactoring can be held to "within 5% of before".
+
+Figures go to benchmarks/results/serve.{json,md}, which the docs include.
+
+Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow] [--rollout] [--baseline REV]   (after `make run`; needs wrk: apt-get install wrk)
 """
 from __future__ import annotations
 import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
@@ -110,6 +115,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     ap.add_argument("--skip-mlflow", action="store_true")
     ap.add_argument("--rollout", action="store_true", help="also measure a 5% and a 50% split and a shadow")
+    ap.add_argument("--baseline", metavar="REV", help="also serve with the mlnb code of this git revision")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
@@ -134,6 +140,19 @@ def main() -> None:
                           {"MODEL": str(tmp / "model.onnx")}, tmp / "floor.log")
         try: load("floor", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
         finally: stop(proc)
+
+        if args.baseline:
+            base = tmp / "baseline"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base), args.baseline], check=True)
+            print(f"mlnb serve from {args.baseline} (all features on)", flush=True)
+            port = free_port()
+            proc = run_server("baseline", [str(BIN / "mlnb"), "serve", "--params", str(tmp / "params.yaml"), "--port", str(port)],
+                              f"http://127.0.0.1:{port}/v2/health/ready", {"PYTHONPATH": str(base)}, tmp / "baseline.log")
+            try:
+                load("baseline", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
+            finally:
+                stop(proc)
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
 
         print("mlnb serve (all features on)", flush=True)
         port = free_port()
@@ -193,6 +212,9 @@ def main() -> None:
     for c in CONCURRENCY:
         line = f"  c={c:<3d} mlnb/floor throughput {by['mlnb', c]['rps'] / by['floor', c]['rps']:.2f}"
         if ("mlflow", c) in by: line += f"   mlnb/mlflow {by['mlnb', c]['rps'] / by['mlflow', c]['rps']:.0f}x"
+        if ("baseline", c) in by:
+            line += f"   mlnb/baseline throughput {by['mlnb', c]['rps'] / by['baseline', c]['rps']:.3f}"
+            line += f" p99 {by['mlnb', c]['p99_ms'] / by['baseline', c]['p99_ms']:.3f}"
         for mode in ("split5", "split50", "shadow"):
             if (f"mlnb-{mode}", c) in by: line += f"   {mode}/mlnb {by[f'mlnb-{mode}', c]['rps'] / by['mlnb', c]['rps']:.2f}"
         print(line)
@@ -201,8 +223,26 @@ def main() -> None:
              ("c=64 throughput >= floor", by["mlnb", 64]["rps"] >= by["floor", 64]["rps"]),
              ("c=64 p99 <= 50 ms", by["mlnb", 64]["p99_ms"] <= 50),
              ("no errors", all(r["errors"] == 0 for r in results if r["server"] == "mlnb"))]
+    if args.baseline:
+        goals += [(f"c={c} throughput >= 95% of {args.baseline}", by["mlnb", c]["rps"] >= 0.95 * by["baseline", c]["rps"])
+                  for c in CONCURRENCY]
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
+    write_results(table, goals, args)
+
+
+def write_results(table: pd.DataFrame, goals: list[tuple[str, bool]], args) -> None:
+    "The figures as JSON and as a Markdown table for the docs (benchmarks/results/serve.*)."
+    out = ROOT / "benchmarks/results"
+    out.mkdir(parents=True, exist_ok=True)
+    facts = {"duration_seconds": args.duration, "baseline": args.baseline, "results": table.to_dict("records"),
+             "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]}
+    (out / "serve.json").write_text(json.dumps(facts, indent=1) + "\n")
+    md = ["| server | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['errors']} |"
+           for r in facts["results"]]
+    md += ["", "| goal | met |", "|---|---|"] + [f"| {g['goal']} | {'yes' if g['met'] else 'no'} |" for g in facts["goals"]]
+    (out / "serve.md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":
