@@ -33,15 +33,17 @@ def signed_model_dir(model: Path, dest: Path, keys: Path) -> Path:
 
 class Server:
     """`mlnb serve` in a subprocess; `stop()` sends SIGTERM and waits. Its `client` sends `api_key` (as a Bearer token) and `headers`
-    with every request; with `serve.tls` in the params it speaks https, trusting the CA certificate `cacert`."""
+    with every request; with `serve.tls` in the params it speaks https, trusting the CA certificate `cacert`. `mlnb` is the
+    executable (default: this venv's); `env` entries override the tools' environment, and a None value removes that variable."""
     def __init__(self, workdir: Path, params: dict, extra_args: tuple = (), env: dict | None = None,
-                 api_key: str | None = None, headers: dict | None = None, cacert: Path | None = None):
+                 api_key: str | None = None, headers: dict | None = None, cacert: Path | None = None, mlnb: Path | None = None):
         self.workdir, self.port = workdir, free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "params.yaml").write_text(json.dumps(params))          # JSON is YAML
         self.stderr_path = workdir / f"serve-{self.port}.err"
-        self.proc = subprocess.Popen([str(BIN / "mlnb"), "serve", "--params", "params.yaml", "--port", str(self.port), *extra_args],
-                                     cwd=workdir, env={**tool_env(), **(env or {})}, stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("w"))
+        env = {k: v for k, v in {**tool_env(), **(env or {})}.items() if v is not None}
+        self.proc = subprocess.Popen([str(mlnb or BIN / "mlnb"), "serve", "--params", "params.yaml", "--port", str(self.port), *extra_args],
+                                     cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("w"))
         self.url = f"{'https' if (params.get('serve') or {}).get('tls') else 'http'}://127.0.0.1:{self.port}"
         self.verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
         self.client = self.new_client(api_key, headers)
