@@ -17,9 +17,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from conftest import BIN, ROOT, copy_project, run
-from mlnb.config import config_from_dict
-from mlnb.export import OnnxModel
-from mlnb.features import feature_spec, model_frame
+from mlnb.core.config import config_from_dict
+from mlnb.model.onnx import OnnxModel
+from mlnb.features.spec import feature_spec, model_frame
 from serving import Server, serve_params, signed_model_dir
 from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 
