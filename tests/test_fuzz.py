@@ -18,9 +18,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, ignored
 from schemathesis.specs.openapi.definitions import OPENAPI_30
 
 from mlnb.serving.auth import RANK, includes, required_role
-from serving import Server, serve_params, signed_model_dir
-from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
-from test_serve_auth import CHALLENGE, certificate, create_key, secured_params, tls_params  # noqa: F401 (fixture)
+from serving import CHALLENGE, Server, create_key, secured_params, serve_params, signed_model_dir, tls_params
 
 DERANDOMIZE = True      # the same cases every run: a failure reproduces
 EXAMPLES = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 6}     # per operation: bounded, so the test stays short

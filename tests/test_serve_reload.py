@@ -5,9 +5,8 @@ import time
 import httpx
 
 from mlnb.core.config import config_from_dict
-from serving import Server
-from test_registry import make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
-from test_serve import metric, records  # noqa: F401 (fixture)
+from registration import make_env, register, registry_as
+from serving import Server, metric
 
 
 def two_approved_versions(onnx_models, telco_split, tmp_path, second: str):
