@@ -40,7 +40,9 @@ run: env
 	mlnb summary
 
 # The default suite leaves out the tests marked slow (long end-to-end and fault runs); CI runs those too, with `make test-slow`.
+# lint-imports first: the package's layers (pyproject.toml [tool.importlinter]).
 test: env tools
+	lint-imports
 	nbdev-test --n-workers 2
 	pytest -m "not slow"
 

@@ -1,13 +1,36 @@
-"""Shared fixtures: temporary copies of the project, params edits, and commands run with the project's tools."""
+"""Shared fixtures: temporary copies of the project, params edits, commands run with the project's tools, the Telco
+splits, real exported ONNX models and what the serving tests send them.
+
+The tests are in three levels: `unit/` (in-process, or one short command on files in a temporary directory),
+`integration/` (a real MLflow store or tracking server, a real DVC repo, a real `mlnb serve` on 127.0.0.1, one stage,
+or the committed outputs of `make run`) and `e2e/` (whole pipeline runs, and the slow closed-loop, fault and own-data
+runs). Fixtures used by more than one test module live here; helpers that are not fixtures live in `serving.py`,
+`tracking.py` and `registration.py` beside this file (the ini options put this folder on sys.path). No test module
+imports from another. The levels have no conftest.py of their own: pytest would import each as the module `conftest`
+too, and `from conftest import ...` would find whichever came last."""
+import ipaddress
+import json
 import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mlnb.core.config import config_from_dict
+from mlnb.data.ingest import clean, split_data, validate
+from mlnb.data.schema import load_schema
+from mlnb.features.spec import feature_spec, model_frame
+from mlnb.training.export import to_onnx
+from mlnb.training.train import candidate_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -86,3 +109,67 @@ def telco() -> pd.DataFrame:
 @pytest.fixture
 def project(tmp_path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def telco_split(telco):
+    schema = load_schema(ROOT / "schema/telco_churn.yaml")
+    df, _ = clean(validate(telco, schema), schema)
+    return schema, split_data(df, "churn", "binary", 0.15, 0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def onnx_models(telco_split, tmp_path_factory):
+    "Real exported models: logistic regressions with different C (distinct files), and a bad one (shuffled labels)."
+    schema, s = telco_split
+    spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
+    X, y = model_frame(s["train"], spec), s["train"]["churn"]
+    out, d = {}, tmp_path_factory.mktemp("onnx")
+    for name, C, labels in [("a", 1.0, y), ("b", 0.3, y), ("c", 3.0, y), ("bad", 1.0, y.sample(frac=1, random_state=0).to_numpy())]:
+        model = candidate_pipeline("logreg", spec, 0).set_params(model__C=C).fit(X, labels)
+        meta = {"model_name": "churn", "classes": json.dumps([str(c) for c in model.classes_])}
+        (d / f"{name}.onnx").write_bytes(to_onnx(model, spec, metadata=meta).SerializeToString())
+        out[name] = d / f"{name}.onnx"
+    for i in range(8):   # eight more distinct files for the concurrency test
+        model = candidate_pipeline("logreg", spec, 0).set_params(model__C=0.5 + i).fit(X, y)
+        meta = {"classes": json.dumps([str(c) for c in model.classes_])}
+        (d / f"p{i}.onnx").write_bytes(to_onnx(model, spec, metadata=meta).SerializeToString())
+        out[f"p{i}"] = d / f"p{i}.onnx"
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return feature_spec(load_schema(ROOT / "schema/telco_churn.yaml"), config_from_dict({}).features, "churn", "binary")
+
+
+@pytest.fixture(scope="module")
+def records(telco_split):
+    schema, s = telco_split
+    spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
+    return json.loads(model_frame(s["test"].head(40), spec).to_json(orient="records"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(onnx_models, tmp_path_factory):
+    "Model `a` signed in its own directory, and the directory of the key pair."
+    from serving import signed_model_dir          # serving.py imports this module
+    root = tmp_path_factory.mktemp("served")
+    return signed_model_dir(onnx_models["a"], root / "model", root / "keys"), root / "keys"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    "A self-signed certificate for 127.0.0.1 (its subject alternative name) and its key, made now."
+    d = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlnb test server")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return d / "server.pem", d / "server.key"

@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: signed model directories and a real `mlnb serve` process on 127.0.0.1."""
+"""Helpers for the serving tests: signed model directories, a real `mlnb serve` process on 127.0.0.1, its metrics, access
+control and TLS settings, and a workspace for `mlnb monitor` next to a served model."""
 import json
 import shutil
 import signal
@@ -9,10 +10,17 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from mlnb.data.ingest import synthesize
+from mlnb.features.spec import model_frame, reference_profile
+from mlnb.model.onnx import OnnxModel
 from mlnb.model.signing import ensure_signing_key, sign_model
 
-from conftest import BIN, ROOT, tool_env
+from conftest import BIN, ROOT, run, tool_env
+
+CHALLENGE = 'Bearer realm="mlnb"'          # what a server with access control answers a request without a known key
 
 
 def free_port() -> int:
@@ -87,6 +95,51 @@ def serve_params(model_dir: Path, keys: Path, logs: Path, **serve) -> dict:
     for k, v in serve.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return {"registry": {"public_key": str(keys / "signing.pub")}, "serve": base}
+
+
+def metrics(server) -> dict:
+    "Samples by (name, sorted labels)."
+    text = server.client.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(server, name, **labels) -> float:
+    return sum(v for (n, ls), v in metrics(server).items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+
+def create_key(work, name: str, role: str) -> str:
+    "A key made by `mlnb api-key create`, in the keys file the params in `work` name."
+    return run(["mlnb", "api-key", "create", name, "--role", role, "--params", "params.yaml"], work).stdout.strip()
+
+
+def secured_params(model_dir, work, **serve) -> dict:
+    directory, keys = model_dir
+    params = serve_params(directory, keys, work / "logs", auth={"keys_file": str(work / "keys.yaml"), **serve.pop("auth", {})}, **serve)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(json.dumps(params))
+    return params
+
+
+def tls_params(certificate) -> dict:
+    "`serve.tls` for the (certificate, key) pair of the `certificate` fixture."
+    return {"certfile": str(certificate[0]), "keyfile": str(certificate[1])}
+
+
+def workspace(root, spec, onnx_models, webhook):
+    "A project workspace whose reference is synthetic: profile, feature spec, test split, evaluation, served model and params."
+    (root / "features").mkdir(parents=True); (root / "data/processed").mkdir(parents=True); (root / "metrics").mkdir()
+    train, test = synthesize(5000, seed=1), synthesize(1500, seed=2)
+    reference_profile(train, spec).save(root / "features/reference_profile.json")
+    spec.save(root / "features/feature_spec.json")
+    test.to_parquet(root / "data/processed/test.parquet", index=False)
+    label = OnnxModel(onnx_models["a"]).predict(model_frame(test, spec))
+    (root / "metrics/evaluate.json").write_text(json.dumps({"rows": len(test), "accuracy": float((label == test["churn"]).mean())}))
+    model_dir = signed_model_dir(onnx_models["a"], root / "served", root / "keys")
+    params = serve_params(model_dir, root / "keys", root / "logs")
+    params["monitor"] = {"min_rows": 300, "min_labelled": 300, "webhook": webhook, "output_dir": str(root / "monitoring")}
+    params["data"] = {"positive_class": "Yes"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return model_dir
 
 
 def grafted(model: Path, dest: Path, kind: str, size: int = 640) -> Path:

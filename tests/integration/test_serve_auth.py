@@ -8,22 +8,15 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from conftest import run, tool_env
 from mlnb.core.config import config_from_dict
 from mlnb.training.export import to_onnx
 from mlnb.features.spec import feature_spec, model_frame
 from mlnb.training.train import candidate_pipeline
-from serving import Server, serve_params, signed_model_dir
-from test_registry import telco_split  # noqa: F401 (fixture)
-from test_serve import metric
+from serving import CHALLENGE, Server, create_key, metric, secured_params, serve_params, signed_model_dir, tls_params
 
 ROLES = {"app": "predict", "ops": "operate", "root": "admin", "temp": "predict"}
-CHALLENGE = 'Bearer realm="mlnb"'
 
 
 @pytest.fixture(scope="module")
@@ -43,39 +36,6 @@ def row(telco_split):
     schema, s = telco_split
     spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
     return json.loads(model_frame(s["test"].head(1), spec).to_json(orient="records"))[0]
-
-
-def create_key(work, name: str, role: str) -> str:
-    "A key made by `mlnb api-key create`, in the keys file the params in `work` name."
-    return run(["mlnb", "api-key", "create", name, "--role", role, "--params", "params.yaml"], work).stdout.strip()
-
-
-def secured_params(model_dir, work, **serve) -> dict:
-    directory, keys = model_dir
-    params = serve_params(directory, keys, work / "logs", auth={"keys_file": str(work / "keys.yaml"), **serve.pop("auth", {})}, **serve)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "params.yaml").write_text(json.dumps(params))
-    return params
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    "A self-signed certificate for 127.0.0.1 (its subject alternative name) and its key, made now."
-    d = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlnb test server")])
-    now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return d / "server.pem", d / "server.key"
-
-
-def tls_params(certificate) -> dict: return {"certfile": str(certificate[0]), "keyfile": str(certificate[1])}
 
 
 @pytest.fixture(scope="module")

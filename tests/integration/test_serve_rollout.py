@@ -18,9 +18,8 @@ from mlnb.core.config import config_from_dict
 from mlnb.model.onnx import OnnxModel
 from mlnb.features.spec import feature_spec, model_frame
 from mlnb.predlog.log import read_log
-from serving import Server, grafted, serve_params, signed_model_dir
-from test_registry import SECRETS, make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
-from test_serve import metric
+from registration import SECRETS, make_env, register, registry_as
+from serving import Server, grafted, metric, serve_params, signed_model_dir
 
 
 @pytest.fixture(scope="module")

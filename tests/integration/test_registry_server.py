@@ -7,7 +7,7 @@ import pytest
 from mlnb.core.audit import AuditLog
 from mlnb.model.signing import load_verified
 from tracking import postgres_database, running_mlflow
-from test_registry import _register_in_child, make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
+from registration import _register_in_child, make_env, register, registry_as
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

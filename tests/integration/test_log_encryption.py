@@ -18,9 +18,7 @@ from mlnb.data.ingest import synthesize
 from mlnb.features.spec import model_frame
 from mlnb.pipeline.retrain import labelled_traffic
 from mlnb.predlog.log import SEALED_SUFFIX, LogKeyError, LogKeys, log_files, open_log_file, read_log
-from serving import Server, serve_params, signed_model_dir
-from test_monitor import spec, workspace  # noqa: F401 (fixture)
-from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
+from serving import Server, serve_params, signed_model_dir, workspace
 
 
 def plain_env() -> dict:

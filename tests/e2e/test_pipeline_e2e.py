@@ -1,6 +1,5 @@
 """The whole pipeline under DVC in a temporary copy of the repo, on a small sample of the bundled data."""
 import json
-import time
 
 import onnx
 import pytest
@@ -54,12 +53,10 @@ def test_onnx_carries_provenance_matching_dvc_lock(repro):
     assert "tenure" in inputs and "contract" in inputs and "churn" not in inputs
 
 
-def test_second_repro_changes_nothing_and_is_quick(repro):
+def test_second_repro_changes_nothing(repro):
     project, _ = repro
-    start = time.perf_counter()
     again = run(["dvc", "repro"], project)
     assert stages_run(again.stdout) == [], again.stdout
-    assert time.perf_counter() - start < 60
 
 
 def test_changing_one_param_reruns_only_downstream(repro):
@@ -78,8 +75,10 @@ def test_dvc_exp_run_with_set_param(repro):
     out = run(["dvc", "exp", "run", "-S", "train.candidates=[logreg]"], project)
     assert stages_run(out.stdout) == ["train", "evaluate", "export", "register"], out.stdout
     assert json.loads((project / "metrics/train.json").read_text())["selected"] == "logreg"
-    shown = run(["dvc", "exp", "show", "--json"], project).stdout
-    assert "logreg" in shown
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    ran = [exp["data"]["params"]["params.yaml"]["data"]["train"]["candidates"]
+           for base in shown for group in base.get("experiments") or [] for exp in group["revs"]]
+    assert ["logreg"] in ran, shown                              # listed as an experiment, with the parameter it set
 
 
 def test_two_clean_runs_give_identical_results(repro, tmp_path):

@@ -10,7 +10,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"

@@ -10,7 +10,6 @@ from mlnb.training.export import to_onnx
 from mlnb.features.spec import feature_spec, model_frame
 from mlnb.serving.protocol import RequestError, contract_from, mlflow_response, parse_mlflow, parse_v2, v2_response
 from mlnb.training.train import candidate_pipeline
-from test_registry import telco_split  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

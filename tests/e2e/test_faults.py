@@ -14,9 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlnb.predlog.log import read_log
-from serving import Server, serve_params
-from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
-from test_serve import metric, model_dir, records  # noqa: F401 (fixtures)
+from serving import Server, metric, serve_params
 
 FLUSH_SECONDS = 0.5       # the prediction log's flush interval in these tests
 WRITE_MARGIN = 0.5        # time allowed for the writer's own Parquet write (twice: the one in progress, then ours) on a loaded machine
@@ -198,7 +196,7 @@ def registry_params(env: dict, url: str, cache: Path, work: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_registry_unreachable_at_start_serves_the_last_verified_version_until_it_answers(onnx_models, telco_split, records, tmp_path):
-    from test_registry import make_env, register, registry_as
+    from registration import make_env, register, registry_as
     from tracking import free_port, running_mlflow
     from mlnb.core.config import config_from_dict
     _, split = telco_split
@@ -272,7 +270,7 @@ def test_a_registry_unreachable_at_start_never_serves_an_unverified_file(onnx_mo
 
 
 def make_env_for_faults(tmp_path: Path) -> dict:
-    from test_registry import make_env
+    from registration import make_env
     env = make_env(tmp_path / "registry")
     from mlnb.model.signing import ensure_signing_key
     ensure_signing_key(Path(env["registry"]["signing_key"]), Path(env["registry"]["public_key"]))

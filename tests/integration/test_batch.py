@@ -21,7 +21,6 @@ from mlnb.model.onnx import OnnxModel
 from mlnb.features.spec import feature_spec, model_frame
 from mlnb.serving.runtime import load_served_model
 from serving import free_port, signed_model_dir
-from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

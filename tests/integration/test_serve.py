@@ -10,27 +10,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from mlnb.core.config import config_from_dict
 from mlnb.model.onnx import OnnxModel
-from mlnb.features.spec import feature_spec, model_frame
 from mlnb.predlog.log import join_feedback, read_log
-from serving import Server, serve_params, signed_model_dir
-from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
-
-
-@pytest.fixture(scope="module")
-def records(telco_split):
-    schema, s = telco_split
-    spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
-    return json.loads(model_frame(s["test"].head(40), spec).to_json(orient="records"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(onnx_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    return signed_model_dir(onnx_models["a"], root / "model", root / "keys"), root / "keys"
+from serving import Server, metric, metrics, serve_params
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +43,6 @@ def v2_inputs(records, binary=False):
         tensor.set_data_from_numpy(arr, binary_data=binary)
         inputs.append(tensor)
     return inputs
-
-
-def metrics(server) -> dict:
-    "Samples by (name, sorted labels)."
-    text = server.client.get("/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def metric(server, name, **labels) -> float:
-    return sum(v for (n, ls), v in metrics(server).items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
 
 
 def test_health_server_and_model_metadata(server):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import run
-from test_registry import SECRETS, make_env, onnx_models, register, registry_as, telco_split  # noqa: F401 (fixtures)
+from registration import SECRETS, make_env, register
 
 COMMANDS = ["list", "show", "approve", "reject", "promote", "rollback", "history", "lineage", "card"]
 

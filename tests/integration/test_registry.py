@@ -13,73 +13,14 @@ import pandas as pd
 import pytest
 
 from tracking import postgres_database, running_mlflow
-from mlnb.core.access import AccessDenied, User, Users, hash_secret
+from mlnb.core.access import AccessDenied
 from mlnb.core.audit import AuditLog
 from mlnb.core.config import config_from_dict
-from mlnb.data.ingest import clean, split_data, validate
-from mlnb.data.schema import load_schema
 from mlnb.model.signing import SignatureError, ensure_signing_key, load_verified, verify_model
-from mlnb.training.export import to_onnx
-from mlnb.features.spec import feature_spec, model_frame
-from mlnb.registry.store import Registry, RegistryError, run_gates
-from mlnb.training.train import candidate_pipeline
+from mlnb.registry.store import Registry, RegistryError
 
 from conftest import ROOT, run, tool_env
-
-SECRETS = {"dana": "ds-secret", "ann": "approver-secret", "adam": "admin-secret", "vic": "viewer-secret"}
-ROLES = {"dana": ["data-scientist"], "ann": ["approver"], "adam": ["admin"], "vic": ["viewer"]}
-
-
-@pytest.fixture(scope="module")
-def telco_split(telco):
-    schema = load_schema(ROOT / "schema/telco_churn.yaml")
-    df, _ = clean(validate(telco, schema), schema)
-    return schema, split_data(df, "churn", "binary", 0.15, 0.2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def onnx_models(telco_split, tmp_path_factory):
-    "Real exported models: logistic regressions with different C (distinct files), and a bad one (shuffled labels)."
-    schema, s = telco_split
-    spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
-    X, y = model_frame(s["train"], spec), s["train"]["churn"]
-    out, d = {}, tmp_path_factory.mktemp("onnx")
-    for name, C, labels in [("a", 1.0, y), ("b", 0.3, y), ("c", 3.0, y), ("bad", 1.0, y.sample(frac=1, random_state=0).to_numpy())]:
-        model = candidate_pipeline("logreg", spec, 0).set_params(model__C=C).fit(X, labels)
-        meta = {"model_name": "churn", "classes": json.dumps([str(c) for c in model.classes_])}
-        (d / f"{name}.onnx").write_bytes(to_onnx(model, spec, metadata=meta).SerializeToString())
-        out[name] = d / f"{name}.onnx"
-    for i in range(8):   # eight more distinct files for the concurrency test
-        model = candidate_pipeline("logreg", spec, 0).set_params(model__C=0.5 + i).fit(X, y)
-        meta = {"classes": json.dumps([str(c) for c in model.classes_])}
-        (d / f"p{i}.onnx").write_bytes(to_onnx(model, spec, metadata=meta).SerializeToString())
-        out[f"p{i}"] = d / f"p{i}.onnx"
-    return out
-
-
-def make_env(root: Path) -> dict:
-    "A params mapping whose registry lives entirely under `root`, with four users."
-    root.mkdir(parents=True, exist_ok=True)
-    users = Users(default_roles=["viewer"], users={n: User(roles=ROLES[n], secret_hash=hash_secret(s)) for n, s in SECRETS.items()})
-    users.save(root / "users.yaml")
-    return {"data": {"sensitive": ["female"]}, "train": {"tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "reg-tests"},
-            "registry": {"audit_log": str(root / "audit.jsonl"), "users": str(root / "users.yaml"),
-                         "signing_key": str(root / "keys/signing.key"), "public_key": str(root / "keys/signing.pub"),
-                         "gates": {"fairness_attributes": ["female"]}}}
-
-
-def registry_as(params: dict, user: str) -> Registry:
-    return Registry.from_config(config_from_dict(params), user, SECRETS.get(user))
-
-
-def register(params: dict, model: Path, test: pd.DataFrame, user: str = "dana"):
-    cfg = config_from_dict(params)
-    reg = registry_as(params, user)
-    key, pub = Path(cfg.registry.signing_key), Path(cfg.registry.public_key)
-    ensure_signing_key(key, pub)
-    fairness = {"female": {"demographic_parity_ratio": 0.95}}
-    gates = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, {"passed": True}, sig_err)
-    return reg.register({"model.onnx": model}, {"mlnb.family": "logreg"}, {"task": "binary"}, gates, key, pub)
+from registration import _register_in_child, make_env, register, registry_as
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +176,6 @@ def test_signature_gate_fails_with_the_wrong_public_key(env, onnx_models, telco_
     assert not sig["passed"] and "different key" in sig["detail"] and not v.gates_passed
 
 
-def _register_in_child(args):
-    params, model, test_path = args
-    test = pd.read_parquet(test_path)
-    v, created = register(params, Path(model), test)
-    return v.version, created
-
-
 def test_eight_processes_register_concurrently_without_loss_or_duplicates(env, onnx_models, telco_split, tmp_path):
     test_path = tmp_path / "test.parquet"
     telco_split[1]["test"].to_parquet(test_path)
@@ -263,7 +197,7 @@ def test_crash_during_registration_leaves_no_visible_version(env, onnx_models, t
     test_path = tmp_path / "test.parquet"
     telco_split[1]["test"].to_parquet(test_path)
     register(env, onnx_models["a"], telco_split[1]["test"])
-    script = ("import sys, json; sys.path.insert(0, %r); from test_registry import _register_in_child; "
+    script = ("import sys, json; sys.path.insert(0, %r); from registration import _register_in_child; "
               "_register_in_child((json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]))") % str(ROOT / "tests")
     child = subprocess.run([sys.executable, "-c", script, json.dumps(env), str(onnx_models["b"]), str(test_path)],
                            env={**tool_env(), "MLNB_FAILPOINT": failpoint}, capture_output=True, text=True)

@@ -11,13 +11,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
-from mlnb.core.config import config_from_dict
-from mlnb.data.schema import load_schema
 from mlnb.data.ingest import synthesize
-from mlnb.model.onnx import OnnxModel
-from mlnb.features.spec import feature_spec, model_frame, reference_profile
-from serving import Server, serve_params, signed_model_dir
-from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
+from mlnb.features.spec import model_frame
+from serving import Server, workspace
 
 
 class Receiver:
@@ -48,28 +44,6 @@ def receiver():
     r = Receiver()
     yield r
     r.close()
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return feature_spec(load_schema(ROOT / "schema/telco_churn.yaml"), config_from_dict({}).features, "churn", "binary")
-
-
-def workspace(root, spec, onnx_models, webhook):
-    "A project workspace whose reference is synthetic: profile, feature spec, test split, evaluation, served model and params."
-    (root / "features").mkdir(parents=True); (root / "data/processed").mkdir(parents=True); (root / "metrics").mkdir()
-    train, test = synthesize(5000, seed=1), synthesize(1500, seed=2)
-    reference_profile(train, spec).save(root / "features/reference_profile.json")
-    spec.save(root / "features/feature_spec.json")
-    test.to_parquet(root / "data/processed/test.parquet", index=False)
-    label = OnnxModel(onnx_models["a"]).predict(model_frame(test, spec))
-    (root / "metrics/evaluate.json").write_text(json.dumps({"rows": len(test), "accuracy": float((label == test["churn"]).mean())}))
-    model_dir = signed_model_dir(onnx_models["a"], root / "served", root / "keys")
-    params = serve_params(model_dir, root / "keys", root / "logs")
-    params["monitor"] = {"min_rows": 300, "min_labelled": 300, "webhook": webhook, "output_dir": str(root / "monitoring")}
-    params["data"] = {"positive_class": "Yes"}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return model_dir
 
 
 def serve_traffic(root, spec, frames: list[pd.DataFrame], label_share: float = 1.0):
