@@ -6,34 +6,55 @@ Docs: https://mlnb.github.io/mlnb/cli.html.md"""
 
 # %% ../nbs/06_cli.ipynb #50df8dfd
 from __future__ import annotations
-import getpass, json, os, shutil, sys, tempfile
+import functools, getpass, json, os, shutil, sys, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .core.config import ConfigError, Paths, load_config, staged_outputs, write_json
-
-app = typer.Typer(help="mlnb: notebook-first, reproducible ML pipeline.", no_args_is_help=True, add_completion=False)
-schema_app = typer.Typer(help="Work with data schemas.", no_args_is_help=True)
-app.add_typer(schema_app, name="schema")
-registry_app = typer.Typer(help="Model registry: versions, approvals, aliases, lineage, cards.", no_args_is_help=True)
-audit_app = typer.Typer(help="The registry's tamper-evident audit log.", no_args_is_help=True)
-users_app = typer.Typer(help="Registry users and roles.", no_args_is_help=True)
-app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="audit"); app.add_typer(users_app, name="users")
+from .core.config import Paths, load_config, staged_outputs, write_json
+from .core.errors import ConfigError, InitRefused, MlnbError, ServerError, StageFailed
 
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL',
            'MAX_CLASS_LEVELS', 'NO_SWAP_GATE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app',
-           'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app', 'stage_notebook', 'to_html', 'local_kernel_manager',
-           'remember_kernel', 'stop_orphaned_kernel', 'StageFailed', 'run_stage', 'stage', 'run_summary', 'summary',
-           'schema_infer', 'infer_task', 'choose_positive', 'InitRefused', 'InitPlan', 'init_params', 'plan_init',
-           'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
-           'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
-           'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
-           'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
-           'retrain_cmd', 'log_key_new', 'batch_predict_cmd', 'ci_cmd', 'repro_check_cmd']
+           'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app', 'exit_on_error', 'Commands', 'stage_notebook',
+           'to_html', 'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel', 'run_stage', 'stage',
+           'run_summary', 'summary', 'schema_infer', 'infer_task', 'choose_positive', 'InitPlan', 'init_params',
+           'plan_init', 'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve',
+           'registry_reject', 'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage',
+           'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list',
+           'api_key_revoke', 'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start',
+           'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'batch_predict_cmd', 'ci_cmd', 'repro_check_cmd']
+
+# %% ../nbs/06_cli.ipynb #3812a1e6
+def exit_on_error(command):
+    "Run `command`; an `MlnbError` becomes `error: <message>` on stderr and its kind's exit status."
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try: return command(*args, **kwargs)
+        except MlnbError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+    return run
+
+class Commands(typer.Typer):
+    "A typer app whose commands report mlnb's errors through `exit_on_error`."
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        def decorator(f):
+            register(exit_on_error(f))
+            return f
+        return decorator
+
+app = Commands(help="mlnb: notebook-first, reproducible ML pipeline.", no_args_is_help=True, add_completion=False)
+schema_app = Commands(help="Work with data schemas.", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+registry_app = Commands(help="Model registry: versions, approvals, aliases, lineage, cards.", no_args_is_help=True)
+audit_app = Commands(help="The registry's tamper-evident audit log.", no_args_is_help=True)
+users_app = Commands(help="Registry users and roles.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="audit"); app.add_typer(users_app, name="users")
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
 STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
@@ -85,9 +106,6 @@ def stop_orphaned_kernel(record: Path) -> int:
     record.unlink(missing_ok=True)
     return len(left)
 
-class StageFailed(RuntimeError):
-    "A stage notebook raised; the message is the library's own error."
-
 def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, reports_dir: Path = REPORTS_DIR, parameters: dict | None = None) -> Path:
     "Execute a stage notebook with papermill; write REPORTS_DIR/NAME.ipynb and .html atomically."
     import papermill as pm
@@ -122,9 +140,7 @@ def stage(name: str = typer.Argument(..., help="Stage notebook, e.g. ingest or 0
           params: str = typer.Option("params.yaml", help="Params file passed to the notebook"),
           kernel: str = typer.Option(KERNEL, help="Jupyter kernel to execute with")):
     "Execute one stage notebook (what dvc.yaml calls)."
-    try: out = run_stage(name, params, kernel)
-    except StageFailed as e:
-        typer.echo(str(e), err=True); raise typer.Exit(1)
+    out = run_stage(name, params, kernel)
     typer.echo(f"{name}: wrote {out}")
 
 # %% ../nbs/06_cli.ipynb #790d0e03
@@ -158,18 +174,16 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
 @app.command()
 def summary():
     "Print the selected model, its test metrics and the ONNX path."
-    try: typer.echo(run_summary())
-    except ConfigError as e: typer.echo(str(e), err=True); raise typer.Exit(1)
+    typer.echo(run_summary())
 
 # %% ../nbs/06_cli.ipynb #e78f7f28
 @schema_app.command("infer")
 def schema_infer(source: str = typer.Argument(..., help="CSV or Parquet file"),
                  output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout")):
     "Draft a schema YAML from a data file, to review before use."
-    from mlnb.data.schema import DataError, schema_to_yaml
+    from mlnb.data.schema import schema_to_yaml
     from mlnb.data.ingest import blanks_to_missing, infer_schema, read_source
-    try: df, _ = blanks_to_missing(read_source(source))
-    except DataError as e: typer.echo(str(e), err=True); raise typer.Exit(1)
+    df, _ = blanks_to_missing(read_source(source))
     text = f"# Drafted by `mlnb schema infer {source}`: review ranges, categories and fills before use.\n" + schema_to_yaml(infer_schema(df))
     if output: output.write_text(text); typer.echo(f"wrote {output}")
     else: typer.echo(text)
@@ -219,9 +233,6 @@ def _plain(v):
 # %% ../nbs/06_cli.ipynb #f21981a7
 NO_SWAP_GATE = ("not gated: set a maximum once the evaluate report shows how often one category swap flips a "
                 "decision on this data (a category that matters flips many)")
-
-class InitRefused(ConfigError):
-    "`mlnb init` would change a file that differs from what it writes; the message carries the diff."
 
 @dataclass
 class InitPlan:
@@ -347,16 +358,20 @@ def write_init(plan: InitPlan, force: bool = False) -> list[Path]:
     files = ((plan.schema_path, plan.schema_text), (plan.params_path, plan.params_text))
     refused = [(p, t) for p, t in files if not force and not _replaceable(p, t)]
     if refused:
-        raise InitRefused("mlnb init would change file(s) that differ from what it writes; nothing was written. "
+        raise InitRefused("mlnb init refused to change file(s) that differ from what it writes; nothing was written. "
                           "Re-run with --force to replace them. The change:\n" + "\n".join(_diff(p, t) for p, t in refused))
     changed = [p for p, t in ((plan.schema_path, plan.schema_text), (plan.params_path, plan.params_text))
                if not p.exists() or p.read_text() != t]
-    with staged_outputs(plan.schema_path, plan.params_path) as (schema_tmp, params_tmp):
-        Path(schema_tmp).write_text(plan.schema_text); Path(params_tmp).write_text(plan.params_text)
-        cfg, schema = load_config(params_tmp), load_schema(schema_tmp)
-        if cfg.data.target not in schema.columns: raise ConfigError(f"{plan.schema_path}: the target {cfg.data.target!r} is not declared")
-        df, _ = blanks_to_missing(read_source(cfg.data.source, cfg.data.query))
-        validate(df, schema, source=cfg.data.source, target=cfg.data.target)      # what the ingest stage will check
+    try:
+        with staged_outputs(plan.schema_path, plan.params_path) as (schema_tmp, params_tmp):
+            Path(schema_tmp).write_text(plan.schema_text); Path(params_tmp).write_text(plan.params_text)
+            cfg, schema = load_config(params_tmp), load_schema(schema_tmp)
+            if cfg.data.target not in schema.columns:
+                raise ConfigError(f"{plan.schema_path}: the target {cfg.data.target!r} is not declared")
+            df, _ = blanks_to_missing(read_source(cfg.data.source, cfg.data.query))
+            validate(df, schema, source=cfg.data.source, target=cfg.data.target)      # what the ingest stage will check
+    except OSError as e:
+        raise ConfigError(f"{e.filename or plan.schema_path}: cannot be written: {e.strerror or e}") from None
     return changed
 
 def init_report(plan: InitPlan, changed: list[Path]) -> str:
@@ -378,24 +393,15 @@ def init(data: str = typer.Argument(..., help="CSV or Parquet file, or an SQLAlc
          force: bool = typer.Option(False, "--force", help="Replace a schema or params file that differs"),
          params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file to write")):
     "Set the project up for a data set: draft its schema, point params.yaml at it, validate; then `make run`."
-    from mlnb.data.schema import DataError
     if task not in ("auto", "binary", "multiclass", "regression"):
-        typer.echo(f"error: --task {task!r}: use auto, binary, multiclass or regression", err=True); raise typer.Exit(2)
-    try:
-        split = lambda names: [c.strip() for n in names for c in n.split(",") if c.strip()]
-        plan = plan_init(data, target, task, positive, split(sensitive), split(ids), query, params)
-        typer.echo(init_report(plan, write_init(plan, force)))
-    except InitRefused as e: typer.echo(f"refused: {e}", err=True); raise typer.Exit(1)
-    except (DataError, ConfigError, OSError) as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(1)
+        raise typer.BadParameter(f"{task!r}: use auto, binary, multiclass or regression", param_hint="--task")
+    split = lambda names: [c.strip() for n in names for c in n.split(",") if c.strip()]
+    plan = plan_init(data, target, task, positive, split(sensitive), split(ids), query, params)
+    typer.echo(init_report(plan, write_init(plan, force)))
 
 # %% ../nbs/06_cli.ipynb #ac697ad5
 PARAMS = typer.Option("params.yaml", "--params", help="Params file (registry settings)")
 USER = typer.Option(None, "--user", help="Act as this user (default: MLNB_USER or the OS user)")
-
-def _fail(e: Exception) -> None:
-    from mlnb.core.access import AccessDenied
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(3 if isinstance(e, AccessDenied) else 1)
 
 def _registry(params: str, user: str | None, name: str | None = None):
     from mlnb.registry.store import Registry
@@ -404,89 +410,69 @@ def _registry(params: str, user: str | None, name: str | None = None):
         cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": name})})
     return Registry.from_config(cfg, user)
 
-def _guard(fn):
-    "Run `fn`, turning mlnb's own errors into a message and an exit status (nothing heavy imported unless needed)."
-    try: return fn()
-    except Exception as e:
-        from mlnb.core.access import AccessDenied
-        from mlnb.registry.store import RegistryError
-        if isinstance(e, (AccessDenied, RegistryError, ConfigError)): _fail(e)
-        from mlnb.model.signing import SignatureError
-        if isinstance(e, SignatureError): _fail(e)
-        raise
-
 @registry_app.command("list")
 def registry_list(name: str = typer.Argument(None, help="Registered model (default: from params)"), params: str = PARAMS, user: Optional[str] = USER):
     "List completely registered versions, newest first."
-    def go():
-        table = _registry(params, user, name).table()
-        typer.echo(table.to_string(index=False) if len(table) else "no versions registered")
-    _guard(go)
+    table = _registry(params, user, name).table()
+    typer.echo(table.to_string(index=False) if len(table) else "no versions registered")
 
 @registry_app.command("show")
 def registry_show(name: str, version: str, params: str = PARAMS, user: Optional[str] = USER):
     "Show one version: status, aliases, gates, lineage tags."
-    def go():
-        v = _registry(params, user, name).get(version)
-        typer.echo(f"{v.name} v{v.version}: {v.status}" + (f" [{', '.join(v.aliases)}]" if v.aliases else "") + f", created {v.created}")
-        for g in v.gates: typer.echo(f"  gate {g['name']:<24} {'pass' if g['passed'] else 'FAIL'}  {g['detail']}")
-        for k in sorted(v.tags):
-            if k.startswith("mlnb.") and k not in ("mlnb.gates",): typer.echo(f"  {k[5:]:<24} {v.tags[k]}")
-    _guard(go)
+    v = _registry(params, user, name).get(version)
+    typer.echo(f"{v.name} v{v.version}: {v.status}" + (f" [{', '.join(v.aliases)}]" if v.aliases else "") + f", created {v.created}")
+    for g in v.gates: typer.echo(f"  gate {g['name']:<24} {'pass' if g['passed'] else 'FAIL'}  {g['detail']}")
+    for k in sorted(v.tags):
+        if k.startswith("mlnb.") and k not in ("mlnb.gates",): typer.echo(f"  {k[5:]:<24} {v.tags[k]}")
 
 @registry_app.command("approve")
 def registry_approve(name: str, version: str, reason: str = typer.Option(..., help="Why (recorded)"),
                      force: bool = typer.Option(False, help="Approve even though gates failed (recorded as an override)"),
                      params: str = PARAMS, user: Optional[str] = USER):
     "Approve a candidate version (approver role)."
-    _guard(lambda: typer.echo(f"{name} v{_registry(params, user, name).approve(version, reason, force).version} approved"))
+    typer.echo(f"{name} v{_registry(params, user, name).approve(version, reason, force).version} approved")
 
 @registry_app.command("reject")
 def registry_reject(name: str, version: str, reason: str = typer.Option(..., help="Why (recorded)"), params: str = PARAMS, user: Optional[str] = USER):
     "Reject a candidate version for good (approver role)."
-    _guard(lambda: typer.echo(f"{name} v{_registry(params, user, name).reject(version, reason).version} rejected"))
+    typer.echo(f"{name} v{_registry(params, user, name).reject(version, reason).version} rejected")
 
 @registry_app.command("promote")
 def registry_promote(name: str, version: str, alias: str = typer.Option("champion", help="champion or challenger"),
                      reason: str = typer.Option("", help="Why (recorded)"), params: str = PARAMS, user: Optional[str] = USER):
     "Give an approved version the champion or challenger alias (admin role)."
-    _guard(lambda: typer.echo(f"{name} v{_registry(params, user, name).promote(version, alias, reason).version} is now {alias}"))
+    typer.echo(f"{name} v{_registry(params, user, name).promote(version, alias, reason).version} is now {alias}")
 
 @registry_app.command("rollback")
 def registry_rollback(name: str, reason: str = typer.Option("", help="Why (recorded)"), params: str = PARAMS, user: Optional[str] = USER):
     "Move champion back to the previous champion (admin role)."
-    _guard(lambda: typer.echo(f"{name}: champion is now v{_registry(params, user, name).rollback(reason).version}"))
+    typer.echo(f"{name}: champion is now v{_registry(params, user, name).rollback(reason).version}")
 
 @registry_app.command("history")
 def registry_history(name: str, params: str = PARAMS, user: Optional[str] = USER):
     "Every alias move of a model, oldest first (promotions and rollbacks)."
-    def go():
-        import pandas as pd
-        moves = pd.DataFrame(_registry(params, user, name).alias_history())
-        typer.echo(moves.to_string(index=False) if len(moves) else f"{name}: no alias has been set yet")
-    _guard(go)
+    import pandas as pd
+    moves = pd.DataFrame(_registry(params, user, name).alias_history())
+    typer.echo(moves.to_string(index=False) if len(moves) else f"{name}: no alias has been set yet")
 
 @registry_app.command("lineage")
 def registry_lineage(name: str, version: str, params: str = PARAMS, user: Optional[str] = USER):
     "Print raw data → processed data → features → run → version, and whether the working tree still matches."
     from mlnb.registry.store import working_tree_lineage
-    def go():
-        table = _registry(params, user, name).lineage(version, working_tree_lineage(load_config(params), Paths()))
-        typer.echo(table.to_string(index=False))
-        checked = table.dropna(subset=["matches"])
-        typer.echo("working tree matches this version" if checked["matches"].all() else
-                   "working tree differs from this version at: " + ", ".join(checked.loc[~checked["matches"].astype(bool), "step"]))
-    _guard(go)
+    table = _registry(params, user, name).lineage(version, working_tree_lineage(load_config(params), Paths()))
+    typer.echo(table.to_string(index=False))
+    checked = table.dropna(subset=["matches"])
+    typer.echo("working tree matches this version" if checked["matches"].all() else
+               "working tree differs from this version at: " + ", ".join(checked.loc[~checked["matches"].astype(bool), "step"]))
 
 @registry_app.command("card")
 def registry_card(name: str, version: str, html: Optional[Path] = typer.Option(None, help="Write the HTML card here"),
                   params: str = PARAMS, user: Optional[str] = USER):
     "Print a version's model card (Markdown), or write its HTML."
-    def go():
-        reg = _registry(params, user, name)
-        if html: html.write_text(reg.card(version, html=True)); typer.echo(f"wrote {html}")
-        else: typer.echo(reg.card(version))
-    _guard(go)
+    reg = _registry(params, user, name)
+    if html:
+        html.write_text(reg.card(version, html=True)); typer.echo(f"wrote {html}")
+    else: typer.echo(reg.card(version))
 
 @audit_app.command("verify")
 def audit_verify(params: str = PARAMS):
@@ -508,25 +494,23 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
     "Add or update a user (admin role; the first admin may be created by the local OS user)."
     from mlnb.core.access import ROLES, User, Users, hash_secret, identify
     from mlnb.core.audit import AuditLog
-    def go():
-        cfg = load_config(params)
-        users = Users.load(cfg.registry.users)
-        audit = AuditLog(cfg.registry.audit_log)
-        bad = set(role) - set(ROLES)
-        if bad: raise ConfigError(f"unknown role(s) {sorted(bad)} (known: {list(ROLES)})")
-        actor = identify(users, user)
-        first_admin = "admin" in role and not any("admin" in u.roles for u in users.users.values())
-        if not (first_admin and actor.name == getpass.getuser()):
-            try: actor.require("manage-users")
-            except Exception as e:
-                audit.append(actor.name, "denied", attempted="manage-users", target=name, reason=str(e)); raise
-        secret = os.environ.get("MLNB_NEW_SECRET")
-        if not os_user and not secret: raise ConfigError("set MLNB_NEW_SECRET to the new user's secret, or pass --os-user")
-        users.users[name] = User(roles=sorted(set(role)), secret_hash=hash_secret(secret) if secret else None, os_user=os_user)
-        users.save(cfg.registry.users)
-        audit.append(actor.name, "user-set", target=name, roles=sorted(set(role)), first_admin=first_admin)
-        typer.echo(f"{name}: {', '.join(sorted(set(role)))}")
-    _guard(go)
+    cfg = load_config(params)
+    users = Users.load(cfg.registry.users)
+    audit = AuditLog(cfg.registry.audit_log)
+    bad = set(role) - set(ROLES)
+    if bad: raise ConfigError(f"unknown role(s) {sorted(bad)} (known: {list(ROLES)})")
+    actor = identify(users, user)
+    first_admin = "admin" in role and not any("admin" in u.roles for u in users.users.values())
+    if not (first_admin and actor.name == getpass.getuser()):
+        try: actor.require("manage-users")
+        except Exception as e:
+            audit.append(actor.name, "denied", attempted="manage-users", target=name, reason=str(e)); raise
+    secret = os.environ.get("MLNB_NEW_SECRET")
+    if not os_user and not secret: raise ConfigError("set MLNB_NEW_SECRET to the new user's secret, or pass --os-user")
+    users.users[name] = User(roles=sorted(set(role)), secret_hash=hash_secret(secret) if secret else None, os_user=os_user)
+    users.save(cfg.registry.users)
+    audit.append(actor.name, "user-set", target=name, roles=sorted(set(role)), first_admin=first_admin)
+    typer.echo(f"{name}: {', '.join(sorted(set(role)))}")
 
 @users_app.command("list")
 def users_list(params: str = PARAMS):
@@ -546,15 +530,12 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
           params: str = PARAMS):
     "Serve a model over HTTP: Open Inference Protocol (V2) and MLflow /invocations."
     from mlnb.serving.app import run, serve_config
-    from mlnb.predlog.log import LogKeyError
-    def go():
-        cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers)
-        try: run(cfg)
-        except (FileNotFoundError, LogKeyError) as e: _fail(e)
-    _guard(go)
+    cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers)
+    try: run(cfg)
+    except FileNotFoundError as e: raise ConfigError(str(e)) from None       # the server's "model file ... not found"
 
 # %% ../nbs/06_cli.ipynb #81ef0592
-api_key_app = typer.Typer(help="API keys for the server's access control (roles: predict < operate < admin).", no_args_is_help=True)
+api_key_app = Commands(help="API keys for the server's access control (roles: predict < operate < admin).", no_args_is_help=True)
 app.add_typer(api_key_app, name="api-key")
 KEYS_FILE = typer.Option(None, "--keys-file", help="The keys file (default: serve.auth.keys_file from params)")
 
@@ -570,34 +551,28 @@ def api_key_create(name: str = typer.Argument(..., help="Who or what holds the k
                    keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
     "Create a key and print it, once: only its SHA-256 is stored."
     from mlnb.serving.auth import create_key
-    def go():
-        path = _keys_file(params, keys_file)
-        typer.echo(create_key(path, name, role))          # alone on stdout, so KEY=$(mlnb api-key create ...) works
-        typer.echo(f"created key {name!r} (role {role}) in {path}; it is shown only now", err=True)
-    _guard(go)
+    path = _keys_file(params, keys_file)
+    typer.echo(create_key(path, name, role))          # alone on stdout, so KEY=$(mlnb api-key create ...) works
+    typer.echo(f"created key {name!r} (role {role}) in {path}; it is shown only now", err=True)
 
 @api_key_app.command("list")
 def api_key_list(keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
     "The keys' names, roles and creation times."
     from mlnb.serving.auth import load_keys
-    def go():
-        path = _keys_file(params, keys_file)
-        keys = load_keys(path).keys if path.exists() else []
-        for k in keys: typer.echo(f"{k.name:<24} {k.role:<8} {k.created}")
-        if not keys: typer.echo(f"no keys in {path}", err=True)
-    _guard(go)
+    path = _keys_file(params, keys_file)
+    keys = load_keys(path).keys if path.exists() else []
+    for k in keys: typer.echo(f"{k.name:<24} {k.role:<8} {k.created}")
+    if not keys: typer.echo(f"no keys in {path}", err=True)
 
 @api_key_app.command("revoke")
 def api_key_revoke(name: str = typer.Argument(..., help="The key's name"), keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
     "Remove a key; a running server refuses it within a second."
     from mlnb.serving.auth import revoke_key
-    def go():
-        gone = revoke_key(_keys_file(params, keys_file), name)
-        typer.echo(f"revoked key {gone.name!r} (role {gone.role})")
-    _guard(go)
+    gone = revoke_key(_keys_file(params, keys_file), name)
+    typer.echo(f"revoked key {gone.name!r} (role {gone.role})")
 
 # %% ../nbs/06_cli.ipynb #6c875063
-ab_app = typer.Typer(help="A/B analysis of served variants.", no_args_is_help=True)
+ab_app = Commands(help="A/B analysis of served variants.", no_args_is_help=True)
 app.add_typer(ab_app, name="ab")
 
 @ab_app.command("report")
@@ -613,9 +588,8 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
     from mlnb.rollout.ab import ab_report
     cfg = load_config(params)
     from mlnb.predlog.log import log_keys
-    try: report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled,
-                            log_keys(cfg.serve.prediction_log.encryption))
-    except ValueError as e: _fail(e)
+    report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled,
+                       log_keys(cfg.serve.prediction_log.encryption))
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         typer.echo(report.table().round(4).to_string())
@@ -624,7 +598,7 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
     if figure: report.figure().savefig(figure, dpi=110)
 
 # %% ../nbs/06_cli.ipynb #25f0b1a1
-rollout_app = typer.Typer(help="Canary, split and shadow rollouts on a running server.", no_args_is_help=True)
+rollout_app = Commands(help="Canary, split and shadow rollouts on a running server.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 URL = typer.Option(None, "--url", help="The server (default: http[s]://<serve.host>:<serve.port> from params, https when serve.tls is set)")
 REASON = typer.Option(None, "--reason", help="Why (recorded in the audit log)")
@@ -639,14 +613,15 @@ def admin_call(params: str, url: str | None, method: str, path: str, body: dict 
         url = f"{'https' if cfg.serve.tls.enabled else 'http'}://{cfg.serve.host}:{cfg.serve.port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try: verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
-    except (OSError, ssl.SSLError) as e: _fail(RuntimeError(f"--cacert {cacert}: not a readable PEM CA certificate: {e}"))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"--cacert {cacert}: not a readable PEM CA certificate: {e}") from None
     try: r = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=300, verify=verify)
-    except httpx.TransportError as e: _fail(RuntimeError(f"cannot reach the server at {url}: {e}"))
+    except httpx.TransportError as e: raise ServerError(f"cannot reach the server at {url}: {e}") from None
     try: data = r.json()
     except ValueError: data = {"error": r.text}
     if r.status_code >= 400:
         message = data.get("error", r.text) if isinstance(data, dict) else r.text
-        _fail(RuntimeError(message + (" (pass --api-key or set MLNB_API_KEY)" if r.status_code == 401 else "")))
+        raise ServerError(message + (" (pass --api-key or set MLNB_API_KEY)" if r.status_code == 401 else ""))
     return data
 
 def rollout_summary(status: dict) -> str:
@@ -716,8 +691,7 @@ def synth(output: Path = typer.Argument(..., help="Where to write: .csv or .parq
         column, sep, category = key.partition(":")
         if not sep: raise typer.BadParameter(f"{text!r}: expected COLUMN:CATEGORY=POINTS")
         shares.setdefault(column, {})[category] = points           # a binary column's categories are 0 and 1
-    try: df = synthesize(rows, seed, dict(_knob(t, "COLUMN") for t in shift), shares, churn_offset)
-    except ValueError as e: _fail(e)
+    df = synthesize(rows, seed, dict(_knob(t, "COLUMN") for t in shift), shares, churn_offset)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     df.to_csv(tmp, index=False) if output.suffix == ".csv" else df.to_parquet(tmp, index=False)
@@ -738,8 +712,7 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
     from mlnb.monitoring.check import run_monitor
     cfg = load_config(params)
     until = datetime.now(timezone.utc)
-    try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
-    except (ValueError, FileNotFoundError) as e: _fail(e)
+    result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
     typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows" + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)"))
     if result.drift:
         typer.echo(f"feature drift: {len(result.drift['drifted_columns'])} of {len(result.drift['columns'])} columns ({', '.join(result.drift['drifted_columns']) or 'none'}); "
@@ -750,8 +723,7 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
     for a in result.alerts: typer.echo(f"ALERT {a}")
     typer.echo(f"wrote {Path(cfg.monitor.output_dir) / 'latest.json'}")
     if report:
-        try: typer.echo(f"wrote {run_stage('07_monitor', params, reports_dir=Path(cfg.monitor.output_dir))}")
-        except StageFailed as e: _fail(e)
+        typer.echo(f"wrote {run_stage('07_monitor', params, reports_dir=Path(cfg.monitor.output_dir))}")
     if retrain:
         from mlnb.pipeline.retrain import retrain_trigger
         trigger = retrain_trigger(result, cfg)
@@ -759,16 +731,10 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
     if fail_on_alert and result.alerts: raise typer.Exit(2)
 
 def _retrain(cfg, trigger: str, user: str | None) -> None:
-    from mlnb.data.schema import DataError
-    from mlnb.pipeline.retrain import RetrainError, retrain as run_retrain
-    from mlnb.predlog.log import LogKeyError
+    from mlnb.pipeline.retrain import retrain as run_retrain
     typer.echo(f"retraining ({trigger}) ...")
-    r = _guard(lambda: _catch((RetrainError, DataError, LogKeyError), lambda: run_retrain(cfg, trigger, Paths(), user)))
+    r = run_retrain(cfg, trigger, Paths(), user)
     typer.echo(f"retrain {r.run}: {r.status}" + (f", {r.new_rows} new labelled rows (data md5 {r.data_md5})" if r.data_md5 else "") + f": {r.detail}")
-
-def _catch(kinds, fn):
-    try: return fn()
-    except kinds as e: _fail(e)
 
 @app.command("retrain")
 def retrain_cmd(reason: str = typer.Option("manual", help="Why (recorded in the audit log)"), params: str = PARAMS, user: Optional[str] = USER):
@@ -778,17 +744,16 @@ def retrain_cmd(reason: str = typer.Option("manual", help="Why (recorded in the 
 # %% ../nbs/06_cli.ipynb #e8364a79
 # `mlnb log-key new`: the key that encrypts the prediction and feedback logs (serve.prediction_log.encryption), or a new one
 # in front of the existing keys (new files are sealed with it; older ones stay readable). Prints the path, never a key.
-log_key_app = typer.Typer(help="Keys that encrypt the prediction and feedback logs at rest.", no_args_is_help=True)
+log_key_app = Commands(help="Keys that encrypt the prediction and feedback logs at rest.", no_args_is_help=True)
 app.add_typer(log_key_app, name="log-key")
 
 @log_key_app.command("new")
 def log_key_new(key_file: Optional[Path] = typer.Option(None, help="The key file (default: serve.prediction_log.encryption.key_file)"), params: str = PARAMS):
     "Create the log key file, or add a new key in front of its keys (rotation: the new key encrypts, all decrypt)."
-    from mlnb.predlog.log import LogKeyError, add_log_key
+    from mlnb.predlog.log import add_log_key
     path = key_file or load_config(params).serve.prediction_log.encryption.key_file
-    if path is None: _fail(ValueError("no key file: pass --key-file or set serve.prediction_log.encryption.key_file"))
-    try: n = add_log_key(path)
-    except LogKeyError as e: _fail(e)
+    if path is None: raise ConfigError("no key file: pass --key-file or set serve.prediction_log.encryption.key_file")
+    n = add_log_key(path)
     typer.echo(f"wrote {path}: {n} key(s); the first encrypts new log files" + ("" if n == 1 else ", the others still decrypt older ones"))
 
 # %% ../nbs/06_cli.ipynb #3ed69684
@@ -807,22 +772,16 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
                       report: bool = typer.Option(False, help="Also write the batch report notebook (and its HTML) into --output/_report"),
                       params: str = PARAMS, user: Optional[str] = USER):
     "Score a Parquet data set with the ONNX model on Dask."
-    from mlnb.pipeline.batch import BatchError, batch_predict, load_model
-    from mlnb.model.signing import SignatureError
+    from mlnb.pipeline.batch import batch_predict, load_model
     cfg = load_config(params)
-    def go():
-        try:
-            served = load_model(cfg, model, threads, user)
-            return batch_predict(served, input, output, scheduler, workers, threads, rows_per_piece, tuple(keep), progress, overwrite)
-        except (BatchError, FileNotFoundError, SignatureError, OSError) as e: _fail(e)
-    r = _guard(go)
+    served = load_model(cfg, model, threads, user)
+    r = batch_predict(served, input, output, scheduler, workers, threads, rows_per_piece, tuple(keep), progress, overwrite)
     typer.echo(f"{r.model}: {r.scored:,} of {r.rows:,} rows scored into {r.output} ({r.pieces} pieces, {r.pieces_run} run now"
                + (f", {r.rows_per_second:,.0f} rows/s on {r.workers} workers)" if r.pieces_run else ")"))
     if r.bad: typer.echo(f"{r.bad:,} bad rows not scored: " + "; ".join(f"{k} ({v:,})" for k, v in r.bad_by_reason.items()) + f"; sample in {Path(r.output) / '_bad_rows.parquet'}")
     if r.unknown_categories: typer.echo("unknown categories (scored): " + ", ".join(f"{k} {v:,}" for k, v in r.unknown_categories.items()))
     if report:
-        try: typer.echo(f"wrote {run_stage('08_batch', params, reports_dir=Path(r.output) / '_report', parameters={'output_dir': str(r.output)})}")
-        except StageFailed as e: _fail(e)
+        typer.echo(f"wrote {run_stage('08_batch', params, reports_dir=Path(r.output) / '_report', parameters={'output_dir': str(r.output)})}")
     if fail_on_bad and r.bad: raise typer.Exit(2)
 
 # %% ../nbs/06_cli.ipynb #c1e0a7b3
@@ -835,7 +794,7 @@ def ci_cmd(base: str = typer.Option("main", help="Branch whose committed metrics
            params: str = PARAMS, user: Optional[str] = USER):
     "Run dvc repro, read the gates and the registration, diff metrics against --base; exit 1 on a regression, 2 when the pipeline fails."
     from mlnb.pipeline.ci import ci_summary, run_ci, write_summary
-    result = _guard(lambda: run_ci(base, params, register, user))
+    result = run_ci(base, params, register, user)
     markdown = ci_summary(result)
     typer.echo(markdown)
     for written in write_summary(markdown, summary): typer.echo(f"wrote {written}", err=True)
@@ -847,10 +806,8 @@ def repro_check_cmd(tolerance_metrics: float = typer.Option(1e-9, min=0, help="L
                     keep: bool = typer.Option(False, help="Keep the temporary clone (its path is printed)"),
                     report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)")):
     "Re-run the committed pipeline in a fresh clone; compare dvc.lock outputs, metrics and predictions; exit 1 when out of tolerance."
-    import subprocess
     from mlnb.pipeline.ci import repro_check, repro_report, write_summary
-    try: check = repro_check(".", tolerance_metrics, tolerance_proba, keep)
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(2)
+    check = repro_check(".", tolerance_metrics, tolerance_proba, keep)
     text = repro_report(check)
     typer.echo(text)
     for written in write_summary(text, report): typer.echo(f"wrote {written}", err=True)

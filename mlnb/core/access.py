@@ -13,10 +13,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import ConfigError, read_yaml, staged_outputs
+from .config import read_yaml, staged_outputs
+from .errors import AccessDenied, ConfigError
 
 # %% auto #0
-__all__ = ['ROLES', 'PERMISSIONS', 'AccessDenied', 'User', 'Users', 'hash_secret', 'check_secret', 'Identity', 'identify']
+__all__ = ['ROLES', 'PERMISSIONS', 'User', 'Users', 'hash_secret', 'check_secret', 'Identity', 'identify']
 
 # %% ../../nbs/08_access.ipynb #d59e3206
 ROLES = ("viewer", "data-scientist", "approver", "admin")
@@ -27,8 +28,6 @@ PERMISSIONS = {
     "promote": {"admin"}, "rollback": {"admin"}, "manage-users": {"admin"},
 }
 
-class AccessDenied(PermissionError):
-    "The acting user lacks the role an action needs (or could not be identified)."
 
 # %% ../../nbs/08_access.ipynb #c7534b53
 class User(BaseModel):

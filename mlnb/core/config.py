@@ -13,8 +13,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError
+
 # %% auto #0
-__all__ = ['Task', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature',
+__all__ = ['Task', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'SplitConfig', 'DataConfig', 'DerivedFeature',
            'FeaturesConfig', 'DecisionCosts', 'CostThreshold', 'TrainConfig', 'RobustnessConfig', 'EvaluateConfig',
            'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig', 'RegistryConfig', 'ProjectConfig',
            'CacheConfig', 'LogEncryptionConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
@@ -23,9 +25,6 @@ __all__ = ['Task', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'ConfigErro
            'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../../nbs/00_config.ipynb #46603c3d
-class ConfigError(ValueError):
-    "A problem with params.yaml or another configuration file, naming the file and the field."
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -55,12 +55,13 @@ def read_source(source: str, query: str | None = None) -> pd.DataFrame:
     path = Path(source)
     if not path.exists(): raise DataError(f"{path}: data file not found")
     if path.stat().st_size == 0: raise DataError(f"{path}: file is empty (no header, no rows)")
-    if path.suffix.lower() in (".parquet", ".pq"): df = pd.read_parquet(path)
-    elif path.suffix.lower() in (".csv", ".txt", ".gz"):
-        try: df = pd.read_csv(path)
-        except pd.errors.EmptyDataError: raise DataError(f"{path}: file is empty (no header, no rows)") from None
-        except pd.errors.ParserError as e: raise DataError(f"{path}: not a readable CSV: {e}") from None
-    else: raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .csv or .parquet)")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"): df = pd.read_parquet(path)
+        elif path.suffix.lower() in (".csv", ".txt", ".gz"): df = pd.read_csv(path)
+        else: raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .csv or .parquet)")
+    except pd.errors.EmptyDataError: raise DataError(f"{path}: file is empty (no header, no rows)") from None
+    except pd.errors.ParserError as e: raise DataError(f"{path}: not a readable CSV: {e}") from None
+    except OSError as e: raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
     if len(df) == 0: raise DataError(f"{path}: has a header but no rows")
     return df
 
@@ -269,12 +270,12 @@ def shifted_shares(shares: dict[str, float], change: dict[str, float] | None) ->
     "Move some categories' shares by the given points; the others shrink or grow in proportion so the shares still add up to 1."
     if not change: return shares
     unknown = set(change) - set(shares)
-    if unknown: raise ValueError(f"unknown categories {sorted(unknown)}; known: {sorted(shares)}")
+    if unknown: raise ConfigError(f"unknown categories {sorted(unknown)}; known: {sorted(shares)}")
     moved = {k: shares[k] + v for k, v in change.items()}
-    if any(not 0 <= v <= 1 for v in moved.values()): raise ValueError(f"shares would leave [0, 1]: {moved}")
+    if any(not 0 <= v <= 1 for v in moved.values()): raise ConfigError(f"shares would leave [0, 1]: {moved}")
     rest = {k: v for k, v in shares.items() if k not in change}
     scale = (1 - sum(moved.values())) / sum(rest.values()) if rest else 0
-    if scale < 0: raise ValueError(f"the changes {change} leave no room for the other categories")
+    if scale < 0: raise ConfigError(f"the changes {change} leave no room for the other categories")
     return {k: moved.get(k, rest.get(k, 0) * scale) for k in shares}
 
 def _pick(rng, shares: dict[str, float], n: int) -> np.ndarray:
@@ -285,13 +286,13 @@ def _pick(rng, shares: dict[str, float], n: int) -> np.ndarray:
 def synthesize(n: int, seed: int = 0, shift: dict[str, float] | None = None, shares: dict[str, dict[str, float]] | None = None,
                churn_offset: float = 0.0) -> pd.DataFrame:
     "n Telco-like customers (the bundled data's columns), with the requested drift."
-    if n < 1: raise ValueError(f"n must be at least 1, not {n}")
+    if n < 1: raise ConfigError(f"n must be at least 1, not {n}")
     shift, shares = shift or {}, shares or {}
     bad = set(shift) - set(REFERENCE_SD)
-    if bad: raise ValueError(f"shift applies to the numeric columns {sorted(REFERENCE_SD)}, not {sorted(bad)}")
+    if bad: raise ConfigError(f"shift applies to the numeric columns {sorted(REFERENCE_SD)}, not {sorted(bad)}")
     known = set(CATEGORY_SHARES) | set(BINARY_SHARES)
     bad = set(shares) - known
-    if bad: raise ValueError(f"shares apply to {sorted(known)}, not {sorted(bad)}")
+    if bad: raise ConfigError(f"shares apply to {sorted(known)}, not {sorted(bad)}")
     rng = np.random.default_rng(seed)
     df = pd.DataFrame(index=range(n))
     for col, p in BINARY_SHARES.items():

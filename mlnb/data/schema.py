@@ -14,17 +14,15 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..core.config import ConfigError, read_yaml
+from ..core.config import read_yaml
+from ..core.errors import ConfigError, DataError
 
 # %% auto #0
-__all__ = ['MONTHS', 'MONTH_NUMBERS', 'DATE_FORMATS', 'CUMULATIVE_DAYS', 'ID_MIN_ROWS', 'DataError', 'ColumnSchema', 'DataSchema',
+__all__ = ['MONTHS', 'MONTH_NUMBERS', 'DATE_FORMATS', 'CUMULATIVE_DAYS', 'ID_MIN_ROWS', 'ColumnSchema', 'DataSchema',
            'load_schema', 'date_tokens', 'date_regex', 'date_placeholder', 'date_fields', 'date_parts',
            'days_since_1970', 'is_date', 'schema_to_yaml']
 
 # %% ../../nbs/01_data.ipynb #f9587263
-class DataError(ValueError):
-    "Input data that cannot be used, with the file, column, check and number of rows at fault."
-
 _DTYPES = {"int": "int64", "float": "float64", "str": "str", "bool": "bool", "date": "str"}
 
 class ColumnSchema(BaseModel):

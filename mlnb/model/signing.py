@@ -6,19 +6,17 @@ Docs: https://mlnb.github.io/mlnb/signing.html.md"""
 
 # %% ../../nbs/05b_signing.ipynb #b65a7ca0
 from __future__ import annotations
+import base64, hashlib, json
 from pathlib import Path
 
 from ..core.config import staged_outputs
+from ..core.errors import ModifiedAfterSigning, SignatureError, SignatureMissing, SignedWithOtherKey
 from .onnx import OnnxModel
 
 # %% auto #0
-__all__ = ['SignatureError', 'ensure_signing_key', 'key_fingerprint', 'signature_path', 'sign_model', 'verify_model',
-           'load_verified']
+__all__ = ['ensure_signing_key', 'key_fingerprint', 'signature_path', 'sign_model', 'verify_model', 'load_verified', 'unverified']
 
 # %% ../../nbs/05b_signing.ipynb #76f1a308
-class SignatureError(ValueError):
-    "A model file whose signature is missing, does not match the file, or was made with another key."
-
 def ensure_signing_key(private_key: str | Path, public_key: str | Path) -> bool:
     "Create an EC P-256 key pair at the given paths if the private key does not exist; True if created."
     from cryptography.hazmat.primitives import serialization
@@ -51,18 +49,48 @@ def sign_model(model_path: str | Path, private_key: str | Path) -> Path:
     return sig
 
 def verify_model(model_path: str | Path, public_key: str | Path, signature: str | Path | None = None) -> None:
-    "Raise `SignatureError` unless `model_path` is signed, unmodified, by the holder of `public_key`."
+    """Raise a `SignatureError` unless `model_path` is signed, unmodified, by the holder of `public_key`:
+    `SignatureMissing`, `SignedWithOtherKey` or `ModifiedAfterSigning` when that is the cause."""
     import model_signing
     model_path, signature = Path(model_path), Path(signature or signature_path(model_path))
-    if not signature.exists(): raise SignatureError(f"{model_path}: no signature ({signature} not found)")
+    if not signature.exists(): raise SignatureMissing(f"{model_path}: no signature ({signature} not found)")
     if not Path(public_key).exists(): raise SignatureError(f"{model_path}: public key {public_key} not found")
     try: model_signing.verifying.Config().use_elliptic_key_verifier(public_key=Path(public_key)).verify(model_path, signature)
-    except Exception as e:
-        reason = "the file was modified after signing" if "Hash mismatch" in str(e) else \
-                 "it was signed with a different key" if "Key mismatch" in str(e) else str(e).splitlines()[0]
-        raise SignatureError(f"{model_path}: signature verification failed: {reason}") from None
+    except Exception as e: raise unverified(model_path, public_key, signature, e) from None
 
 def load_verified(model_path: str | Path, public_key: str | Path, signature: str | Path | None = None, threads: int = 1) -> OnnxModel:
     "An `OnnxModel` of `model_path`, only after its signature verifies."
     verify_model(model_path, public_key, signature)
     return OnnxModel(model_path, threads=threads)
+
+# %% ../../nbs/05b_signing.ipynb #06d63929
+def _key_hint(public_key: str | Path) -> str | None:
+    "How a model-signing bundle names a public key: the SHA-256 of its PEM encoding (None if the key cannot be read)."
+    from cryptography.hazmat.primitives import serialization
+    try: key = serialization.load_pem_public_key(Path(public_key).read_bytes())
+    except (OSError, ValueError, TypeError): return None
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(pem).hexdigest()
+
+def _signed(signature: Path) -> tuple[str | None, set[str]]:
+    "The key hint and the SHA-256 digests a signature bundle holds (None and nothing when it cannot be read)."
+    try:
+        bundle = json.loads(signature.read_text())
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        resources = statement["predicate"]["resources"]
+    except (OSError, ValueError, KeyError, TypeError): return None, set()
+    hint = bundle.get("verificationMaterial", {}).get("publicKey", {}).get("hint")
+    return hint, {r.get("digest") for r in resources if r.get("algorithm") == "sha256"}
+
+def unverified(model_path: Path, public_key: str | Path, signature: Path, error: Exception) -> SignatureError:
+    "The `SignatureError` of the kind that explains why verification of `model_path` failed with `error`."
+    failed = f"{model_path}: signature verification failed"
+    (hint, digests), ours = _signed(signature), _key_hint(public_key)
+    if hint and ours and hint != ours:
+        return SignedWithOtherKey(f"{failed}: it was signed with a different key")
+    try:
+        with open(model_path, "rb") as f: actual = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError: actual = None                        # no file to hash: model-signing's reason says so
+    if digests and actual and actual not in digests:
+        return ModifiedAfterSigning(f"{failed}: the file was modified after signing")
+    return SignatureError(f"{failed}: {(str(error).splitlines() or [type(error).__name__])[0]}")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import Config, MonitorConfig, Paths, staged_outputs, write_json
+from ..core.errors import ConfigError, DataError
 from ..features.spec import Profile, value_counts
 from ..stats.drift import DriftReport, drift_report
 
@@ -221,8 +222,8 @@ def run_monitor(cfg: Config, paths: Paths = Paths(), since: datetime | None = No
     keys = log_keys(pl.encryption)
     until = until or datetime.now(timezone.utc)
     since = since or until - timedelta(hours=m.window_hours)
-    if since >= until: raise ValueError(f"the window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
-    if not paths.reference_profile.exists(): raise FileNotFoundError(f"no reference profile at {paths.reference_profile}: run the featurize stage (dvc repro) first")
+    if since >= until: raise ConfigError(f"the window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
+    if not paths.reference_profile.exists(): raise DataError(f"no reference profile at {paths.reference_profile}: run the featurize stage (dvc repro) first")
     profile = Profile.load(paths.reference_profile)
     predictions = read_log(pl.dir, since=since, keys=keys)
     predictions = predictions[pd.to_datetime(predictions["timestamp"], utc=True) < until] if len(predictions) else predictions

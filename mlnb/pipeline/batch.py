@@ -19,17 +19,15 @@ import pyarrow.parquet as pq
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..core.config import write_json
+from ..core.errors import BatchError
 from ..serving.protocol import Contract
 
 # %% auto #0
-__all__ = ['BatchError', 'input_files', 'Piece', 'plan_pieces', 'fingerprint', 'check_rows', 'Job', 'worker_session',
-           'SessionPlugin', 'part_path', 'predictions_table', 'score_piece', 'BatchResult', 'piece_stats', 'summarize',
-           'load_model', 'verified_bytes', 'batch_predict']
+__all__ = ['input_files', 'Piece', 'plan_pieces', 'fingerprint', 'check_rows', 'Job', 'worker_session', 'SessionPlugin',
+           'part_path', 'predictions_table', 'score_piece', 'BatchResult', 'piece_stats', 'summarize', 'load_model',
+           'verified_bytes', 'batch_predict']
 
 # %% ../../nbs/22_batch.ipynb #992d2c0b
-class BatchError(ValueError):
-    "The batch run cannot start or go on; the message names the file, column or setting."
-
 def input_files(spec: str | Path) -> list[Path]:
     "The Parquet files of a file, a directory (recursively) or a glob, sorted."
     p = Path(spec)
@@ -260,8 +258,10 @@ def _prepare_output(output: Path, plan: dict, overwrite: bool) -> None:
             for p in [*output.glob("part-*.parquet"), *output.glob("_bad/*.parquet")]: p.unlink()
     elif output.exists() and any(output.glob("part-*.parquet")) and not overwrite:
         raise BatchError(f"{output}: holds part files without a plan; choose another output directory or pass --overwrite")
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(plan, plan_path)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(plan, plan_path)
+    except OSError as e: raise BatchError(f"{output}: cannot write the output: {e.strerror or e}") from None
 
 def summarize(output: Path, pieces: list[Piece], batch_id: str, model: str, ran: int, seconds: float, startup: float, run_rows: int,
               workers: int, sample_rows: int = 1000) -> BatchResult:
@@ -287,7 +287,7 @@ def load_model(cfg, reference: str | None = None, threads: int = 1, user: str | 
     ref = ModelRef.parse(reference or cfg.serve.model or f"{cfg.model_name}@champion", default_name=cfg.model_name)
     public_key = signing_keys(cfg)[1]
     if ref.is_file:
-        if not ref.path.exists(): raise FileNotFoundError(f"model file {ref.path} not found")
+        if not ref.path.exists(): raise BatchError(f"model file {ref.path} not found")
         return load_served_model(ref.path, public_key, threads=threads)
     return load_registered(Registry.from_config(cfg, user), ref, public_key, cfg.serve.model_cache_dir, threads=threads)
 

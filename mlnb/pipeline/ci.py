@@ -14,6 +14,7 @@ import yaml
 from tabulate import tabulate
 
 from ..core.config import Config, Paths, load_config
+from ..core.errors import ReproCheckError
 
 # %% auto #0
 __all__ = ['RUNNING', 'FAILED', 'LOCAL_STORES', 'ESCAPING_ENV', 'tool', 'PipelineRun', 'parse_repro', 'run_pipeline',
@@ -359,9 +360,9 @@ def clone_committed(project: Path, dest: Path) -> str:
     "Clone the project at HEAD into `dest` and return the commit."
     commit = git("rev-parse", "HEAD", cwd=project).stdout.strip()
     p = subprocess.run(["git", "clone", "--quiet", "--no-checkout", str(project), str(dest)], capture_output=True, text=True)
-    if p.returncode != 0: raise RuntimeError(f"git clone {project} failed: {p.stderr.strip()}")
+    if p.returncode != 0: raise ReproCheckError(f"git clone {project} failed: {p.stderr.strip()}")
     p = git("checkout", "--quiet", "--detach", commit, cwd=dest)
-    if p.returncode != 0: raise RuntimeError(f"git checkout {commit} failed: {p.stderr.strip()}")
+    if p.returncode != 0: raise ReproCheckError(f"git checkout {commit} failed: {p.stderr.strip()}")
     return commit
 
 def prepare_clone(project: Path, clone: Path, env: dict) -> list[str]:
@@ -371,11 +372,11 @@ def prepare_clone(project: Path, clone: Path, env: dict) -> list[str]:
     for args in (("cache", "dir", "--local", str(clone / ".dvc" / "cache")),
                  ("remote", "add", "--local", "--force", "original-cache", str(dvc_cache_dir(project)))):
         p = run(*args)
-        if p.returncode != 0: raise RuntimeError(f"dvc {' '.join(args)} failed in the clone: {p.stderr.strip()}")
+        if p.returncode != 0: raise ReproCheckError(f"dvc {' '.join(args)} failed in the clone: {p.stderr.strip()}")
     tracked = [f for f in git("ls-files", "*.dvc", cwd=clone).stdout.split() if f]
     if tracked:
         p = run("pull", "--quiet", "-r", "original-cache", *tracked)
-        if p.returncode != 0: raise RuntimeError(f"dvc pull of {', '.join(tracked)} from the original cache failed: {p.stderr.strip()}")
+        if p.returncode != 0: raise ReproCheckError(f"dvc pull of {', '.join(tracked)} from the original cache failed: {p.stderr.strip()}")
     return isolate_stores(clone / "params.yaml")
 
 # %% ../../nbs/25_ci.ipynb #b7de896c
@@ -426,6 +427,8 @@ def repro_check(project: str | Path = ".", tolerance_metrics: float = 1e-9, tole
     "Re-run the committed pipeline in a fresh clone and compare it with the committed dvc.lock, metrics and model."
     workdir = Path(tempfile.mkdtemp(prefix="mlnb-repro-"))
     try: return _repro_check(Path(project).resolve(), workdir / "project", tolerance_metrics, tolerance_proba, echo)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ReproCheckError(f"the re-run could not be prepared or read: {e}") from None
     finally:
         if not keep: shutil.rmtree(workdir, ignore_errors=True)
 

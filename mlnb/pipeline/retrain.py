@@ -15,20 +15,18 @@ import pandas as pd
 
 from ..core.audit import AuditLog
 from ..core.config import Config, Paths, staged_outputs
+from ..core.errors import RetrainError
 from ..data.schema import DataError, load_schema
 from ..data.ingest import validate
 from ..monitoring.check import MonitorResult, alert_kinds
 from ..predlog.log import LogKeys, log_keys
 
 # %% auto #0
-__all__ = ['log', 'POLICY', 'RetrainError', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'dvc_add',
-           'add_data_version', 'run_pipeline', 'decide', 'retrain', 'last_retrain', 'retrain_trigger']
+__all__ = ['log', 'POLICY', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'dvc_add', 'add_data_version',
+           'run_pipeline', 'decide', 'retrain', 'last_retrain', 'retrain_trigger']
 
 # %% ../../nbs/21_monitor_retrain.ipynb #0b2bdd7e
 log = logging.getLogger("mlnb.retrain")
-
-class RetrainError(RuntimeError):
-    "Retraining could not run or failed; the message names the step."
 
 @dataclass
 class RetrainResult:

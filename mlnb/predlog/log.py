@@ -22,17 +22,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..core.config import staged_outputs
+from ..core.errors import LogKeyError
 
 # %% auto #0
-__all__ = ['SEALED_SUFFIX', 'log', 'LogKeyError', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys', 'add_log_key',
-           'LogStats', 'ParquetLog', 'parquet_bytes', 'PredictionEntry', 'prediction_table', 'FeedbackEntry',
-           'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids',
-           'join_feedback']
+__all__ = ['SEALED_SUFFIX', 'log', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys', 'add_log_key', 'LogStats',
+           'ParquetLog', 'parquet_bytes', 'PredictionEntry', 'prediction_table', 'FeedbackEntry', 'feedback_table',
+           'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids', 'join_feedback']
 
 # %% ../../nbs/13_serve_log.ipynb #5a3966ec
-class LogKeyError(ValueError):
-    "A log file that the configured keys cannot read (or a key that cannot be used)."
-
 SEALED_SUFFIX = ".parquet.enc"
 _HEADER = struct.Struct("!7sB8s12s")                  # magic, format version, key id, nonce
 _MAGIC, _FORMAT, _TAG_BYTES = b"MLNBLOG", 1, 16

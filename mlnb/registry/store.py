@@ -17,24 +17,19 @@ from fastcore.basics import patch
 
 from ..core.access import AccessDenied, Identity, Users, identify
 from ..core.audit import AuditLog
-from ..core.config import Config, ConfigError, Paths, file_md5, params_hash, write_json
+from ..core.config import Config, Paths, file_md5, params_hash, write_json
+from ..core.errors import ConfigError, RegistryError, RegistryUnreachable
 
 # %% auto #0
 __all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'FAIRNESS_NOT_MEASURED',
-           'LINEAGE_CHAIN', 'RegistryError', 'RegistryUnreachable', 'Version', 'gate_metric', 'onnx_score', 'Gate',
-           'robustness_gates', 'fairness_attributes', 'fairness_gates', 'run_gates', 'lineage_from_lock',
-           'working_tree_lineage', 'Registry', 'signing_keys', 'register_outputs']
+           'LINEAGE_CHAIN', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates', 'fairness_attributes',
+           'fairness_gates', 'run_gates', 'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys',
+           'register_outputs']
 
 # %% ../../nbs/10_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
 ON_APPROVAL, ON_APPROVAL_POLICY = "mlnb.on_approval", "mlnb.on_approval_policy"   # an alias an approval hands over, and the policy that asked
 ALIASES = ("champion", "challenger")
-
-class RegistryError(ValueError):
-    "A registry action that cannot be done, naming the model, version and why."
-
-class RegistryUnreachable(RegistryError):
-    "The registry could not be asked at all (down, unreachable, timed out): no answer, as opposed to an answer of no."
 
 @dataclass
 class Version:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.errors import ConfigError, DataError
 from ..predlog.log import LogKeys, join_feedback, read_log
 
 # %% auto #0
@@ -137,12 +138,12 @@ def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: st
               min_labelled: int = 100, keys: LogKeys | None = None) -> ABReport:
     "Compare every variant in the prediction log with `control`, on the labels in the feedback log (`keys`: the logs' encryption keys, if any)."
     predictions = read_log(predictions_dir, keys=keys)
-    if predictions.empty or "variant" not in predictions.columns: raise ValueError(f"{predictions_dir}: no predictions logged")
+    if predictions.empty or "variant" not in predictions.columns: raise DataError(f"{predictions_dir}: no predictions logged")
     feedback = read_log(feedback_dir, columns=["prediction_id", "actual", "timestamp"], keys=keys)
     labelled, metric = labelled_outcomes(predictions, feedback)
     variants = variant_stats(predictions, labelled, metric)
     names = [v.variant for v in variants]
-    if control not in names: raise ValueError(f"control variant {control!r} is not in the log (variants: {names})")
+    if control not in names: raise ConfigError(f"control variant {control!r} is not in the log (variants: {names})")
     others = [n for n in names if n != control]
     outcome = lambda name: labelled.loc[labelled["variant"] == name, "outcome"]
     comparisons = [compare(outcome(control), outcome(n), metric, alpha / max(len(others), 1), min_labelled, (control, n)) for n in others]

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from fastcore.basics import patch
 
 from ..core.config import Config, ConfigError, ServeConfig, TLSConfig
+from ..core.errors import MlnbError
 from ..monitoring.check import MonitorCollector
 from ..predlog.log import (FeedbackEntry, LogKeyError, ParquetLog, PredictionEntry, RecentIds, feedback_table, log_keys, logged_ids, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
@@ -46,7 +47,7 @@ def json_response(content, status: int = 200) -> Response:
 
 def error_response(message: str, status: int) -> Response: return json_response({"error": message}, status)
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(MlnbError):
     "The client went away before sending its whole request."
 
 async def receive_body(receive, headers, limit: int) -> bytes:

@@ -12,17 +12,14 @@ from functools import cached_property
 
 import numpy as np
 
+from ..core.errors import RequestError
+
 # %% auto #0
-__all__ = ['V2_NUMERIC', 'MLFLOW_KEYS', 'V2_NUMPY', 'RequestError', 'Column', 'Contract', 'contract_from', 'columns_from_rows',
-           'Batch', 'column_array', 'build_batch', 'parse_v2', 'parse_mlflow', 'split_v2_body', 'decode_v2_binary',
+__all__ = ['V2_NUMERIC', 'MLFLOW_KEYS', 'V2_NUMPY', 'Column', 'Contract', 'contract_from', 'columns_from_rows', 'Batch',
+           'column_array', 'build_batch', 'parse_v2', 'parse_mlflow', 'split_v2_body', 'decode_v2_binary',
            'pack_v2_binary', 'requested_outputs', 'v2_response', 'mlflow_response']
 
 # %% ../../nbs/11_serve_protocol.ipynb #ad4d3d15
-class RequestError(ValueError):
-    "A client's mistake: the message names the field and the problem; `status` is the HTTP status to answer with."
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message); self.status = status
-
 @dataclass(frozen=True)
 class Column:
     name: str

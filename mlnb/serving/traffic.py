@@ -15,19 +15,17 @@ from fastcore.basics import patch
 
 from ..core.audit import AuditLog
 from ..core.config import RolloutConfig
+from ..core.errors import RolloutError
 from ..rollout.plan import Decision, Rollout, load_statistics
 from ..predlog.log import PredictionEntry
 from .protocol import columns_from_rows
 from .runtime import ModelRef, ServedModel, resolve_version
 
 # %% auto #0
-__all__ = ['log', 'STATES', 'RolloutError', 'check_compatible', 'output_scores', 'Traffic']
+__all__ = ['log', 'STATES', 'check_compatible', 'output_scores', 'Traffic']
 
 # %% ../../nbs/18_serve_traffic.ipynb #67d562ab
 log = logging.getLogger("mlnb.serve")
-
-class RolloutError(ValueError):
-    "A rollout command that cannot be carried out now."
 
 def check_compatible(champion: ServedModel, challenger: ServedModel) -> None:
     "Refuse a challenger whose inputs, task or classes differ from the champion's."

@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from ..core.errors import ConfigError, DataError
 from ..features.spec import OTHER_CATEGORY, SMALL_REFERENCE, ColumnProfile, Profile, bin_counts, value_counts
 
 # %% auto #0
@@ -124,7 +125,7 @@ def run_test(s: CurrentSummary, test: str) -> float:
         from statsmodels.stats.proportion import proportions_ztest
         if len(keys) < 2: return 1.0
         return float(proportions_ztest([ref[-1], cur[-1]], [ref.sum(), cur.sum()])[1])
-    raise ValueError(f"unknown drift test {test!r}; use one of {TESTS}")
+    raise ConfigError(f"unknown drift test {test!r}; use one of {TESTS}")
 
 # %% ../../nbs/19_monitor_drift.ipynb #52d9d1e8
 P_VALUE_TESTS = {"ks", "chisquare", "z"}
@@ -180,7 +181,7 @@ def choose_test(p: ColumnProfile, override: dict | None = None, psi_all: bool = 
     override = override or {}
     if override.get("test"):
         if override["test"] not in applicable_tests(p):
-            raise ValueError(f"unknown drift test {override['test']!r} for {p.name} ({p.kind}, {p.rows} reference rows); use one of {applicable_tests(p)}")
+            raise ConfigError(f"unknown drift test {override['test']!r} for {p.name} ({p.kind}, {p.rows} reference rows); use one of {applicable_tests(p)}")
         test, threshold = override["test"], (0.05 if override["test"] in P_VALUE_TESTS else 0.1)
     if override.get("threshold") is not None: threshold = float(override["threshold"])
     return test, threshold
@@ -189,16 +190,16 @@ def drift_report(reference: Profile, current, overrides: dict | None = None, dri
     "Compare the current window (DataFrame, chunks or Parquet) with the reference profile, column by column."
     overrides = overrides or {}
     unknown = set(overrides) - set(reference.columns)
-    if unknown: raise ValueError(f"drift overrides name columns the reference does not have: {sorted(unknown)}")
+    if unknown: raise ConfigError(f"drift overrides name columns the reference does not have: {sorted(unknown)}")
     plan = {c: choose_test(p, overrides.get(c), psi_all) for c, p in reference.columns.items()}     # checked before any data is read
     summaries = {c: CurrentSummary(p) for c, p in reference.columns.items()}
     rows = 0
     for chunk in _chunks(current):
         missing = [c for c in summaries if c not in chunk.columns]
-        if missing: raise ValueError(f"the current data lacks reference column(s) {missing}")
+        if missing: raise DataError(f"the current data lacks reference column(s) {missing}")
         rows += len(chunk)
         for c, s in summaries.items(): s.update(chunk[c])
-    if rows == 0: raise ValueError("the current window is empty: nothing to compare")
+    if rows == 0: raise DataError("the current window is empty: nothing to compare")
     out = []
     for c, s in summaries.items():
         p, (test, threshold) = reference.columns[c], plan[c]

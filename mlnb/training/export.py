@@ -21,14 +21,15 @@ from sklearn.pipeline import Pipeline
 
 import mlnb
 from ..core.config import Config, ExportConfig, ParityConfig, Paths, file_md5, params_hash, staged_outputs, write_json
+from ..core.errors import ParityError
 from ..features.spec import FeatureSpec, model_frame
 from ..features.transform import register_onnx_converters
 from ..model.onnx import OnnxModel
 
 # %% auto #0
-__all__ = ['QUANTIZABLE_OPS', 'input_types', 'decision_threshold', 'threshold_metadata', 'to_onnx', 'bake_threshold',
-           'ParityError', 'Parity', 'check_parity', 'quantizable', 'quantize', 'git_commit', 'dvc_locked_md5',
-           'provenance', 'single_row_latency', 'ExportResult', 'export']
+__all__ = ['QUANTIZABLE_OPS', 'input_types', 'decision_threshold', 'threshold_metadata', 'to_onnx', 'bake_threshold', 'Parity',
+           'check_parity', 'quantizable', 'quantize', 'git_commit', 'dvc_locked_md5', 'provenance',
+           'single_row_latency', 'ExportResult', 'export']
 
 # %% ../../nbs/05_export.ipynb #ae684f76
 def input_types(spec: FeatureSpec) -> list:
@@ -90,9 +91,6 @@ def bake_threshold(proto: onnx.ModelProto, classes: list, positive, threshold: f
     return proto
 
 # %% ../../nbs/05_export.ipynb #0628aa72
-class ParityError(AssertionError):
-    "The ONNX model disagrees with scikit-learn beyond tolerance."
-
 @dataclass
 class Parity:
     rows: int
