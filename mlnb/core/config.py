@@ -7,6 +7,7 @@ Docs: https://mlnb.github.io/mlnb/config.html.md"""
 # %% ../../nbs/00_config.ipynb #aa59811f
 from __future__ import annotations
 import contextlib, hashlib, json, os, random, tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,13 +15,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['Task', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'ConfigError', 'SplitConfig', 'DataConfig', 'DerivedFeature',
-           'FeaturesConfig', 'DecisionCosts', 'CostThreshold', 'TrainConfig', 'RobustnessConfig', 'EvaluateConfig',
-           'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig', 'RegistryConfig', 'ProjectConfig',
-           'CacheConfig', 'LogEncryptionConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
-           'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig',
-           'Config', 'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5',
-           'params_hash', 'staged_outputs', 'write_json']
+__all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'ConfigError', 'TaskMetric',
+           'default_metric', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'DecisionCosts',
+           'CostThreshold', 'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig',
+           'ExportConfig', 'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
+           'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan', 'RolloutConfig', 'AuthConfig', 'TLSConfig',
+           'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'read_yaml',
+           'load_config', 'Paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../../nbs/00_config.ipynb #46603c3d
 class ConfigError(ValueError):
@@ -31,6 +32,22 @@ class _Strict(BaseModel):
 
 # %% ../../nbs/00_config.ipynb #07271496
 Task = Literal["binary", "multiclass", "regression"]
+
+@dataclass(frozen=True)
+class TaskMetric:
+    "A task's default metric, by its two names."
+    name: str                              # its key in metrics/evaluate.json: what the registry gates and CI compare
+    scorer: str                            # the scikit-learn scorer: what training ranks by and importance measures
+
+TASK_METRICS: dict[str, TaskMetric] = {"binary": TaskMetric("roc_auc", "roc_auc"),
+                                       "multiclass": TaskMetric("roc_auc", "roc_auc_ovr"),
+                                       "regression": TaskMetric("rmse", "neg_root_mean_squared_error")}
+
+def default_metric(task: Task) -> TaskMetric:
+    "The metric a task is judged by when `train.metric` / `registry.gates.metric` are null."
+    if task not in TASK_METRICS:
+        raise ConfigError(f"unknown task {task!r}; use one of {list(TASK_METRICS)}")
+    return TASK_METRICS[task]
 
 class SplitConfig(_Strict):
     valid: float = Field(0.15, gt=0, lt=1)
@@ -151,7 +168,7 @@ class ExportConfig(_Strict):
     quantize: QuantizeConfig = QuantizeConfig()
 
 class GatesConfig(_Strict):
-    metric: str | None = None              # roc_auc | accuracy | f1 | log_loss | rmse | mae | r2; None: roc_auc (classification), rmse
+    metric: str | None = None              # roc_auc | accuracy | f1 | log_loss | rmse | mae | r2; None: default_metric
     max_metric_drop: float = 0.01          # vs the champion, re-scored on the same test set
     min_demographic_parity_ratio: float = Field(0.8, ge=0, le=1)
     fairness_attributes: list[str] | None = None   # None: every data.sensitive attribute; each must be in data.sensitive
