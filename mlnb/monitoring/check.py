@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..core.config import Config, MonitorConfig, Paths, staged_outputs, write_json
 from ..features.spec import Profile, value_counts
+from ..predlog.log import LogColumns
 from ..stats.drift import DriftReport, drift_report
 
 # %% auto #0
@@ -28,15 +29,16 @@ log = logging.getLogger("mlnb.monitor")
 
 def window_frame(predictions: pd.DataFrame) -> pd.DataFrame:
     "The rows callers were answered with (no shadow copies), inputs under their raw column names."
-    served = predictions[predictions["variant"] != "shadow"] if "variant" in predictions else predictions
-    inputs = {c: c.removeprefix("input.") for c in served.columns if c.startswith("input.")}
-    return served.rename(columns=inputs)
+    variant = LogColumns.VARIANT
+    served = predictions[predictions[variant] != "shadow"] if variant in predictions else predictions
+    return LogColumns.with_input_names(served)
 
 def output_column(predictions: pd.DataFrame, positive: str | None) -> str | None:
     "The logged score that prediction drift compares: the positive class's probability, or the regression value."
-    probas = [c for c in predictions.columns if c.startswith("proba.")]
-    if not probas: return "value" if "value" in predictions else None
-    wanted = f"proba.{positive}" if positive is not None else None
+    probas = LogColumns.proba_columns(predictions.columns)
+    if not probas:
+        return LogColumns.VALUE if LogColumns.VALUE in predictions else None
+    wanted = LogColumns.proba_column(positive) if positive is not None else None
     return wanted if wanted in probas else probas[-1]
 
 @dataclass
@@ -52,8 +54,10 @@ def online_performance(window: pd.DataFrame, feedback: pd.DataFrame, reference_a
                        cfg: MonitorConfig) -> Performance:
     "Accuracy on the labelled part of the window, by day and in all, and whether it decayed from the evaluation's."
     from mlnb.rollout.ab import labelled_outcomes                 # the A/B report's rule for a right answer, one rule for both
-    if "label" not in window or feedback is None or feedback.empty: return Performance(0, None, reference_accuracy, None, False)
-    labelled = labelled_outcomes(window[["prediction_id", "timestamp", "label"]], feedback)[0]
+    C = LogColumns
+    if C.LABEL not in window or feedback is None or feedback.empty:
+        return Performance(0, None, reference_accuracy, None, False)
+    labelled = labelled_outcomes(window[[C.PREDICTION_ID, C.TIMESTAMP, C.LABEL]], feedback)[0]
     if labelled.empty: return Performance(0, None, reference_accuracy, None, False)
     correct = labelled["outcome"] == 1
     daily = (labelled.assign(correct=correct, day=pd.to_datetime(labelled["timestamp"], utc=True).dt.strftime("%Y-%m-%d"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..predlog.log import LogKeys, join_feedback, read_log
+from ..predlog.log import LogColumns, LogKeys, join_feedback, read_log
 
 # %% auto #0
 __all__ = ['VariantStats', 'Comparison', 'labelled_outcomes', 'variant_stats', 'compare', 'ABReport', 'ab_report']
@@ -47,19 +47,20 @@ class Comparison:
 # %% ../../nbs/16_ab.ipynb #c05a7043
 def labelled_outcomes(predictions: pd.DataFrame, feedback: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     "Predictions with feedback, and an `outcome` column: 1/0 for a right/wrong label, or the absolute error. Also the metric's name."
+    C = LogColumns
     joined = join_feedback(predictions, feedback)
-    labelled = joined[joined["actual"].notna()].copy()
-    if "label" in predictions.columns:
-        labelled["outcome"] = (labelled["label"].astype(str) == labelled["actual"].astype(str)).astype(float)
+    labelled = joined[joined[C.ACTUAL].notna()].copy()
+    if C.LABEL in predictions.columns:
+        labelled["outcome"] = (labelled[C.LABEL].astype(str) == labelled[C.ACTUAL].astype(str)).astype(float)
         return labelled, "accuracy"
-    labelled["outcome"] = (labelled["value"].astype(float) - labelled["actual"].astype(float)).abs()
+    labelled["outcome"] = (labelled[C.VALUE].astype(float) - labelled[C.ACTUAL].astype(float)).abs()
     return labelled, "mae"
 
 def variant_stats(predictions: pd.DataFrame, labelled: pd.DataFrame, metric: str) -> list[VariantStats]:
     out = []
-    for variant, rows in predictions.groupby("variant", sort=True):
-        outcome = labelled.loc[labelled["variant"] == variant, "outcome"]
-        p50, p95, p99 = np.percentile(rows["latency_ms"], [50, 95, 99]) if len(rows) else (np.nan,) * 3
+    for variant, rows in predictions.groupby(LogColumns.VARIANT, sort=True):
+        outcome = labelled.loc[labelled[LogColumns.VARIANT] == variant, "outcome"]
+        p50, p95, p99 = np.percentile(rows[LogColumns.LATENCY_MS], [50, 95, 99]) if len(rows) else (np.nan,) * 3
         out.append(VariantStats(str(variant), len(rows), len(outcome), metric, float(outcome.mean()) if len(outcome) else float("nan"),
                                 float(p50), float(p95), float(p99)))
     return out
@@ -136,14 +137,16 @@ class ABReport:
 def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: str = "champion", alpha: float = 0.05,
               min_labelled: int = 100, keys: LogKeys | None = None) -> ABReport:
     "Compare every variant in the prediction log with `control`, on the labels in the feedback log (`keys`: the logs' encryption keys, if any)."
+    C = LogColumns
     predictions = read_log(predictions_dir, keys=keys)
-    if predictions.empty or "variant" not in predictions.columns: raise ValueError(f"{predictions_dir}: no predictions logged")
-    feedback = read_log(feedback_dir, columns=["prediction_id", "actual", "timestamp"], keys=keys)
+    if predictions.empty or C.VARIANT not in predictions.columns:
+        raise ValueError(f"{predictions_dir}: no predictions logged")
+    feedback = read_log(feedback_dir, columns=[C.PREDICTION_ID, C.ACTUAL, C.TIMESTAMP], keys=keys)
     labelled, metric = labelled_outcomes(predictions, feedback)
     variants = variant_stats(predictions, labelled, metric)
     names = [v.variant for v in variants]
     if control not in names: raise ValueError(f"control variant {control!r} is not in the log (variants: {names})")
     others = [n for n in names if n != control]
-    outcome = lambda name: labelled.loc[labelled["variant"] == name, "outcome"]
+    outcome = lambda name: labelled.loc[labelled[C.VARIANT] == name, "outcome"]
     comparisons = [compare(outcome(control), outcome(n), metric, alpha / max(len(others), 1), min_labelled, (control, n)) for n in others]
     return ABReport(variants, comparisons, control)
