@@ -17,6 +17,7 @@ import pandas as pd
 from ..core.config import Config, MonitorConfig, Paths, staged_outputs, write_json
 from ..features.spec import Profile, value_counts
 from ..predlog.log import LogColumns
+from ..stats.decisions import proportion_test
 from ..stats.drift import DriftReport, drift_report
 
 # %% auto #0
@@ -63,10 +64,11 @@ def online_performance(window: pd.DataFrame, feedback: pd.DataFrame, reference_a
     daily = (labelled.assign(correct=correct, day=pd.to_datetime(labelled["timestamp"], utc=True).dt.strftime("%Y-%m-%d"))
              .groupby("day")["correct"].agg(["mean", "size"]).reset_index().rename(columns={"mean": "accuracy", "size": "labelled"}))
     n, accuracy, p, decayed = len(labelled), float(correct.mean()), None, False
-    if reference_accuracy is not None and reference_rows and n >= cfg.min_labelled:
-        from statsmodels.stats.proportion import proportions_ztest
-        p = float(proportions_ztest([int(correct.sum()), round(reference_accuracy * reference_rows)], [n, reference_rows], alternative="smaller")[1])
-        decayed = accuracy < reference_accuracy - cfg.max_accuracy_drop and p < cfg.accuracy_p_value
+    if reference_accuracy is not None and reference_rows:
+        reference_correct = round(reference_accuracy * reference_rows)
+        test = proportion_test(int(correct.sum()), n, reference_correct, reference_rows, cfg.accuracy_rule,
+                               fixed_reference=True)
+        p, decayed = (test.p_worse, test.worse) if test.enough else (None, False)
     return Performance(n, accuracy, reference_accuracy, p, bool(decayed), daily.to_dict("records"))
 
 # %% ../../nbs/20_monitor_check.ipynb #19c05795

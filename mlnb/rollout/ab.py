@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.config import ABConfig
 from ..predlog.log import LogColumns, LogKeys, join_feedback, read_log
+from ..stats.decisions import proportion_test
 
 # %% auto #0
 __all__ = ['VariantStats', 'Comparison', 'labelled_outcomes', 'variant_stats', 'compare', 'ABReport', 'ab_report']
@@ -66,31 +68,36 @@ def variant_stats(predictions: pd.DataFrame, labelled: pd.DataFrame, metric: str
     return out
 
 # %% ../../nbs/16_ab.ipynb #a96b171f
-def compare(control: pd.Series, treatment: pd.Series, metric: str, alpha: float, min_labelled: int,
+def compare(control: pd.Series, treatment: pd.Series, metric: str, cfg: ABConfig, comparisons: int = 1,
             names: tuple[str, str] = ("control", "treatment")) -> Comparison:
-    "Treatment against control on per-prediction outcomes (1/0 correct, or absolute errors)."
+    "Treatment against control on per-prediction outcomes (1/0 correct, or absolute errors), one of `comparisons`."
     n_c, n_t = len(control), len(treatment)
-    higher = metric == "accuracy"
+    higher, alpha = metric == "accuracy", cfg.level(comparisons)
+    too_few = f"labels: {names[0]} {n_c}, {names[1]} {n_t}; need at least {cfg.min_labelled} each"
     if min(n_c, n_t) < 2:
         return Comparison(*names, metric, higher, float("nan"), float("nan"), float("nan"), float("nan"), alpha, "none",
-                          "not yet enough data", f"labels: {names[0]} {n_c}, {names[1]} {n_t}; need at least {min_labelled} each")
+                          "not yet enough data", too_few)
     if higher:
-        from statsmodels.stats.proportion import confint_proportions_2indep, proportions_ztest
+        from statsmodels.stats.proportion import confint_proportions_2indep
         s_c, s_t = int(control.sum()), int(treatment.sum())
-        if s_c + s_t in (0, n_c + n_t): p = 1.0                      # all wrong or all right on both sides: no variance to test
-        else: p = float(proportions_ztest([s_t, s_c], [n_t, n_c])[1])
+        rule = cfg.accuracy_rule(comparisons)
+        worse, better = proportion_test(s_t, n_t, s_c, n_c, rule), proportion_test(s_c, n_c, s_t, n_t, rule)
         low, high = confint_proportions_2indep(s_t, n_t, s_c, n_c, method="newcomb", compare="diff", alpha=alpha)
-        test, diff = "two-proportion z-test, Newcombe interval", s_t / n_t - s_c / n_c
+        test, diff, p = "two-proportion z-test, Newcombe interval", worse.difference, worse.p_value
+        enough, shown = worse.enough, "worse" if worse.worse else "better" if better.worse else None
     else:
         from scipy.stats import ttest_ind
         r = ttest_ind(treatment, control, equal_var=False)
         ci = r.confidence_interval(1 - alpha)
         p, low, high, test, diff = float(r.pvalue), ci.low, ci.high, "Welch's t-test", float(treatment.mean() - control.mean())
-    if min(n_c, n_t) < min_labelled: verdict, reason = "not yet enough data", f"labels: {names[0]} {n_c}, {names[1]} {n_t}; need at least {min_labelled} each"
-    elif p >= alpha: verdict, reason = "not yet enough data", f"p = {p:.3g} is not below {alpha:.3g}: no difference shown yet"
+        enough = min(n_c, n_t) >= cfg.min_labelled
+        shown = None if p >= alpha else "worse" if diff > 0 else "better"       # a larger absolute error is worse
+    if not enough:
+        verdict, reason = "not yet enough data", too_few
+    elif shown is None:
+        verdict, reason = "not yet enough data", f"p = {p:.3g} is not below {alpha:.3g}: no difference shown yet"
     else:
-        verdict = "better" if (diff > 0) == higher else "worse"
-        reason = f"p = {p:.3g} < {alpha:.3g}"
+        verdict, reason = shown, f"p = {p:.3g} < {alpha:.3g}"
     return Comparison(*names, metric, higher, float(diff), float(low), float(high), p, alpha, test, verdict, reason)
 
 # %% ../../nbs/16_ab.ipynb #3c9846ad
@@ -134,10 +141,11 @@ class ABReport:
         fig.tight_layout()
         return fig
 
-def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: str = "champion", alpha: float = 0.05,
-              min_labelled: int = 100, keys: LogKeys | None = None) -> ABReport:
-    "Compare every variant in the prediction log with `control`, on the labels in the feedback log (`keys`: the logs' encryption keys, if any)."
-    C = LogColumns
+def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: str = "champion",
+              cfg: ABConfig | None = None, keys: LogKeys | None = None) -> ABReport:
+    """Compare every variant in the prediction log with `control`, on the labels in the feedback log, by `cfg` (the `ab`
+    section of params.yaml; `keys`: the logs' encryption keys, if any)."""
+    C, cfg = LogColumns, cfg or ABConfig()
     predictions = read_log(predictions_dir, keys=keys)
     if predictions.empty or C.VARIANT not in predictions.columns:
         raise ValueError(f"{predictions_dir}: no predictions logged")
@@ -148,5 +156,5 @@ def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: st
     if control not in names: raise ValueError(f"control variant {control!r} is not in the log (variants: {names})")
     others = [n for n in names if n != control]
     outcome = lambda name: labelled.loc[labelled[C.VARIANT] == name, "outcome"]
-    comparisons = [compare(outcome(control), outcome(n), metric, alpha / max(len(others), 1), min_labelled, (control, n)) for n in others]
+    comparisons = [compare(outcome(control), outcome(n), metric, cfg, len(others), (control, n)) for n in others]
     return ABReport(variants, comparisons, control)
