@@ -579,8 +579,11 @@ app.add_typer(ab_app, name="ab")
 def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Prediction log directory (default: serve.prediction_log.dir)"),
                       feedback: Optional[Path] = typer.Option(None, help="Feedback log directory (default: serve.prediction_log.feedback_dir)"),
                       control: str = typer.Option("champion", help="The variant the others are compared with"),
-                      alpha: float = typer.Option(0.05, min=0.0001, max=0.5, help="Significance level (split over the comparisons)"),
-                      min_labelled: int = typer.Option(100, min=2, help="Labels each side needs before a verdict"),
+                      alpha: Optional[float] = typer.Option(
+                          None, min=0.0001, max=0.5,
+                          help="Significance level, split over the comparisons (default: ab.alpha)"),
+                      min_labelled: Optional[int] = typer.Option(
+                          None, min=2, help="Labels each side needs before a verdict (default: ab.min_labelled)"),
                       json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here"),
                       figure: Optional[Path] = typer.Option(None, help="Write the figure (PNG) here"),
                       params: str = PARAMS):
@@ -588,8 +591,10 @@ def ab_report_command(predictions: Optional[Path] = typer.Option(None, help="Pre
     from mlnb.rollout.ab import ab_report
     cfg = load_config(params)
     from mlnb.predlog.log import log_keys
-    report = ab_report(predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir, control, alpha, min_labelled,
-                       log_keys(cfg.serve.prediction_log.encryption))
+    flags = {"alpha": alpha, "min_labelled": min_labelled}
+    ab = cfg.ab.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    logs = predictions or cfg.serve.prediction_log.dir, feedback or cfg.serve.prediction_log.feedback_dir
+    report = ab_report(*logs, control, ab, log_keys(cfg.serve.prediction_log.encryption))
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         typer.echo(report.table().round(4).to_string())

@@ -7,6 +7,7 @@ Docs: https://mlnb.github.io/mlnb/config.html.md"""
 # %% ../../nbs/00_config.ipynb #aa59811f
 from __future__ import annotations
 import contextlib, hashlib, json, os, random, tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['Task', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'SplitConfig', 'DataConfig', 'DerivedFeature',
-           'FeaturesConfig', 'DecisionCosts', 'CostThreshold', 'TrainConfig', 'RobustnessConfig', 'EvaluateConfig',
-           'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig', 'RegistryConfig', 'ProjectConfig',
-           'CacheConfig', 'LogEncryptionConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
-           'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig',
+__all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'TaskMetric', 'default_metric',
+           'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'DecisionCosts', 'CostThreshold',
+           'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
+           'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
+           'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'RolloutPlan', 'RolloutConfig',
+           'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'ABConfig', 'RetrainConfig',
            'Config', 'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5',
            'params_hash', 'staged_outputs', 'write_json']
 
@@ -30,6 +32,22 @@ class _Strict(BaseModel):
 
 # %% ../../nbs/00_config.ipynb #07271496
 Task = Literal["binary", "multiclass", "regression"]
+
+@dataclass(frozen=True)
+class TaskMetric:
+    "A task's default metric, by its two names."
+    name: str                              # its key in metrics/evaluate.json: what the registry gates and CI compare
+    scorer: str                            # the scikit-learn scorer: what training ranks by and importance measures
+
+TASK_METRICS: dict[str, TaskMetric] = {"binary": TaskMetric("roc_auc", "roc_auc"),
+                                       "multiclass": TaskMetric("roc_auc", "roc_auc_ovr"),
+                                       "regression": TaskMetric("rmse", "neg_root_mean_squared_error")}
+
+def default_metric(task: Task) -> TaskMetric:
+    "The metric a task is judged by when `train.metric` / `registry.gates.metric` are null."
+    if task not in TASK_METRICS:
+        raise ConfigError(f"unknown task {task!r}; use one of {list(TASK_METRICS)}")
+    return TASK_METRICS[task]
 
 class SplitConfig(_Strict):
     valid: float = Field(0.15, gt=0, lt=1)
@@ -150,7 +168,7 @@ class ExportConfig(_Strict):
     quantize: QuantizeConfig = QuantizeConfig()
 
 class GatesConfig(_Strict):
-    metric: str | None = None              # roc_auc | accuracy | f1 | log_loss | rmse | mae | r2; None: roc_auc (classification), rmse
+    metric: str | None = None              # roc_auc | accuracy | f1 | log_loss | rmse | mae | r2; None: default_metric
     max_metric_drop: float = 0.01          # vs the champion, re-scored on the same test set
     min_demographic_parity_ratio: float = Field(0.8, ge=0, le=1)
     fairness_attributes: list[str] | None = None   # None: every data.sensitive attribute; each must be in data.sensitive
@@ -199,6 +217,22 @@ class MicroBatchConfig(_Strict):
     max_rows: int = Field(256, ge=1)                # one ONNX Runtime call takes at most this many rows
     max_wait_ms: float = Field(0.0, ge=0, le=100)   # 0: batch what arrived together, never wait
 
+class AccuracyRule(_Strict):
+    """When a rate of right answers counts as worse than a reference's: lower by more than `max_drop`, significantly
+    (a one-sided two-proportion z-test's p-value below `p_value`), on at least `min_labelled` labels
+    (`mlnb.stats.decisions.proportion_test`). Not a section of params.yaml: each section that makes this decision names
+    its own values and hands them over as its `accuracy_rule`."""
+    max_drop: float = Field(ge=0, le=1)
+    p_value: float = Field(gt=0, lt=1)
+    min_labelled: int = Field(ge=1)
+
+class OutputDriftRule(_Strict):
+    """When two output distributions differ: their Jensen-Shannon distance (base 2, in [0, 1]) is above `max_distance`
+    and a chi-square test of the two count tables has a p-value below `p_value`
+    (`mlnb.stats.decisions.output_drift`)."""
+    max_distance: float = Field(ge=0, le=1)
+    p_value: float = Field(gt=0, lt=1)
+
 class RolloutPlan(_Strict):
     "How a canary grows and what rolls it back (see `mlnb.rollout.plan`)."
     steps: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)     # canary shares; reaching the last (1.0) promotes it
@@ -220,6 +254,17 @@ class RolloutPlan(_Strict):
         if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(set(steps)) or steps[-1] != 1.0:
             raise ValueError(f"rollout steps must rise from above 0 to 1.0, e.g. (0.05, 0.25, 0.5, 1.0); got {steps}")
         return steps
+
+    @property
+    def accuracy_rule(self) -> AccuracyRule:
+        "The canary is less accurate than the control (both windows need `min_labelled` labels)."
+        return AccuracyRule(max_drop=self.max_accuracy_drop, p_value=self.accuracy_p_value,
+                            min_labelled=self.min_labelled)
+
+    @property
+    def output_drift_rule(self) -> OutputDriftRule:
+        "The canary's outputs are distributed differently from the control's."
+        return OutputDriftRule(max_distance=self.max_output_drift, p_value=self.drift_p_value)
 
 class RolloutConfig(_Strict):
     mode: Literal["off", "canary", "split", "shadow"] = "off"
@@ -302,6 +347,26 @@ class MonitorConfig(_Strict):
     webhook: str | None = None                      # alerts are POSTed here as JSON
     pushgateway: str | None = None                  # the gauges are also pushed here (job mlnb_monitor)
 
+    @property
+    def accuracy_rule(self) -> AccuracyRule:
+        "Online accuracy decayed from the evaluation's (only the window needs `min_labelled` labels)."
+        return AccuracyRule(max_drop=self.max_accuracy_drop, p_value=self.accuracy_p_value,
+                            min_labelled=self.min_labelled)
+
+class ABConfig(_Strict):
+    "`mlnb ab report`: every variant in the prediction log against the control (see `mlnb.rollout.ab`)."
+    alpha: float = Field(0.05, ge=0.0001, le=0.5)   # two-sided significance level, split over the comparisons
+    min_labelled: int = Field(100, ge=2)            # labels each variant needs before a verdict
+
+    def level(self, comparisons: int = 1) -> float:
+        "The significance level of one of `comparisons` comparisons with the control."
+        return self.alpha / max(comparisons, 1)
+
+    def accuracy_rule(self, comparisons: int = 1) -> AccuracyRule:
+        """A variant is less accurate than the control: significant at the two-sided `level`, any drop. A two-sided
+        test at level a is a one-sided test at a / 2 each way, so this is the one-sided rule at half the level."""
+        return AccuracyRule(max_drop=0.0, p_value=self.level(comparisons) / 2, min_labelled=self.min_labelled)
+
 RetrainTrigger = Literal["dataset_drift", "feature_drift", "prediction_drift", "accuracy_decay"]
 
 class RetrainConfig(_Strict):
@@ -320,6 +385,7 @@ class Config(_Strict):
     export: ExportConfig = ExportConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    ab: ABConfig = ABConfig()
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
 

@@ -20,12 +20,12 @@ from sklearn.calibration import calibration_curve
 from sklearn.inspection import permutation_importance
 from sklearn.pipeline import Pipeline
 
-from ..core.config import EvaluateConfig, Paths, staged_outputs, write_json
+from ..core.config import EvaluateConfig, Paths, default_metric, staged_outputs, write_json
 from ..data.schema import DataSchema
 from ..data.ingest import stratified_sample
 from ..features.spec import FeatureSpec, Profile, model_frame
 from .robustness import Robustness, perturbation_space, robustness
-from ..training.train import DEFAULT_METRIC, positive_of
+from ..training.train import positive_of
 
 # %% auto #0
 __all__ = ['FAIRNESS_NOT_MEASURED', 'Predictions', 'predict', 'classification_metrics', 'regression_metrics', 'test_metrics',
@@ -219,7 +219,7 @@ def evaluate(model: Pipeline, test_df: pd.DataFrame, spec: FeatureSpec, cfg: Eva
     if missing: raise ValueError(f"data.sensitive: column(s) {missing} are not in the test data")
     fair_table, fair_summary = fairness(p, test_df[list(sensitive)], spec.task)
     shuffled = importance_rows(test_df, spec, cfg.importance_max_rows, seed)
-    imp = importance(model, shuffled, spec, metric or DEFAULT_METRIC[spec.task], cfg.permutation_repeats, seed)
+    imp = importance(model, shuffled, spec, metric or default_metric(spec.task).scorer, cfg.permutation_repeats, seed)
     sample = {"rows": len(shuffled), "test_rows": len(test_df)}    # repeats: a param, kept out so export does not re-run
     robust = None
     if cfg.robustness.enabled:

@@ -17,6 +17,8 @@ import pandas as pd
 from ..core.config import Config, MonitorConfig, Paths, staged_outputs, write_json
 from ..core.errors import ConfigError, DataError
 from ..features.spec import Profile, value_counts
+from ..predlog.log import LogColumns
+from ..stats.decisions import proportion_test
 from ..stats.drift import DriftReport, drift_report
 
 # %% auto #0
@@ -29,15 +31,16 @@ log = logging.getLogger("mlnb.monitor")
 
 def window_frame(predictions: pd.DataFrame) -> pd.DataFrame:
     "The rows callers were answered with (no shadow copies), inputs under their raw column names."
-    served = predictions[predictions["variant"] != "shadow"] if "variant" in predictions else predictions
-    inputs = {c: c.removeprefix("input.") for c in served.columns if c.startswith("input.")}
-    return served.rename(columns=inputs)
+    variant = LogColumns.VARIANT
+    served = predictions[predictions[variant] != "shadow"] if variant in predictions else predictions
+    return LogColumns.with_input_names(served)
 
 def output_column(predictions: pd.DataFrame, positive: str | None) -> str | None:
     "The logged score that prediction drift compares: the positive class's probability, or the regression value."
-    probas = [c for c in predictions.columns if c.startswith("proba.")]
-    if not probas: return "value" if "value" in predictions else None
-    wanted = f"proba.{positive}" if positive is not None else None
+    probas = LogColumns.proba_columns(predictions.columns)
+    if not probas:
+        return LogColumns.VALUE if LogColumns.VALUE in predictions else None
+    wanted = LogColumns.proba_column(positive) if positive is not None else None
     return wanted if wanted in probas else probas[-1]
 
 @dataclass
@@ -53,17 +56,20 @@ def online_performance(window: pd.DataFrame, feedback: pd.DataFrame, reference_a
                        cfg: MonitorConfig) -> Performance:
     "Accuracy on the labelled part of the window, by day and in all, and whether it decayed from the evaluation's."
     from mlnb.rollout.ab import labelled_outcomes                 # the A/B report's rule for a right answer, one rule for both
-    if "label" not in window or feedback is None or feedback.empty: return Performance(0, None, reference_accuracy, None, False)
-    labelled = labelled_outcomes(window[["prediction_id", "timestamp", "label"]], feedback)[0]
+    C = LogColumns
+    if C.LABEL not in window or feedback is None or feedback.empty:
+        return Performance(0, None, reference_accuracy, None, False)
+    labelled = labelled_outcomes(window[[C.PREDICTION_ID, C.TIMESTAMP, C.LABEL]], feedback)[0]
     if labelled.empty: return Performance(0, None, reference_accuracy, None, False)
     correct = labelled["outcome"] == 1
     daily = (labelled.assign(correct=correct, day=pd.to_datetime(labelled["timestamp"], utc=True).dt.strftime("%Y-%m-%d"))
              .groupby("day")["correct"].agg(["mean", "size"]).reset_index().rename(columns={"mean": "accuracy", "size": "labelled"}))
     n, accuracy, p, decayed = len(labelled), float(correct.mean()), None, False
-    if reference_accuracy is not None and reference_rows and n >= cfg.min_labelled:
-        from statsmodels.stats.proportion import proportions_ztest
-        p = float(proportions_ztest([int(correct.sum()), round(reference_accuracy * reference_rows)], [n, reference_rows], alternative="smaller")[1])
-        decayed = accuracy < reference_accuracy - cfg.max_accuracy_drop and p < cfg.accuracy_p_value
+    if reference_accuracy is not None and reference_rows:
+        reference_correct = round(reference_accuracy * reference_rows)
+        test = proportion_test(int(correct.sum()), n, reference_correct, reference_rows, cfg.accuracy_rule,
+                               fixed_reference=True)
+        p, decayed = (test.p_worse, test.worse) if test.enough else (None, False)
     return Performance(n, accuracy, reference_accuracy, p, bool(decayed), daily.to_dict("records"))
 
 # %% ../../nbs/20_monitor_check.ipynb #19c05795

@@ -19,7 +19,7 @@ from ..core.errors import RetrainError
 from ..data.schema import DataError, load_schema
 from ..data.ingest import validate
 from ..monitoring.check import MonitorResult, alert_kinds
-from ..predlog.log import LogKeys, log_keys
+from ..predlog.log import LogColumns, LogKeys, log_keys
 
 # %% auto #0
 __all__ = ['log', 'POLICY', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'dvc_add', 'add_data_version',
@@ -47,22 +47,25 @@ def labelled_traffic(prediction_dir: str | Path, feedback_dir: str | Path, colum
                      keys: LogKeys | None = None) -> pd.DataFrame:
     "Answered predictions whose label came back: `columns` from the request, `target` from the label, plus `prediction_id` and `labelled_at`."
     from mlnb.predlog.log import join_feedback, read_log
-    out_columns = [*columns, target, "prediction_id", "labelled_at"]
+    C = LogColumns
+    out_columns = [*columns, target, C.PREDICTION_ID, "labelled_at"]
     feedback = read_log(feedback_dir, keys=keys)
     if feedback.empty: return pd.DataFrame(columns=out_columns)
     logged = log_columns(prediction_dir, keys)
     if not logged: return pd.DataFrame(columns=out_columns)
-    missing = [c for c in columns if f"input.{c}" not in logged]
+    missing = [c for c in columns if C.input_column(c) not in logged]
     if missing: raise RetrainError(f"{prediction_dir}: the prediction log has no input column(s) {missing}; the model's inputs and the data schema disagree")
-    wanted = ["prediction_id", *(["variant"] if "variant" in logged else []), *[f"input.{c}" for c in columns]]
+    wanted = [C.PREDICTION_ID, *([C.VARIANT] if C.VARIANT in logged else []), *map(C.input_column, columns)]
     predictions = read_log(prediction_dir, columns=wanted, keys=keys)                 # the inputs only, not outputs and latencies
-    predictions = predictions[predictions["prediction_id"].isin(set(feedback["prediction_id"]))]
-    if "variant" in predictions: predictions = predictions[predictions["variant"] != "shadow"]
-    joined = join_feedback(predictions.drop_duplicates("prediction_id", keep="last"), feedback)
-    labelled = joined[joined["actual"].notna()]
-    rows = labelled[[f"input.{c}" for c in columns]].set_axis(columns, axis=1)
-    return rows.assign(**{target: labelled["actual"].to_numpy(), "prediction_id": labelled["prediction_id"].to_numpy(),
-                          "labelled_at": pd.to_datetime(labelled["feedback_at"], utc=True).to_numpy()}).reset_index(drop=True)
+    predictions = predictions[predictions[C.PREDICTION_ID].isin(set(feedback[C.PREDICTION_ID]))]
+    if C.VARIANT in predictions:
+        predictions = predictions[predictions[C.VARIANT] != "shadow"]
+    joined = join_feedback(predictions.drop_duplicates(C.PREDICTION_ID, keep="last"), feedback)
+    labelled = joined[joined[C.ACTUAL].notna()]
+    rows = C.inputs(labelled)[columns]
+    labelled_at = pd.to_datetime(labelled[C.FEEDBACK_AT], utc=True).to_numpy()
+    return rows.assign(**{target: labelled[C.ACTUAL].to_numpy(), C.PREDICTION_ID: labelled[C.PREDICTION_ID].to_numpy(),
+                          "labelled_at": labelled_at}).reset_index(drop=True)
 
 def log_columns(directory: str | Path, keys: LogKeys | None = None) -> list[str]:
     "The column names of a log directory's files, plain or encrypted (none when nothing was logged yet)."

@@ -26,8 +26,9 @@ from ..core.errors import LogKeyError
 
 # %% auto #0
 __all__ = ['SEALED_SUFFIX', 'log', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys', 'add_log_key', 'LogStats',
-           'ParquetLog', 'parquet_bytes', 'PredictionEntry', 'prediction_table', 'FeedbackEntry', 'feedback_table',
-           'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids', 'join_feedback']
+           'ParquetLog', 'parquet_bytes', 'LogColumns', 'PredictionEntry', 'prediction_table', 'FeedbackEntry',
+           'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids',
+           'join_feedback']
 
 # %% ../../nbs/13_serve_log.ipynb #5a3966ec
 SEALED_SUFFIX = ".parquet.enc"
@@ -208,6 +209,54 @@ def parquet_bytes(table: pa.Table) -> bytes:
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
 
+# %% ../../nbs/13_serve_log.ipynb #b347cc5d
+class LogColumns:
+    "The prediction and feedback logs' columns, and how to find the model's inputs and class probabilities among them."
+    PREDICTION_ID, TIMESTAMP, REQUEST_ID = "prediction_id", "timestamp", "request_id"
+    MODEL_NAME, MODEL_VERSION, VARIANT, PROTOCOL = "model_name", "model_version", "variant", "protocol"
+    LATENCY_MS, CACHED = "latency_ms", "cached"              # CACHED: the row was answered from the cache
+    FIXED = (PREDICTION_ID, TIMESTAMP, REQUEST_ID, MODEL_NAME, MODEL_VERSION, VARIANT, PROTOCOL, LATENCY_MS, CACHED)
+    LABEL, VALUE = "label", "value"                          # the model's answer: a class label, or a regression value
+    INPUT, PROBA = "input.", "proba."                        # prefixes: one column per model input, one per class
+    ACTUAL, SOURCE = "actual", "source"                      # the feedback log (with PREDICTION_ID and TIMESTAMP)
+    FEEDBACK_AT = "feedback_at"                              # the feedback's TIMESTAMP once joined to its prediction
+
+    @classmethod
+    def input_column(cls, name: str) -> str:
+        "The column that holds model input `name`."
+        return f"{cls.INPUT}{name}"
+
+    @classmethod
+    def proba_column(cls, label) -> str:
+        "The column that holds the probability of class `label`."
+        return f"{cls.PROBA}{label}"
+
+    @classmethod
+    def input_columns(cls, columns) -> list[str]:
+        "The input columns among `columns`, in their order."
+        return [c for c in columns if c.startswith(cls.INPUT)]
+
+    @classmethod
+    def proba_columns(cls, columns) -> list[str]:
+        "The probability columns among `columns`, in their order."
+        return [c for c in columns if c.startswith(cls.PROBA)]
+
+    @classmethod
+    def with_input_names(cls, df: pd.DataFrame) -> pd.DataFrame:
+        "`df` with its input columns under the inputs' own names, the other columns as they are."
+        return df.rename(columns={c: c.removeprefix(cls.INPUT) for c in cls.input_columns(df.columns)})
+
+    @classmethod
+    def inputs(cls, df: pd.DataFrame) -> pd.DataFrame:
+        "The logged model inputs alone, under their own names."
+        return cls.with_input_names(df[cls.input_columns(df.columns)])
+
+    @classmethod
+    def probabilities(cls, df: pd.DataFrame) -> pd.DataFrame:
+        "The logged class probabilities alone, one column per class, named by the class."
+        probas = cls.proba_columns(df.columns)
+        return df[probas].rename(columns={c: c.removeprefix(cls.PROBA) for c in probas})
+
 # %% ../../nbs/13_serve_log.ipynb #8eb4e296
 @dataclass
 class PredictionEntry:
@@ -235,23 +284,29 @@ def _column(arrays: list[np.ndarray]) -> pa.Array:
 def _group_table(entries: list[PredictionEntry]) -> pa.Table:
     first = entries[0]
     counts = np.array([len(e.ids) for e in entries])
-    cols = {"prediction_id": pa.array(list(itertools.chain.from_iterable(e.ids for e in entries)), pa.string()),
-            "timestamp": pa.array(np.repeat(np.array([e.timestamp for e in entries]) * 1e6, counts).astype("int64"), pa.timestamp("us", tz="UTC")),
-            "request_id": pa.array(np.repeat(np.array([e.request_id for e in entries], dtype=object), counts), pa.string()),
-            "model_name": pa.array(np.repeat(np.array([e.model_name for e in entries], dtype=object), counts), pa.string()),
-            "model_version": pa.array(np.repeat(np.array([e.model_version for e in entries], dtype=object), counts), pa.string()),
-            "variant": pa.array(np.repeat(np.array([e.variant for e in entries], dtype=object), counts), pa.string()),
-            "protocol": pa.array(np.repeat(np.array([e.protocol for e in entries], dtype=object), counts), pa.string()),
-            "latency_ms": pa.array(np.repeat(np.array([e.latency_s * 1000 for e in entries]), counts), pa.float64()),
-            "cached": pa.array([i < e.cached for e in entries for i in range(len(e.ids))], pa.bool_())}
+    C = LogColumns
+
+    def strings(attr: str) -> pa.Array:
+        return pa.array(np.repeat(np.array([getattr(e, attr) for e in entries], dtype=object), counts), pa.string())
+    micros = np.repeat(np.array([e.timestamp for e in entries]) * 1e6, counts).astype("int64")
+    cols = {C.PREDICTION_ID: pa.array(list(itertools.chain.from_iterable(e.ids for e in entries)), pa.string()),
+            C.TIMESTAMP: pa.array(micros, pa.timestamp("us", tz="UTC")),
+            C.REQUEST_ID: strings("request_id"), C.MODEL_NAME: strings("model_name"),
+            C.MODEL_VERSION: strings("model_version"), C.VARIANT: strings("variant"), C.PROTOCOL: strings("protocol"),
+            C.LATENCY_MS: pa.array(np.repeat(np.array([e.latency_s * 1000 for e in entries]), counts), pa.float64()),
+            C.CACHED: pa.array([i < e.cached for e in entries for i in range(len(e.ids))], pa.bool_())}
     rows = list(itertools.chain.from_iterable(e.rows for e in entries))
     for name, kind, values in zip(first.input_names, first.input_kinds, zip(*rows)):
-        cols[f"input.{name}"] = pa.array(values, pa.float64() if kind == "number" else pa.string(), from_pandas=True)
-    if "label" in first.outputs: cols["label"] = _column([e.outputs["label"] for e in entries])
+        kind_type = pa.float64() if kind == "number" else pa.string()
+        cols[C.input_column(name)] = pa.array(values, kind_type, from_pandas=True)
+    if "label" in first.outputs:
+        cols[C.LABEL] = _column([e.outputs["label"] for e in entries])
     if "probabilities" in first.outputs:
         proba = np.concatenate([e.outputs["probabilities"] for e in entries])
-        for j, cls in enumerate(first.classes or range(proba.shape[1])): cols[f"proba.{cls}"] = pa.array(proba[:, j].astype(np.float64))
-    if "variable" in first.outputs: cols["value"] = _column([e.outputs["variable"] for e in entries])
+        for j, cls in enumerate(first.classes or range(proba.shape[1])):
+            cols[C.proba_column(cls)] = pa.array(proba[:, j].astype(np.float64))
+    if "variable" in first.outputs:
+        cols[C.VALUE] = _column([e.outputs["variable"] for e in entries])
     return pa.table(cols)
 
 def prediction_table(entries: list[PredictionEntry]) -> pa.Table:
@@ -273,10 +328,13 @@ def feedback_table(entries: list[FeedbackEntry]) -> pa.Table:
     counts = [len(e.prediction_ids) for e in entries]
     labels = [l for e in entries for l in e.labels]
     numeric = all(isinstance(l, (int, float)) and not isinstance(l, bool) for l in labels)
-    return pa.table({"prediction_id": pa.array([i for e in entries for i in e.prediction_ids], pa.string()),
-                     "actual": pa.array([float(l) for l in labels]) if numeric else pa.array([str(l) for l in labels], pa.string()),
-                     "timestamp": pa.array(np.repeat(np.array([e.timestamp for e in entries]) * 1e6, counts).astype("int64"), pa.timestamp("us", tz="UTC")),
-                     "source": pa.array(np.repeat(np.array([e.source for e in entries], dtype=object), counts), pa.string())})
+    C = LogColumns
+    micros = np.repeat(np.array([e.timestamp for e in entries]) * 1e6, counts).astype("int64")
+    actual = pa.array([float(l) for l in labels]) if numeric else pa.array([str(l) for l in labels], pa.string())
+    sources = np.repeat(np.array([e.source for e in entries], dtype=object), counts)
+    return pa.table({C.PREDICTION_ID: pa.array([i for e in entries for i in e.prediction_ids], pa.string()),
+                     C.ACTUAL: actual, C.TIMESTAMP: pa.array(micros, pa.timestamp("us", tz="UTC")),
+                     C.SOURCE: pa.array(sources, pa.string())})
 
 class RecentIds:
     "Issues this process's prediction ids (a random prefix + a hex counter) and knows which of the last `capacity` issued were recorded, with no memory per id."
@@ -377,5 +435,7 @@ def logged_ids(directory: str | Path, ids: list[str], keys: LogKeys | None = Non
 
 def join_feedback(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
     "Predictions with the latest feedback for each (column `actual`, NaN where none arrived)."
-    latest = feedback.sort_values("timestamp").drop_duplicates("prediction_id", keep="last")[["prediction_id", "actual", "timestamp"]]
-    return predictions.merge(latest.rename(columns={"timestamp": "feedback_at"}), on="prediction_id", how="left")
+    C = LogColumns
+    latest = feedback.sort_values(C.TIMESTAMP).drop_duplicates(C.PREDICTION_ID, keep="last")
+    latest = latest[[C.PREDICTION_ID, C.ACTUAL, C.TIMESTAMP]]
+    return predictions.merge(latest.rename(columns={C.TIMESTAMP: C.FEEDBACK_AT}), on=C.PREDICTION_ID, how="left")

@@ -17,7 +17,7 @@ from fastcore.basics import patch
 
 from ..core.access import AccessDenied, Identity, Users, identify
 from ..core.audit import AuditLog
-from ..core.config import Config, Paths, file_md5, params_hash, write_json
+from ..core.config import Config, Paths, default_metric, file_md5, params_hash, write_json
 from ..core.errors import ConfigError, RegistryError, RegistryUnreachable
 
 # %% auto #0
@@ -57,7 +57,7 @@ HIGHER_IS_BETTER = {"roc_auc": True, "accuracy": True, "f1": True, "precision": 
                     "log_loss": False, "brier": False, "rmse": False, "mae": False, "r2": True}
 
 def gate_metric(cfg: Config) -> str:
-    m = cfg.registry.gates.metric or ("rmse" if cfg.data.task == "regression" else "roc_auc")
+    m = cfg.registry.gates.metric or default_metric(cfg.data.task).name
     valid = [k for k in HIGHER_IS_BETTER if (k in ("rmse", "mae", "r2")) == (cfg.data.task == "regression")]
     if m not in valid: raise RegistryError(f"registry.gates.metric: {m!r} is not a {cfg.data.task} metric (use one of {valid})")
     return m

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.config import ABConfig
 from ..core.errors import ConfigError, DataError
-from ..predlog.log import LogKeys, join_feedback, read_log
+from ..predlog.log import LogColumns, LogKeys, join_feedback, read_log
+from ..stats.decisions import proportion_test
 
 # %% auto #0
 __all__ = ['VariantStats', 'Comparison', 'labelled_outcomes', 'variant_stats', 'compare', 'ABReport', 'ab_report']
@@ -48,49 +50,55 @@ class Comparison:
 # %% ../../nbs/16_ab.ipynb #c05a7043
 def labelled_outcomes(predictions: pd.DataFrame, feedback: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     "Predictions with feedback, and an `outcome` column: 1/0 for a right/wrong label, or the absolute error. Also the metric's name."
+    C = LogColumns
     joined = join_feedback(predictions, feedback)
-    labelled = joined[joined["actual"].notna()].copy()
-    if "label" in predictions.columns:
-        labelled["outcome"] = (labelled["label"].astype(str) == labelled["actual"].astype(str)).astype(float)
+    labelled = joined[joined[C.ACTUAL].notna()].copy()
+    if C.LABEL in predictions.columns:
+        labelled["outcome"] = (labelled[C.LABEL].astype(str) == labelled[C.ACTUAL].astype(str)).astype(float)
         return labelled, "accuracy"
-    labelled["outcome"] = (labelled["value"].astype(float) - labelled["actual"].astype(float)).abs()
+    labelled["outcome"] = (labelled[C.VALUE].astype(float) - labelled[C.ACTUAL].astype(float)).abs()
     return labelled, "mae"
 
 def variant_stats(predictions: pd.DataFrame, labelled: pd.DataFrame, metric: str) -> list[VariantStats]:
     out = []
-    for variant, rows in predictions.groupby("variant", sort=True):
-        outcome = labelled.loc[labelled["variant"] == variant, "outcome"]
-        p50, p95, p99 = np.percentile(rows["latency_ms"], [50, 95, 99]) if len(rows) else (np.nan,) * 3
+    for variant, rows in predictions.groupby(LogColumns.VARIANT, sort=True):
+        outcome = labelled.loc[labelled[LogColumns.VARIANT] == variant, "outcome"]
+        p50, p95, p99 = np.percentile(rows[LogColumns.LATENCY_MS], [50, 95, 99]) if len(rows) else (np.nan,) * 3
         out.append(VariantStats(str(variant), len(rows), len(outcome), metric, float(outcome.mean()) if len(outcome) else float("nan"),
                                 float(p50), float(p95), float(p99)))
     return out
 
 # %% ../../nbs/16_ab.ipynb #a96b171f
-def compare(control: pd.Series, treatment: pd.Series, metric: str, alpha: float, min_labelled: int,
+def compare(control: pd.Series, treatment: pd.Series, metric: str, cfg: ABConfig, comparisons: int = 1,
             names: tuple[str, str] = ("control", "treatment")) -> Comparison:
-    "Treatment against control on per-prediction outcomes (1/0 correct, or absolute errors)."
+    "Treatment against control on per-prediction outcomes (1/0 correct, or absolute errors), one of `comparisons`."
     n_c, n_t = len(control), len(treatment)
-    higher = metric == "accuracy"
+    higher, alpha = metric == "accuracy", cfg.level(comparisons)
+    too_few = f"labels: {names[0]} {n_c}, {names[1]} {n_t}; need at least {cfg.min_labelled} each"
     if min(n_c, n_t) < 2:
         return Comparison(*names, metric, higher, float("nan"), float("nan"), float("nan"), float("nan"), alpha, "none",
-                          "not yet enough data", f"labels: {names[0]} {n_c}, {names[1]} {n_t}; need at least {min_labelled} each")
+                          "not yet enough data", too_few)
     if higher:
-        from statsmodels.stats.proportion import confint_proportions_2indep, proportions_ztest
+        from statsmodels.stats.proportion import confint_proportions_2indep
         s_c, s_t = int(control.sum()), int(treatment.sum())
-        if s_c + s_t in (0, n_c + n_t): p = 1.0                      # all wrong or all right on both sides: no variance to test
-        else: p = float(proportions_ztest([s_t, s_c], [n_t, n_c])[1])
+        rule = cfg.accuracy_rule(comparisons)
+        worse, better = proportion_test(s_t, n_t, s_c, n_c, rule), proportion_test(s_c, n_c, s_t, n_t, rule)
         low, high = confint_proportions_2indep(s_t, n_t, s_c, n_c, method="newcomb", compare="diff", alpha=alpha)
-        test, diff = "two-proportion z-test, Newcombe interval", s_t / n_t - s_c / n_c
+        test, diff, p = "two-proportion z-test, Newcombe interval", worse.difference, worse.p_value
+        enough, shown = worse.enough, "worse" if worse.worse else "better" if better.worse else None
     else:
         from scipy.stats import ttest_ind
         r = ttest_ind(treatment, control, equal_var=False)
         ci = r.confidence_interval(1 - alpha)
         p, low, high, test, diff = float(r.pvalue), ci.low, ci.high, "Welch's t-test", float(treatment.mean() - control.mean())
-    if min(n_c, n_t) < min_labelled: verdict, reason = "not yet enough data", f"labels: {names[0]} {n_c}, {names[1]} {n_t}; need at least {min_labelled} each"
-    elif p >= alpha: verdict, reason = "not yet enough data", f"p = {p:.3g} is not below {alpha:.3g}: no difference shown yet"
+        enough = min(n_c, n_t) >= cfg.min_labelled
+        shown = None if p >= alpha else "worse" if diff > 0 else "better"       # a larger absolute error is worse
+    if not enough:
+        verdict, reason = "not yet enough data", too_few
+    elif shown is None:
+        verdict, reason = "not yet enough data", f"p = {p:.3g} is not below {alpha:.3g}: no difference shown yet"
     else:
-        verdict = "better" if (diff > 0) == higher else "worse"
-        reason = f"p = {p:.3g} < {alpha:.3g}"
+        verdict, reason = shown, f"p = {p:.3g} < {alpha:.3g}"
     return Comparison(*names, metric, higher, float(diff), float(low), float(high), p, alpha, test, verdict, reason)
 
 # %% ../../nbs/16_ab.ipynb #3c9846ad
@@ -134,17 +142,20 @@ class ABReport:
         fig.tight_layout()
         return fig
 
-def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: str = "champion", alpha: float = 0.05,
-              min_labelled: int = 100, keys: LogKeys | None = None) -> ABReport:
-    "Compare every variant in the prediction log with `control`, on the labels in the feedback log (`keys`: the logs' encryption keys, if any)."
+def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: str = "champion",
+              cfg: ABConfig | None = None, keys: LogKeys | None = None) -> ABReport:
+    """Compare every variant in the prediction log with `control`, on the labels in the feedback log, by `cfg` (the `ab`
+    section of params.yaml; `keys`: the logs' encryption keys, if any)."""
+    C, cfg = LogColumns, cfg or ABConfig()
     predictions = read_log(predictions_dir, keys=keys)
-    if predictions.empty or "variant" not in predictions.columns: raise DataError(f"{predictions_dir}: no predictions logged")
-    feedback = read_log(feedback_dir, columns=["prediction_id", "actual", "timestamp"], keys=keys)
+    if predictions.empty or C.VARIANT not in predictions.columns:
+        raise DataError(f"{predictions_dir}: no predictions logged")
+    feedback = read_log(feedback_dir, columns=[C.PREDICTION_ID, C.ACTUAL, C.TIMESTAMP], keys=keys)
     labelled, metric = labelled_outcomes(predictions, feedback)
     variants = variant_stats(predictions, labelled, metric)
     names = [v.variant for v in variants]
     if control not in names: raise ConfigError(f"control variant {control!r} is not in the log (variants: {names})")
     others = [n for n in names if n != control]
-    outcome = lambda name: labelled.loc[labelled["variant"] == name, "outcome"]
-    comparisons = [compare(outcome(control), outcome(n), metric, alpha / max(len(others), 1), min_labelled, (control, n)) for n in others]
+    outcome = lambda name: labelled.loc[labelled[C.VARIANT] == name, "outcome"]
+    comparisons = [compare(outcome(control), outcome(n), metric, cfg, len(others), (control, n)) for n in others]
     return ABReport(variants, comparisons, control)

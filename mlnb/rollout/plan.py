@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # %% auto #0
-__all__ = ['BINS', 'OUTPUT_BINS', 'ACTIVE', 'key_point', 'Split', 'VariantWindow', 'load_statistics', 'output_drift',
-           'health_breaches', 'Decision', 'Rollout']
+__all__ = ['BINS', 'OUTPUT_BINS', 'ACTIVE', 'key_point', 'Split', 'VariantWindow', 'health_breaches', 'Decision', 'Rollout']
 
 # %% ../../nbs/17_rollout.ipynb #29f86c79
 def key_point(key: str, salt: str = "") -> float:
@@ -49,6 +48,7 @@ class Split:
 
 # %% ../../nbs/17_rollout.ipynb #cfc3fba0
 from ..core.config import RolloutPlan           # the plan lives in params.yaml (serve.rollout.plan)
+from ..stats.decisions import load_statistics, output_drift, proportion_test   # serving preloads through here
 
 BINS = 20
 OUTPUT_BINS = np.linspace(0, 1, BINS + 1)            # equal-width bins of a score in [0, 1]
@@ -80,20 +80,6 @@ class VariantWindow:
     @property
     def accuracy(self) -> float: return self.correct / self.labelled if self.labelled else float("nan")
 
-def load_statistics() -> None:
-    "Import the statistics the checks use (SciPy, statsmodels: about a second) ahead of the first look, so no request waits for it."
-    import scipy.spatial.distance, scipy.stats, statsmodels.stats.proportion  # noqa: F401
-
-def output_drift(a: VariantWindow, b: VariantWindow) -> tuple[float, float]:
-    "Jensen–Shannon distance (base 2, in [0, 1]) between two variants' output histograms, and the chi-square test's p-value."
-    from scipy.spatial.distance import jensenshannon
-    from scipy.stats import chi2_contingency
-    table = np.vstack([a.output_counts, b.output_counts])
-    sparse = table.sum(axis=0) < 10                       # thin bins make chi-square unreliable and inflate the distance: pool them
-    if sparse.any(): table = np.column_stack([table[:, ~sparse], table[:, sparse].sum(axis=1)])
-    table = table[:, table.sum(axis=0) > 0]
-    if table.shape[1] < 2 or not table[0].sum() or not table[1].sum(): return 0.0, 1.0
-    return float(jensenshannon(table[0], table[1], base=2)), float(chi2_contingency(table)[1])
 
 # %% ../../nbs/17_rollout.ipynb #a8282908
 def health_breaches(plan: RolloutPlan, control: VariantWindow, canary: VariantWindow, look: bool = True, concurrent: bool = True) -> list[str]:
@@ -105,14 +91,17 @@ def health_breaches(plan: RolloutPlan, control: VariantWindow, canary: VariantWi
         p99, base = canary.p99_ms, control.p99_ms
         if p99 > plan.min_p99_ms and p99 > plan.max_p99_ratio * base:
             out.append(f"p99 latency {p99:.1f} ms vs control {base:.1f} ms (allowed x{plan.max_p99_ratio:g})")
-        drift, p = output_drift(control, canary) if concurrent else (0.0, 1.0)
-        if drift > plan.max_output_drift and p < plan.drift_p_value:
-            out.append(f"output distribution shift {drift:.3f} (Jensen-Shannon distance; allowed {plan.max_output_drift:g}; chi-square p = {p:.2g})")
-    if look and min(canary.labelled, control.labelled) >= plan.min_labelled and canary.accuracy < control.accuracy - plan.max_accuracy_drop:
-        from statsmodels.stats.proportion import proportions_ztest
-        p = float(proportions_ztest([canary.correct, control.correct], [canary.labelled, control.labelled], alternative="smaller")[1])
-        if p < plan.accuracy_p_value:
-            out.append(f"online accuracy {canary.accuracy:.3f} vs control {control.accuracy:.3f} (allowed -{plan.max_accuracy_drop:g}; one-sided p = {p:.2g})")
+        rule = plan.output_drift_rule
+        drift = output_drift(control.output_counts, canary.output_counts, rule) if concurrent else None
+        if drift is not None and drift.drifted:
+            out.append(f"output distribution shift {drift.distance:.3f} (Jensen-Shannon distance; "
+                       f"allowed {rule.max_distance:g}; chi-square p = {drift.p_value:.2g})")
+    if look:
+        rule = plan.accuracy_rule
+        acc = proportion_test(canary.correct, canary.labelled, control.correct, control.labelled, rule)
+        if acc.worse:
+            out.append(f"online accuracy {acc.rate:.3f} vs control {acc.reference_rate:.3f} "
+                       f"(allowed -{rule.max_drop:g}; one-sided p = {acc.p_worse:.2g})")
     return out
 
 # %% ../../nbs/17_rollout.ipynb #11ca93b4

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..core.errors import ConfigError, DataError
 from ..features.spec import OTHER_CATEGORY, SMALL_REFERENCE, ColumnProfile, Profile, bin_counts, value_counts
+from .decisions import chi_square, count_table, jensen_shannon, two_proportion_z
 
 # %% auto #0
 __all__ = ['TESTS', 'P_VALUE_TESTS', 'default_test', 'CurrentSummary', 'ks_from_summary', 'wasserstein_from_summary', 'psi',
@@ -111,20 +112,16 @@ def applicable_tests(p: ColumnProfile) -> tuple[str, ...]:
 
 def run_test(s: CurrentSummary, test: str) -> float:
     "The statistic: a p-value for the tests (ks, chisquare, z), the distance for the others."
-    from scipy.spatial.distance import jensenshannon
     if test == "ks": return ks_from_summary(s)[1]
     if test == "wasserstein": return wasserstein_from_summary(s)
     if test == "psi": return psi(s.ref.psi_counts, s.psi_counts) if s.ref.kind == "numeric" else psi(*_tables(s)[1:])
     keys, ref, cur = _tables(s)
-    if test == "jensenshannon": return float(jensenshannon(ref / ref.sum(), cur / cur.sum()))
+    if test == "jensenshannon":
+        return jensen_shannon(count_table(ref, cur))
     if test == "chisquare":
-        from scipy.stats import chi2_contingency
-        table = np.vstack([ref, cur]); table = table[:, table.sum(axis=0) > 0]
-        return (1.0 if table.shape[1] < 2 else float(chi2_contingency(table)[1]))
+        return chi_square(count_table(ref, cur))
     if test == "z":
-        from statsmodels.stats.proportion import proportions_ztest
-        if len(keys) < 2: return 1.0
-        return float(proportions_ztest([ref[-1], cur[-1]], [ref.sum(), cur.sum()])[1])
+        return two_proportion_z(cur[-1], cur.sum(), ref[-1], ref.sum())[2] if len(keys) >= 2 else 1.0
     raise ConfigError(f"unknown drift test {test!r}; use one of {TESTS}")
 
 # %% ../../nbs/19_monitor_drift.ipynb #52d9d1e8

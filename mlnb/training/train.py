@@ -25,12 +25,12 @@ from sklearn.model_selection import (FixedThresholdClassifier, GridSearchCV, KFo
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
-from ..core.config import ConfigError, CostThreshold, Paths, TrainConfig, staged_outputs, write_json
+from ..core.config import ConfigError, CostThreshold, Paths, TrainConfig, default_metric, staged_outputs, write_json
 from ..features.spec import FeatureSpec, model_frame
 from ..features.transform import preprocessor
 
 # %% auto #0
-__all__ = ['FAMILIES', 'DEFAULT_METRIC', 'PROBE_ROWS', 'MIN_SEARCH_ROWS', 'THRESHOLD_GRID', 'ITERATION_PARAM', 'Family', 'family',
+__all__ = ['FAMILIES', 'PROBE_ROWS', 'MIN_SEARCH_ROWS', 'THRESHOLD_GRID', 'ITERATION_PARAM', 'Family', 'family',
            'candidate_pipeline', 'Candidate', 'search_points', 'search_family', 'coarse_seconds', 'time_one_fit',
            'FamilyPlan', 'search_seconds', 'plan_family', 'Threshold', 'threshold_rule', 'threshold_scorer',
            'positive_of', 'choose_threshold', 'with_threshold', 'pipeline_of', 'experiment_id', 'log_candidates',
@@ -70,8 +70,6 @@ FAMILIES = {f.name: f for f in [
            {"model__hidden_layer_sizes": [(32,), (64,), (32, 16)], "model__alpha": loguniform(1e-5, 1e-2),
             "model__learning_rate_init": loguniform(1e-3, 1e-2)}, scale=True),
 ]}
-
-DEFAULT_METRIC = {"binary": "roc_auc", "multiclass": "roc_auc_ovr", "regression": "neg_root_mean_squared_error"}
 
 def family(name: str, task: str) -> Family:
     if name not in FAMILIES: raise ConfigError(f"train.candidates: unknown family {name!r} (known: {sorted(FAMILIES)})")
@@ -419,7 +417,7 @@ def train(train_df: pd.DataFrame, valid_df: pd.DataFrame, spec: FeatureSpec, cfg
           track: bool = True, tags: dict | None = None, progress: bool = True, checkpoints: bool = True,
           positive_class=None) -> TrainResult:
     "Search every family within the budget, select the best on validation, choose its threshold (binary), refit on train + valid."
-    metric = cfg.metric or DEFAULT_METRIC[spec.task]
+    metric = cfg.metric or default_metric(spec.task).scorer
     for name in cfg.candidates: family(name, spec.task)    # fail on a bad list before any work
     X, y = model_frame(train_df, spec), train_df[spec.target]
     Xv, yv = model_frame(valid_df, spec), valid_df[spec.target]
