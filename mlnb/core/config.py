@@ -19,8 +19,8 @@ __all__ = ['Task', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'ConfigErro
            'ParityConfig', 'QuantizeConfig', 'ExportConfig', 'GatesConfig', 'RegistryConfig', 'ProjectConfig',
            'CacheConfig', 'LogEncryptionConfig', 'PredictionLogConfig', 'MicroBatchConfig', 'RolloutPlan',
            'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'RetrainConfig',
-           'Config', 'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5',
-           'params_hash', 'staged_outputs', 'write_json']
+           'Config', 'config_from_dict', 'parse_yaml', 'read_yaml', 'dump_yaml', 'load_config', 'Paths',
+           'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../../nbs/00_config.ipynb #46603c3d
 class ConfigError(ValueError):
@@ -337,13 +337,25 @@ def config_from_dict(raw: dict, source: str = "params") -> Config:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{source}: {problems}") from None
 
+def parse_yaml(text: str, source: str = "YAML text") -> dict:
+    "Parse YAML 1.2 text (ruamel, as DVC reads it), naming `source` when it is malformed."
+    from ruamel.yaml import YAML, YAMLError
+    try:
+        return YAML(typ="safe", pure=True).load(text) or {}
+    except YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
 def read_yaml(path: str | Path) -> dict:
     "Parse a YAML 1.2 file, naming the file when it is missing or malformed."
-    from ruamel.yaml import YAML, YAMLError
     path = Path(path)
     if not path.exists(): raise ConfigError(f"{path}: file not found")
-    try: return YAML(typ="safe", pure=True).load(path.read_text()) or {}
-    except YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_yaml(path.read_text(), str(path))
+
+def dump_yaml(data, **options) -> str:
+    """YAML text of plain data, keys in their order. Strings a YAML 1.1 reader would take for something else
+    (`Yes`, `on`, `1e3`) are quoted, so the file means the same to YAML 1.1 and 1.2 readers."""
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False, **options)
 
 def load_config(path: str | Path = "params.yaml") -> Config:
     "Read and validate params.yaml."

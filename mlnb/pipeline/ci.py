@@ -10,10 +10,9 @@ import contextlib, json, math, os, re, shutil, subprocess, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from tabulate import tabulate
 
-from ..core.config import Config, Paths, load_config
+from ..core.config import Config, Paths, load_config, parse_yaml, read_yaml
 
 # %% auto #0
 __all__ = ['RUNNING', 'FAILED', 'LOCAL_STORES', 'ESCAPING_ENV', 'tool', 'PipelineRun', 'parse_repro', 'run_pipeline',
@@ -78,7 +77,7 @@ def run_pipeline(cwd: str | Path = ".", targets: list[str] = (), force: bool = F
 
 def pipeline_stages(dvc_yaml: str | Path = "dvc.yaml") -> dict:
     "The stages of dvc.yaml, by name."
-    return (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
+    return read_yaml(dvc_yaml).get("stages", {})
 
 def _out_paths(stage: dict, kind: str = "outs") -> list[str]:
     return [next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])]
@@ -437,14 +436,14 @@ def _repro_check(project: Path, clone: Path, tolerance_metrics: float, tolerance
     env["PYTHONPATH"] = os.pathsep.join([str(clone), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     check.params_changes = prepare_clone(project, clone, env)
-    committed_lock = yaml.safe_load(git("show", f"{commit}:dvc.lock", cwd=project).stdout or "{}") or {}
+    committed_lock = parse_yaml(git("show", f"{commit}:dvc.lock", cwd=project).stdout, f"dvc.lock at {commit[:12]}")
     if not committed_lock: check.problems.append(f"dvc.lock is not committed at {commit[:12]}: nothing to compare with")
     check.pipeline = run_pipeline(clone, force=True, env=env, echo=echo)
     if not check.pipeline.ok:
         check.problems.append(f"the re-run failed at stage {check.pipeline.failed_stage or '?'}: {check.pipeline.error}")
         check.seconds = time.perf_counter() - start
         return check
-    check.outputs = compare_outputs(committed_lock, yaml.safe_load((clone / "dvc.lock").read_text()))
+    check.outputs = compare_outputs(committed_lock, read_yaml(clone / "dvc.lock"))
     for stage in pipeline_stages(clone / "dvc.yaml").values():
         for file in _out_paths(stage, "metrics"):
             shown = git("show", f"{commit}:{file}", cwd=project)

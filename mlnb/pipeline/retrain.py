@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.audit import AuditLog
-from ..core.config import Config, Paths, staged_outputs
+from ..core.config import Config, Paths, read_yaml, staged_outputs
 from ..data.schema import DataError, load_schema
 from ..data.ingest import validate
 from ..monitoring.check import MonitorResult, alert_kinds
@@ -82,9 +82,7 @@ def dvc_add(path: Path) -> str:
     "Version `path` with DVC (staging the .dvc file in git when the project is a git repo); the new md5."
     from dvc.repo import Repo
     with Repo(".", config={"core": {"autostage": True}}) as repo: repo.add(str(path))
-    dvcfile = path.with_name(path.name + ".dvc")
-    from ruamel.yaml import YAML
-    return YAML(typ="safe").load(dvcfile.read_text())["outs"][0]["md5"]
+    return read_yaml(path.with_name(path.name + ".dvc"))["outs"][0]["md5"]
 
 def add_data_version(rows: pd.DataFrame, path: Path, schema_path: str, target: str) -> tuple[int, str]:
     "Validate the new rows, append them to `path` and `dvc add` it. Returns (rows in the file, md5)."
