@@ -43,6 +43,26 @@ class ColumnSchema(BaseModel):
         if self.dtype != "date" and self.format: raise ValueError(f"format is for date columns, not {self.dtype}")
         return self
 
+    @property
+    def integer(self) -> bool:
+        "Whole numbers (an `int` column), also where missing values make pandas hold them as floats."
+        return self.dtype == "int"
+
+    @property
+    def pandas_dtype(self) -> str:
+        "The column's dtype once validated: float64 for a nullable int column (a missing value is a float NaN)."
+        return "float64" if self.integer and self.nullable else _DTYPES[self.dtype]
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        "The declared range [min, max]; an open end is -inf or inf."
+        return (-np.inf if self.min is None else self.min, np.inf if self.max is None else self.max)
+
+    @property
+    def categories(self) -> frozenset[str] | None:
+        "The allowed values as the text a model's string input carries; None when any value is allowed."
+        return None if self.allowed is None else frozenset(map(str, self.allowed))
+
 class DataSchema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     columns: dict[str, ColumnSchema]
@@ -53,6 +73,7 @@ class DataSchema(BaseModel):
         return [c for c, s in self.columns.items() if s.role == "feature"]
 
 def load_schema(path: str | Path) -> DataSchema:
+    "Read a schema file: the one reader, which ingest, features, the serving contract and robustness all start from."
     try: return DataSchema.model_validate(read_yaml(path))
     except ValidationError as e: raise ConfigError(f"{path}: invalid schema: {e}") from None
 
