@@ -128,8 +128,10 @@ def decide(cfg: Config, registry, registration: dict) -> tuple[str, str]:
                                  + (" (it then becomes the challenger)" if cfg.retrain.challenger_on_approval else ""))
 
 # %% ../../nbs/21_monitor_retrain.ipynb #947b8149
-def retrain(cfg: Config, trigger: str, paths: Paths = Paths(), user: str | None = None, secret: str | None = None) -> RetrainResult:
-    "Labelled traffic → new data version → dvc repro → registered candidate → challenger (by the gates and approval rules). Audited."
+def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | None = None,
+            secret: str | None = None) -> RetrainResult:
+    """Labelled traffic → new data version → dvc repro → registered candidate → challenger (by the gates and approval rules). Audited.
+    The registration record is read from the catalog (`cfg.paths` unless given)."""
     from filelock import FileLock, Timeout
     from mlnb.registry.store import Registry
     registry = Registry.from_config(cfg, user, secret)
@@ -156,7 +158,7 @@ def retrain(cfg: Config, trigger: str, paths: Paths = Paths(), user: str | None 
             total, md5 = add_data_version(rows, data_path, cfg.data.schema_path, cfg.data.target)
             audit.append(actor, "retrain-data", run=run, path=str(data_path), new_rows=len(rows), rows=total, md5=md5)
             seconds = run_pipeline(out_dir / f"{run}.log")
-            registration = json.loads(paths.registration.read_text())
+            registration = json.loads((cfg.paths if paths is None else paths).registration.read_text())
             audit.append(actor, "retrain-pipeline", run=run, seconds=round(seconds, 1), log=str(out_dir / f"{run}.log"))
             audit.append(actor, "retrain-registered", run=run, model=registration["name"], version=registration["version"],
                          created=registration["created"], gates_passed=registration["gates_passed"])

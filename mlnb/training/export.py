@@ -186,8 +186,9 @@ class ExportResult:
         "Size, single-row latency and test score of each variant."
         return pd.DataFrame(self.report["variants"]).T
 
-    def save(self, paths: Paths = Paths(), metrics_path: str | Path = "metrics/export.json") -> None:
-        finals = [paths.onnx, paths.export_report, Path(metrics_path)] + ([paths.onnx_int8] if self.quantized else [])
+    def save(self, paths: Paths = Paths()) -> None:
+        "The ONNX model (and the int8 one, when kept), the export report and the DVC metrics file, all or nothing."
+        finals = [paths.onnx, paths.export_report, paths.export_metrics] + ([paths.onnx_int8] if self.quantized else [])
         with staged_outputs(*finals) as temps:
             Path(temps[0]).write_bytes(self.proto.SerializeToString())
             write_json(self.report, temps[1])
