@@ -111,8 +111,10 @@ def main() -> None:
     os.chdir(ROOT)
     from mlnb.pipeline.batch import batch_predict, load_model
     from mlnb.core.config import load_config
-    if not Path("models/registration.json").exists(): sys.exit("no registered model: run `make run` first")
-    model = load_model(load_config("params.yaml"))
+    cfg = load_config("params.yaml")
+    if not cfg.paths.registration.exists():
+        sys.exit("no registered model: run `make run` first")
+    model = load_model(cfg)
     model_path = model.path.resolve()
     data = dataset(args.rows)
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from cachetools import TTLCache
 
+from mlnb.core.config import load_config
 from mlnb.data.schema import load_schema
 from mlnb.model.onnx import OnnxModel
 from mlnb.predlog.log import RecentIds
@@ -99,9 +100,11 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=100_000)
     args = ap.parse_args()
     n = args.entries
-    model = OnnxModel(ROOT / "models/onnx/model.onnx")
-    contract = contract_from(model.inputs, load_schema(ROOT / "schema/telco_churn.yaml"), "churn", 1000)
-    records = json.loads(pd.read_parquet(ROOT / "data/processed/test.parquet").drop(columns=["churn"]).to_json(orient="records"))
+    cfg = load_config(ROOT / "params.yaml")
+    model = OnnxModel(ROOT / cfg.paths.onnx)
+    contract = contract_from(model.inputs, load_schema(ROOT / cfg.data.schema_path), "churn", 1000)
+    test = pd.read_parquet(ROOT / cfg.paths.test).drop(columns=[cfg.data.target])
+    records = json.loads(test.to_json(orient="records"))
     print(f"{n} distinct rows of the test split, {len(contract.names)} inputs; outputs {model.outputs}", flush=True)
 
     print("\nmemory per entry (tracemalloc, a full cache of the rows; rows scored in batches of 64)")

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mlnb.core.config import load_config  # noqa: E402
 from mlnb.data.datasets import demo_datasets  # noqa: E402
+from mlnb.data.schema import load_schema  # noqa: E402
 
 BIN = Path(sys.executable).parent
 STAGES = ["ingest", "featurize", "train", "evaluate", "export", "register"]
@@ -79,9 +80,10 @@ def baseline(project: Path, target: str, task: str) -> dict:
     "Default HistGradientBoosting with native categorical support, fitted on train + valid, scored on test."
     from sklearn import metrics
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
-    schema = yaml.safe_load((project / yaml.safe_load((project / "params.yaml").read_text())["data"]["schema"]).read_text())
-    ids = {c for c, s in schema["columns"].items() if s.get("role", "feature") != "feature"}
-    split = {n: pd.read_parquet(project / f"data/processed/{n}.parquet") for n in ("train", "valid", "test")}
+    cfg = load_config(project / "params.yaml")
+    schema = load_schema(project / cfg.data.schema_path)
+    ids = set(schema.columns) - set(schema.feature_columns)
+    split = {n: pd.read_parquet(project / cfg.paths.split(n)) for n in ("train", "valid", "test")}
     fit_df, test_df = pd.concat([split["train"], split["valid"]], ignore_index=True), split["test"]
     columns, categorical = [], []
     for c in fit_df.columns:
@@ -124,11 +126,12 @@ def run_one(ds, root: Path) -> dict:
         print(f"  {ds.name:14s} {stage:10s} {seconds:7.1f} s  {rss:7.0f} MiB", flush=True)
         if r.returncode != 0: return {**row, "error": f"stage {stage} failed:\n{r.stdout[-3000:]}"}
     row["total_seconds"] = round(sum(row["stages"].values()), 1)
-    ev = json.loads((project / "metrics/evaluate.json").read_text())
-    board = json.loads((project / "models/leaderboard.json").read_text())
+    paths = load_config(project / "params.yaml").paths
+    ev = json.loads((project / paths.evaluate_metrics).read_text())
+    board = json.loads((project / paths.leaderboard).read_text())
     metric = "rmse" if ds.task == "regression" else "roc_auc"
     row.update(metric=metric, score=ev[metric], selected=board.get("selected"), threshold=board.get("threshold"),
-               registration=json.loads((project / "models/registration.json").read_text()).get("status"))
+               registration=json.loads((project / paths.registration).read_text()).get("status"))
     row["baseline"] = baseline(project, ds.target, ds.task)
     return row
 

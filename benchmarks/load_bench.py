@@ -139,10 +139,13 @@ def main() -> None:
     ap.add_argument("--skip-repeated", action="store_true", help="measure only fresh (cache-missing) traffic, with and without the cache")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
-    onnx_path = ROOT / "models/onnx/model.onnx"
-    if not onnx_path.exists(): raise SystemExit("models/onnx/model.onnx not found: run `make run` first")
+    from mlnb.core.config import load_paths
+    catalog = load_paths(ROOT / "params.yaml")
+    onnx_path = ROOT / catalog.onnx
+    if not onnx_path.exists():
+        raise SystemExit(f"{catalog.onnx} not found: run `make run` first")
     from mlnb.model.signing import ensure_signing_key, sign_model
-    rows = json.loads(pd.read_parquet(ROOT / "data/processed/test.parquet").drop(columns=["churn"]).to_json(orient="records"))
+    rows = json.loads(pd.read_parquet(ROOT / catalog.test).drop(columns=["churn"]).to_json(orient="records"))
     results = []
     print(f"{args.requests} requests at concurrency {args.concurrency} (warm-up {args.warmup}); 4 in 5 single rows, the rest 2-8 rows", flush=True)
     with tempfile.TemporaryDirectory(prefix="mlnb-load-") as tmp:

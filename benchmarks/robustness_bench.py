@@ -11,7 +11,7 @@ import argparse, statistics, time
 import joblib
 import pandas as pd
 
-from mlnb.core.config import Paths, load_config
+from mlnb.core.config import load_config
 from mlnb.data.schema import load_schema
 from mlnb.evaluation.evaluate import evaluate
 from mlnb.features.spec import FeatureSpec, Profile
@@ -24,7 +24,8 @@ def timed(fn) -> tuple[float, float]:
 
 
 def main(repeats: int) -> None:
-    cfg, paths = load_config("params.yaml"), Paths()
+    cfg = load_config("params.yaml")
+    paths = cfg.paths
     model, spec = joblib.load(paths.model), FeatureSpec.load(paths.feature_spec)
     test = pd.read_parquet(paths.split("test"))
     reference, schema = Profile.load(paths.reference_profile), load_schema(cfg.data.schema_path)

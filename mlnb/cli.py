@@ -13,20 +13,20 @@ from typing import Optional
 
 import typer
 
-from .core.config import Paths, load_config, staged_outputs, write_json
+from .core.config import Paths, load_config, load_paths, staged_outputs, write_json
 from .core.errors import ConfigError, InitRefused, MlnbError, ServerError, StageFailed
 
 # %% auto #0
-__all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'REPORTS_DIR', 'KERNEL',
-           'MAX_CLASS_LEVELS', 'NO_SWAP_GATE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app',
-           'URL', 'REASON', 'API_KEY', 'CACERT', 'log_key_app', 'exit_on_error', 'Commands', 'stage_notebook',
-           'to_html', 'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel', 'run_stage', 'stage',
-           'run_summary', 'summary', 'schema_infer', 'infer_task', 'choose_positive', 'InitPlan', 'init_params',
-           'plan_init', 'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve',
-           'registry_reject', 'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage',
-           'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list',
-           'api_key_revoke', 'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start',
-           'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'batch_predict_cmd', 'ci_cmd', 'repro_check_cmd']
+__all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'KERNEL', 'MAX_CLASS_LEVELS',
+           'NO_SWAP_GATE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON',
+           'API_KEY', 'CACERT', 'log_key_app', 'exit_on_error', 'Commands', 'stage_notebook', 'to_html',
+           'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel', 'run_stage', 'stage', 'run_summary',
+           'summary', 'schema_infer', 'infer_task', 'choose_positive', 'InitPlan', 'init_params', 'plan_init',
+           'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
+           'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
+           'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
+           'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
+           'retrain_cmd', 'log_key_new', 'batch_predict_cmd', 'ci_cmd', 'repro_check_cmd']
 
 # %% ../nbs/06_cli.ipynb #3812a1e6
 def exit_on_error(command):
@@ -57,7 +57,7 @@ users_app = Commands(help="Registry users and roles.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry"); app.add_typer(audit_app, name="audit"); app.add_typer(users_app, name="users")
 
 # %% ../nbs/06_cli.ipynb #2b7c7386
-STAGES_DIR, REPORTS_DIR = Path("nbs/stages"), Path("reports")
+STAGES_DIR = Path("nbs/stages")
 KERNEL = "mlnb"
 
 def stage_notebook(name: str) -> Path:
@@ -106,13 +106,15 @@ def stop_orphaned_kernel(record: Path) -> int:
     record.unlink(missing_ok=True)
     return len(left)
 
-def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, reports_dir: Path = REPORTS_DIR, parameters: dict | None = None) -> Path:
-    "Execute a stage notebook with papermill; write REPORTS_DIR/NAME.ipynb and .html atomically."
+def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, reports_dir: Path | None = None,
+              parameters: dict | None = None) -> Path:
+    "Execute a stage notebook with papermill; write NAME.ipynb and .html atomically to `reports_dir` or paths.reports."
     import papermill as pm
     from jupyter_client.utils import run_sync
     from nbclient.exceptions import DeadKernelError
     nb = stage_notebook(name)
-    reports_dir = Path(reports_dir); reports_dir.mkdir(parents=True, exist_ok=True)
+    reports_dir = load_paths(params).reports if reports_dir is None else Path(reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
     final, html, failed = reports_dir / nb.name, reports_dir / f"{nb.stem}.html", reports_dir / f"{nb.stem}.failed.ipynb"
     tmp, html_tmp = reports_dir / f".{nb.stem}.running.ipynb", reports_dir / f".{nb.stem}.running.html"
     failed.unlink(missing_ok=True)
@@ -144,14 +146,14 @@ def stage(name: str = typer.Argument(..., help="Stage notebook, e.g. ingest or 0
     typer.echo(f"{name}: wrote {out}")
 
 # %% ../nbs/06_cli.ipynb #790d0e03
-def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.json") -> str:
-    "A short text summary of the last run's outputs."
+def run_summary(paths: Paths = Paths()) -> str:
+    "A short text summary of the last run's outputs (the catalog's files)."
     from mlnb.evaluation.card import threshold_text
-    needed = [paths.leaderboard, Path(metrics_path), paths.export_report]
+    needed = [paths.leaderboard, paths.evaluate_metrics, paths.export_report]
     missing = [str(p) for p in needed if not Path(p).exists()]
     if missing: raise ConfigError(f"no complete run yet (missing {', '.join(missing)}); run `make run` or `dvc repro`")
     board = json.loads(paths.leaderboard.read_text())
-    metrics = json.loads(Path(metrics_path).read_text())
+    metrics = json.loads(paths.evaluate_metrics.read_text())
     report = json.loads(paths.export_report.read_text())
     lines = [f"selected model : {board['selected']} (validation {board['metric']} {board['candidates'][0]['valid_score']:.4f})",
              "candidates     : " + ", ".join(f"{c['family']} {c['valid_score']:.4f}" for c in board["candidates"]),
@@ -172,9 +174,9 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
     return "\n".join(lines)
 
 @app.command()
-def summary():
+def summary(params: str = typer.Option("params.yaml", help="Params file (where the outputs are: paths)")):
     "Print the selected model, its test metrics and the ONNX path."
-    typer.echo(run_summary())
+    typer.echo(run_summary(load_paths(params)))
 
 # %% ../nbs/06_cli.ipynb #e78f7f28
 @schema_app.command("infer")
@@ -459,7 +461,7 @@ def registry_history(name: str, params: str = PARAMS, user: Optional[str] = USER
 def registry_lineage(name: str, version: str, params: str = PARAMS, user: Optional[str] = USER):
     "Print raw data → processed data → features → run → version, and whether the working tree still matches."
     from mlnb.registry.store import working_tree_lineage
-    table = _registry(params, user, name).lineage(version, working_tree_lineage(load_config(params), Paths()))
+    table = _registry(params, user, name).lineage(version, working_tree_lineage(load_config(params)))
     typer.echo(table.to_string(index=False))
     checked = table.dropna(subset=["matches"])
     typer.echo("working tree matches this version" if checked["matches"].all() else
@@ -706,7 +708,7 @@ def synth(output: Path = typer.Argument(..., help="Where to write: .csv or .parq
 # %% ../nbs/06_cli.ipynb #2f355785
 @app.command()
 def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The window: this many hours up to now (default: monitor.window_hours)"),
-            model: Optional[Path] = typer.Option(None, help="The served ONNX model, for prediction drift (default: models/onnx/model.onnx)"),
+            model: Optional[Path] = typer.Option(None, help="The served ONNX model, for prediction drift (default: paths.onnx in params)"),
             fail_on_alert: bool = typer.Option(False, help="Exit 2 when the check raises an alert"),
             report: bool = typer.Option(False, help="Also write the monitoring notebook with plots (and its HTML) to monitor.output_dir"),
             retrain: bool = typer.Option(True, help="Retrain when retrain.triggers or retrain.every_days says so"),
@@ -717,7 +719,7 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
     from mlnb.monitoring.check import run_monitor
     cfg = load_config(params)
     until = datetime.now(timezone.utc)
-    result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
+    result = run_monitor(cfg, cfg.paths, until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
     typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows" + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)"))
     if result.drift:
         typer.echo(f"feature drift: {len(result.drift['drifted_columns'])} of {len(result.drift['columns'])} columns ({', '.join(result.drift['drifted_columns']) or 'none'}); "
@@ -738,7 +740,7 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
 def _retrain(cfg, trigger: str, user: str | None) -> None:
     from mlnb.pipeline.retrain import retrain as run_retrain
     typer.echo(f"retraining ({trigger}) ...")
-    r = run_retrain(cfg, trigger, Paths(), user)
+    r = run_retrain(cfg, trigger, cfg.paths, user)
     typer.echo(f"retrain {r.run}: {r.status}" + (f", {r.new_rows} new labelled rows (data md5 {r.data_md5})" if r.data_md5 else "") + f": {r.detail}")
 
 @app.command("retrain")

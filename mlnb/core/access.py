@@ -10,10 +10,9 @@ import getpass, hashlib, hmac, os, secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import read_yaml, staged_outputs
+from .config import dump_yaml, read_yaml, staged_outputs
 from .errors import AccessDenied, ConfigError
 
 # %% auto #0
@@ -53,7 +52,7 @@ class Users(BaseModel):
     def save(self, path: str | Path) -> None:
         with staged_outputs(path) as tmp:
             Path(tmp).write_text("# Registry users and roles (see mlnb.core.access). Secrets are stored as salted scrypt hashes.\n"
-                                 + yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False))
+                                 + dump_yaml(self.model_dump(exclude_defaults=False)))
 
 def hash_secret(secret: str, salt: bytes | None = None) -> str:
     salt = salt or secrets.token_bytes(16)

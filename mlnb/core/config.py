@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib, hashlib, json, os, random, tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,13 +18,13 @@ from .errors import ConfigError
 
 # %% auto #0
 __all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'TaskMetric', 'default_metric',
-           'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'DecisionCosts', 'CostThreshold',
+           'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'Paths', 'DecisionCosts', 'CostThreshold',
            'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
            'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
            'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'RolloutPlan', 'RolloutConfig',
            'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'ABConfig', 'RetrainConfig',
-           'Config', 'config_from_dict', 'read_yaml', 'load_config', 'Paths', 'seed_everything', 'file_md5',
-           'params_hash', 'staged_outputs', 'write_json']
+           'Config', 'config_from_dict', 'parse_yaml', 'read_yaml', 'dump_yaml', 'load_config', 'load_paths',
+           'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
 
 # %% ../../nbs/00_config.ipynb #46603c3d
 class _Strict(BaseModel):
@@ -96,6 +96,64 @@ class FeaturesConfig(_Strict):
     exclude: list[str] = []
     derived: list[DerivedFeature] = []
     max_categories: int = Field(32, ge=2)   # one-hot width cap per categorical: the max_categories - 1 most frequent values + one bucket
+
+# %% ../../nbs/00_config.ipynb #898e0f6a
+class Paths(_Strict):
+    "The artefact catalog: where each stage's outputs live (params.yaml `paths:`, dvc.yaml `${paths.NAME}`)."
+    processed: Path = Path("data/processed")                     # ingest: one DVC output (splits, cleaning log)
+    train: Path = Path("data/processed/train.parquet")
+    valid: Path = Path("data/processed/valid.parquet")
+    test: Path = Path("data/processed/test.parquet")
+    cleaning_log: Path = Path("data/processed/cleaning.json")
+    features: Path = Path("features")                            # featurize: one DVC output
+    feature_spec: Path = Path("features/feature_spec.json")
+    reference_profile: Path = Path("features/reference_profile.json")
+    model: Path = Path("models/model.joblib")                    # train
+    leaderboard: Path = Path("models/leaderboard.json")
+    train_metrics: Path = Path("metrics/train.json")
+    evaluate_metrics: Path = Path("metrics/evaluate.json")       # evaluate
+    plots: Path = Path("plots/evaluate")                         # the plot tables (CSV) and figures (PNG)
+    onnx_dir: Path = Path("models/onnx")                         # export: one DVC output
+    onnx: Path = Path("models/onnx/model.onnx")
+    onnx_int8: Path = Path("models/onnx/model.int8.onnx")
+    export_report: Path = Path("models/onnx/export_report.json")
+    export_metrics: Path = Path("metrics/export.json")
+    registration: Path = Path("models/registration.json")        # register
+    reports: Path = Path("reports")                              # every stage: its executed notebook and the HTML copy
+
+    INSIDE: ClassVar[dict[str, tuple[str, ...]]] = {             # directory output -> the catalog files written into it
+        "processed": ("train", "valid", "test", "cleaning_log"), "features": ("feature_spec", "reference_profile"),
+        "onnx_dir": ("onnx", "onnx_int8", "export_report")}
+
+    @field_validator("*")
+    @classmethod
+    def _in_project(cls, p: Path, info) -> Path:
+        if p.is_absolute() or ".." in p.parts or p == Path("."):
+            example = cls.model_fields[info.field_name].default
+            raise ValueError(f"{p} must be a path inside the project, relative to its root (e.g. {example})")
+        return p
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for directory, files in self.INSIDE.items():
+            root = getattr(self, directory)
+            for name in files:
+                path = getattr(self, name)
+                if path == root or not path.is_relative_to(root):
+                    raise ValueError(f"paths.{name} ({path}) must lie inside paths.{directory} ({root}): "
+                                     f"that directory is one DVC output, and a file outside it would not be tracked")
+        seen = {}
+        for name, path in self:
+            if path in seen:
+                raise ValueError(f"paths.{name} and paths.{seen[path]} are the same path ({path})")
+            seen[path] = name
+        return self
+
+    def split(self, name: str) -> Path:
+        "The Parquet file of the split `name` (train, valid or test)."
+        if name not in ("train", "valid", "test"):
+            raise ValueError(f"no split named {name!r}: train, valid or test")
+        return getattr(self, name)
 
 # %% ../../nbs/00_config.ipynb #087d59aa
 class DecisionCosts(_Strict):
@@ -388,6 +446,7 @@ class Config(_Strict):
     ab: ABConfig = ABConfig()
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
+    paths: Paths = Paths()                  # the artefact catalog; not a parameter of the run (see params_hash)
 
     @property
     def model_name(self) -> str: return self.registry.model_name or self.project.name
@@ -402,47 +461,33 @@ def config_from_dict(raw: dict, source: str = "params") -> Config:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{source}: {problems}") from None
 
+def parse_yaml(text: str, source: str = "YAML text") -> dict:
+    "Parse YAML 1.2 text (ruamel, as DVC reads it), naming `source` when it is malformed."
+    from ruamel.yaml import YAML, YAMLError
+    try:
+        return YAML(typ="safe", pure=True).load(text) or {}
+    except YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
 def read_yaml(path: str | Path) -> dict:
     "Parse a YAML 1.2 file, naming the file when it is missing or malformed."
-    from ruamel.yaml import YAML, YAMLError
     path = Path(path)
     if not path.exists(): raise ConfigError(f"{path}: file not found")
-    try: return YAML(typ="safe", pure=True).load(path.read_text()) or {}
-    except YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_yaml(path.read_text(), str(path))
+
+def dump_yaml(data, **options) -> str:
+    """YAML text of plain data, keys in their order. Strings a YAML 1.1 reader would take for something else
+    (`Yes`, `on`, `1e3`) are quoted, so the file means the same to YAML 1.1 and 1.2 readers."""
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False, **options)
 
 def load_config(path: str | Path = "params.yaml") -> Config:
     "Read and validate params.yaml."
     return config_from_dict(read_yaml(path), str(path))
 
-# %% ../../nbs/00_config.ipynb #5cfef10d
-class Paths(_Strict):
-    processed: Path = Path("data/processed")
-    features: Path = Path("features")
-    models: Path = Path("models")
-    metrics: Path = Path("metrics")
-    plots: Path = Path("plots")
-
-    @property
-    def cleaning_log(self): return self.processed / "cleaning.json"
-    def split(self, name: str) -> Path: return self.processed / f"{name}.parquet"
-    @property
-    def feature_spec(self): return self.features / "feature_spec.json"
-    @property
-    def reference_profile(self): return self.features / "reference_profile.json"
-    @property
-    def model(self): return self.models / "model.joblib"
-    @property
-    def leaderboard(self): return self.models / "leaderboard.json"
-    @property
-    def onnx_dir(self): return self.models / "onnx"
-    @property
-    def onnx(self): return self.onnx_dir / "model.onnx"
-    @property
-    def onnx_int8(self): return self.onnx_dir / "model.int8.onnx"
-    @property
-    def export_report(self): return self.onnx_dir / "export_report.json"
-    @property
-    def registration(self): return self.models / "registration.json"
+def load_paths(path: str | Path = "params.yaml") -> Paths:
+    "The artefact catalog of a params file, validated on its own: for tools that run before a stage checks the rest."
+    return config_from_dict({"paths": read_yaml(path).get("paths") or {}}, str(path)).paths
 
 # %% ../../nbs/00_config.ipynb #2947291f
 def seed_everything(seed: int) -> None:
@@ -455,8 +500,9 @@ def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 def params_hash(cfg: Config) -> str:
-    "sha256 of the run's parameters in canonical JSON: equal params, equal hash."
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True).encode()).hexdigest()
+    "sha256 of the run's parameters in canonical JSON: equal params, equal hash (where artefacts go is not one)."
+    params = cfg.model_dump(mode="json", by_alias=True, exclude={"paths"})
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 # %% ../../nbs/00_config.ipynb #297c0fed
 def _umask() -> int:

@@ -16,8 +16,8 @@ import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 from sklearn.model_selection import train_test_split
 
-from ..core.config import ConfigError, DataConfig, Paths, read_yaml, staged_outputs, write_json
-from .schema import (DATE_FORMATS, ID_MIN_ROWS, _DTYPES, ColumnSchema, DataError, DataSchema, date_parts,
+from ..core.config import ConfigError, DataConfig, Paths, staged_outputs, write_json
+from .schema import (DATE_FORMATS, ID_MIN_ROWS, ColumnSchema, DataError, DataSchema, date_parts,
                               date_regex, is_date, load_schema)
 
 # %% auto #0
@@ -32,7 +32,7 @@ def _column_checks(spec: ColumnSchema) -> list[pa.Check]:
     if spec.min is not None: checks.append(pa.Check.ge(spec.min, error=f"must be >= {spec.min:g}"))
     if spec.max is not None: checks.append(pa.Check.le(spec.max, error=f"must be <= {spec.max:g}"))
     if spec.allowed is not None: checks.append(pa.Check.isin(spec.allowed, error=f"must be one of {spec.allowed} (unknown category)"))
-    if spec.dtype == "int" and spec.nullable:
+    if spec.integer and spec.nullable:
         checks.append(pa.Check(lambda s: s.isna() | (s % 1 == 0), error="must be a whole number"))
     if spec.dtype == "date": checks.append(pa.Check(lambda s: s.isna() | is_date(s, spec.format), error=f"must be a date written {spec.format!r}"))
     return checks
@@ -41,8 +41,7 @@ def pandera_schema(schema: DataSchema) -> pa.DataFrameSchema:
     "The pandera schema that enforces `schema` (types coerced, checks per column)."
     cols = {}
     for name, spec in schema.columns.items():
-        dtype = "float64" if spec.dtype == "int" and spec.nullable else _DTYPES[spec.dtype]
-        cols[name] = pa.Column(dtype, _column_checks(spec), nullable=spec.nullable, coerce=True)
+        cols[name] = pa.Column(spec.pandas_dtype, _column_checks(spec), nullable=spec.nullable, coerce=True)
     return pa.DataFrameSchema(cols, strict=schema.extra_columns == "error", coerce=True)
 
 # %% ../../nbs/01a_ingest.ipynb #fa140c4c

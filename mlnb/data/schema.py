@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..core.config import read_yaml
+from ..core.config import dump_yaml, read_yaml
 from ..core.errors import ConfigError, DataError
 
 # %% auto #0
@@ -42,6 +41,26 @@ class ColumnSchema(BaseModel):
         if self.dtype != "date" and self.format: raise ValueError(f"format is for date columns, not {self.dtype}")
         return self
 
+    @property
+    def integer(self) -> bool:
+        "Whole numbers (an `int` column), also where missing values make pandas hold them as floats."
+        return self.dtype == "int"
+
+    @property
+    def pandas_dtype(self) -> str:
+        "The column's dtype once validated: float64 for a nullable int column (a missing value is a float NaN)."
+        return "float64" if self.integer and self.nullable else _DTYPES[self.dtype]
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        "The declared range [min, max]; an open end is -inf or inf."
+        return (-np.inf if self.min is None else self.min, np.inf if self.max is None else self.max)
+
+    @property
+    def categories(self) -> frozenset[str] | None:
+        "The allowed values as the text a model's string input carries; None when any value is allowed."
+        return None if self.allowed is None else frozenset(map(str, self.allowed))
+
 class DataSchema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     columns: dict[str, ColumnSchema]
@@ -52,6 +71,7 @@ class DataSchema(BaseModel):
         return [c for c, s in self.columns.items() if s.role == "feature"]
 
 def load_schema(path: str | Path) -> DataSchema:
+    "Read a schema file: the one reader, which ingest, features, the serving contract and robustness all start from."
     try: return DataSchema.model_validate(read_yaml(path))
     except ValidationError as e: raise ConfigError(f"{path}: invalid schema: {e}") from None
 
@@ -130,4 +150,4 @@ ID_MIN_ROWS = 20
 
 def schema_to_yaml(schema: DataSchema) -> str:
     body = {name: spec.model_dump(exclude_defaults=True) for name, spec in schema.columns.items()}
-    return yaml.safe_dump({"columns": body}, sort_keys=False, default_flow_style=None, width=120)
+    return dump_yaml({"columns": body}, default_flow_style=None, width=120)

@@ -71,8 +71,8 @@ def perturbation_space(spec: FeatureSpec, reference: Profile, schema: DataSchema
             else: std = p.std or 0.0
             if not std > 0: continue                                           # a constant column has no scale to move by
             s = columns.get(c)
-            numeric[c] = NumericRange(std, s.min if s is not None and s.min is not None else -np.inf,
-                                      s.max if s is not None and s.max is not None else np.inf, s is not None and s.dtype == "int")
+            low, high = s.bounds if s is not None else (-np.inf, np.inf)
+            numeric[c] = NumericRange(std, low, high, s is not None and s.integer)
         elif p.categories:
             categories[c], left_out = _categories(p, c in spec.passthrough, max_categories)
             if left_out: untried[c] = left_out

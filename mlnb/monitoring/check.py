@@ -220,11 +220,13 @@ def reference_scores(paths: Paths, model_path: Path, positive) -> np.ndarray:
     classes = json.loads(model.metadata.get("classes", "[]")) or None
     return out["probabilities"][:, classes.index(str(positive)) if classes and str(positive) in map(str, classes) else -1]
 
-def run_monitor(cfg: Config, paths: Paths = Paths(), since: datetime | None = None, until: datetime | None = None,
-                model_path: str | Path | None = None, metrics_dir: str | Path = "metrics", pushgateway: str | None = None) -> MonitorResult:
-    "Check the prediction log's window and write latest.json, the window's own JSON and the feature history; alert the webhook."
+def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None = None, until: datetime | None = None,
+                model_path: str | Path | None = None, pushgateway: str | None = None) -> MonitorResult:
+    """Check the prediction log's window and write latest.json, the window's own JSON and the feature history;
+    alert the webhook. The reference (profile, test split, model, evaluation) is from the catalog (`cfg.paths`)."""
     from mlnb.predlog.log import log_keys, read_log
     m, pl = cfg.monitor, cfg.serve.prediction_log
+    paths = cfg.paths if paths is None else paths
     keys = log_keys(pl.encryption)
     until = until or datetime.now(timezone.utc)
     since = since or until - timedelta(hours=m.window_hours)
@@ -237,7 +239,7 @@ def run_monitor(cfg: Config, paths: Paths = Paths(), since: datetime | None = No
     model_path = Path(model_path or paths.onnx)
     positive = cfg.data.positive_class
     scores = reference_scores(paths, model_path, positive) if model_path.exists() and paths.split("test").exists() else None
-    evaluation_path = Path(metrics_dir) / "evaluate.json"
+    evaluation_path = paths.evaluate_metrics
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
     result, stats = check_window(predictions, feedback, profile, m, since.isoformat(), until.isoformat(), scores, evaluation, positive)
     out = Path(m.output_dir)

@@ -10,19 +10,18 @@ import contextlib, json, math, os, re, shutil, subprocess, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from tabulate import tabulate
 
-from ..core.config import Config, Paths, load_config
-from ..core.errors import ReproCheckError
+from ..core.config import Config, Paths, load_config, load_paths, parse_yaml, read_yaml
+from ..core.errors import ConfigError, ReproCheckError
 
 # %% auto #0
 __all__ = ['RUNNING', 'FAILED', 'LOCAL_STORES', 'ESCAPING_ENV', 'tool', 'PipelineRun', 'parse_repro', 'run_pipeline',
-           'pipeline_stages', 'registering_stage', 'Registration', 'read_registration', 'MetricChange', 'MetricsDiff',
-           'git', 'resolve_base', 'parse_metrics_diff', 'metrics_diff', 'regressions', 'md_table', 'run_link',
-           'CiResult', 'ci_summary', 'verdict_rule', 'run_ci', 'write_summary', 'flatten', 'compare_metrics',
-           'lock_outputs', 'compare_outputs', 'isolate_stores', 'dvc_cache_dir', 'cached_file', 'clone_committed',
-           'prepare_clone', 'compare_predictions', 'ReproCheck', 'repro_check', 'repro_report']
+           'interpolate', 'pipeline_stages', 'registering_stage', 'Registration', 'read_registration', 'MetricChange',
+           'MetricsDiff', 'git', 'resolve_base', 'parse_metrics_diff', 'metrics_diff', 'regressions', 'md_table',
+           'run_link', 'CiResult', 'ci_summary', 'verdict_rule', 'run_ci', 'write_summary', 'flatten',
+           'compare_metrics', 'lock_outputs', 'compare_outputs', 'isolate_stores', 'dvc_cache_dir', 'cached_file',
+           'clone_committed', 'prepare_clone', 'compare_predictions', 'ReproCheck', 'repro_check', 'repro_report']
 
 # %% ../../nbs/25_ci.ipynb #8f2e7607
 def tool(name: str) -> str:
@@ -77,16 +76,50 @@ def run_pipeline(cwd: str | Path = ".", targets: list[str] = (), force: bool = F
             if sink is not None: sink.write(line)
     return parse_repro("".join(lines), p.returncode, time.perf_counter() - start)
 
-def pipeline_stages(dvc_yaml: str | Path = "dvc.yaml") -> dict:
-    "The stages of dvc.yaml, by name."
-    return (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
+_TEMPLATE = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
+
+def _lookup(params: dict, name: str, where: str):
+    node = params
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{where}: ${{{name}}} names no value of the params ({part!r} is missing)")
+        node = node[part]
+    return node
+
+def interpolate(value, params: dict, where: str = "dvc.yaml"):
+    """`value` (a dvc.yaml entry) with each `${a.b}` replaced by `params`' a.b, keys included, as DVC fills them in;
+    an entry that is one `${...}` takes the value itself, otherwise its text."""
+    if isinstance(value, dict):
+        return {interpolate(k, params, where): interpolate(v, params, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, params, where) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    whole = _TEMPLATE.fullmatch(value)
+    if whole:
+        return _lookup(params, whole[1], where)
+    return _TEMPLATE.sub(lambda m: str(_lookup(params, m[1], where)), value)
+
+def _template_values(root: Path, entries: list) -> dict:
+    "What DVC interpolates from: params.yaml beside dvc.yaml, then each `vars` entry (a file, or values)."
+    values = read_yaml(root / "params.yaml") if (root / "params.yaml").exists() else {}
+    for entry in entries:
+        values = {**values, **(entry if isinstance(entry, dict) else read_yaml(root / entry.split(":")[0]))}
+    return values
+
+def pipeline_stages(dvc_yaml: str | Path = "dvc.yaml", params: dict | None = None) -> dict:
+    "The stages of dvc.yaml, by name, with `${...}` filled in from `params` (default: DVC's: params.yaml, `vars`)."
+    dvc_yaml = Path(dvc_yaml)
+    doc = read_yaml(dvc_yaml)
+    values = _template_values(dvc_yaml.parent, doc.get("vars", [])) if params is None else params
+    return interpolate(doc.get("stages", {}), values, str(dvc_yaml))
 
 def _out_paths(stage: dict, kind: str = "outs") -> list[str]:
     return [next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])]
 
 def registering_stage(stages: dict, paths: Paths = Paths()) -> str | None:
     "The stage that writes the registration record (the register stage, whatever its name)."
-    return next((n for n, s in stages.items() if str(paths.registration) in _out_paths(s)), None)
+    return next((n for n, s in stages.items() if paths.registration in map(Path, _out_paths(s))), None)
 
 # %% ../../nbs/25_ci.ipynb #60c5d32d
 @dataclass
@@ -101,10 +134,10 @@ class Registration:
     @property
     def failed_gates(self) -> list[dict]: return [g for g in self.gates if not g.get("passed")]
 
-def read_registration(cfg: Config, paths: Paths = Paths(), user: str | None = None) -> Registration:
-    "The register stage's outcome, with the gate results and the version's current status and aliases from the registry."
+def read_registration(cfg: Config, paths: Paths | None = None, user: str | None = None) -> Registration:
+    "The register stage's outcome (the catalog's record, `cfg.paths` unless given): the version's gates and status."
     from mlnb.registry.store import Registry
-    record = json.loads(paths.registration.read_text())
+    record = json.loads((cfg.paths if paths is None else paths).registration.read_text())
     version = Registry.from_config(cfg, user).get(record["version"])
     return Registration(version.name, str(version.version), version.status, list(version.aliases), bool(record.get("created")),
                         list(record.get("gates") or version.gates))
@@ -156,11 +189,13 @@ def metrics_diff(base: str = "main", cwd: str | Path = ".") -> MetricsDiff:
     return parse_metrics_diff(json.loads(p.stdout or "{}"), rev)
 
 # %% ../../nbs/25_ci.ipynb #17da6750
-def regressions(cfg: Config, registration: Registration | None, diff: MetricsDiff | None, metrics_file: str = "metrics/evaluate.json") -> list[str]:
-    "Why this run is a regression (empty: it is not)."
+def regressions(cfg: Config, registration: Registration | None, diff: MetricsDiff | None,
+                metrics_file: str | None = None) -> list[str]:
+    "Why this run is a regression (empty: it is not); the metric's row is `metrics_file`'s (default: the catalog's)."
     from mlnb.registry.store import HIGHER_IS_BETTER, gate_metric
     reasons = [f"gate {g['name']} failed: {g.get('detail', '')}" for g in (registration.failed_gates if registration else [])]
     metric, tolerance = gate_metric(cfg), cfg.registry.gates.max_metric_drop
+    metrics_file = str(cfg.paths.evaluate_metrics) if metrics_file is None else metrics_file
     row = diff.get(metrics_file, metric) if diff and not diff.unavailable else None
     if row is not None and row.change is not None:
         drop = -row.change if HIGHER_IS_BETTER[metric] else row.change
@@ -249,18 +284,18 @@ def run_ci(base: str = "main", params: str = "params.yaml", register: bool = Tru
            cwd: str | Path = ".", echo: bool = True) -> CiResult:
     "Run the pipeline, read the gates and the registration, compare metrics with `base`, and judge."
     cwd = Path(cwd)
-    stages = pipeline_stages(cwd / "dvc.yaml")
-    reg_stage = registering_stage(stages)
+    stages, paths = pipeline_stages(cwd / "dvc.yaml"), load_paths(cwd / params)
+    reg_stage = registering_stage(stages, paths)
     targets = [] if register or reg_stage is None else [s for s in stages if s != reg_stage]
     pipeline = run_pipeline(cwd, targets, echo=echo)
-    reports = sorted(str(p.relative_to(cwd)) for p in (cwd / "reports").glob("*.html"))
+    reports = sorted(str(p.relative_to(cwd)) for p in (cwd / paths.reports).glob("*.html"))
     result = CiResult(pipeline, registered=register and reg_stage is not None, reports=reports)
     if not pipeline.ok: return result
     try:
         cfg = load_config(cwd / params)
         result.rule = verdict_rule(cfg, base)
         if result.registered:
-            with contextlib.chdir(cwd): result.registration = read_registration(cfg, Paths(), user)   # the registry's paths are relative to the project
+            with contextlib.chdir(cwd): result.registration = read_registration(cfg, user=user)   # the registry's paths are relative to the project
     except Exception as e:     # a missing record, a registry that cannot be reached, a user without access: not a verdict on the change
         result.problem = f"The pipeline ran, but its configuration or registration could not be read: {type(e).__name__}: {e}"
         return result
@@ -440,20 +475,21 @@ def _repro_check(project: Path, clone: Path, tolerance_metrics: float, tolerance
     env["PYTHONPATH"] = os.pathsep.join([str(clone), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     check.params_changes = prepare_clone(project, clone, env)
-    committed_lock = yaml.safe_load(git("show", f"{commit}:dvc.lock", cwd=project).stdout or "{}") or {}
+    committed_lock = parse_yaml(git("show", f"{commit}:dvc.lock", cwd=project).stdout, f"dvc.lock at {commit[:12]}")
     if not committed_lock: check.problems.append(f"dvc.lock is not committed at {commit[:12]}: nothing to compare with")
     check.pipeline = run_pipeline(clone, force=True, env=env, echo=echo)
     if not check.pipeline.ok:
         check.problems.append(f"the re-run failed at stage {check.pipeline.failed_stage or '?'}: {check.pipeline.error}")
         check.seconds = time.perf_counter() - start
         return check
-    check.outputs = compare_outputs(committed_lock, yaml.safe_load((clone / "dvc.lock").read_text()))
+    check.outputs = compare_outputs(committed_lock, read_yaml(clone / "dvc.lock"))
     for stage in pipeline_stages(clone / "dvc.yaml").values():
         for file in _out_paths(stage, "metrics"):
             shown = git("show", f"{commit}:{file}", cwd=project)
             if shown.returncode != 0: check.problems.append(f"{file} is not committed at {commit[:12]}"); continue
             check.metrics += compare_metrics(json.loads(shown.stdout), json.loads((clone / file).read_text()), file, tolerance_metrics)
-    cfg, paths = load_config(clone / "params.yaml"), Paths()
+    cfg = load_config(clone / "params.yaml")
+    paths = cfg.paths
     md5 = lock_outputs(committed_lock).get(str(paths.model), (None, None))[1]
     model = cached_file(dvc_cache_dir(project), md5) if md5 else None
     if model is None or not model.exists():

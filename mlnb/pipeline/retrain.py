@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.audit import AuditLog
-from ..core.config import Config, Paths, staged_outputs
+from ..core.config import Config, Paths, read_yaml, staged_outputs
 from ..core.errors import RetrainError
 from ..data.schema import DataError, load_schema
 from ..data.ingest import validate
@@ -83,9 +83,7 @@ def dvc_add(path: Path) -> str:
     "Version `path` with DVC (staging the .dvc file in git when the project is a git repo); the new md5."
     from dvc.repo import Repo
     with Repo(".", config={"core": {"autostage": True}}) as repo: repo.add(str(path))
-    dvcfile = path.with_name(path.name + ".dvc")
-    from ruamel.yaml import YAML
-    return YAML(typ="safe").load(dvcfile.read_text())["outs"][0]["md5"]
+    return read_yaml(path.with_name(path.name + ".dvc"))["outs"][0]["md5"]
 
 def add_data_version(rows: pd.DataFrame, path: Path, schema_path: str, target: str) -> tuple[int, str]:
     "Validate the new rows, append them to `path` and `dvc add` it. Returns (rows in the file, md5)."
@@ -131,8 +129,10 @@ def decide(cfg: Config, registry, registration: dict) -> tuple[str, str]:
                                  + (" (it then becomes the challenger)" if cfg.retrain.challenger_on_approval else ""))
 
 # %% ../../nbs/21_monitor_retrain.ipynb #947b8149
-def retrain(cfg: Config, trigger: str, paths: Paths = Paths(), user: str | None = None, secret: str | None = None) -> RetrainResult:
-    "Labelled traffic → new data version → dvc repro → registered candidate → challenger (by the gates and approval rules). Audited."
+def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | None = None,
+            secret: str | None = None) -> RetrainResult:
+    """Labelled traffic → new data version → dvc repro → registered candidate → challenger (by the gates and approval rules). Audited.
+    The registration record is read from the catalog (`cfg.paths` unless given)."""
     from filelock import FileLock, Timeout
     from mlnb.registry.store import Registry
     registry = Registry.from_config(cfg, user, secret)
@@ -159,7 +159,7 @@ def retrain(cfg: Config, trigger: str, paths: Paths = Paths(), user: str | None 
             total, md5 = add_data_version(rows, data_path, cfg.data.schema_path, cfg.data.target)
             audit.append(actor, "retrain-data", run=run, path=str(data_path), new_rows=len(rows), rows=total, md5=md5)
             seconds = run_pipeline(out_dir / f"{run}.log")
-            registration = json.loads(paths.registration.read_text())
+            registration = json.loads((cfg.paths if paths is None else paths).registration.read_text())
             audit.append(actor, "retrain-pipeline", run=run, seconds=round(seconds, 1), log=str(out_dir / f"{run}.log"))
             audit.append(actor, "retrain-registered", run=run, model=registration["name"], version=registration["version"],
                          created=registration["created"], gates_passed=registration["gates_passed"])

@@ -87,7 +87,7 @@ def robustness_gates(robustness: dict, cfg: Config) -> list[Gate]:
     g = cfg.registry.gates
     wanted = [(name, limit) for name, limit in (("robustness:numeric", g.max_flip_rate), ("robustness:categorical", g.max_categorical_flip_rate)) if limit is not None]
     if not robustness:
-        return [Gate(name, False, "no robustness result in metrics/evaluate.json: set evaluate.robustness.enabled: true, "
+        return [Gate(name, False, f"no robustness result in {cfg.paths.evaluate_metrics}: set evaluate.robustness.enabled: true, "
                      f"or registry.gates.{'max_flip_rate' if name.endswith('numeric') else 'max_categorical_flip_rate'}: null") for name, _ in wanted]
     eps = f"{g.flip_rate_epsilon:g}"
     if robustness.get("task") == "regression":
@@ -135,7 +135,7 @@ def fairness_gates(cfg: Config, fairness: dict) -> list[Gate]:
     gates, minimum = [], cfg.registry.gates.min_demographic_parity_ratio
     for a in attrs:
         ratio = (fairness or {}).get(a, {}).get("demographic_parity_ratio")
-        if ratio is None: gates.append(Gate(f"fairness:{a}", False, f"no fairness result for {a!r} in metrics/evaluate.json (re-run evaluate)")); continue
+        if ratio is None: gates.append(Gate(f"fairness:{a}", False, f"no fairness result for {a!r} in {cfg.paths.evaluate_metrics} (re-run evaluate)")); continue
         gates.append(Gate(f"fairness:{a}", ratio >= minimum, f"demographic parity ratio {ratio:.3f} (minimum {minimum})", ratio))
     return gates
 
@@ -164,9 +164,11 @@ def _git_commit() -> str:
     from mlnb.training.export import git_commit
     return git_commit()
 
-def lineage_from_lock(cfg: Config, paths: Paths, lock_path: str | Path = "dvc.lock") -> dict:
-    "raw data → processed data → features → model hashes from dvc.lock, plus run ids, params hash and commit."
+def lineage_from_lock(cfg: Config, paths: Paths | None = None, lock_path: str | Path = "dvc.lock") -> dict:
+    """raw data → processed data → features → model hashes from dvc.lock, plus run ids, params hash and commit;
+    the paths are the catalog's (`cfg.paths` unless given)."""
     from mlnb.training.export import dvc_locked_md5
+    paths = cfg.paths if paths is None else paths
     locked = lambda stage, kind, path: dvc_locked_md5(str(path), lock_path, stage, kind)
     board = json.loads(paths.leaderboard.read_text()) if paths.leaderboard.exists() else {}
     raw = locked("ingest", "deps", cfg.data.source) or (file_md5(cfg.data.source) if Path(cfg.data.source).exists() else None)
@@ -178,7 +180,7 @@ def lineage_from_lock(cfg: Config, paths: Paths, lock_path: str | Path = "dvc.lo
             "params_hash": params_hash(cfg), "git_commit": _git_commit(),
             "train_run_id": board.get("parent_run_id"), "selected_run_id": board.get("selected_run_id")}
 
-def working_tree_lineage(cfg: Config, paths: Paths = Paths(), lock_path: str | Path = "dvc.lock") -> dict:
+def working_tree_lineage(cfg: Config, paths: Paths | None = None, lock_path: str | Path = "dvc.lock") -> dict:
     "The lineage of the working tree as it is now: dvc.lock's hashes, the raw file re-hashed, and whether DVC sees changes."
     current = lineage_from_lock(cfg, paths, lock_path)
     if Path(cfg.data.source).exists(): current["raw_md5"] = file_md5(cfg.data.source)
@@ -523,24 +525,24 @@ def _records(path: Path) -> list[dict]:
     try: return pd.read_csv(path).to_dict("records") if path.exists() and path.stat().st_size > 1 else []
     except pd.errors.EmptyDataError: return []
 
-def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), metrics_dir: str | Path = "metrics",
-                     plots_dir: str | Path = "plots/evaluate", lock_path: str | Path = "dvc.lock") -> tuple[Version, bool, bool]:
-    "Register the pipeline's current outputs. Returns (version, created, bootstrapped)."
+def register_outputs(cfg: Config, registry: Registry, paths: Paths | None = None,
+                     lock_path: str | Path = "dvc.lock") -> tuple[Version, bool, bool]:
+    "Register the pipeline's outputs, the catalog's files (`cfg.paths` unless given): (version, created, bootstrapped)."
     import pyarrow.parquet as pq
     from mlnb.model.signing import ensure_signing_key, key_fingerprint
-    metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
+    paths = cfg.paths if paths is None else paths
     fairness_attributes(cfg)                     # a gate on an attribute nothing measured: say so before anything else
-    evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
-    exported = json.loads((metrics_dir / "export.json").read_text())
+    evaluation = json.loads(paths.evaluate_metrics.read_text())
+    exported = json.loads(paths.export_metrics.read_text())
     report = json.loads(paths.export_report.read_text())
     board = json.loads(paths.leaderboard.read_text())
     bundle = {"model.onnx": paths.onnx, "model.joblib": paths.model, "feature_spec.json": paths.feature_spec,
-              "reference_profile.json": paths.reference_profile, "evaluate.json": metrics_dir / "evaluate.json",
-              "export.json": metrics_dir / "export.json", "export_report.json": paths.export_report}
+              "reference_profile.json": paths.reference_profile, "evaluate.json": paths.evaluate_metrics,
+              "export.json": paths.export_metrics, "export_report.json": paths.export_report}
     if paths.onnx_int8.exists(): bundle["model.int8.onnx"] = paths.onnx_int8
     if Path(cfg.data.schema_path).exists(): bundle["schema.yaml"] = Path(cfg.data.schema_path)   # the data contract, for serving
-    fairness_table = _records(plots_dir / "fairness.csv")
-    if fairness_table: bundle["fairness.csv"] = plots_dir / "fairness.csv"
+    fairness_table = _records(paths.plots / "fairness.csv")
+    if fairness_table: bundle["fairness.csv"] = paths.plots / "fairness.csv"
     lineage = lineage_from_lock(cfg, paths, lock_path)
     metric = gate_metric(cfg)
     tags = {**{f"mlnb.{k}": v for k, v in lineage.items() if v is not None}, "mlnb.family": board["selected"],

@@ -12,10 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ..core.config import ConfigError, _Strict, read_yaml, staged_outputs
+from ..core.config import ConfigError, _Strict, dump_yaml, read_yaml, staged_outputs
 
 # %% auto #0
 __all__ = ['Role', 'ROLES', 'RANK', 'KEY_PREFIX', 'KEY_NAME_PATTERN', 'log', 'OPEN_PATHS', 'MISSING', 'MALFORMED', 'UNKNOWN',
@@ -74,7 +73,7 @@ def save_keys(keys: KeysFile, path: str | Path) -> None:
     "Write the keys file atomically, readable by its owner only."
     with staged_outputs(path, mode=0o600) as tmp:
         Path(tmp).write_text("# mlnb API keys (mlnb api-key create|list|revoke). Only SHA-256 hashes of the keys are stored.\n"
-                             + yaml.safe_dump(keys.model_dump(), sort_keys=False))
+                             + dump_yaml(keys.model_dump()))
 
 def _locked(path: str | Path):
     from filelock import FileLock

@@ -57,10 +57,9 @@ def contract_from(onnx_inputs: dict[str, str], schema=None, model_name: str = "m
     cols = []
     for name, typ in onnx_inputs.items():
         spec = schema.columns.get(name) if schema is not None else None
-        nullable = bool(spec.nullable) if spec is not None else False
+        nullable = spec is not None and spec.nullable
         if typ == "tensor(string)":
-            cats = frozenset(map(str, spec.allowed)) if spec is not None and spec.allowed is not None else None
-            cols.append(Column(name, "string", object, nullable, cats))
+            cols.append(Column(name, "string", object, nullable, spec.categories if spec is not None else None))
         elif typ in _ONNX_DTYPES: cols.append(Column(name, "number", _ONNX_DTYPES[typ], nullable))
         else: raise ValueError(f"model input {name!r} has type {typ}, which mlnb cannot serve")
     return Contract(model_name, tuple(cols), max_rows)

@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pandas as pd
-import yaml
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 from sklearn.pipeline import Pipeline
 
 import mlnb
-from ..core.config import Config, ExportConfig, ParityConfig, Paths, file_md5, params_hash, staged_outputs, write_json
+from ..core.config import (Config, ExportConfig, ParityConfig, Paths, file_md5, params_hash, read_yaml, staged_outputs,
+                              write_json)
 from ..core.errors import ParityError
 from ..features.spec import FeatureSpec, model_frame
 from ..features.transform import register_onnx_converters
@@ -142,7 +142,7 @@ def dvc_locked_md5(path: str, lock: str | Path = "dvc.lock", stage: str | None =
     "The md5 dvc.lock records for `path`: in any stage's deps or outs, or only in `stage`'s `kind` (deps/outs)."
     lock = Path(lock)
     if not lock.exists(): return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    stages = read_yaml(lock).get("stages", {})
     for name, entries in stages.items():
         if stage is not None and name != stage: continue
         for entry in sum((entries.get(k, []) for k in ([kind] if kind else ["deps", "outs"])), []):
@@ -184,8 +184,9 @@ class ExportResult:
         "Size, single-row latency and test score of each variant."
         return pd.DataFrame(self.report["variants"]).T
 
-    def save(self, paths: Paths = Paths(), metrics_path: str | Path = "metrics/export.json") -> None:
-        finals = [paths.onnx, paths.export_report, Path(metrics_path)] + ([paths.onnx_int8] if self.quantized else [])
+    def save(self, paths: Paths = Paths()) -> None:
+        "The ONNX model (and the int8 one, when kept), the export report and the DVC metrics file, all or nothing."
+        finals = [paths.onnx, paths.export_report, paths.export_metrics] + ([paths.onnx_int8] if self.quantized else [])
         with staged_outputs(*finals) as temps:
             Path(temps[0]).write_bytes(self.proto.SerializeToString())
             write_json(self.report, temps[1])

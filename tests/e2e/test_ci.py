@@ -10,10 +10,12 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import BIN, ROOT, SMALL_RUN, copy_project, run, set_params, tool_env
+from mlnb.core.config import load_paths
 from mlnb.pipeline.ci import resolve_base
 
 WORKFLOW = ROOT / "deploy/github/train.yml"
 COMMIT = "git -c user.name=ci -c user.email=ci@ci commit -qm"
+CATALOG = load_paths(ROOT / "params.yaml")          # where the outputs are, here and in the copies under test
 # The columns that carry most of the signal: without them the model is clearly worse than main's.
 STRONG = ["tenure", "contract", "total_charges", "monthly_charges", "internet_service", "online_security", "tech_support",
           "payment_method", "paperless_billing", "online_backup", "device_protection"]
@@ -61,7 +63,7 @@ def test_unchanged_model_passes_with_metrics_gates_and_version(committed):
         assert f"| {gate} " in summary
     assert "**FAIL**" not in summary
     assert "`churn` version **1** (unchanged: this model was already registered): status `approved`, aliases `champion`" in summary
-    assert "reports/04_evaluate.html" in summary
+    assert str(CATALOG.reports / "04_evaluate.html") in summary
 
     # a base that is not in the clone: said why, no crash, nothing else changes
     p = ci(committed, "--base", "release")
@@ -165,16 +167,16 @@ def test_repro_check_passes_on_the_committed_run_and_names_a_tampered_metric(com
     assert "## ✅ reproducible: commit" in report and "Tolerances: metrics |Δ| ≤ 1e-09, predictions max |Δp| ≤ 1e-06" in report
     assert "| evaluate: roc_auc " in report and "**OUT**" not in report
     assert re.search(r"\| 140 +\| 0 +\| 100\.0000% +\|", report)                 # same probabilities, every label equal
-    assert re.search(r"\| train +\| models/model\.joblib +\| equal +\|", report)  # the same model file
+    assert re.search(rf"\| train +\| {re.escape(str(CATALOG.model))} +\| equal +\|", report)  # the same model file
     assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == cache_before    # nothing written to the original's cache
     assert versions(committed) == registry_before                                   # nor to its registry
 
-    evaluation = json.loads((committed / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((committed / CATALOG.evaluate_metrics).read_text())
     evaluation["roc_auc"] = round(evaluation["roc_auc"] + 0.02, 6)
     run("git checkout -q -b tampered", committed)
-    (committed / "metrics/evaluate.json").write_text(json.dumps(evaluation, indent=2))
+    (committed / CATALOG.evaluate_metrics).write_text(json.dumps(evaluation, indent=2))
     run(f"git add -A && {COMMIT} 'a better number'", committed)
     p = run([str(BIN / "mlnb"), "repro-check"], committed, check=False)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "## ❌ not reproducible" in p.stdout
-    assert f"- metrics/evaluate.json: roc_auc committed {evaluation['roc_auc']:.6g}, re-run" in p.stdout and "> 1e-09)" in p.stdout
+    assert f"- {CATALOG.evaluate_metrics}: roc_auc committed {evaluation['roc_auc']:.6g}, re-run" in p.stdout and "> 1e-09)" in p.stdout

@@ -3,14 +3,15 @@ import json
 
 import onnx
 import pytest
-import yaml
 
-from conftest import run, set_params, small_project
+from conftest import ROOT, run, set_params, small_project
+from mlnb.core.config import load_paths, read_yaml
 
-OUTPUTS = ["data/processed/train.parquet", "data/processed/valid.parquet", "data/processed/test.parquet",
-           "features/feature_spec.json", "features/reference_profile.json", "models/model.joblib",
-           "models/onnx/model.onnx", "metrics/evaluate.json", "metrics/train.json", "metrics/export.json",
-           "plots/evaluate/roc.csv", "reports/04_evaluate.html"]
+CATALOG = load_paths(ROOT / "params.yaml")          # where the outputs are, here and in the copies under test
+OUTPUTS = [CATALOG.train, CATALOG.valid, CATALOG.test, CATALOG.feature_spec, CATALOG.reference_profile, CATALOG.model,
+           CATALOG.onnx, CATALOG.evaluate_metrics, CATALOG.train_metrics, CATALOG.export_metrics,
+           CATALOG.plots / "roc.csv", CATALOG.reports / "04_evaluate.html"]
+METRICS = {"train": CATALOG.train_metrics, "evaluate": CATALOG.evaluate_metrics, "export": CATALOG.export_metrics}
 
 
 def stages_run(output: str) -> list[str]:
@@ -22,10 +23,10 @@ def repro(tmp_path_factory):
     "One small `dvc repro` shared by the tests below (they only read its results or change params)."
     project = small_project(tmp_path_factory.mktemp("e2e") / "project")
     first = run(["dvc", "repro"], project)
-    first.metrics = {n: (project / f"metrics/{n}.json").read_text() for n in ("train", "evaluate", "export")}
-    first.lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    first.leaderboard = (project / "models/leaderboard.json").read_text()
-    first.registration = json.loads((project / "models/registration.json").read_text())
+    first.metrics = {n: (project / path).read_text() for n, path in METRICS.items()}
+    first.lock = read_yaml(project / "dvc.lock")["stages"]
+    first.leaderboard = (project / CATALOG.leaderboard).read_text()
+    first.registration = json.loads((project / CATALOG.registration).read_text())
     return project, first
 
 
@@ -34,22 +35,22 @@ def test_repro_produces_every_output(repro):
     assert stages_run(first.stdout) == ["ingest", "featurize", "train", "evaluate", "export", "register"]
     for rel in OUTPUTS:
         assert (project / rel).exists(), rel
-    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    metrics = json.loads((project / CATALOG.evaluate_metrics).read_text())
     assert metrics["rows"] == 140 and 0.6 < metrics["roc_auc"] <= 1
     assert set(metrics["fairness"]) == {"female", "senior_citizen"}
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    lock = read_yaml(project / "dvc.lock")
     assert set(lock["stages"]) == {"ingest", "featurize", "train", "evaluate", "export", "register"}
 
 
 def test_onnx_carries_provenance_matching_dvc_lock(repro):
     project, _ = repro
-    meta = {p.key: p.value for p in onnx.load(project / "models/onnx/model.onnx").metadata_props}
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    meta = {p.key: p.value for p in onnx.load(project / CATALOG.onnx).metadata_props}
+    lock = read_yaml(project / "dvc.lock")
     raw = next(d for d in lock["stages"]["ingest"]["deps"] if d["path"] == "data/raw/telco_churn.csv")
     head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert meta["data_md5"] == raw["md5"] and meta["git_commit"] == head and meta["model_name"] == "churn"
     assert len(meta["params_hash"]) == 64 and meta["metric"] == "roc_auc"
-    inputs = [i.name for i in onnx.load(project / "models/onnx/model.onnx").graph.input]
+    inputs = [i.name for i in onnx.load(project / CATALOG.onnx).graph.input]
     assert "tenure" in inputs and "contract" in inputs and "churn" not in inputs
 
 
@@ -74,7 +75,7 @@ def test_dvc_exp_run_with_set_param(repro):
     run("git add -A && git commit -qm 'params'", project)
     out = run(["dvc", "exp", "run", "-S", "train.candidates=[logreg]"], project)
     assert stages_run(out.stdout) == ["train", "evaluate", "export", "register"], out.stdout
-    assert json.loads((project / "metrics/train.json").read_text())["selected"] == "logreg"
+    assert json.loads((project / CATALOG.train_metrics).read_text())["selected"] == "logreg"
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     ran = [exp["data"]["params"]["params.yaml"]["data"]["train"]["candidates"]
            for base in shown for group in base.get("experiments") or [] for exp in group["revs"]]
@@ -86,8 +87,8 @@ def test_two_clean_runs_give_identical_results(repro, tmp_path):
     other = small_project(tmp_path / "again")
     run(["dvc", "repro"], other)
     for name in ("train", "evaluate", "export"):
-        assert (other / f"metrics/{name}.json").read_text() == first.metrics[name], name
-    lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
+        assert (other / METRICS[name]).read_text() == first.metrics[name], name
+    lock = read_yaml(other / "dvc.lock")["stages"]
     for stage in ("ingest", "featurize"):
         assert lock[stage]["outs"][0] == first.lock[stage]["outs"][0], stage
 

@@ -4,18 +4,19 @@ import json
 
 import pandas as pd
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from conftest import ROOT, run, set_params, small_project
-from mlnb.core.config import load_config
+from mlnb.core.config import load_config, load_paths, read_yaml
 from mlnb.registry.store import robustness_gates
+
+CATALOG = load_paths(ROOT / "params.yaml")          # where the outputs are, here and in the copies under test
 
 
 def test_the_bundled_model_passes_the_default_gates_with_a_margin():
     "The committed `make run` measurement of the bundled model against the gates params.yaml sets."
     cfg = load_config(ROOT / "params.yaml")
-    block = json.loads((ROOT / "metrics/evaluate.json").read_text())["robustness"]
+    block = json.loads((ROOT / CATALOG.evaluate_metrics).read_text())["robustness"]
     assert block["rows"] == 1409 and list(block["flip_rate"]) == [f"{e:g}" for e in cfg.evaluate.robustness.epsilons]
     gates = robustness_gates(block, cfg)
     assert [g.name for g in gates] == ["robustness:numeric", "robustness:categorical"] and all(g.passed for g in gates)
@@ -33,7 +34,7 @@ def pipeline(tmp_path_factory):
 
 
 def evaluation(project):
-    return json.loads((project / "metrics/evaluate.json").read_text())
+    return json.loads((project / CATALOG.evaluate_metrics).read_text())
 
 
 def version_of(project, db: str, version: str = "1"):
@@ -43,7 +44,7 @@ def version_of(project, db: str, version: str = "1"):
 @pytest.mark.slow
 def test_evaluate_records_robustness(pipeline):
     block = evaluation(pipeline)["robustness"]
-    params = yaml.safe_load((pipeline / "params.yaml").read_text())["evaluate"]["robustness"]
+    params = read_yaml(pipeline / "params.yaml")["evaluate"]["robustness"]
     assert block["task"] == "binary" and block["rows"] == 140 and block["draws"] == params["draws"]
     assert block["numeric_features"] == 3 and block["categorical_features"] == 16   # 10 categorical columns and 6 flags
     rates = block["flip_rate"]
@@ -57,19 +58,19 @@ def test_evaluate_records_robustness(pipeline):
     assert 0 <= risky["unflippable_share"] <= 1 and 0 <= risky["swap_flippable_share"] <= 1
     if risky["unflippable_share"] < 1:
         assert 0 < risky["min_epsilon"] <= risky["median_epsilon"] <= params["max_epsilon"]
-    curve = pd.read_csv(pipeline / "plots/evaluate/robustness.csv")
+    curve = pd.read_csv(pipeline / CATALOG.plots / "robustness.csv")
     assert curve.epsilon.tolist() == params["epsilons"] and curve.flip_rate.round(6).tolist() == list(rates.values())
-    riskiest = pd.read_csv(pipeline / "plots/evaluate/robustness_riskiest.csv")
+    riskiest = pd.read_csv(pipeline / CATALOG.plots / "robustness_riskiest.csv")
     assert len(riskiest) == params["riskiest_n"] and riskiest.risk.is_monotonic_decreasing
-    assert (pipeline / "plots/evaluate/robustness.png").stat().st_size > 0
-    assert "Robustness" in (pipeline / "reports/04_evaluate.html").read_text()
+    assert (pipeline / CATALOG.plots / "robustness.png").stat().st_size > 0
+    assert "Robustness" in (pipeline / CATALOG.reports / "04_evaluate.html").read_text()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
     assert "robustness" in json.dumps(shown) and "flip_rate" in json.dumps(shown)
 
 
 @pytest.mark.slow
 def test_passing_robustness_gates_are_recorded_on_the_version(pipeline):
-    registration = json.loads((pipeline / "models/registration.json").read_text())
+    registration = json.loads((pipeline / CATALOG.registration).read_text())
     assert registration["gates_passed"] and registration["aliases"] == ["champion"]
     v = version_of(pipeline, "mlruns.db")
     gates = {g["name"]: g for g in json.loads(v.tags["mlnb.gates"])}
@@ -91,7 +92,7 @@ def test_a_threshold_below_the_measured_flip_rate_fails_the_gate_and_promotes_no
                                        "gates": {"max_flip_rate": round(numeric / 2, 6), "max_categorical_flip_rate": round(categorical / 2, 6)}}})
     out = run(["dvc", "repro"], pipeline)
     assert [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")] == ["register"]
-    registration = json.loads((pipeline / "models/registration.json").read_text())
+    registration = json.loads((pipeline / CATALOG.registration).read_text())
     assert not registration["gates_passed"] and registration["status"] == "candidate" and registration["aliases"] == []
     v = version_of(pipeline, "strict.db")
     gates = {g["name"]: g for g in json.loads(v.tags["mlnb.gates"])}
