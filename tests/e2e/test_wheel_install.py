@@ -21,7 +21,6 @@ from mlnb.core.config import config_from_dict
 from mlnb.model.onnx import OnnxModel
 from mlnb.features.spec import feature_spec, model_frame
 from serving import Server, serve_params, signed_model_dir
-from test_registry import onnx_models, telco_split  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
