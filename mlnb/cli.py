@@ -149,9 +149,10 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
     if paths.onnx_int8.exists(): lines.append(f"int8 model     : {paths.onnx_int8}")
     lines.append(f"quantization   : {report['quantization']}")
     if paths.registration.exists():
-        reg = json.loads(paths.registration.read_text())
-        lines.append(f"registry       : {reg['name']} v{reg['version']} ({reg['status']}{', ' + ', '.join(reg['aliases']) if reg['aliases'] else ''}; "
-                     f"gates {'passed' if reg['gates_passed'] else 'FAILED'}) — mlnb registry show {reg['name']} {reg['version']}")
+        from mlnb.model.bundle import Registration
+        reg = Registration.load(paths.registration)
+        lines.append(f"registry       : {reg.name} v{reg.version} ({reg.status}{', ' + ', '.join(reg.aliases) if reg.aliases else ''}; "
+                     f"gates {'passed' if reg.gates_passed else 'FAILED'}) — mlnb registry show {reg.name} {reg.version}")
     lines.append(f"latency (1 row): onnx {report['variants']['onnx']['single_row_us']:.0f} µs, scikit-learn {report['variants']['sklearn']['single_row_us']:.0f} µs")
     return "\n".join(lines)
 
@@ -727,26 +728,21 @@ def synth(output: Path = typer.Argument(..., help="Where to write: .csv or .parq
 # %% ../nbs/06_cli.ipynb #2f355785
 @app.command()
 def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The window: this many hours up to now (default: monitor.window_hours)"),
-            model: Optional[Path] = typer.Option(None, help="The served ONNX model, for prediction drift (default: models/onnx/model.onnx)"),
+            model: Optional[Path] = typer.Option(None, help="The ONNX file a server serves without the registry (versions sha256-…; default: models/onnx/model.onnx)"),
             fail_on_alert: bool = typer.Option(False, help="Exit 2 when the check raises an alert"),
             report: bool = typer.Option(False, help="Also write the monitoring notebook with plots (and its HTML) to monitor.output_dir"),
             retrain: bool = typer.Option(True, help="Retrain when retrain.triggers or retrain.every_days says so"),
             push: Optional[str] = typer.Option(None, help="Push the gauges to this Prometheus Pushgateway (default: monitor.pushgateway)"),
             params: str = PARAMS, user: Optional[str] = USER):
-    "Check the prediction log for drift and accuracy decay; write the result and alert."
+    "Check the prediction log for drift and accuracy decay, each version against its own reference; write the result and alert."
     from datetime import datetime, timedelta, timezone
     from mlnb.monitoring.check import run_monitor
     cfg = load_config(params)
     until = datetime.now(timezone.utc)
-    try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
+    try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push, user=user)
     except (ValueError, FileNotFoundError) as e: _fail(e)
     typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows" + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)"))
-    if result.drift:
-        typer.echo(f"feature drift: {len(result.drift['drifted_columns'])} of {len(result.drift['columns'])} columns ({', '.join(result.drift['drifted_columns']) or 'none'}); "
-                   f"dataset drift: {'yes' if result.drift['dataset_drift'] else 'no'}")
-    if result.prediction_drift: typer.echo(f"prediction drift: {result.prediction_drift['test']} {result.prediction_drift['statistic']:.4g} ({'drifted' if result.prediction_drift['drifted'] else 'stable'})")
-    perf = result.performance
-    if perf["labelled"]: typer.echo(f"online accuracy {perf['accuracy']:.3f} on {perf['labelled']} labels (evaluation {perf['reference_accuracy']})" + (" DECAYED" if perf["decayed"] else ""))
+    for s in result.versions: _monitor_section(s, cfg.monitor.min_rows)
     for a in result.alerts: typer.echo(f"ALERT {a}")
     typer.echo(f"wrote {Path(cfg.monitor.output_dir) / 'latest.json'}")
     if report:
@@ -757,6 +753,24 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
         trigger = retrain_trigger(result, cfg)
         if trigger: _retrain(cfg, trigger, user)
     if fail_on_alert and result.alerts: raise typer.Exit(2)
+
+def _monitor_section(s: dict, min_rows: int) -> None:
+    "One version's lines of `mlnb monitor`."
+    ref = s["reference"]
+    checked = "" if ref["problem"] is None else ": not checked, unknown version"
+    typer.echo(f"version {s['version']} ({ref['source']}): {s['rows']} rows{checked}"
+               + (f" (fewer than {min_rows}: no verdict)" if not s["verdict"] and not checked else ""))
+    d, p, perf = s["drift"], s["prediction_drift"], s["performance"]
+    if d:
+        typer.echo(f"  feature drift: {len(d['drifted_columns'])} of {len(d['columns'])} columns ({', '.join(d['drifted_columns']) or 'none'}); "
+                   f"dataset drift: {'yes' if d['dataset_drift'] else 'no'}")
+    if p:
+        typer.echo(f"  prediction drift: {p['test']} {p['statistic']:.4g} ({'drifted' if p['drifted'] else 'stable'})")
+    if perf["labelled"]:
+        typer.echo(f"  online accuracy {perf['accuracy']:.3f} on {perf['labelled']} labels (evaluation {perf['reference_accuracy']})"
+                   + (" DECAYED" if perf["decayed"] else ""))
+    for note in ref["notes"]:
+        typer.echo(f"  note: {note}")
 
 def _retrain(cfg, trigger: str, user: str | None) -> None:
     from mlnb.data.schema import DataError
