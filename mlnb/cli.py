@@ -741,7 +741,9 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
     until = datetime.now(timezone.utc)
     try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push, user=user)
     except (ValueError, FileNotFoundError) as e: _fail(e)
-    typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows" + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)"))
+    few = result.rows < cfg.monitor.min_rows
+    typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows"
+               + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)" if few else " (no version had enough rows for a verdict)"))
     for s in result.versions: _monitor_section(s, cfg.monitor.min_rows)
     for a in result.alerts: typer.echo(f"ALERT {a}")
     typer.echo(f"wrote {Path(cfg.monitor.output_dir) / 'latest.json'}")

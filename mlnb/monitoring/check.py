@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..core.config import Config, MonitorConfig, Paths, staged_outputs, write_json
 from ..features.spec import Profile, value_counts
-from ..model.bundle import Evaluation, VersionBundle, file_version, load_scores, output_scores, save_scores
+from ..model.bundle import BundleError, Evaluation, VersionBundle, file_version, load_scores, output_scores, save_scores
 from ..stats.drift import DriftReport, drift_report
 
 # %% auto #0
@@ -291,8 +291,9 @@ def file_reference(version: str, cfg: Config, paths: Paths = Paths(), model_path
 
 def version_references(window: pd.DataFrame, cfg: Config, paths: Paths = Paths(), model_path: str | Path | None = None,
                        metrics_dir: str | Path = "metrics", user: str | None = None) -> dict[str, Reference]:
-    """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does not
-    have is an unknown one (`Reference.problem`); a registry that cannot be asked is an error (`RegistryUnreachable`)."""
+    """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does not have,
+    or whose bundle lacks its reference profile, is not checked (`Reference.problem` says why); a registry that cannot be
+    asked is an error (`RegistryUnreachable`)."""
     from mlnb.registry.store import Registry, RegistryError, RegistryUnreachable
     registry, out = None, {}
     if "model_version" not in window:
@@ -308,6 +309,7 @@ def version_references(window: pd.DataFrame, cfg: Config, paths: Paths = Paths()
             try: out[version] = bundle_reference(registry.bundle(version, cfg.serve.model_cache_dir), cfg, paths)
             except RegistryUnreachable: raise
             except RegistryError as e: out[version] = Reference(version, "unknown", problem=str(e))
+            except BundleError as e: out[version] = Reference(version, f"registry: {name} v{version}", problem=str(e))
     return out
 
 
@@ -321,7 +323,7 @@ def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, ref
     for version in versions.value_counts(sort=True).index:        # most rows first
         rows, ref = window[versions == version], references[version]
         if ref.profile is None:
-            alert = f"unknown version {version}: {len(rows)} rows not checked ({ref.problem})"
+            alert = f"{'unknown version' if ref.source == 'unknown' else 'version'} {version}: {len(rows)} rows not checked ({ref.problem})"
             perf = asdict(Performance(0, None, None, None, False))
             sections.append({"version": version, "reference": ref.describe(), "rows": len(rows), "verdict": False, "drift": None,
                              "prediction_drift": None, "performance": perf, "alerts": [alert]})
