@@ -236,8 +236,9 @@ class VersionBundle(BaseModel):
     def load(cls, directory: str | Path, tags: dict | None = None, name: str | None = None,
              version: str | None = None) -> "VersionBundle":
         """The bundle in `directory`. Its facts from `bundle.json`, else from `tags` (a version registered before
-        `bundle.json`); `name` and `version` (the registry's) win over both."""
-        directory = Path(directory)
+        `bundle.json`); `name` and `version` (the registry's) win over both. Its paths are absolute: a bundle read
+        from a relative cache directory stays readable after a change of directory."""
+        directory = Path(directory).absolute()
         if not (directory / FILES["onnx"]).exists():
             raise BundleError(f"{directory}: not a version bundle (no {FILES['onnx']})")
         files = {role: directory / n for role, n in FILES.items() if (directory / n).exists()}
