@@ -134,22 +134,22 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
     needed = [paths.leaderboard, Path(metrics_path), paths.export_report]
     missing = [str(p) for p in needed if not Path(p).exists()]
     if missing: raise ConfigError(f"no complete run yet (missing {', '.join(missing)}); run `make run` or `dvc repro`")
+    from mlnb.model.bundle import Evaluation, Registration
     board = json.loads(paths.leaderboard.read_text())
-    metrics = json.loads(Path(metrics_path).read_text())
+    metrics = Evaluation.load(metrics_path)
     report = json.loads(paths.export_report.read_text())
     lines = [f"selected model : {board['selected']} (validation {board['metric']} {board['candidates'][0]['valid_score']:.4f})",
              "candidates     : " + ", ".join(f"{c['family']} {c['valid_score']:.4f}" for c in board["candidates"]),
              f"threshold      : {threshold_text(board.get('threshold'))}",
-             "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+             "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.metrics.items() if isinstance(v, float)),
              f"onnx model     : {paths.onnx} ({report['variants']['onnx']['bytes'] / 1024:.0f} KiB, parity max |Δp| {report['parity']['max_abs_diff']:.2g})"]
-    robust = metrics.get("robustness") or {}
+    robust = metrics.robustness
     if robust.get("flip_rate"):
         lines.append("robustness     : rows flipped at ±ε std " + ", ".join(f"{e} {r:.1%}" for e, r in robust["flip_rate"].items())
                      + (f"; by one categorical swap {robust['categorical_flip_rate']:.1%}" if robust.get("categorical_flip_rate") is not None else ""))
     if paths.onnx_int8.exists(): lines.append(f"int8 model     : {paths.onnx_int8}")
     lines.append(f"quantization   : {report['quantization']}")
     if paths.registration.exists():
-        from mlnb.model.bundle import Registration
         reg = Registration.load(paths.registration)
         lines.append(f"registry       : {reg.name} v{reg.version} ({reg.status}{', ' + ', '.join(reg.aliases) if reg.aliases else ''}; "
                      f"gates {'passed' if reg.gates_passed else 'FAILED'}) — mlnb registry show {reg.name} {reg.version}")
