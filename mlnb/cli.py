@@ -141,7 +141,8 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
     lines = [f"selected model : {board['selected']} (validation {board['metric']} {board['candidates'][0]['valid_score']:.4f})",
              "candidates     : " + ", ".join(f"{c['family']} {c['valid_score']:.4f}" for c in board["candidates"]),
              f"threshold      : {threshold_text(board.get('threshold'))}",
-             "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.metrics.items() if isinstance(v, float)),
+             "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.metrics.items()
+                                              if isinstance(v, float)),
              f"onnx model     : {paths.onnx} ({report['variants']['onnx']['bytes'] / 1024:.0f} KiB, parity max |Δp| {report['parity']['max_abs_diff']:.2g})"]
     robust = metrics.robustness
     if robust.get("flip_rate"):
@@ -151,8 +152,10 @@ def run_summary(paths: Paths = Paths(), metrics_path: str = "metrics/evaluate.js
     lines.append(f"quantization   : {report['quantization']}")
     if paths.registration.exists():
         reg = Registration.load(paths.registration)
-        lines.append(f"registry       : {reg.name} v{reg.version} ({reg.status}{', ' + ', '.join(reg.aliases) if reg.aliases else ''}; "
-                     f"gates {'passed' if reg.gates_passed else 'FAILED'}) — mlnb registry show {reg.name} {reg.version}")
+        held = ", " + ", ".join(reg.aliases) if reg.aliases else ""
+        lines.append(f"registry       : {reg.name} v{reg.version} ({reg.status}{held}; "
+                     f"gates {'passed' if reg.gates_passed else 'FAILED'}) "
+                                  f"— mlnb registry show {reg.name} {reg.version}")
     lines.append(f"latency (1 row): onnx {report['variants']['onnx']['single_row_us']:.0f} µs, scikit-learn {report['variants']['sklearn']['single_row_us']:.0f} µs")
     return "\n".join(lines)
 
@@ -728,22 +731,25 @@ def synth(output: Path = typer.Argument(..., help="Where to write: .csv or .parq
 # %% ../nbs/06_cli.ipynb #2f355785
 @app.command()
 def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The window: this many hours up to now (default: monitor.window_hours)"),
-            model: Optional[Path] = typer.Option(None, help="The ONNX file a server serves without the registry (versions sha256-…; default: models/onnx/model.onnx)"),
+            model: Optional[Path] = typer.Option(None, help="The ONNX file a server serves without the registry "
+                                                             "(versions sha256-…; default: models/onnx/model.onnx)"),
             fail_on_alert: bool = typer.Option(False, help="Exit 2 when the check raises an alert"),
             report: bool = typer.Option(False, help="Also write the monitoring notebook with plots (and its HTML) to monitor.output_dir"),
             retrain: bool = typer.Option(True, help="Retrain when retrain.triggers or retrain.every_days says so"),
             push: Optional[str] = typer.Option(None, help="Push the gauges to this Prometheus Pushgateway (default: monitor.pushgateway)"),
             params: str = PARAMS, user: Optional[str] = USER):
-    "Check the prediction log for drift and accuracy decay, each version against its own reference; write the result and alert."
+    "Check the prediction log for drift and accuracy decay, each version against its own reference; write and alert."
     from datetime import datetime, timedelta, timezone
     from mlnb.monitoring.check import run_monitor
     cfg = load_config(params)
     until = datetime.now(timezone.utc)
-    try: result = run_monitor(cfg, Paths(), until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push, user=user)
+    since = until - timedelta(hours=hours) if hours else None
+    try: result = run_monitor(cfg, Paths(), since, until, model, pushgateway=push, user=user)
     except (ValueError, FileNotFoundError) as e: _fail(e)
     few = result.rows < cfg.monitor.min_rows
     typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows"
-               + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)" if few else " (no version had enough rows for a verdict)"))
+               + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)" if few
+                                 else " (no version had enough rows for a verdict)"))
     for s in result.versions: _monitor_section(s, cfg.monitor.min_rows)
     for a in result.alerts: typer.echo(f"ALERT {a}")
     typer.echo(f"wrote {Path(cfg.monitor.output_dir) / 'latest.json'}")
@@ -764,12 +770,14 @@ def _monitor_section(s: dict, min_rows: int) -> None:
                + (f" (fewer than {min_rows}: no verdict)" if not s["verdict"] and not checked else ""))
     d, p, perf = s["drift"], s["prediction_drift"], s["performance"]
     if d:
-        typer.echo(f"  feature drift: {len(d['drifted_columns'])} of {len(d['columns'])} columns ({', '.join(d['drifted_columns']) or 'none'}); "
+        drifted = ", ".join(d["drifted_columns"]) or "none"
+        typer.echo(f"  feature drift: {len(d['drifted_columns'])} of {len(d['columns'])} columns ({drifted}); "
                    f"dataset drift: {'yes' if d['dataset_drift'] else 'no'}")
     if p:
         typer.echo(f"  prediction drift: {p['test']} {p['statistic']:.4g} ({'drifted' if p['drifted'] else 'stable'})")
     if perf["labelled"]:
-        typer.echo(f"  online accuracy {perf['accuracy']:.3f} on {perf['labelled']} labels (evaluation {perf['reference_accuracy']})"
+        typer.echo(f"  online accuracy {perf['accuracy']:.3f} on {perf['labelled']} labels "
+                   f"(evaluation {perf['reference_accuracy']})"
                    + (" DECAYED" if perf["decayed"] else ""))
     for note in ref["notes"]:
         typer.echo(f"  note: {note}")

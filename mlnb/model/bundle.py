@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..core.config import staged_outputs, write_json
 
 # %% auto #0
-__all__ = ['FILES', 'ARTIFACT_DIR', 'BundleError', 'artifact_path', 'Lineage', 'VersionFacts', 'Evaluation', 'output_scores',
-           'save_scores', 'load_scores', 'file_version', 'VersionBundle', 'Registration']
+__all__ = ['FILES', 'ARTIFACT_DIR', 'FILE_VERSION', 'BundleError', 'artifact_path', 'Lineage', 'VersionFacts', 'Evaluation',
+           'output_scores', 'save_scores', 'load_scores', 'file_version', 'VersionBundle', 'Registration']
 
 # %% ../../nbs/05c_bundle.ipynb #fb183a3d
 FILES: dict[str, str] = {
-    "onnx": "model.onnx",                          # the signed graph: the serving contract (its signature: model.onnx.sig)
+    "onnx": "model.onnx",                          # the signed graph, the serving contract (signature: model.onnx.sig)
     "onnx_int8": "model.int8.onnx",                # the quantized graph, when export kept it
     "sklearn": "model.joblib",                     # the scikit-learn pipeline the graph was exported from
     "schema": "schema.yaml",                       # the data contract it was trained under
@@ -134,7 +134,7 @@ class Evaluation(BaseModel):
 
 # %% ../../nbs/05c_bundle.ipynb #56714508
 def output_scores(outputs: dict[str, np.ndarray], classes: list | None = None, positive=None) -> np.ndarray:
-    "The score output drift compares, from a graph's outputs: the positive class's probability, or the regression value."
+    "What output drift compares, from a graph's outputs: the positive class's probability, or the regression value."
     if "probabilities" not in outputs:
         return np.asarray(outputs["variable"], dtype=float).ravel()
     names = [str(c) for c in classes or []]
@@ -149,6 +149,8 @@ def save_scores(scores: np.ndarray, path: str | Path) -> Path:
 
 def load_scores(path: str | Path) -> np.ndarray: return np.load(path, allow_pickle=False)
 
+FILE_VERSION = "sha256-"                           # how a version served from a bare ONNX file is named
+
 def file_version(path: str | Path, sha256: str | None = None) -> str:
     "The version name of an ONNX file served without the registry: `sha256-` and its hash's first 12 hex digits."
     if sha256 is None:
@@ -157,7 +159,7 @@ def file_version(path: str | Path, sha256: str | None = None) -> str:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
         sha256 = h.hexdigest()
-    return f"sha256-{sha256[:12]}"
+    return f"{FILE_VERSION}{sha256[:12]}"
 
 # %% ../../nbs/05c_bundle.ipynb #ccbbbd6a
 class VersionBundle(BaseModel):
@@ -196,7 +198,8 @@ class VersionBundle(BaseModel):
     @property
     def label(self) -> str:
         f = self.facts
-        return f"{f.name or 'model'} v{f.version}" if f.version else f"{f.name or 'model'} ({Path(self.files['onnx']).parent})"
+        name = f.name or "model"
+        return f"{name} v{f.version}" if f.version else f"{name} ({Path(self.files['onnx']).parent})"
 
     def onnx_path(self, prefer_quantized: bool = False) -> Path:
         return self.path("onnx_int8") if prefer_quantized and self.has("onnx_int8") else self.path("onnx")

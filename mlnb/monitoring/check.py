@@ -16,7 +16,8 @@ import pandas as pd
 
 from ..core.config import Config, MonitorConfig, Paths, staged_outputs, write_json
 from ..features.spec import Profile, value_counts
-from ..model.bundle import BundleError, Evaluation, VersionBundle, file_version, load_scores, output_scores, save_scores
+from ..model.bundle import (BundleError, Evaluation, VersionBundle, FILE_VERSION, file_version, load_scores,
+                               output_scores, save_scores)
 from ..stats.drift import DriftReport, drift_report
 
 # %% auto #0
@@ -78,8 +79,8 @@ class MonitorResult:
     prediction_drift: dict | None
     performance: dict
     alerts: list[str]
-    versions: list[dict] = field(default_factory=list)   # one section per version that served the window (`check_versions`)
-    primary_version: str | None = None      # the checked version with the most rows: drift, prediction_drift and performance are its
+    versions: list[dict] = field(default_factory=list)   # a section per version that served the window
+    primary_version: str | None = None      # the checked version with the most rows, whose figures the three above are
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -136,7 +137,7 @@ def send_alert(url: str, result: MonitorResult, timeout: float = 10) -> None:
 def _ts(iso: str) -> float: return datetime.fromisoformat(iso).timestamp()
 
 def gauge_families(result: dict) -> list:
-    "The monitoring result as Prometheus gauge families (names `mlnb_monitor_*`; the unlabelled ones: the primary version's)."
+    "The monitoring result as Prometheus gauge families (`mlnb_monitor_*`; the unlabelled ones: the primary version's)."
     from prometheus_client.core import GaugeMetricFamily as G
     d, p, perf = result.get("drift") or {}, result.get("prediction_drift") or {}, result.get("performance") or {}
     score = G("mlnb_monitor_drift_score", "Drift statistic per feature (p-value for ks/chisquare/z, distance otherwise)", labels=["column", "test"])
@@ -198,7 +199,8 @@ def push_gauges(url: str, result: MonitorResult, job: str = "mlnb_monitor", time
 def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: Profile, cfg: MonitorConfig, start: str, end: str,
                  reference_scores: np.ndarray | None = None, evaluation: Evaluation | dict | None = None,
                  positive: str | None = None) -> tuple[MonitorResult, pd.DataFrame | None]:
-    "Drift, prediction drift and online accuracy of one window against one reference; the result and the per-feature statistics (None without a verdict)."
+    """Drift, prediction drift and online accuracy of one window against one reference; the result and the per-feature
+        statistics (None without a verdict)."""
     window = window_frame(window)
     verdict = len(window) >= cfg.min_rows
     drift = stats = prediction = None
@@ -218,11 +220,12 @@ def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: P
     return result, stats
 
 def reference_scores(paths: Paths, model_path: Path, positive, spec_path: str | Path | None = None) -> np.ndarray:
-    "A model's scores on the working tree's test split (`output_scores`): the reference for a version that carries none."
+    "A model's scores on the working tree's test split (`output_scores`): the reference of a version that has none."
     from mlnb.model.onnx import OnnxModel
     from mlnb.features.spec import FeatureSpec, model_frame
     model = OnnxModel(model_path)
-    out = model.run(model_frame(pd.read_parquet(paths.split("test")), FeatureSpec.load(spec_path or paths.feature_spec)))
+    spec = FeatureSpec.load(spec_path or paths.feature_spec)
+    out = model.run(model_frame(pd.read_parquet(paths.split("test")), spec))
     return output_scores(out, json.loads(model.metadata.get("classes", "[]")) or None, positive)
 
 # %% ../../nbs/20_monitor_check.ipynb #04cf6adf
@@ -231,19 +234,21 @@ class Reference:
     "What one version's rows are checked against, and where it came from."
     version: str                              # as the prediction log names it
     source: str                               # for the report: the registry's bundle, the working tree, or unknown
-    profile: Profile | None = None            # None: an unknown version, not checked
+    profile: Profile | None = None            # None: not checked (an unknown version, a bundle without a profile)
     evaluation: Evaluation | None = None
     scores: np.ndarray | None = None          # the version's scores on its own test split
     positive: str | None = None
     profile_path: str | None = None
-    problem: str | None = None                # why the version is unknown
+    problem: str | None = None                # why it is not checked
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict:
         ev = self.evaluation
-        return {"source": self.source, "profile": self.profile_path, "profile_rows": self.profile.rows if self.profile else None,
+        return {"source": self.source, "profile": self.profile_path,
+                "profile_rows": self.profile.rows if self.profile else None,
                 "reference_accuracy": ev.accuracy if ev else None, "evaluation_rows": ev.rows if ev else None,
-                "reference_scores": None if self.scores is None else len(self.scores), "problem": self.problem, "notes": self.notes}
+                "reference_scores": None if self.scores is None else len(self.scores),
+                "problem": self.problem, "notes": self.notes}
 
 def _cached_scores(cache: Path, compute, what: str) -> tuple[np.ndarray | None, str]:
     "Reference scores from `cache`, or computed once by `compute` and cached there."
@@ -267,43 +272,47 @@ def bundle_reference(bundle: VersionBundle, cfg: Config, paths: Paths = Paths())
         scores, note = _cached_scores(cache, compute, f"{bundle.label} (its bundle has none)")
         notes.append(note)
     evaluation = bundle.evaluation() if bundle.has("evaluation") else None
-    return Reference(str(bundle.facts.version), f"registry: {bundle.label}", bundle.profile(), evaluation, scores, positive,
-                     str(bundle.path("reference_profile")), notes=notes)
+    return Reference(str(bundle.facts.version), f"registry: {bundle.label}", bundle.profile(), evaluation, scores,
+                     positive, str(bundle.path("reference_profile")), notes=notes)
 
 def file_reference(version: str, cfg: Config, paths: Paths = Paths(), model_path: str | Path | None = None,
                    metrics_dir: str | Path = "metrics") -> Reference:
-    "The reference of an ONNX file served without the registry: the working tree's outputs, if `model_path` is that file."
+    "The reference of an ONNX file served without the registry: the working tree's, if `model_path` is that file."
     model_path = Path(model_path or paths.onnx)
     if not model_path.exists():
-        return Reference(version, "unknown", problem=f"served from an ONNX file, and {model_path} does not exist (pass --model the served file)")
+        return Reference(version, "unknown", problem=f"served from an ONNX file, and {model_path} does not exist "
+                                                      "(pass --model the served file)")
     if file_version(model_path) != version:
-        return Reference(version, "unknown", problem=f"served from an ONNX file that is not {model_path} ({file_version(model_path)}); "
-                                                      "pass --model the served file")
+        return Reference(version, "unknown", problem=f"served from an ONNX file that is not {model_path} "
+                                                      f"({file_version(model_path)}); pass --model the served file")
     if not paths.reference_profile.exists():
-        raise FileNotFoundError(f"no reference profile at {paths.reference_profile}: run the featurize stage (dvc repro) first")
+        raise FileNotFoundError(f"no reference profile at {paths.reference_profile}: "
+                                "run the featurize stage (dvc repro) first")
     evaluation_path = Path(metrics_dir) / "evaluate.json"
     positive = cfg.data.positive_class
     compute = lambda: reference_scores(paths, model_path, positive) if paths.split("test").exists() else None
-    scores, note = _cached_scores(Path(cfg.monitor.output_dir) / "reference_scores" / f"{version}.npy", compute, str(model_path))
+    cache = Path(cfg.monitor.output_dir) / "reference_scores" / f"{version}.npy"
+    scores, note = _cached_scores(cache, compute, str(model_path))
     return Reference(version, f"working tree: {model_path}", Profile.load(paths.reference_profile),
                      Evaluation.load(evaluation_path) if evaluation_path.exists() else None, scores, positive,
                      str(paths.reference_profile), notes=[note])
 
 def version_references(window: pd.DataFrame, cfg: Config, paths: Paths = Paths(), model_path: str | Path | None = None,
                        metrics_dir: str | Path = "metrics", user: str | None = None) -> dict[str, Reference]:
-    """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does not have,
-    or whose bundle lacks its reference profile, is not checked (`Reference.problem` says why); a registry that cannot be
-    asked is an error (`RegistryUnreachable`)."""
+    """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does
+    not have, or whose bundle lacks its reference profile, is not checked (`Reference.problem` says why); a registry
+    that cannot be asked is an error (`RegistryUnreachable`)."""
     from mlnb.registry.store import Registry, RegistryError, RegistryUnreachable
     registry, out = None, {}
     if "model_version" not in window:
         return {"unknown": Reference("unknown", "unknown", problem="the log names no model version")}
     names = window["model_name"] if "model_name" in window else pd.Series(cfg.model_name, index=window.index)
     for version, name in dict(zip(window["model_version"].astype(str), names.astype(str))).items():
-        if version.startswith("sha256-"):
+        if version.startswith(FILE_VERSION):
             out[version] = file_reference(version, cfg, paths, model_path, metrics_dir)
         elif name != cfg.model_name:
-            out[version] = Reference(version, "unknown", problem=f"model {name!r} is not the registry's model {cfg.model_name!r}")
+            problem = f"model {name!r} is not the registry's model {cfg.model_name!r}"
+            out[version] = Reference(version, "unknown", problem=problem)
         else:
             registry = registry or Registry.from_config(cfg, user)
             try: out[version] = bundle_reference(registry.bundle(version, cfg.serve.model_cache_dir), cfg, paths)
@@ -314,39 +323,43 @@ def version_references(window: pd.DataFrame, cfg: Config, paths: Paths = Paths()
 
 
 # %% ../../nbs/20_monitor_check.ipynb #fd0f5647
-def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, references: dict[str, Reference], cfg: MonitorConfig,
-                   start: str, end: str) -> tuple[MonitorResult, pd.DataFrame | None]:
+def _not_checked(version: str, ref: Reference, rows: int) -> dict:
+    kind = "unknown version" if ref.source == "unknown" else "version"
+    return {"version": version, "reference": ref.describe(), "rows": rows, "verdict": False, "drift": None,
+            "prediction_drift": None, "performance": asdict(Performance(0, None, None, None, False)),
+            "alerts": [f"{kind} {version}: {rows} rows not checked ({ref.problem})"]}
+
+def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, references: dict[str, Reference],
+                   cfg: MonitorConfig, start: str, end: str) -> tuple[MonitorResult, pd.DataFrame | None]:
     "Each version's rows of the window against its own reference: one section per version, alerts naming it."
     window = window_frame(predictions)
-    versions = window["model_version"].astype(str) if "model_version" in window else pd.Series("unknown", index=window.index)
+    unnamed = pd.Series("unknown", index=window.index)
+    versions = window["model_version"].astype(str) if "model_version" in window else unnamed
     sections, stats, primary = [], [], None
     for version in versions.value_counts(sort=True).index:        # most rows first
         rows, ref = window[versions == version], references[version]
         if ref.profile is None:
-            alert = f"{'unknown version' if ref.source == 'unknown' else 'version'} {version}: {len(rows)} rows not checked ({ref.problem})"
-            perf = asdict(Performance(0, None, None, None, False))
-            sections.append({"version": version, "reference": ref.describe(), "rows": len(rows), "verdict": False, "drift": None,
-                             "prediction_drift": None, "performance": perf, "alerts": [alert]})
+            sections.append(_not_checked(version, ref, len(rows)))
             continue
         r, s = check_window(rows, feedback, ref.profile, cfg, start, end, ref.scores, ref.evaluation, ref.positive)
-        section = {"version": version, "reference": ref.describe(), "rows": r.rows, "verdict": r.verdict, "drift": r.drift,
-                   "prediction_drift": r.prediction_drift, "performance": r.performance,
+        section = {"version": version, "reference": ref.describe(), "rows": r.rows, "verdict": r.verdict,
+                   "drift": r.drift, "prediction_drift": r.prediction_drift, "performance": r.performance,
                    "alerts": [f"{a} [version {version}]" for a in r.alerts]}
         sections.append(section)
         primary = primary or section
         if s is not None:
             stats.append(s.assign(model_version=version))
-    lead = primary or {"drift": None, "prediction_drift": None, "performance": asdict(Performance(0, None, None, None, False))}
-    result = MonitorResult(start, end, len(window), any(s["verdict"] for s in sections), lead["drift"], lead["prediction_drift"],
-                           lead["performance"], [a for s in sections for a in s["alerts"]], sections,
-                           primary["version"] if primary else None)
+    lead = primary or _not_checked("", Reference("", "unknown"), 0)
+    result = MonitorResult(start, end, len(window), any(s["verdict"] for s in sections), lead["drift"],
+                           lead["prediction_drift"], lead["performance"], [a for s in sections for a in s["alerts"]],
+                           sections, primary["version"] if primary else None)
     return result, pd.concat(stats, ignore_index=True) if stats else None
 
 
 # %% ../../nbs/20_monitor_check.ipynb #9413d414
 def run_monitor(cfg: Config, paths: Paths = Paths(), since: datetime | None = None, until: datetime | None = None,
-                model_path: str | Path | None = None, metrics_dir: str | Path = "metrics", pushgateway: str | None = None,
-                user: str | None = None) -> MonitorResult:
+                model_path: str | Path | None = None, metrics_dir: str | Path = "metrics",
+                pushgateway: str | None = None, user: str | None = None) -> MonitorResult:
     """Check the prediction log's window, each version against its own reference (`version_references`), and write
     latest.json, the window's own JSON and the feature history; alert the webhook."""
     from mlnb.predlog.log import log_keys, read_log

@@ -172,7 +172,8 @@ def retrain(cfg: Config, trigger: str, paths: Paths = Paths(), user: str | None 
             audit.append(actor, "retrain-failed", run=run, error=f"{type(e).__name__}: {e}")
             raise RetrainError(f"retraining failed: {type(e).__name__}: {e}") from e
         audit.append(actor, "retrain-done", run=run, status=status, version=registration.version, detail=detail)
-        return RetrainResult(run, trigger, status, len(rows), total, md5, registration.version, registration.gates_passed, detail)
+        return RetrainResult(run, trigger, status, len(rows), total, md5, registration.version,
+                             registration.gates_passed, detail)
 
 # %% ../../nbs/21_monitor_retrain.ipynb #d8037a6e
 def last_retrain(audit: AuditLog) -> datetime | None:

@@ -61,7 +61,8 @@ class Version:
     def registration(self, created: bool) -> Registration:
         "The register stage's record of this version (`models/registration.json`)."
         return Registration(name=self.name, version=self.version, status=self.status, aliases=list(self.aliases),
-                            gates_passed=self.gates_passed, created=created, onnx_sha256=self.tags.get("mlnb.onnx_sha256"),
+                            gates_passed=self.gates_passed, created=created,
+                                                onnx_sha256=self.tags.get("mlnb.onnx_sha256"),
                             gates=self.gates)
 
     def row(self) -> dict:
@@ -318,8 +319,8 @@ class Registry:
 
     def register(self, bundle: VersionBundle | dict[str, Path], tags: dict, facts: dict, gates_fn, signing_key: Path,
                  public_key: Path) -> tuple[Version, bool]:
-        """Register `bundle` as a new candidate version: a `VersionBundle`, or its files by name (`{"model.onnx": path}`, the
-        facts then read from `tags`). `tags` are set beside the bundle's facts; `facts` are the model card's.
+        """Register `bundle` as a new candidate version: a `VersionBundle`, or its files by name (`{"model.onnx": p}`,
+        the facts then read from `tags`). `tags` are set beside the bundle's facts; `facts` are the model card's.
         `gates_fn(candidate_onnx, champion, signature_error) -> list[Gate]`. Returns (version, created)."""
         from mlflow.exceptions import MlflowException
         from mlnb.evaluation.card import card_html, model_card
@@ -356,11 +357,12 @@ class Registry:
             try: self.client.create_registered_model(self.name, tags={"mlnb.managed": "true"})
             except MlflowException: pass
             passed = all(g.passed for g in gates)
-            version_tags = {**bundle.facts.tags(), **{k: str(v) for k, v in tags.items()}, STATUS: "candidate", "mlnb.onnx_sha256": sha,
+            version_tags = {**bundle.facts.tags(), **{k: str(v) for k, v in tags.items()},
+                            STATUS: "candidate", "mlnb.onnx_sha256": sha,
                             "mlnb.gates": json.dumps([g.__dict__ for g in gates], default=str), "mlnb.gates_passed": str(passed).lower(),
                             "mlnb.signing_key": key_fingerprint(public_key), "mlnb.registered_by": self.identity.name}
-            mv = self.client.create_model_version(self.name, f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id,
-                                                  tags=version_tags)
+            mv = self.client.create_model_version(self.name, f"{run.info.artifact_uri}/{ARTIFACT_DIR}",
+                                                  run_id=run.info.run_id, tags=version_tags)
             _failpoint("register:after-version")
             version = str(mv.version)
             card = model_card({**facts, "name": self.name, "version": version, "status": "candidate", "registered_by": self.identity.name,
@@ -368,7 +370,7 @@ class Registry:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / FILES["card"]).write_text(card)
                 (Path(d) / FILES["card_html"]).write_text(card_html(card, f"{self.name} v{version}"))
-                bundle.facts.model_copy(update={"version": version}).save(Path(d) / FILES["facts"])   # now with its number
+                bundle.facts.model_copy(update={"version": version}).save(Path(d) / FILES["facts"])   # with its number
                 self.client.log_artifacts(run.info.run_id, d, ARTIFACT_DIR)
             recorded = VersionFacts.from_tags(version_tags).lineage
             self.audit.append(self.identity.name, "register", model=self.name, version=version, onnx_sha256=sha, run_id=run.info.run_id,
@@ -511,14 +513,16 @@ class Registry:
         rows.append({"step": "dvc status", "recorded": "clean", "working tree": current.get("dvc_status"),
                      "matches": current.get("dvc_status") == "clean" if "dvc_status" in current else None})
         rows.append({"step": "run", "recorded": recorded.selected_run_id, "working tree": None, "matches": None})
-        rows.append({"step": "version", "recorded": f"{self.name} v{v.version} (commit {(recorded.git_commit or '?')[:12]})",
+        commit = (recorded.git_commit or "?")[:12]
+        rows.append({"step": "version", "recorded": f"{self.name} v{v.version} (commit {commit})",
                      "working tree": None, "matches": None})
         return pd.DataFrame(rows)
 
     def card(self, version, html: bool = False) -> str:
         v = self.get(version)
         with tempfile.TemporaryDirectory() as d:
-            return Path(self.client.download_artifacts(v.run_id, artifact_path("card_html" if html else "card"), d)).read_text()
+            card = self.client.download_artifacts(v.run_id, artifact_path("card_html" if html else "card"), d)
+            return Path(card).read_text()
 
     def download(self, version, dst: str | Path) -> Path:
         "The version's model directory, copied to `dst`."
@@ -542,7 +546,7 @@ class Registry:
         return final
 
     def bundle(self, version, cache_dir: str | Path) -> VersionBundle:
-        "The version's `VersionBundle`, fetched into `cache_dir`; the registry's name, version and tags complete its facts."
+        "The version's `VersionBundle`, fetched into `cache_dir`; the registry's name, version and tags complete it."
         v = self.get(version)
         return VersionBundle.load(self.fetch(v.version, cache_dir), v.tags, self.name, v.version)
 
@@ -558,8 +562,9 @@ def _records(path: Path) -> list[dict]:
 
 def pipeline_bundle(cfg: Config, scratch: str | Path, paths: Paths = Paths(), metrics_dir: str | Path = "metrics",
                     plots_dir: str | Path = "plots/evaluate", lock_path: str | Path = "dvc.lock") -> VersionBundle:
-    """The pipeline's current outputs as the bundle of one version: the files by role, the facts (lineage from `dvc.lock`,
-    what the model decides and how it scored) and the model's scores on the test split, computed here once (into `scratch`)."""
+    """The pipeline's current outputs as the bundle of one version: the files by role, the facts (lineage from
+    `dvc.lock`, what the model decides and how it scored) and the model's scores on the test split, computed here
+    once (into `scratch`)."""
     from mlnb.features.spec import FeatureSpec, model_frame
     from mlnb.model.onnx import OnnxModel
     from mlnb.training.train import positive_of
@@ -583,10 +588,10 @@ def pipeline_bundle(cfg: Config, scratch: str | Path, paths: Paths = Paths(), me
     positive = threshold.get("positive_class") or (str(positive_of(classes, cfg.data.positive_class))
                                                    if cfg.data.task == "binary" and classes else None)
     metric = gate_metric(cfg)
-    facts = VersionFacts(name=cfg.model_name, task=cfg.data.task, target=cfg.data.target, classes=classes, positive_class=positive,
-                         threshold=threshold.get("value"), family=board["selected"], metric=metric,
-                         metric_value=evaluation.metric(metric), quantization=report.get("quantization", ""),
-                         parity=exported["parity"], robustness=evaluation.robustness or None,
+    facts = VersionFacts(name=cfg.model_name, task=cfg.data.task, target=cfg.data.target, classes=classes,
+                         positive_class=positive, threshold=threshold.get("value"), family=board["selected"],
+                         metric=metric, metric_value=evaluation.metric(metric), parity=exported["parity"],
+                         quantization=report.get("quantization", ""), robustness=evaluation.robustness or None,
                          lineage=Lineage(**lineage_from_lock(cfg, paths, lock_path)))
     test = model_frame(pd.read_parquet(paths.split("test")), FeatureSpec.load(paths.feature_spec))
     scores = save_scores(output_scores(onnx.run(test), classes, positive), Path(scratch) / FILES["reference_scores"])
@@ -607,15 +612,17 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths = Paths(), me
         fairness, fairness_note = (fairness, None) if isinstance(fairness, dict) and fairness else ({}, FAIRNESS_NOT_MEASURED)
         f = bundle.facts
         facts = {"task": f.task, "target": f.target, "family": f.family, "params": board.get("selected_params", {}),
-                 "lineage": f.lineage.model_dump(), "metrics": evaluation.metrics, "fairness": fairness, "fairness_note": fairness_note,
-                 "fairness_table": _records(bundle.path("fairness")) if bundle.has("fairness") else [], "inputs": report.get("inputs", {}),
+                 "lineage": f.lineage.model_dump(), "metrics": evaluation.metrics, "fairness": fairness,
+                 "fairness_note": fairness_note, "inputs": report.get("inputs", {}),
+                 "fairness_table": _records(bundle.path("fairness")) if bundle.has("fairness") else [],
                  "intended_use": cfg.registry.intended_use, "caveats": cfg.registry.caveats,
                  "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")},
                  "robustness": evaluation.robustness, "threshold": board.get("threshold")}
         signing_key, public_key = signing_keys(cfg)
         if ensure_signing_key(signing_key, public_key):
             registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
-        gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, f.parity, sig_err, evaluation.robustness)
+        gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, f.parity, sig_err,
+                                                          evaluation.robustness)
         version, created = registry.register(bundle, {}, facts, gates_fn, signing_key, public_key)
     booted = created and cfg.registry.bootstrap_auto_approve and registry.bootstrap(version)
     return registry.get(version.version), created, booted

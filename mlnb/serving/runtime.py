@@ -159,7 +159,8 @@ def load_registered(registry, ref: ModelRef, public_key: str | Path, cache_dir: 
     "Resolve `ref` (or take `version`), fetch it and load it verified."
     version = version or resolve_version(registry, ref)
     bundle = VersionBundle.load(fetch_version(registry, version, cache_dir), name=registry.name, version=str(version))
-    model = load_served_model(bundle.onnx_path(prefer_quantized), public_key, registry.name, str(version), f"{registry.name}/{version} ({ref})",
+    model = load_served_model(bundle.onnx_path(prefer_quantized), public_key, registry.name, str(version),
+                              f"{registry.name}/{version} ({ref})",
                               bundle.schema_path, threads=threads, max_rows=max_rows)
     remember_verified(model, ref, cache_dir)
     return model

@@ -54,12 +54,13 @@ def test_the_champion_is_checked_against_its_own_reference_and_a_split_window_pe
         records = json.loads(model_frame(traffic, spec).to_json(orient="records"))
         ids = []
         for i, record in enumerate(records):                                  # sticky keys: about half to each version
-            r = server.client.post("/invocations", headers={"x-routing-key": f"k{i}"}, json={"dataframe_records": [record]})
+            r = server.client.post("/invocations", headers={"x-routing-key": f"k{i}"},
+                                   json={"dataframe_records": [record]})
             assert r.status_code == 200, r.text
             ids.append(r.json()["predictions"][0]["prediction_id"])
         for start in range(0, len(ids), 200):
-            server.client.post("/feedback", json={"feedback": [{"prediction_id": p, "actual": a} for p, a in
-                                                               zip(ids[start:start + 200], traffic["churn"].iloc[start:start + 200])]})
+            labels = zip(ids[start:start + 200], traffic["churn"].iloc[start:start + 200])
+            server.client.post("/feedback", json={"feedback": [{"prediction_id": p, "actual": a} for p, a in labels]})
         wait_for(lambda: len(read_log(project / "serving/predictions")) == len(ids)
                  and len(read_log(project / "serving/feedback")) == len(ids), 30, "the logs to reach disk")
     finally:
@@ -77,12 +78,12 @@ def test_the_champion_is_checked_against_its_own_reference_and_a_split_window_pe
     try:
         cfg = load_config("params.yaml")
         registry = Registry.from_config(cfg)
-        champion, candidate = registry.bundle("1", cfg.serve.model_cache_dir), registry.bundle("2", cfg.serve.model_cache_dir)
+        champion, candidate = (registry.bundle(v, cfg.serve.model_cache_dir) for v in ("1", "2"))
         assert "champion" in registry.get("1").aliases and registry.get("2").status == "candidate"
         predictions, feedback = read_log("serving/predictions"), read_log("serving/feedback")
     finally:
         os.chdir(cwd)
-    # each bundle carries its own reference: profile, evaluation and scores on its own test split, computed at registration
+    # each bundle carries its own reference: profile, evaluation and scores on its own test split (from registration)
     assert champion.facts.lineage.raw_md5 != candidate.facts.lineage.raw_md5
     assert champion.evaluation().accuracy != candidate.evaluation().accuracy
     for bundle in (champion, candidate):
@@ -97,15 +98,17 @@ def test_the_champion_is_checked_against_its_own_reference_and_a_split_window_pe
     mine = window_frame(predictions)
     mine = mine[mine["model_version"] == "1"]
     positive = champion.facts.positive_class
-    own, _ = check_window(mine, feedback, champion.profile(), cfg.monitor, result["window_start"], result["window_end"],
-                          champion.reference_scores(), champion.evaluation(), positive)
-    other, _ = check_window(mine, feedback, candidate.profile(), cfg.monitor, result["window_start"], result["window_end"],
-                            candidate.reference_scores(), candidate.evaluation(), positive)
+    window = (cfg.monitor, result["window_start"], result["window_end"])
+    own, _ = check_window(mine, feedback, champion.profile(), *window, champion.reference_scores(),
+                          champion.evaluation(), positive)
+    other, _ = check_window(mine, feedback, candidate.profile(), *window, candidate.reference_scores(),
+                            candidate.evaluation(), positive)
     assert statistic(v1["drift"], "contract") == statistic(own.drift, "contract") != statistic(other.drift, "contract")
-    assert v1["prediction_drift"]["statistic"] == own.prediction_drift["statistic"] != other.prediction_drift["statistic"]
+    output_drift = [r["statistic"] for r in (v1["prediction_drift"], own.prediction_drift, other.prediction_drift)]
+    assert output_drift[0] == output_drift[1] != output_drift[2]
     assert "contract" not in v1["drift"]["drifted_columns"] and "contract" in other.drift["drifted_columns"]
 
-    # the same kind of traffic on the candidate drifts from the candidate's (shifted) reference, and its alerts say which version
+    # the same kind of traffic drifts from the candidate's (shifted) reference, and its alerts name the version
     v2 = sections["2"]
     assert v2["reference"]["source"] == "registry: churn v2" and "contract" in v2["drift"]["drifted_columns"]
     assert v2["alerts"] and all(a.endswith("[version 2]") for a in v2["alerts"])
