@@ -152,24 +152,28 @@ def run_summary(paths: Paths = Paths()) -> str:
     needed = [paths.leaderboard, paths.evaluate_metrics, paths.export_report]
     missing = [str(p) for p in needed if not Path(p).exists()]
     if missing: raise ConfigError(f"no complete run yet (missing {', '.join(missing)}); run `make run` or `dvc repro`")
+    from mlnb.model.bundle import Evaluation, Registration
     board = json.loads(paths.leaderboard.read_text())
-    metrics = json.loads(paths.evaluate_metrics.read_text())
+    metrics = Evaluation.load(paths.evaluate_metrics)
     report = json.loads(paths.export_report.read_text())
     lines = [f"selected model : {board['selected']} (validation {board['metric']} {board['candidates'][0]['valid_score']:.4f})",
              "candidates     : " + ", ".join(f"{c['family']} {c['valid_score']:.4f}" for c in board["candidates"]),
              f"threshold      : {threshold_text(board.get('threshold'))}",
-             "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+             "test metrics   : " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.metrics.items()
+                                              if isinstance(v, float)),
              f"onnx model     : {paths.onnx} ({report['variants']['onnx']['bytes'] / 1024:.0f} KiB, parity max |Δp| {report['parity']['max_abs_diff']:.2g})"]
-    robust = metrics.get("robustness") or {}
+    robust = metrics.robustness
     if robust.get("flip_rate"):
         lines.append("robustness     : rows flipped at ±ε std " + ", ".join(f"{e} {r:.1%}" for e, r in robust["flip_rate"].items())
                      + (f"; by one categorical swap {robust['categorical_flip_rate']:.1%}" if robust.get("categorical_flip_rate") is not None else ""))
     if paths.onnx_int8.exists(): lines.append(f"int8 model     : {paths.onnx_int8}")
     lines.append(f"quantization   : {report['quantization']}")
     if paths.registration.exists():
-        reg = json.loads(paths.registration.read_text())
-        lines.append(f"registry       : {reg['name']} v{reg['version']} ({reg['status']}{', ' + ', '.join(reg['aliases']) if reg['aliases'] else ''}; "
-                     f"gates {'passed' if reg['gates_passed'] else 'FAILED'}) — mlnb registry show {reg['name']} {reg['version']}")
+        reg = Registration.load(paths.registration)
+        held = ", " + ", ".join(reg.aliases) if reg.aliases else ""
+        lines.append(f"registry       : {reg.name} v{reg.version} ({reg.status}{held}; "
+                     f"gates {'passed' if reg.gates_passed else 'FAILED'}) "
+                                  f"— mlnb registry show {reg.name} {reg.version}")
     lines.append(f"latency (1 row): onnx {report['variants']['onnx']['single_row_us']:.0f} µs, scikit-learn {report['variants']['sklearn']['single_row_us']:.0f} µs")
     return "\n".join(lines)
 
@@ -708,25 +712,25 @@ def synth(output: Path = typer.Argument(..., help="Where to write: .csv or .parq
 # %% ../nbs/06_cli.ipynb #2f355785
 @app.command()
 def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The window: this many hours up to now (default: monitor.window_hours)"),
-            model: Optional[Path] = typer.Option(None, help="The served ONNX model, for prediction drift (default: paths.onnx in params)"),
+            model: Optional[Path] = typer.Option(None, help="The ONNX file a server serves without the registry "
+                                                             "(versions sha256-…; default: paths.onnx in params)"),
             fail_on_alert: bool = typer.Option(False, help="Exit 2 when the check raises an alert"),
             report: bool = typer.Option(False, help="Also write the monitoring notebook with plots (and its HTML) to monitor.output_dir"),
             retrain: bool = typer.Option(True, help="Retrain when retrain.triggers or retrain.every_days says so"),
             push: Optional[str] = typer.Option(None, help="Push the gauges to this Prometheus Pushgateway (default: monitor.pushgateway)"),
             params: str = PARAMS, user: Optional[str] = USER):
-    "Check the prediction log for drift and accuracy decay; write the result and alert."
+    "Check the prediction log for drift and accuracy decay, each version against its own reference; write and alert."
     from datetime import datetime, timedelta, timezone
     from mlnb.monitoring.check import run_monitor
     cfg = load_config(params)
     until = datetime.now(timezone.utc)
-    result = run_monitor(cfg, cfg.paths, until - timedelta(hours=hours) if hours else None, until, model, pushgateway=push)
-    typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows" + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)"))
-    if result.drift:
-        typer.echo(f"feature drift: {len(result.drift['drifted_columns'])} of {len(result.drift['columns'])} columns ({', '.join(result.drift['drifted_columns']) or 'none'}); "
-                   f"dataset drift: {'yes' if result.drift['dataset_drift'] else 'no'}")
-    if result.prediction_drift: typer.echo(f"prediction drift: {result.prediction_drift['test']} {result.prediction_drift['statistic']:.4g} ({'drifted' if result.prediction_drift['drifted'] else 'stable'})")
-    perf = result.performance
-    if perf["labelled"]: typer.echo(f"online accuracy {perf['accuracy']:.3f} on {perf['labelled']} labels (evaluation {perf['reference_accuracy']})" + (" DECAYED" if perf["decayed"] else ""))
+    since = until - timedelta(hours=hours) if hours else None
+    result = run_monitor(cfg, cfg.paths, since, until, model, pushgateway=push, user=user)
+    few = result.rows < cfg.monitor.min_rows
+    typer.echo(f"window {result.window_start} .. {result.window_end}: {result.rows} rows"
+               + ("" if result.verdict else f" (fewer than {cfg.monitor.min_rows}: no verdict)" if few
+                                 else " (no version had enough rows for a verdict)"))
+    for s in result.versions: _monitor_section(s, cfg.monitor.min_rows)
     for a in result.alerts: typer.echo(f"ALERT {a}")
     typer.echo(f"wrote {Path(cfg.monitor.output_dir) / 'latest.json'}")
     if report:
@@ -736,6 +740,26 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
         trigger = retrain_trigger(result, cfg)
         if trigger: _retrain(cfg, trigger, user)
     if fail_on_alert and result.alerts: raise typer.Exit(2)
+
+def _monitor_section(s: dict, min_rows: int) -> None:
+    "One version's lines of `mlnb monitor`."
+    ref = s["reference"]
+    checked = "" if ref["problem"] is None else ": not checked, unknown version"
+    typer.echo(f"version {s['version']} ({ref['source']}): {s['rows']} rows{checked}"
+               + (f" (fewer than {min_rows}: no verdict)" if not s["verdict"] and not checked else ""))
+    d, p, perf = s["drift"], s["prediction_drift"], s["performance"]
+    if d:
+        drifted = ", ".join(d["drifted_columns"]) or "none"
+        typer.echo(f"  feature drift: {len(d['drifted_columns'])} of {len(d['columns'])} columns ({drifted}); "
+                   f"dataset drift: {'yes' if d['dataset_drift'] else 'no'}")
+    if p:
+        typer.echo(f"  prediction drift: {p['test']} {p['statistic']:.4g} ({'drifted' if p['drifted'] else 'stable'})")
+    if perf["labelled"]:
+        typer.echo(f"  online accuracy {perf['accuracy']:.3f} on {perf['labelled']} labels "
+                   f"(evaluation {perf['reference_accuracy']})"
+                   + (" DECAYED" if perf["decayed"] else ""))
+    for note in ref["notes"]:
+        typer.echo(f"  note: {note}")
 
 def _retrain(cfg, trigger: str, user: str | None) -> None:
     from mlnb.pipeline.retrain import retrain as run_retrain

@@ -19,12 +19,15 @@ from ..core.errors import ConfigError, DataError
 from ..features.spec import Profile, value_counts
 from ..predlog.log import LogColumns
 from ..stats.decisions import proportion_test
+from ..model.bundle import (BundleError, Evaluation, VersionBundle, FILE_VERSION, file_version, load_scores,
+                               output_scores, save_scores)
 from ..stats.drift import DriftReport, drift_report
 
 # %% auto #0
 __all__ = ['log', 'window_frame', 'output_column', 'Performance', 'online_performance', 'MonitorResult', 'column_stats',
            'append_history', 'alerts_for', 'alert_kinds', 'send_alert', 'gauge_families', 'MonitorCollector',
-           'push_gauges', 'check_window', 'reference_scores', 'run_monitor']
+           'push_gauges', 'check_window', 'reference_scores', 'Reference', 'bundle_reference', 'file_reference',
+           'version_references', 'check_versions', 'run_monitor']
 
 # %% ../../nbs/20_monitor_check.ipynb #fbf5c2f1
 log = logging.getLogger("mlnb.monitor")
@@ -83,6 +86,8 @@ class MonitorResult:
     prediction_drift: dict | None
     performance: dict
     alerts: list[str]
+    versions: list[dict] = field(default_factory=list)   # a section per version that served the window
+    primary_version: str | None = None      # the checked version with the most rows, whose figures the three above are
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -119,11 +124,14 @@ def alerts_for(result: MonitorResult) -> list[str]:
     return out
 
 def alert_kinds(result: MonitorResult) -> set[str]:
-    "Which kinds of alert the result raised (the names `retrain.triggers` lists)."
-    d, p, perf = result.drift or {}, result.prediction_drift or {}, result.performance
-    kinds = {"dataset_drift": bool(d.get("dataset_drift")), "feature_drift": bool(d.get("drifted_columns")),
-             "prediction_drift": bool(p.get("drifted")), "accuracy_decay": bool(perf.get("decayed"))}
-    return {k for k, hit in kinds.items() if hit}
+    "Which kinds of alert the result raised, for any version (the names `retrain.triggers` lists)."
+    out = set()
+    for s in result.versions or [result.to_dict()]:
+        d, p, perf = s.get("drift") or {}, s.get("prediction_drift") or {}, s.get("performance") or {}
+        kinds = {"dataset_drift": bool(d.get("dataset_drift")), "feature_drift": bool(d.get("drifted_columns")),
+                 "prediction_drift": bool(p.get("drifted")), "accuracy_decay": bool(perf.get("decayed"))}
+        out |= {k for k, hit in kinds.items() if hit}
+    return out
 
 def send_alert(url: str, result: MonitorResult, timeout: float = 10) -> None:
     "POST the alerts and the result's headline to a webhook (Slack-compatible `text`, plus the details)."
@@ -136,7 +144,7 @@ def send_alert(url: str, result: MonitorResult, timeout: float = 10) -> None:
 def _ts(iso: str) -> float: return datetime.fromisoformat(iso).timestamp()
 
 def gauge_families(result: dict) -> list:
-    "The monitoring result as Prometheus gauge families (names `mlnb_monitor_*`)."
+    "The monitoring result as Prometheus gauge families (`mlnb_monitor_*`; the unlabelled ones: the primary version's)."
     from prometheus_client.core import GaugeMetricFamily as G
     d, p, perf = result.get("drift") or {}, result.get("prediction_drift") or {}, result.get("performance") or {}
     score = G("mlnb_monitor_drift_score", "Drift statistic per feature (p-value for ks/chisquare/z, distance otherwise)", labels=["column", "test"])
@@ -164,6 +172,12 @@ def gauge_families(result: dict) -> list:
     single("mlnb_monitor_verdict", "1 when the window had enough rows for a verdict", result.get("verdict", False))
     single("mlnb_monitor_alerts", "Alerts the last check raised", len(result.get("alerts", [])))
     single("mlnb_monitor_last_run_timestamp_seconds", "End of the last checked window (Unix time)", _ts(result["window_end"]) if result.get("window_end") else None)
+    if result.get("versions"):
+        rows = G("mlnb_monitor_version_rows", "Served rows in the window, per model version", labels=["version"])
+        alerts = G("mlnb_monitor_version_alerts", "Alerts the last check raised, per model version", labels=["version"])
+        for s in result["versions"]:
+            rows.add_metric([s["version"]], s["rows"]); alerts.add_metric([s["version"]], len(s["alerts"]))
+        out += [rows, alerts]
     return out
 
 class MonitorCollector:
@@ -190,8 +204,10 @@ def push_gauges(url: str, result: MonitorResult, job: str = "mlnb_monitor", time
 
 # %% ../../nbs/20_monitor_check.ipynb #7ac6cfbf
 def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: Profile, cfg: MonitorConfig, start: str, end: str,
-                 reference_scores: np.ndarray | None = None, evaluation: dict | None = None, positive: str | None = None) -> tuple[MonitorResult, pd.DataFrame | None]:
-    "Drift, prediction drift and online accuracy of one window; the result and the per-feature statistics (None without a verdict)."
+                 reference_scores: np.ndarray | None = None, evaluation: Evaluation | dict | None = None,
+                 positive: str | None = None) -> tuple[MonitorResult, pd.DataFrame | None]:
+    """Drift, prediction drift and online accuracy of one window against one reference; the result and the per-feature
+        statistics (None without a verdict)."""
     window = window_frame(window)
     verdict = len(window) >= cfg.min_rows
     drift = stats = prediction = None
@@ -204,26 +220,154 @@ def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: P
         if reference_scores is not None and score is not None:
             ref = Profile.from_frame(pd.DataFrame({"prediction": reference_scores}))
             prediction = asdict(drift_report(ref, pd.DataFrame({"prediction": window[score].to_numpy(float)}), psi_all=cfg.psi).columns[0])
-    evaluation = evaluation or {}
-    perf = online_performance(window, feedback, evaluation.get("accuracy"), evaluation.get("rows"), cfg)
+    evaluation = evaluation if isinstance(evaluation, Evaluation) else Evaluation.model_validate(evaluation or {})
+    perf = online_performance(window, feedback, evaluation.accuracy, evaluation.rows, cfg)
     result = MonitorResult(start, end, len(window), verdict, drift, prediction, asdict(perf), [])
     result.alerts = alerts_for(result)
     return result, stats
 
-def reference_scores(paths: Paths, model_path: Path, positive) -> np.ndarray:
-    "The model's scores on the held-out test split: the reference for prediction drift."
+def reference_scores(paths: Paths, model_path: Path, positive, spec_path: str | Path | None = None) -> np.ndarray:
+    "A model's scores on the working tree's test split (`output_scores`): the reference of a version that has none."
     from mlnb.model.onnx import OnnxModel
     from mlnb.features.spec import FeatureSpec, model_frame
     model = OnnxModel(model_path)
-    out = model.run(model_frame(pd.read_parquet(paths.split("test")), FeatureSpec.load(paths.feature_spec)))
-    if "probabilities" not in out: return out["variable"].ravel()
-    classes = json.loads(model.metadata.get("classes", "[]")) or None
-    return out["probabilities"][:, classes.index(str(positive)) if classes and str(positive) in map(str, classes) else -1]
+    spec = FeatureSpec.load(spec_path or paths.feature_spec)
+    out = model.run(model_frame(pd.read_parquet(paths.split("test")), spec))
+    return output_scores(out, json.loads(model.metadata.get("classes", "[]")) or None, positive)
 
+# %% ../../nbs/20_monitor_check.ipynb #04cf6adf
+@dataclass
+class Reference:
+    "What one version's rows are checked against, and where it came from."
+    version: str                              # as the prediction log names it
+    source: str                               # for the report: the registry's bundle, the working tree, or unknown
+    profile: Profile | None = None            # None: not checked (an unknown version, a bundle without a profile)
+    evaluation: Evaluation | None = None
+    scores: np.ndarray | None = None          # the version's scores on its own test split
+    positive: str | None = None
+    profile_path: str | None = None
+    problem: str | None = None                # why it is not checked
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        ev = self.evaluation
+        return {"source": self.source, "profile": self.profile_path,
+                "profile_rows": self.profile.rows if self.profile else None,
+                "reference_accuracy": ev.accuracy if ev else None, "evaluation_rows": ev.rows if ev else None,
+                "reference_scores": None if self.scores is None else len(self.scores),
+                "problem": self.problem, "notes": self.notes}
+
+def _cached_scores(cache: Path, compute, what: str) -> tuple[np.ndarray | None, str]:
+    "Reference scores from `cache`, or computed once by `compute` and cached there."
+    if cache.exists():
+        return load_scores(cache), f"reference scores of {what} computed earlier, cached in {cache}"
+    scores = compute()
+    if scores is None:
+        return None, f"no reference scores for {what}: no test split here to compute them on (no prediction drift)"
+    save_scores(scores, cache)
+    return scores, f"reference scores of {what} computed once on the working tree's test split, cached in {cache}"
+
+def bundle_reference(bundle: VersionBundle, cfg: Config, paths: Paths) -> Reference:
+    "A registered version's reference: its bundle's profile, evaluation and reference scores."
+    positive = bundle.facts.positive_class or cfg.data.positive_class
+    scores, notes = bundle.reference_scores(), []
+    if scores is None:                        # registered before bundles kept them
+        test = paths.split("test")
+        compute = lambda: (reference_scores(paths, bundle.onnx_path(), positive, bundle.path("feature_spec"))
+                           if test.exists() and bundle.has("feature_spec") else None)
+        cache = Path(cfg.monitor.output_dir) / "reference_scores" / f"{bundle.facts.name}-v{bundle.facts.version}.npy"
+        scores, note = _cached_scores(cache, compute, f"{bundle.label} (its bundle has none)")
+        notes.append(note)
+    evaluation = bundle.evaluation() if bundle.has("evaluation") else None
+    return Reference(str(bundle.facts.version), f"registry: {bundle.label}", bundle.profile(), evaluation, scores,
+                     positive, str(bundle.path("reference_profile")), notes=notes)
+
+def file_reference(version: str, cfg: Config, paths: Paths, model_path: str | Path | None = None) -> Reference:
+    "The reference of an ONNX file served without the registry: the working tree's, if `model_path` is that file."
+    model_path = Path(model_path or paths.onnx)
+    if not model_path.exists():
+        return Reference(version, "unknown", problem=f"served from an ONNX file, and {model_path} does not exist "
+                                                      "(pass --model the served file)")
+    if file_version(model_path) != version:
+        return Reference(version, "unknown", problem=f"served from an ONNX file that is not {model_path} "
+                                                      f"({file_version(model_path)}); pass --model the served file")
+    if not paths.reference_profile.exists():
+        raise DataError(f"no reference profile at {paths.reference_profile}: "
+                        "run the featurize stage (dvc repro) first")
+    evaluation_path = paths.evaluate_metrics
+    positive = cfg.data.positive_class
+    compute = lambda: reference_scores(paths, model_path, positive) if paths.split("test").exists() else None
+    cache = Path(cfg.monitor.output_dir) / "reference_scores" / f"{version}.npy"
+    scores, note = _cached_scores(cache, compute, str(model_path))
+    return Reference(version, f"working tree: {model_path}", Profile.load(paths.reference_profile),
+                     Evaluation.load(evaluation_path) if evaluation_path.exists() else None, scores, positive,
+                     str(paths.reference_profile), notes=[note])
+
+def version_references(window: pd.DataFrame, cfg: Config, paths: Paths, model_path: str | Path | None = None,
+                       user: str | None = None) -> dict[str, Reference]:
+    """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does
+    not have, or whose bundle lacks its reference profile, is not checked (`Reference.problem` says why); a registry
+    that cannot be asked is an error (`RegistryUnreachable`)."""
+    from mlnb.registry.store import Registry, RegistryError, RegistryUnreachable
+    registry, out = None, {}
+    if "model_version" not in window:
+        return {"unknown": Reference("unknown", "unknown", problem="the log names no model version")}
+    names = window["model_name"] if "model_name" in window else pd.Series(cfg.model_name, index=window.index)
+    for version, name in dict(zip(window["model_version"].astype(str), names.astype(str))).items():
+        if version.startswith(FILE_VERSION):
+            out[version] = file_reference(version, cfg, paths, model_path)
+        elif name != cfg.model_name:
+            problem = f"model {name!r} is not the registry's model {cfg.model_name!r}"
+            out[version] = Reference(version, "unknown", problem=problem)
+        else:
+            registry = registry or Registry.from_config(cfg, user)
+            try: out[version] = bundle_reference(registry.bundle(version, cfg.serve.model_cache_dir), cfg, paths)
+            except RegistryUnreachable: raise
+            except RegistryError as e: out[version] = Reference(version, "unknown", problem=str(e))
+            except BundleError as e: out[version] = Reference(version, f"registry: {name} v{version}", problem=str(e))
+    return out
+
+
+# %% ../../nbs/20_monitor_check.ipynb #fd0f5647
+def _not_checked(version: str, ref: Reference, rows: int) -> dict:
+    kind = "unknown version" if ref.source == "unknown" else "version"
+    return {"version": version, "reference": ref.describe(), "rows": rows, "verdict": False, "drift": None,
+            "prediction_drift": None, "performance": asdict(Performance(0, None, None, None, False)),
+            "alerts": [f"{kind} {version}: {rows} rows not checked ({ref.problem})"]}
+
+def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, references: dict[str, Reference],
+                   cfg: MonitorConfig, start: str, end: str) -> tuple[MonitorResult, pd.DataFrame | None]:
+    "Each version's rows of the window against its own reference: one section per version, alerts naming it."
+    window = window_frame(predictions)
+    unnamed = pd.Series("unknown", index=window.index)
+    versions = window["model_version"].astype(str) if "model_version" in window else unnamed
+    sections, stats, primary = [], [], None
+    for version in versions.value_counts(sort=True).index:        # most rows first
+        rows, ref = window[versions == version], references[version]
+        if ref.profile is None:
+            sections.append(_not_checked(version, ref, len(rows)))
+            continue
+        r, s = check_window(rows, feedback, ref.profile, cfg, start, end, ref.scores, ref.evaluation, ref.positive)
+        section = {"version": version, "reference": ref.describe(), "rows": r.rows, "verdict": r.verdict,
+                   "drift": r.drift, "prediction_drift": r.prediction_drift, "performance": r.performance,
+                   "alerts": [f"{a} [version {version}]" for a in r.alerts]}
+        sections.append(section)
+        primary = primary or section
+        if s is not None:
+            stats.append(s.assign(model_version=version))
+    lead = primary or _not_checked("", Reference("", "unknown"), 0)
+    result = MonitorResult(start, end, len(window), any(s["verdict"] for s in sections), lead["drift"],
+                           lead["prediction_drift"], lead["performance"], [a for s in sections for a in s["alerts"]],
+                           sections, primary["version"] if primary else None)
+    return result, pd.concat(stats, ignore_index=True) if stats else None
+
+
+# %% ../../nbs/20_monitor_check.ipynb #9413d414
 def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None = None, until: datetime | None = None,
-                model_path: str | Path | None = None, pushgateway: str | None = None) -> MonitorResult:
-    """Check the prediction log's window and write latest.json, the window's own JSON and the feature history;
-    alert the webhook. The reference (profile, test split, model, evaluation) is from the catalog (`cfg.paths`)."""
+                model_path: str | Path | None = None, pushgateway: str | None = None,
+                user: str | None = None) -> MonitorResult:
+    """Check the prediction log's window, each version against its own reference (`version_references`), and write
+    latest.json, the window's own JSON and the feature history; alert the webhook."""
     from mlnb.predlog.log import log_keys, read_log
     m, pl = cfg.monitor, cfg.serve.prediction_log
     paths = cfg.paths if paths is None else paths
@@ -231,17 +375,11 @@ def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None 
     until = until or datetime.now(timezone.utc)
     since = since or until - timedelta(hours=m.window_hours)
     if since >= until: raise ConfigError(f"the window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
-    if not paths.reference_profile.exists(): raise DataError(f"no reference profile at {paths.reference_profile}: run the featurize stage (dvc repro) first")
-    profile = Profile.load(paths.reference_profile)
     predictions = read_log(pl.dir, since=since, keys=keys)
     predictions = predictions[pd.to_datetime(predictions["timestamp"], utc=True) < until] if len(predictions) else predictions
     feedback = read_log(pl.feedback_dir, keys=keys)
-    model_path = Path(model_path or paths.onnx)
-    positive = cfg.data.positive_class
-    scores = reference_scores(paths, model_path, positive) if model_path.exists() and paths.split("test").exists() else None
-    evaluation_path = paths.evaluate_metrics
-    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
-    result, stats = check_window(predictions, feedback, profile, m, since.isoformat(), until.isoformat(), scores, evaluation, positive)
+    references = version_references(window_frame(predictions), cfg, paths, model_path, user)
+    result, stats = check_versions(predictions, feedback, references, m, since.isoformat(), until.isoformat())
     out = Path(m.output_dir)
     if stats is not None: append_history(out / "feature_history.parquet", stats, result.window_start, result.window_end)
     write_json(result.to_dict(), out / "windows" / f"{until.strftime('%Y%m%dT%H%M%S')}.json")

@@ -14,14 +14,15 @@ from tabulate import tabulate
 
 from ..core.config import Config, Paths, load_config, load_paths, parse_yaml, read_yaml
 from ..core.errors import ConfigError, ReproCheckError
+from ..model.bundle import Registration
 
 # %% auto #0
 __all__ = ['RUNNING', 'FAILED', 'LOCAL_STORES', 'ESCAPING_ENV', 'tool', 'PipelineRun', 'parse_repro', 'run_pipeline',
-           'interpolate', 'pipeline_stages', 'registering_stage', 'Registration', 'read_registration', 'MetricChange',
-           'MetricsDiff', 'git', 'resolve_base', 'parse_metrics_diff', 'metrics_diff', 'regressions', 'md_table',
-           'run_link', 'CiResult', 'ci_summary', 'verdict_rule', 'run_ci', 'write_summary', 'flatten',
-           'compare_metrics', 'lock_outputs', 'compare_outputs', 'isolate_stores', 'dvc_cache_dir', 'cached_file',
-           'clone_committed', 'prepare_clone', 'compare_predictions', 'ReproCheck', 'repro_check', 'repro_report']
+           'interpolate', 'pipeline_stages', 'registering_stage', 'read_registration', 'MetricChange', 'MetricsDiff',
+           'git', 'resolve_base', 'parse_metrics_diff', 'metrics_diff', 'regressions', 'md_table', 'run_link',
+           'CiResult', 'ci_summary', 'verdict_rule', 'run_ci', 'write_summary', 'flatten', 'compare_metrics',
+           'lock_outputs', 'compare_outputs', 'isolate_stores', 'dvc_cache_dir', 'cached_file', 'clone_committed',
+           'prepare_clone', 'compare_predictions', 'ReproCheck', 'repro_check', 'repro_report']
 
 # %% ../../nbs/25_ci.ipynb #8f2e7607
 def tool(name: str) -> str:
@@ -122,25 +123,14 @@ def registering_stage(stages: dict, paths: Paths = Paths()) -> str | None:
     return next((n for n, s in stages.items() if paths.registration in map(Path, _out_paths(s))), None)
 
 # %% ../../nbs/25_ci.ipynb #60c5d32d
-@dataclass
-class Registration:
-    name: str
-    version: str
-    status: str
-    aliases: list[str]
-    created: bool
-    gates: list[dict]
-
-    @property
-    def failed_gates(self) -> list[dict]: return [g for g in self.gates if not g.get("passed")]
-
 def read_registration(cfg: Config, paths: Paths | None = None, user: str | None = None) -> Registration:
-    "The register stage's outcome (the catalog's record, `cfg.paths` unless given): the version's gates and status."
+    "The register stage's `Registration`, with the version's current status and aliases from the registry."
     from mlnb.registry.store import Registry
-    record = json.loads((cfg.paths if paths is None else paths).registration.read_text())
-    version = Registry.from_config(cfg, user).get(record["version"])
-    return Registration(version.name, str(version.version), version.status, list(version.aliases), bool(record.get("created")),
-                        list(record.get("gates") or version.gates))
+    record = Registration.load((cfg.paths if paths is None else paths).registration)
+    version = Registry.from_config(cfg, user).get(record.version)
+    return record.model_copy(update={"name": version.name, "status": version.status, "aliases": list(version.aliases),
+                                     "gates": record.gates or version.gates})
+
 
 # %% ../../nbs/25_ci.ipynb #c9e431ce
 @dataclass

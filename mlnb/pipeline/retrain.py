@@ -18,6 +18,7 @@ from ..core.config import Config, Paths, read_yaml, staged_outputs
 from ..core.errors import RetrainError
 from ..data.schema import DataError, load_schema
 from ..data.ingest import validate
+from ..model.bundle import Registration
 from ..monitoring.check import MonitorResult, alert_kinds
 from ..predlog.log import LogColumns, LogKeys, log_keys
 
@@ -113,9 +114,9 @@ def run_pipeline(log_path: Path) -> float:
 # %% ../../nbs/21_monitor_retrain.ipynb #c9422e51
 POLICY = "mlnb:retrain"
 
-def decide(cfg: Config, registry, registration: dict) -> tuple[str, str]:
+def decide(cfg: Config, registry, registration: Registration) -> tuple[str, str]:
     "What becomes of the registered candidate: (status, detail)."
-    v = registry.get(registration["version"])
+    v = registry.get(registration.version)
     if "champion" in v.aliases: return "champion", f"v{v.version} is the champion (first version of the model)"
     if not v.gates_passed:
         failed = "; ".join(f"{g['name']}: {g['detail']}" for g in v.gates if not g["passed"])
@@ -159,20 +160,21 @@ def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | N
             total, md5 = add_data_version(rows, data_path, cfg.data.schema_path, cfg.data.target)
             audit.append(actor, "retrain-data", run=run, path=str(data_path), new_rows=len(rows), rows=total, md5=md5)
             seconds = run_pipeline(out_dir / f"{run}.log")
-            registration = json.loads((cfg.paths if paths is None else paths).registration.read_text())
+            registration = Registration.load((cfg.paths if paths is None else paths).registration)
             audit.append(actor, "retrain-pipeline", run=run, seconds=round(seconds, 1), log=str(out_dir / f"{run}.log"))
-            audit.append(actor, "retrain-registered", run=run, model=registration["name"], version=registration["version"],
-                         created=registration["created"], gates_passed=registration["gates_passed"])
-            if not registration["created"]:
-                status, detail = "unchanged", f"the retrained model is identical to v{registration['version']}"
+            audit.append(actor, "retrain-registered", run=run, model=registration.name, version=registration.version,
+                         created=registration.created, gates_passed=registration.gates_passed)
+            if not registration.created:
+                status, detail = "unchanged", f"the retrained model is identical to v{registration.version}"
             else: status, detail = decide(cfg, registry, registration)
         except (RetrainError, DataError) as e:
             audit.append(actor, "retrain-failed", run=run, error=str(e)); raise
         except Exception as e:
             audit.append(actor, "retrain-failed", run=run, error=f"{type(e).__name__}: {e}")
             raise RetrainError(f"retraining failed: {type(e).__name__}: {e}") from e
-        audit.append(actor, "retrain-done", run=run, status=status, version=registration["version"], detail=detail)
-        return RetrainResult(run, trigger, status, len(rows), total, md5, registration["version"], registration["gates_passed"], detail)
+        audit.append(actor, "retrain-done", run=run, status=status, version=registration.version, detail=detail)
+        return RetrainResult(run, trigger, status, len(rows), total, md5, registration.version,
+                             registration.gates_passed, detail)
 
 # %% ../../nbs/21_monitor_retrain.ipynb #d8037a6e
 def last_retrain(audit: AuditLog) -> datetime | None:

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from fastcore.basics import patch
 
 from ..core.access import AccessDenied, Identity, Users, identify
 from ..core.audit import AuditLog
 from ..core.config import Config, Paths, default_metric, file_md5, params_hash, write_json
 from ..core.errors import ConfigError, RegistryError, RegistryUnreachable
+from ..model.bundle import (ARTIFACT_DIR, FILES, Evaluation, Lineage, Registration, VersionBundle, VersionFacts,
+                               artifact_path, output_scores, save_scores)
 
 # %% auto #0
 __all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'FAIRNESS_NOT_MEASURED',
            'LINEAGE_CHAIN', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates', 'fairness_attributes',
            'fairness_gates', 'run_gates', 'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys',
-           'register_outputs']
+           'pipeline_bundle', 'register_outputs']
 
 # %% ../../nbs/10_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
@@ -47,9 +48,23 @@ class Version:
     @property
     def gates_passed(self) -> bool: return self.tags.get("mlnb.gates_passed") == "true"
 
+    @property
+    def facts(self) -> VersionFacts:
+        "What the version is (its bundle's facts, read from its tags)."
+        return VersionFacts.from_tags(self.tags, self.name, self.version)
+
+    def registration(self, created: bool) -> Registration:
+        "The register stage's record of this version (`models/registration.json`)."
+        return Registration(name=self.name, version=self.version, status=self.status, aliases=list(self.aliases),
+                            gates_passed=self.gates_passed, created=created,
+                                                onnx_sha256=self.tags.get("mlnb.onnx_sha256"),
+                            gates=self.gates)
+
     def row(self) -> dict:
-        return {"version": int(self.version), "status": self.status, "aliases": ",".join(self.aliases), "gates": "pass" if self.gates_passed else "FAIL",
-                "family": self.tags.get("mlnb.family"), "metric": f"{self.tags.get('mlnb.metric')} {self.tags.get('mlnb.metric_value')}",
+        f = self.facts
+        value = None if f.metric_value is None else f"{f.metric_value:.6f}"
+        return {"version": int(self.version), "status": self.status, "aliases": ",".join(self.aliases),
+                "gates": "pass" if self.gates_passed else "FAIL", "family": f.family, "metric": f"{f.metric} {value}",
                 "created": self.created}
 
 # %% ../../nbs/10_registry.ipynb #7c4f48ce
@@ -208,7 +223,12 @@ def _failpoint(name: str) -> None:
 
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+def _not_found(error) -> bool:
+    "The store answered that the model, version or alias does not exist (rather than failing to answer: down, timed out)."
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
 class Registry:
+    "One registered model on an MLflow registry, acted on by one identity, every action audited."
     def __init__(self, uri: str, name: str, audit: AuditLog, identity: Identity, experiment: str = "mlnb", incomplete_after_seconds: float = 600):
         from mlflow import MlflowClient
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -230,291 +250,303 @@ class Registry:
             self.audit.append(self.identity.name, "denied", model=self.name, version=version, attempted=action, reason=str(e))
             raise
 
-# %% ../../nbs/10_registry.ipynb #cea2287d
-@patch
-def _aliases(self: Registry) -> dict[str, list[str]]:
-    "version -> aliases it holds (search results do not carry aliases, the registered model does)."
-    from mlflow.exceptions import MlflowException
-    try: rm = self.client.get_registered_model(self.name)
-    except MlflowException: return {}
-    out = {}
-    for alias, version in (rm.aliases or {}).items(): out.setdefault(str(version), []).append(alias)
-    return out
+    # --- reading versions
 
-@patch
-def _version(self: Registry, mv, aliases: dict | None = None) -> Version:
-    held = (aliases if aliases is not None else self._aliases()).get(str(mv.version), [])
-    return Version(self.name, str(mv.version), mv.tags.get(STATUS, "?"), sorted(held), dict(mv.tags),
-                   mv.run_id, mv.source, datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"))
+    def _aliases(self) -> dict[str, list[str]]:
+        "version -> aliases it holds (search results do not carry aliases, the registered model does)."
+        from mlflow.exceptions import MlflowException
+        try: rm = self.client.get_registered_model(self.name)
+        except MlflowException: return {}
+        out = {}
+        for alias, version in (rm.aliases or {}).items(): out.setdefault(str(version), []).append(alias)
+        return out
 
-@patch
-def _all(self: Registry) -> list:
-    from mlflow.exceptions import MlflowException
-    try: return list(self.client.search_model_versions(f"name = '{self.name}'"))
-    except MlflowException: return []
+    def _version(self, mv, aliases: dict | None = None) -> Version:
+        held = (aliases if aliases is not None else self._aliases()).get(str(mv.version), [])
+        return Version(self.name, str(mv.version), mv.tags.get(STATUS, "?"), sorted(held), dict(mv.tags),
+                       mv.run_id, mv.source, datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"))
 
-@patch
-def versions(self: Registry) -> list[Version]:
-    "Completely registered versions, newest first."
-    self._require("view")
-    aliases = self._aliases()
-    return sorted((self._version(mv, aliases) for mv in self._all() if mv.tags.get(COMPLETE) == "complete"), key=lambda v: -int(v.version))
+    def _all(self) -> list:
+        from mlflow.exceptions import MlflowException
+        try: return list(self.client.search_model_versions(f"name = '{self.name}'"))
+        except MlflowException: return []
 
-def _not_found(error) -> bool:
-    "The store answered that the model, version or alias does not exist (rather than failing to answer: down, timed out)."
-    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+    def versions(self) -> list[Version]:
+        "Completely registered versions, newest first."
+        self._require("view")
+        aliases = self._aliases()
+        return sorted((self._version(mv, aliases) for mv in self._all() if mv.tags.get(COMPLETE) == "complete"), key=lambda v: -int(v.version))
 
-@patch
-def get(self: Registry, version: str | int) -> Version:
-    self._require("view", str(version))
-    from mlflow.exceptions import MlflowException
-    try: mv = self.client.get_model_version(self.name, str(version))
-    except MlflowException as e:
-        if not _not_found(e): raise                  # the store could not be asked: not an answer
-        raise RegistryError(f"model {self.name!r} has no version {version}") from None
-    if mv.tags.get(COMPLETE) != "complete": raise RegistryError(f"model {self.name!r} version {version} is not completely registered (ignored)")
-    return self._version(mv)
+    def get(self, version: str | int) -> Version:
+        self._require("view", str(version))
+        from mlflow.exceptions import MlflowException
+        try: mv = self.client.get_model_version(self.name, str(version))
+        except MlflowException as e:
+            if not _not_found(e): raise                  # the store could not be asked: not an answer
+            raise RegistryError(f"model {self.name!r} has no version {version}") from None
+        if mv.tags.get(COMPLETE) != "complete": raise RegistryError(f"model {self.name!r} version {version} is not completely registered (ignored)")
+        return self._version(mv)
 
-@patch
-def alias(self: Registry, alias: str) -> Version | None:
-    from mlflow.exceptions import MlflowException
-    try: return self._version(self.client.get_model_version_by_alias(self.name, alias))
-    except MlflowException as e:
-        if not _not_found(e): raise
-        return None
+    def alias(self, alias: str) -> Version | None:
+        from mlflow.exceptions import MlflowException
+        try: return self._version(self.client.get_model_version_by_alias(self.name, alias))
+        except MlflowException as e:
+            if not _not_found(e): raise
+            return None
 
-@patch
-def table(self: Registry) -> pd.DataFrame:
-    return pd.DataFrame([v.row() for v in self.versions()])
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([v.row() for v in self.versions()])
 
-# %% ../../nbs/10_registry.ipynb #a903ab07
-@patch
-def _cleanup_incomplete(self: Registry) -> None:
-    """Delete versions a crashed registration left behind. Under the local-store lock no other registration can be running,
-    so every incomplete version is one; on a tracking server another client may be registering right now, so only those
-    older than `incomplete_after_seconds` are."""
-    on_server = isinstance(self.lock, contextlib.nullcontext)
-    cutoff_ms = (time.time() - self.incomplete_after_seconds) * 1000
-    for mv in self._all():
-        if mv.tags.get(COMPLETE) != "complete" and (not on_server or mv.creation_timestamp <= cutoff_ms):
-            self.client.delete_model_version(self.name, mv.version)
-            self.audit.append(self.identity.name, "cleanup", model=self.name, version=str(mv.version), reason="incomplete registration removed")
+    # --- registering
 
-@patch
-def _experiment_id(self: Registry) -> str:
-    from mlnb.training.train import experiment_id
-    return experiment_id(self.client, self.experiment, self.uri)
+    def _cleanup_incomplete(self) -> None:
+        """Delete versions a crashed registration left behind. Under the local-store lock no other registration can be running,
+        so every incomplete version is one; on a tracking server another client may be registering right now, so only those
+        older than `incomplete_after_seconds` are."""
+        on_server = isinstance(self.lock, contextlib.nullcontext)
+        cutoff_ms = (time.time() - self.incomplete_after_seconds) * 1000
+        for mv in self._all():
+            if mv.tags.get(COMPLETE) != "complete" and (not on_server or mv.creation_timestamp <= cutoff_ms):
+                self.client.delete_model_version(self.name, mv.version)
+                self.audit.append(self.identity.name, "cleanup", model=self.name, version=str(mv.version), reason="incomplete registration removed")
 
-@patch
-def register(self: Registry, bundle: dict[str, Path], tags: dict, facts: dict, gates_fn, signing_key: Path, public_key: Path) -> tuple[Version, bool]:
-    """Register the files in `bundle` (name -> path; must include `model.onnx`) as a new candidate version.
-    `gates_fn(candidate_onnx, champion, signature_error) -> list[Gate]`. Returns (version, created)."""
-    from mlflow.exceptions import MlflowException
-    from mlnb.evaluation.card import card_html, model_card
-    from mlnb.model.onnx import OnnxModel
-    from mlnb.model.signing import SignatureError, key_fingerprint, sign_model, verify_model
-    self._require("register")
-    sha = hashlib.sha256(Path(bundle["model.onnx"]).read_bytes()).hexdigest()
-    with self.lock:
-        self._cleanup_incomplete()
-        for v in self.versions():
-            if v.tags.get("mlnb.onnx_sha256") == sha:
-                self.audit.append(self.identity.name, "register-unchanged", model=self.name, version=v.version, onnx_sha256=sha)
-                return v, False
-        with tempfile.TemporaryDirectory() as staging:
-            model_dir = Path(staging) / "model"; model_dir.mkdir()
-            for name, path in bundle.items(): shutil.copy2(path, model_dir / name)
-            for name in [n for n in bundle if n.endswith(".onnx")]: sign_model(model_dir / name, signing_key)
-            try: verify_model(model_dir / "model.onnx", public_key); signature_error = None
-            except SignatureError as e: signature_error = str(e)
-            champion = self.alias("champion")
-            champ = None
-            if champion is not None:
-                champ_dir = Path(staging) / "champion"; champ_dir.mkdir()
-                champ = (champion.version, OnnxModel(self.client.download_artifacts(champion.run_id, "model/model.onnx", str(champ_dir))))
-            gates = gates_fn(OnnxModel(model_dir / "model.onnx"), champ, signature_error)
-            run = self.client.create_run(self._experiment_id(), run_name=f"register-{self.name}",
-                                         tags={"mlnb.stage": "register", "mlnb.model": self.name, "mlnb.onnx_sha256": sha})
-            self.client.log_artifacts(run.info.run_id, str(model_dir), "model")
-            self.client.set_terminated(run.info.run_id)
-        try: self.client.create_registered_model(self.name, tags={"mlnb.managed": "true"})
-        except MlflowException: pass
-        passed = all(g.passed for g in gates)
-        version_tags = {**{k: str(v) for k, v in tags.items()}, STATUS: "candidate", "mlnb.onnx_sha256": sha,
-                        "mlnb.gates": json.dumps([g.__dict__ for g in gates], default=str), "mlnb.gates_passed": str(passed).lower(),
-                        "mlnb.signing_key": key_fingerprint(public_key), "mlnb.registered_by": self.identity.name}
-        mv = self.client.create_model_version(self.name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=version_tags)
-        _failpoint("register:after-version")
-        version = str(mv.version)
-        card = model_card({**facts, "name": self.name, "version": version, "status": "candidate", "registered_by": self.identity.name,
-                           "registered_at": _now(), "gates": [g.__dict__ for g in gates], "signing_key": version_tags["mlnb.signing_key"]})
+    def _experiment_id(self) -> str:
+        from mlnb.training.train import experiment_id
+        return experiment_id(self.client, self.experiment, self.uri)
+
+    def register(self, bundle: VersionBundle | dict[str, Path], tags: dict, facts: dict, gates_fn, signing_key: Path,
+                 public_key: Path) -> tuple[Version, bool]:
+        """Register `bundle` as a new candidate version: a `VersionBundle`, or its files by name (`{"model.onnx": p}`,
+        the facts then read from `tags`). `tags` are set beside the bundle's facts; `facts` are the model card's.
+        `gates_fn(candidate_onnx, champion, signature_error) -> list[Gate]`. Returns (version, created)."""
+        from mlflow.exceptions import MlflowException
+        from mlnb.evaluation.card import card_html, model_card
+        from mlnb.model.onnx import OnnxModel
+        from mlnb.model.signing import SignatureError, key_fingerprint, sign_model, verify_model
+        self._require("register")
+        if not isinstance(bundle, VersionBundle):
+            bundle = VersionBundle.from_names(bundle, VersionFacts.from_tags(tags))
+        bundle = bundle.model_copy(update={"facts": bundle.facts.model_copy(update={"name": self.name})})
+        sha = hashlib.sha256(bundle.path("onnx").read_bytes()).hexdigest()
+        with self.lock:
+            self._cleanup_incomplete()
+            for v in self.versions():
+                if v.tags.get("mlnb.onnx_sha256") == sha:
+                    self.audit.append(self.identity.name, "register-unchanged", model=self.name, version=v.version, onnx_sha256=sha)
+                    return v, False
+            with tempfile.TemporaryDirectory() as staging:
+                staged = bundle.write(Path(staging) / ARTIFACT_DIR)
+                for graph in [r for r in ("onnx", "onnx_int8") if staged.has(r)]:
+                    sign_model(staged.path(graph), signing_key)
+                try: verify_model(staged.path("onnx"), public_key); signature_error = None
+                except SignatureError as e: signature_error = str(e)
+                champion = self.alias("champion")
+                champ = None
+                if champion is not None:
+                    champ_dir = Path(staging) / "champion"; champ_dir.mkdir()
+                    champ_onnx = self.client.download_artifacts(champion.run_id, artifact_path("onnx"), str(champ_dir))
+                    champ = (champion.version, OnnxModel(champ_onnx))
+                gates = gates_fn(OnnxModel(staged.path("onnx")), champ, signature_error)
+                run = self.client.create_run(self._experiment_id(), run_name=f"register-{self.name}",
+                                             tags={"mlnb.stage": "register", "mlnb.model": self.name, "mlnb.onnx_sha256": sha})
+                self.client.log_artifacts(run.info.run_id, str(Path(staging) / ARTIFACT_DIR), ARTIFACT_DIR)
+                self.client.set_terminated(run.info.run_id)
+            try: self.client.create_registered_model(self.name, tags={"mlnb.managed": "true"})
+            except MlflowException: pass
+            passed = all(g.passed for g in gates)
+            version_tags = {**bundle.facts.tags(), **{k: str(v) for k, v in tags.items()},
+                            STATUS: "candidate", "mlnb.onnx_sha256": sha,
+                            "mlnb.gates": json.dumps([g.__dict__ for g in gates], default=str), "mlnb.gates_passed": str(passed).lower(),
+                            "mlnb.signing_key": key_fingerprint(public_key), "mlnb.registered_by": self.identity.name}
+            mv = self.client.create_model_version(self.name, f"{run.info.artifact_uri}/{ARTIFACT_DIR}",
+                                                  run_id=run.info.run_id, tags=version_tags)
+            _failpoint("register:after-version")
+            version = str(mv.version)
+            card = model_card({**facts, "name": self.name, "version": version, "status": "candidate", "registered_by": self.identity.name,
+                               "registered_at": _now(), "gates": [g.__dict__ for g in gates], "signing_key": version_tags["mlnb.signing_key"]})
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / FILES["card"]).write_text(card)
+                (Path(d) / FILES["card_html"]).write_text(card_html(card, f"{self.name} v{version}"))
+                bundle.facts.model_copy(update={"version": version}).save(Path(d) / FILES["facts"])   # with its number
+                self.client.log_artifacts(run.info.run_id, d, ARTIFACT_DIR)
+            recorded = VersionFacts.from_tags(version_tags).lineage
+            self.audit.append(self.identity.name, "register", model=self.name, version=version, onnx_sha256=sha, run_id=run.info.run_id,
+                              lineage={k: getattr(recorded, k) for _, k in LINEAGE_CHAIN})
+            self.audit.append("mlnb:gates", "gates", model=self.name, version=version, passed=passed,
+                              results={g.name: g.passed for g in gates})
+            _failpoint("register:before-complete")
+            self.client.set_model_version_tag(self.name, version, COMPLETE, "complete")
+            return self.get(version), True
+
+    # --- approval, promotion, rollback
+
+    def _decide(self, version: str, status: str, reason: str, force: bool) -> Version:
+        action = "approve" if status == "approved" else "reject"
+        self._require(action, str(version))
+        if not reason or not reason.strip(): raise RegistryError(f"{action} {self.name} v{version}: a reason is required")
+        with self.lock:
+            v = self.get(version)
+            if v.status == "rejected": raise RegistryError(f"{self.name} v{version} was rejected ({v.tags.get('mlnb.decision_reason')}); that is final")
+            if v.status == "approved" and status == "approved": return v
+            if status == "approved" and not v.gates_passed and not force:
+                failed = "; ".join(f"{g['name']}: {g['detail']}" for g in v.gates if not g["passed"])
+                raise RegistryError(f"{self.name} v{version} failed its gates ({failed}); approve with --force to override")
+            if status == "rejected" and v.aliases:
+                raise RegistryError(f"{self.name} v{version} holds alias(es) {v.aliases}; roll back or move them first")
+            for k, val in {STATUS: status, "mlnb.decided_by": self.identity.name, "mlnb.decision_reason": reason,
+                           "mlnb.decided_at": _now(), "mlnb.gates_overridden": str(force and not v.gates_passed).lower()}.items():
+                self.client.set_model_version_tag(self.name, str(version), k, val)
+            self.audit.append(self.identity.name, action, model=self.name, version=str(version), reason=reason,
+                              gates_overridden=bool(force and not v.gates_passed))
+            return self.get(version)
+
+    def approve(self, version, reason: str, force: bool = False) -> Version:
+        "Approve a candidate; one marked by `on_approval` then takes that alias in the name of the policy that marked it."
+        v = self._decide(str(version), "approved", reason, force)
+        alias = v.tags.get(ON_APPROVAL)
+        if alias in ALIASES and alias not in v.aliases:
+            self._as_policy(v.tags.get(ON_APPROVAL_POLICY, "mlnb:policy"), lambda: self._move_alias(alias, v.version, "promote", f"approved: {reason}"))
+        return self.get(version)
+
+    def reject(self, version, reason: str) -> Version: return self._decide(str(version), "rejected", reason, False)
+
+    def alias_history(self) -> list[dict]:
+        "Every alias move, oldest first."
+        self._require("view")
+        rm = self.client.get_registered_model(self.name)
+        moves = sorted((k, v) for k, v in (rm.tags or {}).items() if k.startswith("mlnb.alias_move."))
+        return [json.loads(v) for _, v in moves]
+
+    def _move_alias(self, alias: str, version: str, kind: str, reason: str) -> None:
+        previous = self.alias(alias)
+        self.client.set_registered_model_alias(self.name, alias, version)
+        if alias == "champion":
+            challenger = self.alias("challenger")
+            if challenger is not None and challenger.version == version: self.client.delete_registered_model_alias(self.name, "challenger")
+        seq = len(self.alias_history()) + 1
+        move = {"seq": seq, "alias": alias, "version": version, "previous": previous.version if previous else None,
+                "kind": kind, "by": self.identity.name, "at": _now(), "reason": reason}
+        self.client.set_registered_model_tag(self.name, f"mlnb.alias_move.{seq:06d}", json.dumps(move))
+        self.audit.append(self.identity.name, kind, model=self.name, version=version, alias=alias,
+                          previous=move["previous"], reason=reason)
+
+    def promote(self, version, alias: str = "champion", reason: str = "") -> Version:
+        self._require("promote", str(version))
+        if alias not in ALIASES: raise RegistryError(f"alias must be one of {ALIASES}, not {alias!r}")
+        with self.lock:
+            v = self.get(version)
+            if v.status == "rejected": raise RegistryError(f"{self.name} v{version} was rejected; it can never be {alias}")
+            if v.status != "approved": raise RegistryError(f"{self.name} v{version} is {v.status}, not approved: an approver must approve it before it can be {alias}")
+            if alias in v.aliases: return v
+            self._move_alias(alias, str(version), "promote", reason)
+            return self.get(version)
+
+    def _champion_stack(self) -> list[str]:
+        stack = []
+        for m in self.alias_history():
+            if m["alias"] != "champion": continue
+            if m["kind"] == "rollback" and stack: stack.pop()
+            elif m["kind"] != "rollback": stack.append(m["version"])
+        current = self.alias("champion")
+        if current is not None and (not stack or stack[-1] != current.version): stack.append(current.version)
+        return stack
+
+    def rollback(self, reason: str = "") -> Version:
+        "Move `champion` back to the champion before the current one."
+        self._require("rollback")
+        with self.lock:
+            stack = self._champion_stack()
+            if len(stack) < 2: raise RegistryError(f"{self.name}: no previous champion to roll back to")
+            self._move_alias("champion", stack[-2], "rollback", reason or f"rollback from v{stack[-1]}")
+            return self.get(stack[-2])
+
+    # --- policies: bootstrap, retraining
+
+    def _as_policy(self, policy: str, action):
+        "Run `action` as the admin identity of a policy (`mlnb:bootstrap`, `mlnb:retrain`), so the audit log names the policy."
+        actor, self.identity = self.identity, Identity(policy, frozenset({"admin"}))
+        try: return action()
+        finally: self.identity = actor
+
+    def policy_approve(self, version: str, policy: str, reason: str) -> None:
+        "Approve a version whose gates all passed in the name of `policy`, audited on behalf of the acting user."
+        with self.lock:
+            v = self.get(version)
+            if not v.gates_passed: raise RegistryError(f"{self.name} v{version} failed its gates; the {policy} policy cannot approve it")
+            for k, val in {STATUS: "approved", "mlnb.decided_by": policy, "mlnb.decided_at": _now(), "mlnb.decision_reason": reason}.items():
+                self.client.set_model_version_tag(self.name, str(version), k, val)
+            self.audit.append(policy, "approve", model=self.name, version=str(version), on_behalf_of=self.identity.name, reason=reason)
+
+    def bootstrap(self, version: Version) -> bool:
+        "Approve and promote `version` as the first champion, when policy allows. True if it did."
+        if self.alias("champion") is not None or not version.gates_passed: return False
+        with self.lock:
+            self.policy_approve(version.version, "mlnb:bootstrap", "first version of the model; every gate passed (registry.bootstrap_auto_approve)")
+            self._as_policy("mlnb:bootstrap", lambda: self._move_alias("champion", version.version, "promote", "bootstrap: first champion"))
+        return True
+
+    def on_approval(self, version, alias: str, policy: str, reason: str) -> Version:
+        "Mark a candidate so that, once approved, it takes `alias` (in the name of `policy`); if it is approved already, now."
+        self._require("register", str(version))
+        if alias not in ALIASES: raise RegistryError(f"alias must be one of {ALIASES}, not {alias!r}")
+        with self.lock:
+            v = self.get(version)
+            for k, val in {ON_APPROVAL: alias, ON_APPROVAL_POLICY: policy}.items(): self.client.set_model_version_tag(self.name, str(version), k, val)
+            self.audit.append(self.identity.name, "on-approval", model=self.name, version=str(version), alias=alias, policy=policy, reason=reason)
+            if v.status == "approved" and alias not in v.aliases:
+                self._as_policy(policy, lambda: self._move_alias(alias, str(version), "promote", reason))
+        return self.get(version)
+
+    # --- what a version carries
+
+    def lineage(self, version, current: dict | None = None) -> pd.DataFrame:
+        "The recorded chain raw data → … → version, and whether `current` (the working tree's `lineage_from_lock`) still matches each step."
+        v = self.get(version)
+        current, recorded = current or {}, v.facts.lineage
+        rows = [{"step": step, "recorded": getattr(recorded, key), "working tree": current.get(key),
+                 "matches": getattr(recorded, key) == current.get(key)} for step, key in LINEAGE_CHAIN]
+        rows.append({"step": "params", "recorded": recorded.params_hash, "working tree": current.get("params_hash"),
+                     "matches": recorded.params_hash == current.get("params_hash")})
+        rows.append({"step": "dvc status", "recorded": "clean", "working tree": current.get("dvc_status"),
+                     "matches": current.get("dvc_status") == "clean" if "dvc_status" in current else None})
+        rows.append({"step": "run", "recorded": recorded.selected_run_id, "working tree": None, "matches": None})
+        commit = (recorded.git_commit or "?")[:12]
+        rows.append({"step": "version", "recorded": f"{self.name} v{v.version} (commit {commit})",
+                     "working tree": None, "matches": None})
+        return pd.DataFrame(rows)
+
+    def card(self, version, html: bool = False) -> str:
+        v = self.get(version)
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "model_card.md").write_text(card); (Path(d) / "model_card.html").write_text(card_html(card, f"{self.name} v{version}"))
-            self.client.log_artifacts(run.info.run_id, d, "model")
-        self.audit.append(self.identity.name, "register", model=self.name, version=version, onnx_sha256=sha, run_id=run.info.run_id,
-                          lineage={k: tags.get(f"mlnb.{k}") for _, k in LINEAGE_CHAIN})
-        self.audit.append("mlnb:gates", "gates", model=self.name, version=version, passed=passed,
-                          results={g.name: g.passed for g in gates})
-        _failpoint("register:before-complete")
-        self.client.set_model_version_tag(self.name, version, COMPLETE, "complete")
-        return self.get(version), True
+            card = self.client.download_artifacts(v.run_id, artifact_path("card_html" if html else "card"), d)
+            return Path(card).read_text()
 
-# %% ../../nbs/10_registry.ipynb #94e1198c
-@patch
-def _decide(self: Registry, version: str, status: str, reason: str, force: bool) -> Version:
-    action = "approve" if status == "approved" else "reject"
-    self._require(action, str(version))
-    if not reason or not reason.strip(): raise RegistryError(f"{action} {self.name} v{version}: a reason is required")
-    with self.lock:
+    def download(self, version, dst: str | Path) -> Path:
+        "The version's model directory, copied to `dst`."
         v = self.get(version)
-        if v.status == "rejected": raise RegistryError(f"{self.name} v{version} was rejected ({v.tags.get('mlnb.decision_reason')}); that is final")
-        if v.status == "approved" and status == "approved": return v
-        if status == "approved" and not v.gates_passed and not force:
-            failed = "; ".join(f"{g['name']}: {g['detail']}" for g in v.gates if not g["passed"])
-            raise RegistryError(f"{self.name} v{version} failed its gates ({failed}); approve with --force to override")
-        if status == "rejected" and v.aliases:
-            raise RegistryError(f"{self.name} v{version} holds alias(es) {v.aliases}; roll back or move them first")
-        for k, val in {STATUS: status, "mlnb.decided_by": self.identity.name, "mlnb.decision_reason": reason,
-                       "mlnb.decided_at": _now(), "mlnb.gates_overridden": str(force and not v.gates_passed).lower()}.items():
-            self.client.set_model_version_tag(self.name, str(version), k, val)
-        self.audit.append(self.identity.name, action, model=self.name, version=str(version), reason=reason,
-                          gates_overridden=bool(force and not v.gates_passed))
-        return self.get(version)
+        return Path(self.client.download_artifacts(v.run_id, ARTIFACT_DIR, str(dst)))
 
-@patch
-def approve(self: Registry, version, reason: str, force: bool = False) -> Version:
-    "Approve a candidate; one marked by `on_approval` then takes that alias in the name of the policy that marked it."
-    v = self._decide(str(version), "approved", reason, force)
-    alias = v.tags.get(ON_APPROVAL)
-    if alias in ALIASES and alias not in v.aliases:
-        self._as_policy(v.tags.get(ON_APPROVAL_POLICY, "mlnb:policy"), lambda: self._move_alias(alias, v.version, "promote", f"approved: {reason}"))
-    return self.get(version)
-@patch
-def reject(self: Registry, version, reason: str) -> Version: return self._decide(str(version), "rejected", reason, False)
+    def fetch(self, version, cache_dir: str | Path) -> Path:
+        "The version's directory in the local cache (`cache_dir/<model>/<version>`), downloaded whole first if absent."
+        final = Path(cache_dir) / self.name / str(version)
+        if (final / FILES["onnx"]).exists():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
+        try:
+            model_dir = self.download(version, tmp)
+            try: os.replace(model_dir, final)
+            except OSError:                       # another process fetched it first
+                if not (final / FILES["onnx"]).exists():
+                    raise
+        finally: shutil.rmtree(tmp, ignore_errors=True)
+        return final
 
-@patch
-def alias_history(self: Registry) -> list[dict]:
-    "Every alias move, oldest first."
-    self._require("view")
-    rm = self.client.get_registered_model(self.name)
-    moves = sorted((k, v) for k, v in (rm.tags or {}).items() if k.startswith("mlnb.alias_move."))
-    return [json.loads(v) for _, v in moves]
-
-@patch
-def _move_alias(self: Registry, alias: str, version: str, kind: str, reason: str) -> None:
-    previous = self.alias(alias)
-    self.client.set_registered_model_alias(self.name, alias, version)
-    if alias == "champion":
-        challenger = self.alias("challenger")
-        if challenger is not None and challenger.version == version: self.client.delete_registered_model_alias(self.name, "challenger")
-    seq = len(self.alias_history()) + 1
-    move = {"seq": seq, "alias": alias, "version": version, "previous": previous.version if previous else None,
-            "kind": kind, "by": self.identity.name, "at": _now(), "reason": reason}
-    self.client.set_registered_model_tag(self.name, f"mlnb.alias_move.{seq:06d}", json.dumps(move))
-    self.audit.append(self.identity.name, kind, model=self.name, version=version, alias=alias,
-                      previous=move["previous"], reason=reason)
-
-@patch
-def promote(self: Registry, version, alias: str = "champion", reason: str = "") -> Version:
-    self._require("promote", str(version))
-    if alias not in ALIASES: raise RegistryError(f"alias must be one of {ALIASES}, not {alias!r}")
-    with self.lock:
+    def bundle(self, version, cache_dir: str | Path) -> VersionBundle:
+        "The version's `VersionBundle`, fetched into `cache_dir`; the registry's name, version and tags complete it."
         v = self.get(version)
-        if v.status == "rejected": raise RegistryError(f"{self.name} v{version} was rejected; it can never be {alias}")
-        if v.status != "approved": raise RegistryError(f"{self.name} v{version} is {v.status}, not approved: an approver must approve it before it can be {alias}")
-        if alias in v.aliases: return v
-        self._move_alias(alias, str(version), "promote", reason)
-        return self.get(version)
+        return VersionBundle.load(self.fetch(v.version, cache_dir), v.tags, self.name, v.version)
 
-@patch
-def _champion_stack(self: Registry) -> list[str]:
-    stack = []
-    for m in self.alias_history():
-        if m["alias"] != "champion": continue
-        if m["kind"] == "rollback" and stack: stack.pop()
-        elif m["kind"] != "rollback": stack.append(m["version"])
-    current = self.alias("champion")
-    if current is not None and (not stack or stack[-1] != current.version): stack.append(current.version)
-    return stack
-
-@patch
-def rollback(self: Registry, reason: str = "") -> Version:
-    "Move `champion` back to the champion before the current one."
-    self._require("rollback")
-    with self.lock:
-        stack = self._champion_stack()
-        if len(stack) < 2: raise RegistryError(f"{self.name}: no previous champion to roll back to")
-        self._move_alias("champion", stack[-2], "rollback", reason or f"rollback from v{stack[-1]}")
-        return self.get(stack[-2])
-
-# %% ../../nbs/10_registry.ipynb #7c7acad2
-@patch
-def _as_policy(self: Registry, policy: str, action):
-    "Run `action` as the admin identity of a policy (`mlnb:bootstrap`, `mlnb:retrain`), so the audit log names the policy."
-    actor, self.identity = self.identity, Identity(policy, frozenset({"admin"}))
-    try: return action()
-    finally: self.identity = actor
-
-@patch
-def policy_approve(self: Registry, version: str, policy: str, reason: str) -> None:
-    "Approve a version whose gates all passed in the name of `policy`, audited on behalf of the acting user."
-    with self.lock:
-        v = self.get(version)
-        if not v.gates_passed: raise RegistryError(f"{self.name} v{version} failed its gates; the {policy} policy cannot approve it")
-        for k, val in {STATUS: "approved", "mlnb.decided_by": policy, "mlnb.decided_at": _now(), "mlnb.decision_reason": reason}.items():
-            self.client.set_model_version_tag(self.name, str(version), k, val)
-        self.audit.append(policy, "approve", model=self.name, version=str(version), on_behalf_of=self.identity.name, reason=reason)
-
-@patch
-def bootstrap(self: Registry, version: Version) -> bool:
-    "Approve and promote `version` as the first champion, when policy allows. True if it did."
-    if self.alias("champion") is not None or not version.gates_passed: return False
-    with self.lock:
-        self.policy_approve(version.version, "mlnb:bootstrap", "first version of the model; every gate passed (registry.bootstrap_auto_approve)")
-        self._as_policy("mlnb:bootstrap", lambda: self._move_alias("champion", version.version, "promote", "bootstrap: first champion"))
-    return True
-
-@patch
-def on_approval(self: Registry, version, alias: str, policy: str, reason: str) -> Version:
-    "Mark a candidate so that, once approved, it takes `alias` (in the name of `policy`); if it is approved already, now."
-    self._require("register", str(version))
-    if alias not in ALIASES: raise RegistryError(f"alias must be one of {ALIASES}, not {alias!r}")
-    with self.lock:
-        v = self.get(version)
-        for k, val in {ON_APPROVAL: alias, ON_APPROVAL_POLICY: policy}.items(): self.client.set_model_version_tag(self.name, str(version), k, val)
-        self.audit.append(self.identity.name, "on-approval", model=self.name, version=str(version), alias=alias, policy=policy, reason=reason)
-        if v.status == "approved" and alias not in v.aliases:
-            self._as_policy(policy, lambda: self._move_alias(alias, str(version), "promote", reason))
-    return self.get(version)
-
-# %% ../../nbs/10_registry.ipynb #0a8a7e68
-@patch
-def lineage(self: Registry, version, current: dict | None = None) -> pd.DataFrame:
-    "The recorded chain raw data → … → version, and whether `current` (the working tree's `lineage_from_lock`) still matches each step."
-    v = self.get(version)
-    current = current or {}
-    rows = [{"step": step, "recorded": v.tags.get(f"mlnb.{key}"), "working tree": current.get(key),
-             "matches": v.tags.get(f"mlnb.{key}") == current.get(key)} for step, key in LINEAGE_CHAIN]
-    rows.append({"step": "params", "recorded": v.tags.get("mlnb.params_hash"), "working tree": current.get("params_hash"),
-                 "matches": v.tags.get("mlnb.params_hash") == current.get("params_hash")})
-    rows.append({"step": "dvc status", "recorded": "clean", "working tree": current.get("dvc_status"),
-                 "matches": current.get("dvc_status") == "clean" if "dvc_status" in current else None})
-    rows.append({"step": "run", "recorded": v.tags.get("mlnb.selected_run_id"), "working tree": None, "matches": None})
-    rows.append({"step": "version", "recorded": f"{self.name} v{v.version} (commit {v.tags.get('mlnb.git_commit', '?')[:12]})", "working tree": None, "matches": None})
-    return pd.DataFrame(rows)
-
-@patch
-def card(self: Registry, version, html: bool = False) -> str:
-    v = self.get(version)
-    with tempfile.TemporaryDirectory() as d:
-        name = "model_card.html" if html else "model_card.md"
-        return Path(self.client.download_artifacts(v.run_id, f"model/{name}", d)).read_text()
-
-@patch
-def download(self: Registry, version, dst: str | Path) -> Path:
-    "The version's model directory, copied to `dst`."
-    v = self.get(version)
-    return Path(self.client.download_artifacts(v.run_id, "model", str(dst)))
 
 # %% ../../nbs/10_registry.ipynb #9c89be6e
 def signing_keys(cfg: Config) -> tuple[Path, Path]:
@@ -525,43 +557,71 @@ def _records(path: Path) -> list[dict]:
     try: return pd.read_csv(path).to_dict("records") if path.exists() and path.stat().st_size > 1 else []
     except pd.errors.EmptyDataError: return []
 
+def pipeline_bundle(cfg: Config, scratch: str | Path, paths: Paths | None = None,
+                    lock_path: str | Path = "dvc.lock") -> VersionBundle:
+    """The pipeline's current outputs as the bundle of one version: the files by role, the facts (lineage from
+    `dvc.lock`, what the model decides and how it scored) and the model's scores on the test split, computed here
+    once (into `scratch`)."""
+    from mlnb.features.spec import FeatureSpec, model_frame
+    from mlnb.model.onnx import OnnxModel
+    from mlnb.training.train import positive_of
+    paths = cfg.paths if paths is None else paths
+    evaluation = Evaluation.load(paths.evaluate_metrics)
+    exported = json.loads(paths.export_metrics.read_text())
+    report = json.loads(paths.export_report.read_text())
+    board = json.loads(paths.leaderboard.read_text())
+    files = {"onnx": paths.onnx, "sklearn": paths.model, "feature_spec": paths.feature_spec,
+             "reference_profile": paths.reference_profile, "evaluation": paths.evaluate_metrics,
+             "export": paths.export_metrics, "export_report": paths.export_report}
+    if paths.onnx_int8.exists():
+        files["onnx_int8"] = paths.onnx_int8
+    if Path(cfg.data.schema_path).exists():   # the data contract, for serving
+        files["schema"] = Path(cfg.data.schema_path)
+    if _records(paths.plots / "fairness.csv"):
+        files["fairness"] = paths.plots / "fairness.csv"
+    onnx = OnnxModel(paths.onnx)
+    classes = [str(c) for c in json.loads(onnx.metadata["classes"])] if "classes" in onnx.metadata else None
+    threshold = board.get("threshold") or {}
+    positive = threshold.get("positive_class") or (str(positive_of(classes, cfg.data.positive_class))
+                                                   if cfg.data.task == "binary" and classes else None)
+    metric = gate_metric(cfg)
+    facts = VersionFacts(name=cfg.model_name, task=cfg.data.task, target=cfg.data.target, classes=classes,
+                         positive_class=positive, threshold=threshold.get("value"), family=board["selected"],
+                         metric=metric, metric_value=evaluation.metric(metric), parity=exported["parity"],
+                         quantization=report.get("quantization", ""), robustness=evaluation.robustness or None,
+                         lineage=Lineage(**lineage_from_lock(cfg, paths, lock_path)))
+    test = model_frame(pd.read_parquet(paths.split("test")), FeatureSpec.load(paths.feature_spec))
+    scores = save_scores(output_scores(onnx.run(test), classes, positive), Path(scratch) / FILES["reference_scores"])
+    return VersionBundle(files={**files, "reference_scores": scores}, facts=facts)
+
 def register_outputs(cfg: Config, registry: Registry, paths: Paths | None = None,
                      lock_path: str | Path = "dvc.lock") -> tuple[Version, bool, bool]:
-    "Register the pipeline's outputs, the catalog's files (`cfg.paths` unless given): (version, created, bootstrapped)."
+    "Register the pipeline's current outputs (`pipeline_bundle`). Returns (version, created, bootstrapped)."
     import pyarrow.parquet as pq
     from mlnb.model.signing import ensure_signing_key, key_fingerprint
     paths = cfg.paths if paths is None else paths
     fairness_attributes(cfg)                     # a gate on an attribute nothing measured: say so before anything else
-    evaluation = json.loads(paths.evaluate_metrics.read_text())
-    exported = json.loads(paths.export_metrics.read_text())
-    report = json.loads(paths.export_report.read_text())
-    board = json.loads(paths.leaderboard.read_text())
-    bundle = {"model.onnx": paths.onnx, "model.joblib": paths.model, "feature_spec.json": paths.feature_spec,
-              "reference_profile.json": paths.reference_profile, "evaluate.json": paths.evaluate_metrics,
-              "export.json": paths.export_metrics, "export_report.json": paths.export_report}
-    if paths.onnx_int8.exists(): bundle["model.int8.onnx"] = paths.onnx_int8
-    if Path(cfg.data.schema_path).exists(): bundle["schema.yaml"] = Path(cfg.data.schema_path)   # the data contract, for serving
-    fairness_table = _records(paths.plots / "fairness.csv")
-    if fairness_table: bundle["fairness.csv"] = paths.plots / "fairness.csv"
-    lineage = lineage_from_lock(cfg, paths, lock_path)
-    metric = gate_metric(cfg)
-    tags = {**{f"mlnb.{k}": v for k, v in lineage.items() if v is not None}, "mlnb.family": board["selected"],
-            "mlnb.metric": metric, "mlnb.metric_value": f"{evaluation.get(metric, float('nan')):.6f}",
-            "mlnb.parity": json.dumps(exported["parity"]), "mlnb.quantization": report.get("quantization", ""), "mlnb.task": cfg.data.task}
-    robustness = evaluation.get("robustness", {})
-    if robustness: tags["mlnb.evaluation.robustness"] = json.dumps(robustness)
-    test = pd.read_parquet(paths.split("test"))
-    fairness = evaluation.get("fairness")
-    fairness, fairness_note = (fairness, None) if isinstance(fairness, dict) and fairness else ({}, FAIRNESS_NOT_MEASURED)
-    facts = {"task": cfg.data.task, "target": cfg.data.target, "family": board["selected"], "params": board.get("selected_params", {}),
-             "lineage": lineage, "metrics": {k: v for k, v in evaluation.items() if isinstance(v, (int, float))}, "fairness": fairness, "fairness_note": fairness_note,
-             "fairness_table": fairness_table, "inputs": report.get("inputs", {}), "intended_use": cfg.registry.intended_use,
-             "caveats": cfg.registry.caveats, "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")},
-             "robustness": robustness, "threshold": board.get("threshold")}
-    signing_key, public_key = signing_keys(cfg)
-    if ensure_signing_key(signing_key, public_key):
-        registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
-    gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, exported["parity"], sig_err, robustness)
-    version, created = registry.register(bundle, tags, facts, gates_fn, signing_key, public_key)
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle = pipeline_bundle(cfg, scratch, paths, lock_path)
+        evaluation, report = bundle.evaluation(), json.loads(bundle.path("export_report").read_text())
+        board = json.loads(paths.leaderboard.read_text())
+        test = pd.read_parquet(paths.split("test"))
+        fairness = evaluation.fairness
+        fairness, fairness_note = (fairness, None) if isinstance(fairness, dict) and fairness else ({}, FAIRNESS_NOT_MEASURED)
+        f = bundle.facts
+        facts = {"task": f.task, "target": f.target, "family": f.family, "params": board.get("selected_params", {}),
+                 "lineage": f.lineage.model_dump(), "metrics": evaluation.metrics, "fairness": fairness,
+                 "fairness_note": fairness_note, "inputs": report.get("inputs", {}),
+                 "fairness_table": _records(bundle.path("fairness")) if bundle.has("fairness") else [],
+                 "intended_use": cfg.registry.intended_use, "caveats": cfg.registry.caveats,
+                 "rows": {s: pq.read_metadata(paths.split(s)).num_rows for s in ("train", "valid", "test")},
+                 "robustness": evaluation.robustness, "threshold": board.get("threshold")}
+        signing_key, public_key = signing_keys(cfg)
+        if ensure_signing_key(signing_key, public_key):
+            registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
+        gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, f.parity, sig_err,
+                                                          evaluation.robustness)
+        version, created = registry.register(bundle, {}, facts, gates_fn, signing_key, public_key)
     booted = created and cfg.registry.bootstrap_auto_approve and registry.bootstrap(version)
     return registry.get(version.version), created, booted
+

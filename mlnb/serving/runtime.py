@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.bundle import FILES, VersionBundle, file_version
 from ..model.onnx import OnnxModel
 from ..model.signing import load_verified
 from .protocol import Contract, columns_from_rows, contract_from
@@ -111,17 +112,17 @@ def warm_up(model: ServedModel, batch_sizes=(1, 2, 8, 32, 256), repeats: int = 2
 # %% ../../nbs/12_serve_runtime.ipynb #36140f67
 def load_served_model(model_path: str | Path, public_key: str | Path, name: str | None = None, version: str | None = None,
                       source: str | None = None, schema_path: str | Path | None = None, threads: int = 1, max_rows: int = 1000) -> ServedModel:
-    "Verify, load and warm up an ONNX file; the schema defaults to `schema.yaml` beside it."
+    "Verify, load and warm up an ONNX file; the schema defaults to the bundle's schema file beside it (`schema.yaml`)."
     from mlnb.data.schema import load_schema
     start = time.perf_counter()
     model_path = Path(model_path)
     onnx = load_verified(model_path, public_key, threads=threads)
-    schema_path = Path(schema_path) if schema_path else model_path.parent / "schema.yaml"
+    schema_path = Path(schema_path) if schema_path else model_path.parent / FILES["schema"]
     schema = load_schema(schema_path) if schema_path.exists() else None
     sha = file_sha256(model_path)
     name = name or onnx.metadata.get("model_name") or model_path.stem
     classes = json.loads(onnx.metadata["classes"]) if "classes" in onnx.metadata else None
-    served = ServedModel(name, version or f"sha256-{sha[:12]}", source or str(model_path), onnx,
+    served = ServedModel(name, version or file_version(model_path, sha), source or str(model_path), onnx,
                          contract_from(onnx.inputs, schema, name, max_rows), sha, classes=[str(c) for c in classes] if classes else None, path=model_path)
     warm_up(served)
     served.load_seconds = time.perf_counter() - start
@@ -139,18 +140,10 @@ def asking(registry):
         raise RegistryUnreachable(f"registry {getattr(registry, 'uri', registry.name)} unreachable: {type(e).__name__}: {e}") from e
 
 def fetch_version(registry, version: str, cache_dir: str | Path) -> Path:
-    "The version's model directory in the local cache, downloaded from the registry if absent."
-    final = Path(cache_dir) / registry.name / str(version)
-    if (final / "model.onnx").exists(): return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
-    try:
-        with asking(registry): model_dir = registry.download(version, tmp)
-        try: os.replace(model_dir, final)
-        except OSError:                       # another process fetched it first
-            if not (final / "model.onnx").exists(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    "The version's model directory in the local cache, downloaded from the registry if absent (`Registry.fetch`)."
+    if (Path(cache_dir) / registry.name / str(version) / FILES["onnx"]).exists():
+        return registry.fetch(version, cache_dir)
+    with asking(registry): return registry.fetch(version, cache_dir)
 
 def resolve_version(registry, ref: ModelRef) -> str:
     "The version number an alias or version reference points at now."
@@ -165,9 +158,10 @@ def load_registered(registry, ref: ModelRef, public_key: str | Path, cache_dir: 
                     threads: int = 1, max_rows: int = 1000, version: str | None = None) -> ServedModel:
     "Resolve `ref` (or take `version`), fetch it and load it verified."
     version = version or resolve_version(registry, ref)
-    model_dir = fetch_version(registry, version, cache_dir)
-    path = model_dir / "model.int8.onnx" if prefer_quantized and (model_dir / "model.int8.onnx").exists() else model_dir / "model.onnx"
-    model = load_served_model(path, public_key, registry.name, str(version), f"{registry.name}/{version} ({ref})", threads=threads, max_rows=max_rows)
+    bundle = VersionBundle.load(fetch_version(registry, version, cache_dir), name=registry.name, version=str(version))
+    model = load_served_model(bundle.onnx_path(prefer_quantized), public_key, registry.name, str(version),
+                              f"{registry.name}/{version} ({ref})",
+                              bundle.schema_path, threads=threads, max_rows=max_rows)
     remember_verified(model, ref, cache_dir)
     return model
 
