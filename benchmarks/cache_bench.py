@@ -1,8 +1,8 @@
 """Prediction cache and recent prediction ids: memory per entry and cost per row, against the previous design in the same run.
 
 Baseline: a `cachetools.TTLCache` keyed by (version, row tuple) holding per-row tuples of NumPy views, and the recent ids as an
-`OrderedDict` of the id strings. Now: `mlnb.serve.runtime.PredictionCache` (16-byte BLAKE2b keys, outputs packed in one bytes
-object) and `mlnb.serve.log.RecentIds` (ranges of a counter).
+`OrderedDict` of the id strings. Now: `mlnb.serve.runtime.PredictionCache` (a `cachetools.TTLCache` too, of 16-byte BLAKE2b
+keys and outputs packed in one bytes object) and `mlnb.serve.log.RecentIds` (ranges of a counter).
 Rows are the test split's, validated as the server validates them (`parse_mlflow`), each made unique (monthly and total charges
 nudged), and scored by the real ONNX model in micro-batches of 64 rows, as the server does under load (the old cache's views
 kept such whole batch arrays alive). Memory is what tracemalloc counts as still held once a full cache of N rows stands
