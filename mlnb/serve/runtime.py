@@ -226,10 +226,9 @@ class PredictionCache:
             self.misses += len(keys)
             return [None] * len(keys)
         entries, found = self.entries, []
-        with entries.timer:                             # one clock reading for the whole request
-            for k in keys:
-                value = entries.get(self.digest(version, k))
-                found.append(None if value is None else self._unpack(value, layout))
+        for k in keys:
+            value = entries.get(self.digest(version, k))
+            found.append(None if value is None else self._unpack(value, layout))
         hits = sum(f is not None for f in found)
         self.hits += hits
         self.misses += len(found) - hits
@@ -241,10 +240,9 @@ class PredictionCache:
         if layout is None: return
         rows = [self._pack_column(a, spec, len(keys)) for a, spec in zip(outputs.values(), layout)]
         entries = self.entries
-        with entries.timer:                             # the same expiry for the request's rows
-            for k, parts in zip(keys, zip(*rows)):
-                if None not in parts:
-                    entries[self.digest(version, k)] = b"".join(parts)
+        for k, parts in zip(keys, zip(*rows)):
+            if None not in parts:
+                entries[self.digest(version, k)] = b"".join(parts)
 
     def _layout(self, version: str, outputs: dict[str, np.ndarray]) -> tuple | None:
         "How this version's outputs are packed, from its first stored outputs; None if they cannot be."
