@@ -439,7 +439,7 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
     metrics = {"200": {"description": "the text exposition format", "content": text}}
     reload = {"200": _answer("reloaded, or already current", ReloadResult),
               "503": _error("the reload failed; the previous version is still served")}
-    command = {"200": _answer("the rollout's new state", RolloutState), "400": bad,
+    command = {"200": _answer("the rollout's new state", RolloutState), "400": bad, "413": too_big,
                "409": _error("the command does not fit the rollout's state (or the challenger cannot be loaded)")}
     paths = {
         "/invocations": {"post": _operation("Predict (MLflow scoring protocol)", _PREDICT, mlflow, auth,
