@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy, functools, math
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, RootModel, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError,
-                      ValidationInfo, field_validator)
+from pydantic import (BaseModel, ConfigDict, Field, RootModel, StrictFloat, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError, ValidationInfo, field_validator)
 from pydantic_core import PydanticCustomError
 
 from .protocol import V2_NUMERIC, Contract, Column, RequestError
