@@ -610,20 +610,34 @@ def create_app(server: ModelServer):
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
     auth = server.auth
+    matched: dict[str, tuple[Route, dict]] = {}       # path -> (route, path parameters), as Route.matches found them
+    def fast_route(scope) -> tuple[Route, dict] | None:
+        """The inference route a POST is for, and its path parameters (never to be changed: they are shared); None for
+        any other route. A path matched once is then a dictionary lookup (clients use a handful of paths)."""
+        plain = not scope.get("root_path")
+        if plain and (found := matched.get(scope["path"])) is not None: return found
+        for route in fast:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                if plain:
+                    if len(matched) >= 256: matched.clear()        # bounded, whatever paths clients send
+                    matched[scope["path"]] = route, child["path_params"]
+                return route, child["path_params"]
+        return None
+
     async def asgi(scope, receive, send):
         """POSTs that the inference routes match go straight to the server; everything else to Starlette; both behind
         access control when it is on."""
         if scope["type"] == "http":
-            if scope["method"] == "POST":
-                for route in fast:
-                    match, child = route.matches(scope)
-                    if match is Match.FULL:
-                        call = Call.from_scope(scope, child["path_params"])
-                        if auth is not None:
-                            found = auth.authorize(call.headers, "POST", call.path, "predict")
-                            if isinstance(found, Denial): return await server.refuse(found, scope, call.headers, send)
-                            call.key_name = found.name
-                        return await server.handle(call, receive, send, route.name, *PROTOCOLS[route.name])
+            matched = fast_route(scope) if scope["method"] == "POST" else None
+            if matched is not None:
+                route, params = matched
+                call = Call.from_scope(scope, params)
+                if auth is not None:
+                    key = auth.authorize(call.headers, "POST", call.path, "predict")
+                    if isinstance(key, Denial): return await server.refuse(key, scope, call.headers, send)
+                    call.key_name = key.name
+                return await server.handle(call, receive, send, route.name, *PROTOCOLS[route.name])
             if auth is not None: return await server.guarded(app, scope, receive, send)
         await app(scope, receive, send)
     if not server.serve.tracing: return asgi
