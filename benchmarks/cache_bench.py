@@ -1,8 +1,8 @@
 """Prediction cache and recent prediction ids: memory per entry and cost per row, against the previous design in the same run.
 
 Baseline: a `cachetools.TTLCache` keyed by (version, row tuple) holding per-row tuples of NumPy views, and the recent ids as an
-`OrderedDict` of the id strings. Now: `mlnb.serving.runtime.PredictionCache` (16-byte BLAKE2b keys, outputs packed in one bytes
-object) and `mlnb.predlog.log.RecentIds` (ranges of a counter).
+`OrderedDict` of the id strings. Now: `mlnb.serving.runtime.PredictionCache` (a `cachetools.TTLCache` too, of 16-byte BLAKE2b
+keys and outputs packed in one bytes object) and `mlnb.predlog.log.RecentIds` (ranges of a counter).
 Rows are the test split's, validated as the server validates them (`parse_mlflow`), each made unique (monthly and total charges
 nudged), and scored by the real ONNX model in micro-batches of 64 rows, as the server does under load (the old cache's views
 kept such whole batch arrays alive). Memory is what tracemalloc counts as still held once a full cache of N rows stands
@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 from cachetools import TTLCache
 
-from mlnb.core.config import load_config
 from mlnb.data.schema import load_schema
 from mlnb.model.onnx import OnnxModel
 from mlnb.predlog.log import RecentIds
@@ -100,11 +99,9 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=100_000)
     args = ap.parse_args()
     n = args.entries
-    cfg = load_config(ROOT / "params.yaml")
-    model = OnnxModel(ROOT / cfg.paths.onnx)
-    contract = contract_from(model.inputs, load_schema(ROOT / cfg.data.schema_path), "churn", 1000)
-    test = pd.read_parquet(ROOT / cfg.paths.test).drop(columns=[cfg.data.target])
-    records = json.loads(test.to_json(orient="records"))
+    model = OnnxModel(ROOT / "models/onnx/model.onnx")
+    contract = contract_from(model.inputs, load_schema(ROOT / "schema/telco_churn.yaml"), "churn", 1000)
+    records = json.loads(pd.read_parquet(ROOT / "data/processed/test.parquet").drop(columns=["churn"]).to_json(orient="records"))
     print(f"{n} distinct rows of the test split, {len(contract.names)} inputs; outputs {model.outputs}", flush=True)
 
     print("\nmemory per entry (tracemalloc, a full cache of the rows; rows scored in batches of 64)")

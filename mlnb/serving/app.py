@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
-from fastcore.basics import patch
+from starlette.routing import Match, Route
 
 from ..core.config import Config, ConfigError, ServeConfig, TLSConfig
 from ..core.errors import MlnbError
@@ -29,13 +29,16 @@ from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load
 from .auth import Denial, KeyAuth, required_role
 from .telemetry import AccessLog, ServeMetrics, server_logger, with_tracing
 from .traffic import RolloutError, Traffic
+from .openapi import (CacheStats, FeedbackItems, FeedbackRequest, FeedbackResult, KeyListing, Liveness,
+                                ModelMetadata, ModelReadiness, Readiness, RegistryReadiness, ReloadResult, RolloutCommand,
+                                RolloutState, ServedModelInfo, ServerMetadata, openapi_schema, validated)
 
 # %% auto #0
-__all__ = ['log', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'json_response', 'error_response',
-           'ClientDisconnected', 'receive_body', 'parse_json', 'Call', 'json_reply', 'error_reply', 'send_reply',
-           'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request', 'respond_v2',
-           'parse_mlflow_request', 'respond_mlflow', 'inference_route', 'v2_metadata', 'parse_feedback', 'create_app',
-           'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
+__all__ = ['log', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT', 'ROLLOUT_HINT', 'json_response',
+           'error_response', 'model_response', 'ClientDisconnected', 'receive_body', 'parse_json', 'Call', 'json_reply',
+           'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request',
+           'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'v2_metadata', 'parse_feedback', 'inference_routes',
+           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
            'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
 
 # %% ../../nbs/15_serve_app.ipynb #aaddd806
@@ -46,6 +49,10 @@ def json_response(content, status: int = 200) -> Response:
     return Response(json_reply(content)[1], status, media_type="application/json")
 
 def error_response(message: str, status: int) -> Response: return json_response({"error": message}, status)
+
+def model_response(body: BaseModel, status: int = 200) -> Response:
+    "An answer built from its pydantic model: the fields that were set (an optional one left out stays out)."
+    return Response(body.model_dump_json(exclude_unset=True), status, media_type="application/json")
 
 class ClientDisconnected(MlnbError):
     "The client went away before sending its whole request."
@@ -112,38 +119,317 @@ def denial_reply(denial: Denial) -> Reply:
 
 # %% ../../nbs/15_serve_app.ipynb #bf15e7c3
 class ModelServer:
-    "One served model and everything around it."
-    def __init__(self, cfg: Config, ref: ModelRef, public_key: str | Path, model: ServedModel | None = None, registry=None):
+    """One served model and everything around it: the cache, the micro-batcher, the logs, the metrics, the rollout's
+    `Traffic` and access control. Handlers only parse a request, call it, and shape the answer."""
+    def __init__(self, cfg: Config, ref: ModelRef, public_key: str | Path, model: ServedModel | None = None,
+                 registry=None):
         self.cfg, self.serve, self.ref, self.public_key = cfg, cfg.serve, ref, Path(public_key)
         self.model, self.registry = model, registry
         self.metrics = ServeMetrics()
-        self.metrics.add_collector(MonitorCollector(Path(cfg.monitor.output_dir) / "latest.json"))   # `mlnb monitor`'s gauges
+        self.metrics.add_collector(MonitorCollector(Path(cfg.monitor.output_dir) / "latest.json"))  # `mlnb monitor`'s
         s = self.serve
         self.cache = PredictionCache(s.cache.max_entries, s.cache.ttl_seconds) if s.cache.enabled else None
-        self.batcher = MicroBatcher(s.micro_batch.max_rows if s.micro_batch.enabled else 1, s.micro_batch.max_wait_ms, self._observe_batch)
+        batch_rows = s.micro_batch.max_rows if s.micro_batch.enabled else 1
+        self.batcher = MicroBatcher(batch_rows, s.micro_batch.max_wait_ms, self.observe_batch)
         self.recent = RecentIds(s.prediction_log.known_ids)
         self.prediction_log = self.feedback_log = self.log_keys = None
         self.access = self.tracer_provider = None
         self._reload_lock, self._poller = None, None
         self.last_reload_error: str | None = None
-        self.registry_error: str | None = None        # why the registry could not be asked last time; None once it answers
+        self.registry_error: str | None = None        # why the registry could not be asked last time; None: it answered
         self.key_field = s.rollout.key_field
         self.traffic = Traffic(self, s.rollout)
-        self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_public) if s.auth.keys_file else None   # a bad keys file stops the server here
+        # a bad keys file stops the server here
+        self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_public) if s.auth.keys_file else None
 
+    # --- what Traffic (and the handlers) use -------------------------------------------------------------------------
     def new_ids(self, n: int) -> list[str]:
         "Prediction ids: unique across processes and restarts (random per process), cheap to make."
         return self.recent.issue(n)
 
-    def _observe_batch(self, model: ServedModel, rows: int, seconds: float) -> None:
+    def observe_batch(self, model: ServedModel, rows: int, seconds: float) -> None:
+        "Count one ONNX Runtime call of `model`: its time and its rows."
         self.metrics.child(self.metrics.inference_seconds, model.name, model.version).observe(seconds)
         self.metrics.child(self.metrics.batch_rows, model.name, model.version).observe(rows)
+
+    def serve_model(self, model: ServedModel) -> ServedModel:
+        "Answer with `model` from now on (a reload, a promotion) and say so in the metrics; the previous model."
+        previous, self.model = self.model, model
+        self.publish(model, previous)
+        return previous
+
+    def publish(self, model: ServedModel, previous: ServedModel | None = None) -> None:
+        "`mlnb_model_info` and the load time for the model served now."
+        m = self.metrics
+        if previous is not None: m.model_info.labels(previous.name, previous.version, previous.sha256).set(0)
+        m.model_info.labels(model.name, model.version, model.sha256).set(1)
+        m.model_load_seconds.labels(model.name, model.version).set(model.load_seconds)
+
+    @property
+    def started(self) -> bool:
+        "`start` has run: the logs, the rollout and reloads are set up."
+        return self._reload_lock is not None
+
+    # --- startup and shutdown ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.serve
+        if self.model is None: self.model = await asyncio.to_thread(self.load)
+        if s.prediction_log.enabled:
+            pl = s.prediction_log
+            self.log_keys = log_keys(pl.encryption)             # None: plain Parquet
+            limits = pl.flush_seconds, pl.max_rows_per_file, pl.queue_size
+            self.prediction_log = ParquetLog(pl.dir, prediction_table, "predictions", *limits,
+                                             self._log_hook("predictions"), self.log_keys)
+            self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", *limits,
+                                           self._log_hook("feedback"), self.log_keys)
+        if s.access_log: self.access = AccessLog(asyncio.get_running_loop())
+        self.publish(self.model)
+        await self.traffic.begin()
+        self._reload_lock = asyncio.Lock()
+        if not self.ref.is_file and s.reload_poll_seconds > 0: self._poller = asyncio.create_task(self._poll())
+        gc.collect()
+        gc.freeze()                         # the libraries' ~1e6 objects are never garbage: full collections skip them
+        gc.set_threshold(10_000, 50, 100)   # requests free their objects by reference counting: collect cycles rarely
+        limit_heap_retention()              # freed memory goes back to the system, not kept by glibc
+        m = self.model
+        log.info("serving %s version %s from %s (loaded in %.2f s)", m.name, m.version, m.source, m.load_seconds)
+
+    async def stop(self) -> None:
+        if self._poller: self._poller.cancel()
+        await self.traffic.close()
+        for writer in (self.prediction_log, self.feedback_log):
+            if writer: await asyncio.to_thread(writer.close)
+        if self.access: self.access.close()
+        if self.tracer_provider: self.tracer_provider.shutdown()    # flush the last spans: a SIGTERM skips atexit
+
+    def _log_hook(self, name: str):
+        return lambda writer: self.metrics.log_written(name, writer.stats, writer.depth())
+
+    # --- loading and hot reload --------------------------------------------------------------------------------------
+    def load(self, version: str | None = None, ref: ModelRef | None = None) -> ServedModel:
+        "Load the served reference's model (or `ref`'s; a given `version` of it), verified and warmed up."
+        s, ref = self.serve, ref or self.ref
+        if ref.is_file: return load_served_model(ref.path, self.public_key, threads=s.onnx_threads, max_rows=s.max_rows)
+        if self.registry is None:
+            from mlnb.registry.store import Registry
+            self.registry = Registry.from_config(self.cfg)
+        return load_registered(self.registry, ref, self.public_key, s.model_cache_dir, s.prefer_quantized,
+                               s.onnx_threads, s.max_rows, version)
+
+    def load_at_start(self) -> ServedModel:
+        "The reference's model; if the registry cannot be reached, the version last verified here, verified again."
+        from mlnb.registry.store import RegistryUnreachable
+        if self.ref.is_file: return self.load()
+        try: model = self.load()
+        except RegistryUnreachable as e:
+            s = self.serve
+            model = load_last_verified(self.ref, self.public_key, s.model_cache_dir, e, s.onnx_threads, s.max_rows)
+            self._registry_answered(e)
+            log.warning("%s; serving version %s of %s, last verified in %s, until it answers",
+                        e, model.version, self.ref, s.model_cache_dir)
+            return model
+        self._registry_answered(None)
+        return model
+
+    def _registry_answered(self, unreachable: Exception | None) -> None:
+        "Whether the registry answered the last time it was asked (readiness for reload, `mlnb_registry_reachable`)."
+        self.registry_error = None if unreachable is None else str(unreachable)
+        self.metrics.registry_reachable.labels(self.ref.name).set(unreachable is None)
+
+    def reload_readiness(self) -> RegistryReadiness:
+        if self.registry_error is None: return RegistryReadiness(ready=True)
+        return RegistryReadiness(ready=False, reason=self.registry_error)
+
+    async def reload(self, force: bool = False) -> ReloadResult:
+        "Load the version the reference points at now, if it changed (or `force`), and switch to it."
+        async with self._reload_lock:
+            previous = self.model
+            try:
+                if self.ref.is_file: version = None
+                else:
+                    version = await asyncio.to_thread(resolve_version, self.registry, self.ref)
+                    self._registry_answered(None)
+                    if version == previous.version and not force:
+                        return ReloadResult(reloaded=False, version=previous.version)
+                model = await asyncio.to_thread(self.load, version)
+            except Exception as e:
+                from mlnb.registry.store import RegistryUnreachable
+                if isinstance(e, RegistryUnreachable): self._registry_answered(e)
+                self.last_reload_error = f"{type(e).__name__}: {e}"
+                self.metrics.child(self.metrics.reloads, "failed").inc()
+                log.error("reload of %s failed, still serving version %s: %s",
+                          self.ref, previous.version, self.last_reload_error)
+                raise
+            self.serve_model(model)
+            self.last_reload_error = None
+            self.metrics.child(self.metrics.reloads, "ok").inc()
+            log.info("reloaded %s: version %s -> %s", self.ref, previous.version, model.version)
+            return ReloadResult(reloaded=True, version=model.version, previous=previous.version)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.serve.reload_poll_seconds)
+            try: await self.reload()
+            except asyncio.CancelledError: raise
+            except Exception: pass                        # counted and logged by reload; keep serving and keep polling
+            try: await self.traffic.poll()
+            except asyncio.CancelledError: raise
+            except Exception as e: log.warning("rollout poll failed: %s", f"{type(e).__name__}: {e}")
+
+    # --- predicting --------------------------------------------------------------------------------------------------
+    async def predict(self, model: ServedModel, keys: list[tuple], infer=None) -> tuple[dict[str, np.ndarray], int]:
+        """Outputs for a validated batch's rows (as tuples), and how many came from the cache; `infer` defaults to the
+        micro-batcher."""
+        rows, infer = len(keys), infer or self.batcher.infer
+        if self.cache is None: return await infer(model, keys), 0
+        found = self.cache.lookup(model.version, keys)
+        missing = [i for i, f in enumerate(found) if f is None]
+        hits = rows - len(missing)
+        if hits: self.metrics.cache_hits.inc(hits)
+        if missing: self.metrics.cache_misses.inc(len(missing))
+        if not missing: return stack_rows(found, model.onnx.outputs), hits
+        if hits == 0:
+            outputs = await infer(model, keys)
+            self.cache.store(model.version, keys, outputs)
+            return outputs, 0
+        fresh = await infer(model, [keys[i] for i in missing])
+        self.cache.store(model.version, [keys[i] for i in missing], fresh)
+        for j, i in enumerate(missing): found[i] = tuple(a[j] for a in fresh.values())
+        return stack_rows(found, model.onnx.outputs), hits
+
+    def record(self, entry: PredictionEntry) -> None:
+        "Count the rows and queue them for the prediction log."
+        m, n = self.metrics, len(entry.ids)
+        labels = entry.model_name, entry.model_version, entry.variant
+        if entry.cached: m.child(m.predictions, *labels, "cache").inc(entry.cached)
+        if n - entry.cached: m.child(m.predictions, *labels, "model").inc(n - entry.cached)
+        self.recent.add(entry.ids)
+        if self.prediction_log is not None: self.prediction_log.put(entry, n)
+
+    # --- one inference request, any protocol -------------------------------------------------------------------------
+    async def handle(self, call: Call, receive, send, protocol: str, parse, respond) -> None:
+        started, arrived = time.perf_counter(), time.time()
+        model, variant, traffic = self.model, "champion", self.traffic
+        request_id = call.headers.get("x-request-id")
+        rows, status = 0, 200
+        try:
+            if call.path_params: model, variant = self.model_for(call.path_params)
+            body = await receive_body(receive, call.headers, self.serve.max_body_bytes)
+            batch, extra = parse(self, call, body, model)
+            request_id = batch.request_id or request_id
+            for column, n in batch.unknown_categories.items():
+                self.metrics.child(self.metrics.unknown_categories, column).inc(n)
+            keys = batch.row_keys()
+            if traffic.routing and "version" not in call.path_params:
+                model, variant, outputs, cached = await traffic.predict(call, batch, keys)
+            else:
+                outputs, cached = await self.predict(model, keys)
+            ids = self.new_ids(batch.rows)
+            request_id = request_id or ids[0]
+            reply = respond(self, model, outputs, ids, request_id, extra)
+            rows = batch.rows
+        except RequestError as e:
+            status, reply = e.status, error_reply(str(e), e.status)
+        except ClientDisconnected:
+            return
+        except Exception as e:
+            status, request_id = 500, request_id or self.new_ids(1)[0]
+            log.exception("request %s failed", request_id)
+            reply = error_reply(f"internal error ({type(e).__name__}); request id {request_id}", 500)
+        await send_reply(send, reply, request_id)
+        latency = time.perf_counter() - started
+        m = self.metrics
+        m.child(m.requests, model.name, model.version, protocol, _outcome(status)).inc()
+        m.child(m.request_seconds, protocol).observe(latency)
+        if rows:
+            self.record(PredictionEntry(ids, arrived, model.name, model.version, variant, protocol, latency,
+                                        model.input_names, model.input_kinds, keys, outputs, model.classes, cached,
+                                        request_id))
+            if traffic.routing or traffic.shadowing:
+                traffic.after(variant, ids, outputs, keys, arrived, protocol, request_id)
+        if self.access:
+            self.access.write({"time": arrived, "level": "INFO", "logger": "mlnb.access", "request_id": request_id,
+                               "method": call.method, "path": call.path, "status": status, "rows": rows,
+                               "model": model.name, "model_version": model.version,
+                               "latency_ms": round(latency * 1000, 3), "client": call.client, "key": call.key_name})
+
+    def model_for(self, path_params: dict) -> tuple[ServedModel, str]:
+        "The model and variant a V2 path names: the champion, or the challenger by its version."
+        name, version = path_params.get("name"), path_params.get("version")
+        model, challenger = self.model, self.traffic.challenger
+        if name != model.name:
+            raise RequestError(f"model {name!r} is not served here; this server serves {model.name!r}", 404)
+        if version is None or version == model.version: return model, "champion"
+        if challenger is not None and version == challenger.version: return challenger, "challenger"
+        also = f" and challenger version {challenger.version}" if challenger is not None else ""
+        raise RequestError(f"version {version} of {model.name!r} is not served here; "
+                           f"serving version {model.version}{also}", 404)
+
+    # --- feedback ----------------------------------------------------------------------------------------------------
+    async def accept_feedback(self, request: Request) -> Response:
+        try:
+            body = await receive_body(request.receive, request.headers, self.serve.max_body_bytes)
+            ids, labels = parse_feedback(body, self.model)
+            unknown = [i for i in ids if i not in self.recent]
+            if unknown and self.prediction_log is not None:
+                on_disk = await asyncio.to_thread(logged_ids, self.serve.prediction_log.dir, unknown, self.log_keys)
+                unknown = [i for i in unknown if i not in on_disk]
+            missing = set(unknown)
+            keep = [(i, label) for i, label in zip(ids, labels) if i not in missing]
+            kept_ids, kept_labels = [i for i, _ in keep], [label for _, label in keep]
+            if keep: self.traffic.on_feedback(kept_ids, kept_labels)
+            if keep and self.feedback_log is not None:
+                entry = FeedbackEntry(kept_ids, kept_labels, time.time(), request.headers.get("x-request-id"))
+                self.feedback_log.put(entry, len(keep))
+            m = self.metrics
+            if keep: m.child(m.feedback, "accepted").inc(len(keep))
+            if unknown: m.child(m.feedback, "unknown_id").inc(len(unknown))
+            return model_response(FeedbackResult(accepted=len(keep), unknown_ids=unknown), 200 if keep else 404)
+        except RequestError as e: return error_response(str(e), e.status)
+        except ClientDisconnected: return Response(status_code=499)
+        except LogKeyError as e:      # an encrypted log the server's key cannot read: the operator's problem
+            log.error("feedback: %s", e)
+            return error_response("the prediction log on disk could not be read to check the ids (see the server log)",
+                                  500)
+
+    # --- access control ----------------------------------------------------------------------------------------------
+    async def refuse(self, denial: Denial, scope: dict, headers: dict, send) -> None:
+        "Answer a request access control refused (401 or 403), count it and log it by the key's name."
+        request_id = headers.get("x-request-id")
+        await send_reply(send, denial_reply(denial), request_id)
+        self.metrics.child(self.metrics.auth_failures, denial.reason).inc()
+        if self.access:
+            self.access.write({"time": time.time(), "level": "WARNING", "logger": "mlnb.access",
+                               "request_id": request_id, "method": scope["method"], "path": scope["path"],
+                               "status": denial.status, "auth": denial.reason, "key": denial.key_name,
+                               "client": scope["client"][0] if scope.get("client") else None})
+
+    async def guarded(self, app, scope: dict, receive, send) -> None:
+        """A request for the Starlette routes, let through if its key's role covers the path, and access-logged with
+        the key's name."""
+        role = required_role(scope["path"], self.auth.metrics_public)
+        if role is None: return await app(scope, receive, send)
+        headers = _headers(scope)
+        found = self.auth.authorize(headers, scope["method"], scope["path"], role)
+        if isinstance(found, Denial): return await self.refuse(found, scope, headers, send)
+        started, status = time.time(), [0]
+        async def send_noting_status(message):
+            if message["type"] == "http.response.start": status[0] = message["status"]
+            await send(message)
+        await app(scope, receive, send_noting_status)
+        if self.access:
+            self.access.write({"time": started, "level": "INFO", "logger": "mlnb.access",
+                               "request_id": headers.get("x-request-id"),
+                               "method": scope["method"], "path": scope["path"], "status": status[0],
+                               "latency_ms": round((time.time() - started) * 1000, 3),
+                               "client": scope["client"][0] if scope.get("client") else None, "key": found.name})
 
 # %% ../../nbs/15_serve_app.ipynb #6a727f23
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # mallopt parameters (malloc.h)
 
 def limit_heap_retention(mmap_bytes: int = 128 * 1024, trim_bytes: int = 256 * 1024) -> bool:
-    "Fix glibc's mmap and trim thresholds, so freed memory goes back to the system; False where that is not glibc or the operator set them."
+    """Fix glibc's mmap and trim thresholds, so freed memory goes back to the system; False where that is not glibc or
+    the operator set them."""
     import ctypes, ctypes.util
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")): return False
     try: libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -151,201 +437,10 @@ def limit_heap_retention(mmap_bytes: int = 128 * 1024, trim_bytes: int = 256 * 1
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"): return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_bytes))
 
-def _log_writer_hook(self: ModelServer, name: str):
-    return lambda writer: self.metrics.log_written(name, writer.stats, writer.depth())
-
-@patch
-async def start(self: ModelServer) -> None:
-    s = self.serve
-    if self.model is None: self.model = await asyncio.to_thread(self.load)
-    if s.prediction_log.enabled:
-        pl = s.prediction_log
-        self.log_keys = log_keys(pl.encryption)             # None: plain Parquet
-        self.prediction_log = ParquetLog(pl.dir, prediction_table, "predictions", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "predictions"), self.log_keys)
-        self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", pl.flush_seconds, pl.max_rows_per_file, pl.queue_size, _log_writer_hook(self, "feedback"), self.log_keys)
-    if s.access_log: self.access = AccessLog(asyncio.get_running_loop())
-    self._publish(self.model)
-    await self.traffic.begin()
-    self._reload_lock = asyncio.Lock()
-    if not self.ref.is_file and s.reload_poll_seconds > 0: self._poller = asyncio.create_task(self._poll())
-    gc.collect(); gc.freeze()     # the imported libraries' objects, ~1e6 of them, are never garbage: keep full collections from walking them
-    gc.set_threshold(10_000, 50, 100)   # requests free their objects by reference counting; collect cycles every 10,000 net allocations, not 700
-    limit_heap_retention()              # freed memory goes back to the system, not kept by glibc's raised thresholds
-    log.info("serving %s version %s from %s (loaded in %.2f s)", self.model.name, self.model.version, self.model.source, self.model.load_seconds)
-
-@patch
-async def stop(self: ModelServer) -> None:
-    if self._poller: self._poller.cancel()
-    await self.traffic.close()
-    for writer in (self.prediction_log, self.feedback_log):
-        if writer: await asyncio.to_thread(writer.close)
-    if self.access: self.access.close()
-    if self.tracer_provider: self.tracer_provider.shutdown()      # flush the last spans: a SIGTERM skips atexit handlers
-
-@patch
-def _publish(self: ModelServer, model: ServedModel, previous: ServedModel | None = None) -> None:
-    m = self.metrics
-    if previous is not None: m.model_info.labels(previous.name, previous.version, previous.sha256).set(0)
-    m.model_info.labels(model.name, model.version, model.sha256).set(1)
-    m.model_load_seconds.labels(model.name, model.version).set(model.load_seconds)
-
-# %% ../../nbs/15_serve_app.ipynb #1399e9b5
-@patch
-def load(self: ModelServer, version: str | None = None, ref: ModelRef | None = None) -> ServedModel:
-    "Load the served reference's model (or `ref`'s; a given `version` of it), verified and warmed up."
-    s, ref = self.serve, ref or self.ref
-    if ref.is_file: return load_served_model(ref.path, self.public_key, threads=s.onnx_threads, max_rows=s.max_rows)
-    if self.registry is None:
-        from mlnb.registry.store import Registry
-        self.registry = Registry.from_config(self.cfg)
-    return load_registered(self.registry, ref, self.public_key, s.model_cache_dir, s.prefer_quantized, s.onnx_threads, s.max_rows, version)
-
-@patch
-def load_at_start(self: ModelServer) -> ServedModel:
-    "The reference's model; if the registry cannot be reached, the version last verified here, verified again."
-    from mlnb.registry.store import RegistryUnreachable
-    if self.ref.is_file: return self.load()
-    try: model = self.load()
-    except RegistryUnreachable as e:
-        s = self.serve
-        model = load_last_verified(self.ref, self.public_key, s.model_cache_dir, e, s.onnx_threads, s.max_rows)
-        self._registry_answered(e)
-        log.warning("%s; serving version %s of %s, last verified in %s, until it answers", e, model.version, self.ref, s.model_cache_dir)
-        return model
-    self._registry_answered(None)
-    return model
-
-@patch
-def _registry_answered(self: ModelServer, unreachable: Exception | None) -> None:
-    "Record whether the registry answered the last time it was asked (readiness for reload, `mlnb_registry_reachable`)."
-    self.registry_error = None if unreachable is None else str(unreachable)
-    self.metrics.registry_reachable.labels(self.ref.name).set(unreachable is None)
-
-@patch
-def reload_readiness(self: ModelServer) -> dict:
-    return {"ready": True} if self.registry_error is None else {"ready": False, "reason": self.registry_error}
-
-@patch
-async def reload(self: ModelServer, force: bool = False) -> dict:
-    "Load the version the reference points at now, if it changed (or `force`), and switch to it."
-    async with self._reload_lock:
-        previous = self.model
-        try:
-            if self.ref.is_file: version = None
-            else:
-                version = await asyncio.to_thread(resolve_version, self.registry, self.ref)
-                self._registry_answered(None)
-                if version == previous.version and not force: return {"reloaded": False, "version": previous.version}
-            model = await asyncio.to_thread(self.load, version)
-        except Exception as e:
-            from mlnb.registry.store import RegistryUnreachable
-            if isinstance(e, RegistryUnreachable): self._registry_answered(e)
-            self.last_reload_error = f"{type(e).__name__}: {e}"
-            self.metrics.child(self.metrics.reloads, "failed").inc()
-            log.error("reload of %s failed, still serving version %s: %s", self.ref, previous.version, self.last_reload_error)
-            raise
-        self.model, self.last_reload_error = model, None
-        self._publish(model, previous)
-        self.metrics.child(self.metrics.reloads, "ok").inc()
-        log.info("reloaded %s: version %s -> %s", self.ref, previous.version, model.version)
-        return {"reloaded": True, "version": model.version, "previous": previous.version}
-
-@patch
-async def _poll(self: ModelServer) -> None:
-    while True:
-        await asyncio.sleep(self.serve.reload_poll_seconds)
-        try: await self.reload()
-        except asyncio.CancelledError: raise
-        except Exception: pass                        # counted and logged by reload; keep serving and keep polling
-        try: await self.traffic.poll()
-        except asyncio.CancelledError: raise
-        except Exception as e: log.warning("rollout poll failed: %s", f"{type(e).__name__}: {e}")
-
-# %% ../../nbs/15_serve_app.ipynb #81062c92
-@patch
-async def predict(self: ModelServer, model: ServedModel, keys: list[tuple], infer=None) -> tuple[dict[str, np.ndarray], int]:
-    "Outputs for a validated batch's rows (as tuples), and how many came from the cache; `infer` defaults to the micro-batcher."
-    rows, infer = len(keys), infer or self.batcher.infer
-    if self.cache is None: return await infer(model, keys), 0
-    found = self.cache.lookup(model.version, keys)
-    missing = [i for i, f in enumerate(found) if f is None]
-    hits = rows - len(missing)
-    if hits: self.metrics.cache_hits.inc(hits)
-    if missing: self.metrics.cache_misses.inc(len(missing))
-    if not missing: return stack_rows(found, model.onnx.outputs), hits
-    if hits == 0:
-        outputs = await infer(model, keys)
-        self.cache.store(model.version, keys, outputs)
-        return outputs, 0
-    fresh = await infer(model, [keys[i] for i in missing])
-    self.cache.store(model.version, [keys[i] for i in missing], fresh)
-    for j, i in enumerate(missing): found[i] = tuple(a[j] for a in fresh.values())
-    return stack_rows(found, model.onnx.outputs), hits
-
-@patch
-def record(self: ModelServer, entry: PredictionEntry) -> None:
-    "Count the rows and queue them for the prediction log."
-    m, n = self.metrics, len(entry.ids)
-    if entry.cached: m.child(m.predictions, entry.model_name, entry.model_version, entry.variant, "cache").inc(entry.cached)
-    if n - entry.cached: m.child(m.predictions, entry.model_name, entry.model_version, entry.variant, "model").inc(n - entry.cached)
-    self.recent.add(entry.ids)
-    if self.prediction_log is not None: self.prediction_log.put(entry, n)
-
 # %% ../../nbs/15_serve_app.ipynb #b7cb9046
 def _outcome(status: int) -> str: return "ok" if status < 400 else "client_error" if status < 500 else "server_error"
 
-@patch
-async def handle(self: ModelServer, call: Call, receive, send, protocol: str, parse, respond) -> None:
-    started, arrived = time.perf_counter(), time.time()
-    model, variant, traffic = self.model, "champion", self.traffic
-    request_id = call.headers.get("x-request-id")
-    rows, status = 0, 200
-    try:
-        if call.path_params: model, variant = self.model_for(call.path_params)
-        body = await receive_body(receive, call.headers, self.serve.max_body_bytes)
-        batch, extra = parse(self, call, body, model)
-        request_id = batch.request_id or request_id
-        for column, n in batch.unknown_categories.items(): self.metrics.child(self.metrics.unknown_categories, column).inc(n)
-        keys = batch.row_keys()
-        if traffic.routing and "version" not in call.path_params: model, variant, outputs, cached = await traffic.predict(call, batch, keys)
-        else: outputs, cached = await self.predict(model, keys)
-        ids = self.new_ids(batch.rows)
-        request_id = request_id or ids[0]
-        reply = respond(self, model, outputs, ids, request_id, extra)
-        rows = batch.rows
-    except RequestError as e:
-        status, reply = e.status, error_reply(str(e), e.status)
-    except ClientDisconnected:
-        return
-    except Exception as e:
-        status, request_id = 500, request_id or self.new_ids(1)[0]
-        log.exception("request %s failed", request_id)
-        reply = error_reply(f"internal error ({type(e).__name__}); request id {request_id}", 500)
-    await send_reply(send, reply, request_id)
-    latency = time.perf_counter() - started
-    m = self.metrics
-    m.child(m.requests, model.name, model.version, protocol, _outcome(status)).inc()
-    m.child(m.request_seconds, protocol).observe(latency)
-    if rows:
-        self.record(PredictionEntry(ids, arrived, model.name, model.version, variant, protocol, latency, model.input_names, model.input_kinds,
-                                    keys, outputs, model.classes, cached, request_id))
-        if traffic.routing or traffic.shadowing: traffic.after(variant, ids, outputs, keys, arrived, protocol, request_id)
-    if self.access:
-        self.access.write({"time": arrived, "level": "INFO", "logger": "mlnb.core.access", "request_id": request_id, "method": call.method,
-                           "path": call.path, "status": status, "rows": rows, "model": model.name, "model_version": model.version,
-                           "latency_ms": round(latency * 1000, 3), "client": call.client, "key": call.key_name})
-
 # %% ../../nbs/15_serve_app.ipynb #cd254297
-@patch
-def model_for(self: ModelServer, path_params: dict) -> tuple[ServedModel, str]:
-    "The model and variant a V2 path names: the champion, or the challenger by its version."
-    name, version, model, challenger = path_params.get("name"), path_params.get("version"), self.model, self.traffic.challenger
-    if name != model.name: raise RequestError(f"model {name!r} is not served here; this server serves {model.name!r}", 404)
-    if version is None or version == model.version: return model, "champion"
-    if challenger is not None and version == challenger.version: return challenger, "challenger"
-    also = f" and challenger version {challenger.version}" if challenger is not None else ""
-    raise RequestError(f"version {version} of {model.name!r} is not served here; serving version {model.version}{also}", 404)
-
 def parse_v2_request(server: ModelServer, call: Call, body: bytes, model: ServedModel):
     header, binary = split_v2_body(body, call.headers.get("inference-header-content-length"))
     payload = parse_json(header)
@@ -353,12 +448,14 @@ def parse_v2_request(server: ModelServer, call: Call, body: bytes, model: Served
     batch = parse_v2(payload, model.contract, server.key_field)
     return batch, requested_outputs(payload, model.onnx.outputs)
 
-def respond_v2(server: ModelServer, model: ServedModel, outputs: dict, ids: list[str], request_id: str, wanted) -> Reply:
+def respond_v2(server: ModelServer, model: ServedModel, outputs: dict, ids: list[str], request_id: str,
+               wanted) -> Reply:
     names, binary = wanted
     content, blobs = v2_response({n: outputs[n] for n in names}, model.name, model.version, ids, request_id, binary)
     if not blobs: return json_reply(content)
     header = orjson.dumps(content)
-    return 200, header + b"".join(blobs), b"application/octet-stream", [(b"inference-header-content-length", str(len(header)).encode())]
+    extra = [(b"inference-header-content-length", str(len(header)).encode())]
+    return 200, header + b"".join(blobs), b"application/octet-stream", extra
 
 def parse_mlflow_request(server: ModelServer, call: Call, body: bytes, model: ServedModel):
     content_type = call.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -366,166 +463,133 @@ def parse_mlflow_request(server: ModelServer, call: Call, body: bytes, model: Se
         raise RequestError(f"content type {content_type!r} is not supported; send application/json", 415)
     return parse_mlflow(parse_json(body), model.contract, server.key_field), None
 
-def respond_mlflow(server: ModelServer, model: ServedModel, outputs: dict, ids: list[str], request_id: str, _) -> Reply:
-    classes = (model.classes or [str(i) for i in range(outputs["probabilities"].shape[1])]) if "probabilities" in outputs else None
+def respond_mlflow(server: ModelServer, model: ServedModel, outputs: dict, ids: list[str], request_id: str,
+                   _) -> Reply:
+    classes = None
+    if "probabilities" in outputs: classes = model.classes or [str(i) for i in range(outputs["probabilities"].shape[1])]
     return json_reply(mlflow_response(outputs, model.name, model.version, ids, classes))
 
 PROTOCOLS = {"v2": (parse_v2_request, respond_v2), "mlflow": (parse_mlflow_request, respond_mlflow)}
 
-def inference_route(path: str) -> tuple[str, dict] | None:
-    "The protocol and path parameters of an inference route, or None."
-    if path == "/invocations": return "mlflow", {}
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
-        parts = path.split("/")
-        if len(parts) == 5: return "v2", {"name": parts[3]}
-        if len(parts) == 7 and parts[4] == "versions": return "v2", {"name": parts[3], "version": parts[5]}
-    return None
-
 # %% ../../nbs/15_serve_app.ipynb #dfb573d7
-_ONNX_V2 = {"tensor(string)": "BYTES", "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(bool)": "BOOL"}
+_ONNX_V2 = {"tensor(string)": "BYTES", "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64",
+            "tensor(int32)": "INT32", "tensor(bool)": "BOOL"}
 
-def v2_metadata(model: ServedModel) -> dict:
+def v2_metadata(model: ServedModel) -> ModelMetadata:
     "Model metadata: raw-column inputs with -1 for the batch dimension."
     def tensors(args):
-        return [{"name": a.name, "datatype": _ONNX_V2.get(a.type, a.type), "shape": [d if isinstance(d, int) else -1 for d in a.shape]} for a in args]
-    return {"name": model.name, "versions": [model.version], "platform": "onnxruntime_onnx",
-            "inputs": tensors(model.onnx.session.get_inputs()), "outputs": tensors(model.onnx.session.get_outputs()),
-            "parameters": {"task": model.task, "classes": model.classes, "sha256": model.sha256, "max_rows": model.contract.max_rows}}
+        return [{"name": a.name, "datatype": _ONNX_V2.get(a.type, a.type),
+                 "shape": [d if isinstance(d, int) else -1 for d in a.shape]} for a in args]
+    session = model.onnx.session
+    return ModelMetadata(name=model.name, versions=[model.version], platform="onnxruntime_onnx",
+                         inputs=tensors(session.get_inputs()), outputs=tensors(session.get_outputs()),
+                         parameters={"task": model.task, "classes": model.classes, "sha256": model.sha256,
+                                     "max_rows": model.contract.max_rows})
 
 # %% ../../nbs/15_serve_app.ipynb #b1741a0d
-def parse_feedback(payload, model: ServedModel) -> tuple[list[str], list]:
-    items = payload.get("feedback") if isinstance(payload, dict) else payload
-    if not isinstance(items, list) or not items: raise RequestError("send {\"feedback\": [{\"prediction_id\": ..., \"actual\": ...}, ...]} with at least one item")
-    ids, labels = [], []
-    classes = set(model.classes) if model.classes else None
-    for i, item in enumerate(items):
-        if not isinstance(item, dict): raise RequestError(f"feedback[{i}] must be an object")
-        pid, actual = item.get("prediction_id"), item.get("actual")
-        if not isinstance(pid, str) or not pid: raise RequestError(f"feedback[{i}]: 'prediction_id' must be a non-empty string")
-        if "actual" not in item or actual is None: raise RequestError(f"feedback[{i}]: 'actual' (the true label or value) is missing")
-        if model.task == "classification":
-            if isinstance(actual, (dict, list, bool)) or (classes and str(actual) not in classes):
-                raise RequestError(f"feedback[{i}]: 'actual' {actual!r} is not one of the model's classes {sorted(classes or [])}")
-            actual = str(actual)
-        elif isinstance(actual, bool) or not isinstance(actual, (int, float)) or not np.isfinite(actual):
-            raise RequestError(f"feedback[{i}]: 'actual' {actual!r} must be a finite number")
-        ids.append(pid); labels.append(actual)
-    return ids, labels
+FEEDBACK_HINT = 'send {"feedback": [{"prediction_id": ..., "actual": ...}, ...]} with at least one item'
 
-@patch
-async def accept_feedback(self: ModelServer, request: Request) -> Response:
-    try:
-        ids, labels = parse_feedback(parse_json(await receive_body(request.receive, request.headers, self.serve.max_body_bytes)), self.model)
-        unknown = [i for i in ids if i not in self.recent]
-        if unknown and self.prediction_log is not None:
-            on_disk = await asyncio.to_thread(logged_ids, self.serve.prediction_log.dir, unknown, self.log_keys)
-            unknown = [i for i in unknown if i not in on_disk]
-        missing = set(unknown)
-        keep = [(i, l) for i, l in zip(ids, labels) if i not in missing]
-        if keep: self.traffic.on_feedback([i for i, _ in keep], [l for _, l in keep])
-        if keep and self.feedback_log is not None:
-            self.feedback_log.put(FeedbackEntry([i for i, _ in keep], [l for _, l in keep], time.time(), request.headers.get("x-request-id")), len(keep))
-        m = self.metrics
-        if keep: m.child(m.feedback, "accepted").inc(len(keep))
-        if unknown: m.child(m.feedback, "unknown_id").inc(len(unknown))
-        return json_response({"accepted": len(keep), "unknown_ids": unknown}, 200 if keep else 404)
-    except RequestError as e: return error_response(str(e), e.status)
-    except ClientDisconnected: return Response(status_code=499)
-    except LogKeyError as e:                                  # an encrypted log this server's key cannot read: tell the operator, not the client
-        log.error("feedback: %s", e)
-        return error_response("the prediction log on disk could not be read to check the ids (see the server log)", 500)
+def parse_feedback(body: bytes, model: ServedModel) -> tuple[list[str], list]:
+    "The ids and labels of a `/feedback` body (an object, or the bare list), checked against `model`'s kind of answer."
+    context = {"task": model.task, "classes": model.classes}
+    if body.lstrip()[:1] == b"[": items = validated(FeedbackItems, body, FEEDBACK_HINT, context).root
+    else: items = validated(FeedbackRequest, body, FEEDBACK_HINT, context).feedback
+    return [i.prediction_id for i in items], [i.actual for i in items]
 
 # %% ../../nbs/15_serve_app.ipynb #bac643b1
 def _headers(scope: dict) -> dict[str, str]: return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
-@patch
-async def refuse(self: ModelServer, denial: Denial, scope: dict, headers: dict, send) -> None:
-    "Answer a request access control refused (401 or 403), count it and log it by the key's name."
-    request_id = headers.get("x-request-id")
-    await send_reply(send, denial_reply(denial), request_id)
-    self.metrics.child(self.metrics.auth_failures, denial.reason).inc()
-    if self.access:
-        self.access.write({"time": time.time(), "level": "WARNING", "logger": "mlnb.core.access", "request_id": request_id, "method": scope["method"],
-                           "path": scope["path"], "status": denial.status, "auth": denial.reason, "key": denial.key_name,
-                           "client": scope["client"][0] if scope.get("client") else None})
-
-@patch
-async def guarded(self: ModelServer, app, scope: dict, receive, send) -> None:
-    "A request for the Starlette routes, let through if its key's role covers the path, and access-logged with the key's name."
-    role = required_role(scope["path"], self.auth.metrics_public)
-    if role is None: return await app(scope, receive, send)
-    headers = _headers(scope)
-    found = self.auth.authorize(headers, scope["method"], scope["path"], role)
-    if isinstance(found, Denial): return await self.refuse(found, scope, headers, send)
-    started, status = time.time(), [0]
-    async def send_noting_status(message):
-        if message["type"] == "http.response.start": status[0] = message["status"]
-        await send(message)
-    await app(scope, receive, send_noting_status)
-    if self.access:
-        self.access.write({"time": started, "level": "INFO", "logger": "mlnb.core.access", "request_id": headers.get("x-request-id"), "method": scope["method"],
-                           "path": scope["path"], "status": status[0], "latency_ms": round((time.time() - started) * 1000, 3),
-                           "client": scope["client"][0] if scope.get("client") else None, "key": found.name})
-
 # %% ../../nbs/15_serve_app.ipynb #e54ed1e8
+ROLLOUT_HINT = ("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' "
+                "(canary, split or shadow), each a string")
+
+def inference_routes() -> list[Route]:
+    "The fast path's routes; each route's name is the protocol its requests speak."
+    async def fast_path_only(request):
+        raise RuntimeError("inference POSTs are answered by the raw ASGI app; these routes give other methods a 405")
+    return [Route("/invocations", fast_path_only, methods=["POST"], name="mlflow"),
+            Route("/v2/models/{name}/infer", fast_path_only, methods=["POST"], name="v2"),
+            Route("/v2/models/{name}/versions/{version}/infer", fast_path_only, methods=["POST"], name="v2")]
+
 def create_app(server: ModelServer):
     "The ASGI app around a `ModelServer`."
-    async def live(request): return json_response({"live": True})
+    async def live(request): return model_response(Liveness(live=True))
+
     async def ready(request):
-        ok = server.model is not None and server._reload_lock is not None
-        body = {"ready": ok} if server.ref.is_file else {"ready": ok, "reload": server.reload_readiness()}   # serving, and following the registry
-        return json_response(body, 200 if ok else 503)
+        ok = server.model is not None and server.started
+        if server.ref.is_file: body = Readiness(ready=ok)
+        else: body = Readiness(ready=ok, reload=server.reload_readiness())    # serving, and following the registry
+        return model_response(body, 200 if ok else 503)
+
     async def v2_server(request):
         from mlnb import __version__
-        return json_response({"name": "mlnb", "version": __version__, "extensions": ["binary_tensor_data"]})
+        return model_response(ServerMetadata(name="mlnb", version=__version__, extensions=["binary_tensor_data"]))
+
     async def model_metadata(request):
-        try: return json_response(v2_metadata(server.model_for(request.path_params)[0]))
+        try: return model_response(v2_metadata(server.model_for(request.path_params)[0]))
         except RequestError as e: return error_response(str(e), e.status)
+
     async def model_ready(request):
-        try: return json_response({"name": server.model_for(request.path_params)[0].name, "ready": True})
+        try: return model_response(ModelReadiness(name=server.model_for(request.path_params)[0].name, ready=True))
         except RequestError as e: return error_response(str(e), e.status)
+
     async def feedback(request): return await server.accept_feedback(request)
+
     async def metrics(request):
         for name, writer in (("predictions", server.prediction_log), ("feedback", server.feedback_log)):
             if writer: server.metrics.log_written(name, writer.stats, writer.depth())
         body, content_type = server.metrics.exposition()
         return Response(body, media_type=content_type)
+
     async def admin_model(request):
-        return json_response({**server.model.describe(), "reference": str(server.ref), "last_reload_error": server.last_reload_error,
-                              "registry_error": server.registry_error,
-                              "cache": {"hits": server.cache.hits, "misses": server.cache.misses, "entries": len(server.cache.entries)} if server.cache else None})
-    async def admin_rollout(request):
-        if request.method == "GET": return json_response(server.traffic.status())
+        cache = server.cache
+        stats = CacheStats(hits=cache.hits, misses=cache.misses, entries=len(cache.entries)) if cache else None
+        return model_response(ServedModelInfo(**server.model.describe(), reference=str(server.ref), cache=stats,
+                                              last_reload_error=server.last_reload_error,
+                                              registry_error=server.registry_error))
+
+    async def rollout_state(request): return model_response(RolloutState.model_validate(server.traffic.status()))
+
+    async def rollout_command(request):
         try:
-            body = parse_json(await request.body()) if int(request.headers.get("content-length") or 0) else {}
-            if not isinstance(body, dict) or set(body) - {"reason", "challenger", "mode"} or not all(v is None or isinstance(v, str) for v in body.values()):
-                raise RequestError("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' (canary, split or shadow), each a string")
-            return json_response(await server.traffic.command(request.path_params["action"], **body))
+            body = await receive_body(request.receive, request.headers, server.serve.max_body_bytes)
+            command = validated(RolloutCommand, body, ROLLOUT_HINT) if body else RolloutCommand()
+            status = await server.traffic.command(request.path_params["action"], **command.model_dump())
+            return model_response(RolloutState.model_validate(status))
         except RequestError as e: return error_response(str(e), e.status)
         except RolloutError as e: return error_response(str(e), 409)
+        except ClientDisconnected: return Response(status_code=499)
+
     async def admin_reload(request):
-        try: return json_response(await server.reload(force=server.ref.is_file))
-        except Exception as e: return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
+        try: return model_response(await server.reload(force=server.ref.is_file))
+        except Exception as e:
+            return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
+
     async def admin_keys(request):
         auth = server.auth
         if auth is None: return error_response("access control is off: serve.auth.keys_file is not set", 404)
         if request.method == "POST": auth.reload(force=True)
-        return json_response({"keys_file": str(auth.path), "keys": auth.listing(), "error": auth.error}, 503 if auth.error else 200)
-    async def fast_path_only(request): raise RuntimeError("inference POSTs are answered by `asgi` below; these routes only give other methods a 405")
-    async def openapi(request):
-        from mlnb.serving.openapi import openapi_schema
-        return json_response(openapi_schema(server.model, auth=server.auth is not None, key_field=server.key_field, max_body_bytes=server.serve.max_body_bytes,
-                                            metrics_public=server.auth is None or server.auth.metrics_public))
+        listing = KeyListing(keys_file=str(auth.path), keys=auth.listing(), error=auth.error)
+        return model_response(listing, 503 if auth.error else 200)
 
+    async def openapi(request):
+        auth = server.auth
+        return json_response(openapi_schema(server.model, auth=auth is not None, key_field=server.key_field,
+                                            max_body_bytes=server.serve.max_body_bytes,
+                                            metrics_public=auth is None or auth.metrics_public))
+
+    fast = inference_routes()
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", v2_server),
               Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/versions/{version}", model_metadata),
-              Route("/v2/models/{name}/ready", model_ready), Route("/v2/models/{name}/versions/{version}/ready", model_ready),
-              Route("/ping", live), Route("/health", ready), Route("/feedback", feedback, methods=["POST"]), Route("/metrics", metrics),
+              Route("/v2/models/{name}/ready", model_ready),
+              Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+              Route("/ping", live), Route("/health", ready), Route("/feedback", feedback, methods=["POST"]),
+              Route("/metrics", metrics),
               Route("/admin/model", admin_model), Route("/admin/reload", admin_reload, methods=["POST"]),
-              Route("/admin/rollout", admin_rollout), Route("/admin/rollout/{action}", admin_rollout, methods=["POST"]),
+              Route("/admin/rollout", rollout_state),
+              Route("/admin/rollout/{action}", rollout_command, methods=["POST"]),
               Route("/admin/keys", admin_keys), Route("/admin/keys/reload", admin_keys, methods=["POST"]),
-              Route("/openapi.json", openapi),
-              *(Route(path, fast_path_only, methods=["POST"]) for path in ("/invocations", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"))]
+              Route("/openapi.json", openapi), *fast]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -535,25 +599,46 @@ def create_app(server: ModelServer):
 
     async def not_found(request, exc):
         allow = (exc.headers or {}).get("Allow")           # a 405 says which methods the path takes
-        message = f"method {request.method} is not allowed on {request.url.path}; use {allow}" if allow else f"no route {request.method} {request.url.path}"
-        return Response(json_reply({"error": message})[1], exc.status_code, headers=exc.headers, media_type="application/json")
-    async def internal_error(request, exc): return error_response(f"internal error ({type(exc).__name__})", 500)     # logged by uvicorn; the body stays JSON
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found, Exception: internal_error})
+        method, path = request.method, request.url.path
+        message = f"method {method} is not allowed on {path}; use {allow}" if allow else f"no route {method} {path}"
+        body = json_reply({"error": message})[1]
+        return Response(body, exc.status_code, headers=exc.headers, media_type="application/json")
+
+    async def internal_error(request, exc):                 # logged by uvicorn; the body stays JSON
+        return error_response(f"internal error ({type(exc).__name__})", 500)
+
+    handlers = {404: not_found, 405: not_found, Exception: internal_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
     auth = server.auth
+    matched: dict[str, tuple[Route, dict]] = {}       # path -> (route, path parameters), as Route.matches found them
+    def fast_route(scope) -> tuple[Route, dict] | None:
+        """The inference route a POST is for, and its path parameters (never to be changed: they are shared); None for
+        any other route. A path matched once is then a dictionary lookup (clients use a handful of paths)."""
+        plain = not scope.get("root_path")
+        if plain and (found := matched.get(scope["path"])) is not None: return found
+        for route in fast:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                if plain:
+                    if len(matched) >= 256: matched.clear()        # bounded, whatever paths clients send
+                    matched[scope["path"]] = route, child["path_params"]
+                return route, child["path_params"]
+        return None
+
     async def asgi(scope, receive, send):
-        "POSTs to the inference routes go straight to the server; everything else to Starlette; both behind access control when it is on."
+        """POSTs that the inference routes match go straight to the server; everything else to Starlette; both behind
+        access control when it is on."""
         if scope["type"] == "http":
-            if scope["method"] == "POST":
-                route = inference_route(scope["path"])
-                if route is not None:
-                    protocol, params = route
-                    call = Call.from_scope(scope, params)
-                    if auth is not None:
-                        found = auth.authorize(call.headers, "POST", call.path, "predict")
-                        if isinstance(found, Denial): return await server.refuse(found, scope, call.headers, send)
-                        call.key_name = found.name
-                    return await server.handle(call, receive, send, protocol, *PROTOCOLS[protocol])
+            matched = fast_route(scope) if scope["method"] == "POST" else None
+            if matched is not None:
+                route, params = matched
+                call = Call.from_scope(scope, params)
+                if auth is not None:
+                    key = auth.authorize(call.headers, "POST", call.path, "predict")
+                    if isinstance(key, Denial): return await server.refuse(key, scope, call.headers, send)
+                    call.key_name = key.name
+                return await server.handle(call, receive, send, route.name, *PROTOCOLS[route.name])
             if auth is not None: return await server.guarded(app, scope, receive, send)
         await app(scope, receive, send)
     if not server.serve.tracing: return asgi
@@ -638,5 +723,5 @@ def run(cfg: Config) -> None:
     build_server(cfg)                                 # fail here, once, with the reason, before any worker starts
     with tempfile.TemporaryDirectory(prefix="mlnb-metrics-") as metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        os.environ["MLNB_SERVE_CONFIG"] = orjson.dumps(cfg.model_dump(by_alias=True)).decode()
+        os.environ["MLNB_SERVE_CONFIG"] = orjson.dumps(cfg.model_dump(mode="json", by_alias=True)).decode()
         uvicorn.run("mlnb.serving.app:app_from_environment", factory=True, workers=s.workers, **options)

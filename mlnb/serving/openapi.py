@@ -6,22 +6,25 @@ Docs: https://mlnb.github.io/mlnb/serve_openapi.html.md"""
 
 # %% ../../nbs/24_serve_openapi.ipynb #20eab23e
 from __future__ import annotations
+import copy, functools, math
+from typing import Annotated, Literal
 
-from .protocol import V2_NUMERIC, Contract, Column
+from pydantic import (BaseModel, ConfigDict, Field, RootModel, StrictFloat, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError, ValidationInfo, field_validator)
+from pydantic_core import PydanticCustomError
+
+from .protocol import V2_NUMERIC, Contract, Column, RequestError
 
 # %% auto #0
-__all__ = ['V2_RESPONSE', 'MODEL_METADATA', 'column_schema', 'row_schema', 'mlflow_request_schema', 'tensor_schema',
-           'v2_request_schema', 'mlflow_response_schema', 'feedback_request_schema', 'openapi_schema']
+__all__ = ['V2_RESPONSE', 'RolloutAction', 'REQUEST_MODELS', 'RESPONSE_MODELS', 'REF', 'column_schema', 'row_schema',
+           'mlflow_request_schema', 'tensor_schema', 'v2_request_schema', 'mlflow_response_schema', 'FeedbackItem',
+           'FeedbackRequest', 'FeedbackItems', 'FeedbackResult', 'RolloutCommand', 'VariantWindow', 'RolloutProgress',
+           'ChallengerInfo', 'RoutingKey', 'RolloutState', 'ReloadResult', 'CacheStats', 'ServedModelInfo',
+           'ApiKeyInfo', 'KeyListing', 'Error', 'Liveness', 'RegistryReadiness', 'Readiness', 'ServerMetadata',
+           'ModelReadiness', 'TensorMetadata', 'ModelParameters', 'ModelMetadata', 'field_path', 'validation_message',
+           'validated', 'openapi30', 'component_schemas', 'feedback_request_schema', 'openapi_schema']
 
 # %% ../../nbs/24_serve_openapi.ipynb #42878bed
-def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-
-def _json(description: str, schema: dict, example=None) -> dict:
-    content = {"schema": schema}
-    if example is not None: content["example"] = example
-    return {"description": description, "content": {"application/json": content}}
-
 def _nullable(schema: dict, column: Column) -> dict:
     return {**schema, "nullable": True} if column.nullable else schema
 
@@ -99,111 +102,387 @@ V2_RESPONSE = {"type": "object", "required": ["model_name", "model_version", "ou
     "outputs": {"type": "array", "items": _TENSOR_OUT},
     "parameters": {"type": "object", "required": ["prediction_ids"], "properties": {"prediction_ids": {"type": "array", "items": {"type": "string"}}}}}}
 
-_METADATA_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
-    "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}}}
+# %% ../../nbs/24_serve_openapi.ipynb #eb88ee88
+class _Body(BaseModel):
+    "A request body: strict types (no coercion of numbers to strings or back), no unknown fields."
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-MODEL_METADATA = {"type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"], "properties": {
-    "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}}, "platform": {"type": "string"},
-    "inputs": {"type": "array", "items": _METADATA_TENSOR}, "outputs": {"type": "array", "items": _METADATA_TENSOR},
-    "parameters": {"type": "object", "properties": {"task": {"type": "string"}, "classes": {"type": "array", "nullable": True, "items": {"type": "string"}},
-                                                    "sha256": {"type": "string"}, "max_rows": {"type": "integer"}}}}}
+class FeedbackItem(BaseModel):
+    "One label: the prediction's id and the true label (a classifier) or value (a regressor). Other fields are ignored."
+    prediction_id: StrictStr = Field(min_length=1, description="the id the prediction was answered with")
+    actual: StrictStr | StrictInt | StrictFloat = Field(description="the true label (one of the classes) or value")
 
-def feedback_request_schema(task: str, classes: list[str] | None) -> dict:
-    "Feedback: the true label (one of the classes) or value for predictions by id."
-    actual = {"type": "string", **({"enum": list(classes)} if classes else {})} if task == "classification" else {"type": "number"}
-    item = {"type": "object", "required": ["prediction_id", "actual"], "properties": {"prediction_id": {"type": "string", "minLength": 1}, "actual": actual}}
-    items = {"type": "array", "items": item, "minItems": 1}
-    return {"oneOf": [{"type": "object", "required": ["feedback"], "properties": {"feedback": items}}, items]}
+    @field_validator("actual", mode="wrap")
+    @classmethod
+    def _fits_the_model(cls, value, handler, info: ValidationInfo):
+        "The served model's kind of answer, when the caller passes `context={'task': ..., 'classes': ...}`."
+        if value is None: raise PydanticCustomError("missing", "the true label or value is missing")
+        try: actual = handler(value)
+        except ValidationError:
+            raise PydanticCustomError("label_type", "must be the true label (a string) or value (a number)") from None
+        task, classes = (info.context or {}).get("task"), (info.context or {}).get("classes")
+        if task == "classification":
+            if classes and str(actual) not in classes:
+                raise PydanticCustomError("label", "{actual} is not one of the model's classes {classes}",
+                                          {"actual": repr(actual), "classes": str(sorted(classes))})
+            return str(actual)
+        if task == "regression" and (isinstance(actual, str) or not math.isfinite(actual)):
+            raise PydanticCustomError("value", "{actual} must be a finite number", {"actual": repr(actual)})
+        return actual
+
+class FeedbackRequest(BaseModel):
+    "`POST /feedback`: labels for earlier predictions, by id (a bare list of the items is taken too)."
+    feedback: list[FeedbackItem] = Field(min_length=1)
+
+class FeedbackItems(RootModel[Annotated[list[FeedbackItem], Field(min_length=1)]]):
+    "`POST /feedback` as a bare list of items."
+
+class FeedbackResult(BaseModel):
+    "How many labels were taken, and the ids this server never issued."
+    accepted: int = Field(ge=0)
+    unknown_ids: list[str]
+
+RolloutAction = Literal["start", "pause", "resume", "rollback"]
+
+class RolloutCommand(_Body):
+    "`POST /admin/rollout/{action}`: each field optional; `challenger` and `mode` only matter to `start`."
+    reason: str | None = Field(None, description="why (recorded in the audit log)")
+    challenger: str | None = Field(None, description="a model reference (NAME@ALIAS, NAME/VERSION) or an .onnx path")
+    mode: Literal["canary", "split", "shadow"] | None = None
+
+class VariantWindow(BaseModel):
+    "One variant's numbers in the current rollout step."
+    requests: int
+    errors: int
+    error_rate: float
+    p99_ms: float
+    labelled: int
+    accuracy: float | None = Field(description="on the feedback labels; null before the first")
+
+class RolloutProgress(BaseModel):
+    "The rollout's state machine: where it is and why."
+    state: Literal["running", "paused", "promoting", "awaiting_approval", "promoted", "rolled_back"]
+    share: float = Field(description="the challenger's share of the traffic now")
+    step: int | None = Field(description="the plan's step (from 1); null for a fixed split")
+    steps: list[float]
+    fixed_share: float | None
+    reason: str
+    step_seconds: float
+    champion: VariantWindow
+    challenger: VariantWindow
+
+class ChallengerInfo(BaseModel):
+    version: str
+    source: str
+    sha256: str
+
+class RoutingKey(BaseModel):
+    "Where a request's routing key is read: this header, else this input field."
+    header: str
+    field: str | None
+
+class RolloutState(BaseModel):
+    "`GET /admin/rollout` and every rollout command's answer."
+    mode: Literal["off", "canary", "split", "shadow"]
+    reference: str = Field(description="the challenger's reference")
+    champion: str = Field(description="the champion's version")
+    challenger: ChallengerInfo | None
+    routing_key: RoutingKey
+    rollout: RolloutProgress | None
+    shadow_in_flight: int
+    last_error: str | None
+
+class ReloadResult(BaseModel):
+    "`POST /admin/reload`: whether another version is served now (`previous` only when it is)."
+    reloaded: bool
+    version: str
+    previous: str | None = None
+
+class CacheStats(BaseModel):
+    hits: int
+    misses: int
+    entries: int
+
+class ServedModelInfo(BaseModel):
+    "`GET /admin/model`: the served model, where it came from, why the last reload failed, and the cache."
+    name: str
+    version: str
+    source: str
+    sha256: str
+    task: Literal["classification", "regression"]
+    classes: list[str] | None
+    threshold: float | None
+    positive_class: str | None
+    load_seconds: float
+    inputs: dict[str, str] = Field(description="input name -> ONNX type")
+    outputs: list[str]
+    reference: str
+    last_reload_error: str | None
+    registry_error: str | None = Field(description="why the registry could not be asked last time")
+    cache: CacheStats | None
+
+class ApiKeyInfo(BaseModel):
+    "A key's name, role and creation time: never the key, nor its digest."
+    name: str
+    role: Literal["predict", "operate", "admin"]
+    created: str
+
+class KeyListing(BaseModel):
+    "`GET /admin/keys` and `POST /admin/keys/reload`."
+    keys_file: str
+    keys: list[ApiKeyInfo]
+    error: str | None = Field(description="why the keys file could not be read last time (the previous keys stay)")
+
+class Error(BaseModel):
+    "Every refusal and failure: what went wrong, naming the field."
+    error: str
+
+class Liveness(BaseModel):
+    live: bool
+
+class RegistryReadiness(BaseModel):
+    "Whether reloads can follow the registry: it answered the last time it was asked."
+    ready: bool
+    reason: str | None = None
+
+class Readiness(BaseModel):
+    "Serving; `reload` only for a registered reference."
+    ready: bool
+    reload: RegistryReadiness | None = None
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+class ModelReadiness(BaseModel):
+    name: str
+    ready: bool
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch dimension")
+
+class ModelParameters(BaseModel):
+    task: Literal["classification", "regression"]
+    classes: list[str] | None
+    sha256: str
+    max_rows: int
+
+class ModelMetadata(BaseModel):
+    "Open Inference Protocol model metadata."
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: ModelParameters
+
+REQUEST_MODELS = (FeedbackRequest, FeedbackItems, RolloutCommand)
+RESPONSE_MODELS = (Error, FeedbackResult, RolloutState, ReloadResult, ServedModelInfo, KeyListing, Liveness, Readiness,
+                   ServerMetadata, ModelReadiness, ModelMetadata)
+
+def field_path(loc: tuple, root: str = "body") -> str:
+    "A pydantic error location as a path: `feedback[0].actual`."
+    out = ""
+    for part in loc:
+        if isinstance(part, int): out += f"[{part}]"
+        else: out += f".{part}" if out else str(part)
+    return out if out and not out.startswith("[") else root + out
+
+def validation_message(error: ValidationError, hint: str = "", limit: int = 3) -> str:
+    "What is wrong with a body, field by field (the first `limit`), then how to send it."
+    problems = []
+    for e in error.errors(include_url=False)[:limit]:
+        if e["type"] == "json_invalid": problems.append(f"malformed JSON: {e['msg'].removeprefix('Invalid JSON: ')}")
+        else: problems.append(f"{field_path(e['loc'])}: {e['msg']}")
+    more = error.error_count() - limit
+    if more > 0: problems.append(f"and {more} more")
+    return "; ".join([*problems, hint] if hint else problems)
+
+def validated(model: type[BaseModel], body: bytes, hint: str = "", context: dict | None = None):
+    "`body` parsed and checked by `model`; otherwise a `RequestError` (400) naming each wrong field, and `hint`."
+    if not body.strip(): raise RequestError(f"empty request body; {hint or 'send a JSON object'}")
+    try: return model.model_validate_json(body, context=context)
+    except ValidationError as e: raise RequestError(validation_message(e, hint)) from None
+
+# %% ../../nbs/24_serve_openapi.ipynb #111b2f85
+REF = "#/components/schemas/{model}"
+_NULL = {"type": "null"}
+
+def openapi30(schema: dict) -> dict:
+    "A schema pydantic made (JSON Schema 2020-12) in OpenAPI 3.0's dialect: `null` as `nullable`, `const` as `enum`."
+    s = {k: v for k, v in schema.items() if k != "examples"}          # 3.0 has `example`, not `examples`
+    if "const" in s: s["enum"] = [s.pop("const")]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in s: s[key] = [openapi30(x) for x in s[key]]
+    if "items" in s: s["items"] = openapi30(s["items"])
+    if "properties" in s:                                              # a field's title only repeats its name
+        untitled = {name: {k: v for k, v in p.items() if k != "title"} for name, p in s["properties"].items()}
+        s["properties"] = {name: openapi30(p) for name, p in untitled.items()}
+    if isinstance(s.get("additionalProperties"), dict): s["additionalProperties"] = openapi30(s["additionalProperties"])
+    if _NULL in s.get("anyOf", ()):
+        rest = [x for x in s.pop("anyOf") if x != _NULL]
+        if len(rest) > 1: s["anyOf"] = rest
+        elif "$ref" in rest[0]: s["allOf"] = rest                     # 3.0 ignores a `$ref`'s siblings
+        else: s = {**rest[0], **s}
+        s["nullable"] = True
+        if "enum" in s: s["enum"] = [*s["enum"], None]
+    return s
+
+@functools.cache
+def _model_schemas() -> dict:
+    schemas = {}
+    for model in (*REQUEST_MODELS, *RESPONSE_MODELS):
+        mode = "validation" if model in REQUEST_MODELS else "serialization"
+        schema = model.model_json_schema(ref_template=REF, mode=mode)
+        for name, sub in schema.pop("$defs", {}).items(): schemas[name] = openapi30(sub)
+        schemas[model.__name__] = openapi30(schema)
+    return schemas
+
+def component_schemas() -> dict:
+    "Every route model's schema (and the models inside them) by name, where `#/components/schemas/...` points."
+    return copy.deepcopy(_model_schemas())
 
 # %% ../../nbs/24_serve_openapi.ipynb #d7438e53
 _OPEN, _PREDICT, _OPERATE, _ADMIN = "open", "predict", "operate", "admin"
 
+def _ref(model: type[BaseModel]) -> dict: return {"$ref": REF.format(model=model.__name__)}
+
+def _json(description: str, schema: dict, example=None) -> dict:
+    content = {"schema": schema}
+    if example is not None: content["example"] = example
+    return {"description": description, "content": {"application/json": content}}
+
+def _answer(description: str, model: type[BaseModel]) -> dict: return _json(description, _ref(model))
+
+def _error(description: str) -> dict: return _answer(description, Error)
+
 def _operation(summary: str, role: str, responses: dict, auth: bool, **extra) -> dict:
+    "One operation, with the role it needs; with `auth`, the API-key schemes and the 401 and 403 answers."
     op = {"summary": summary, "x-mlnb-role": role, "responses": responses, **extra}
-    if auth and role == _OPEN: op["security"] = []
+    if auth and role == _OPEN:
+        op["security"] = []
     elif auth:
+        challenge = {"schema": {"type": "string"}, "description": 'Bearer realm="mlnb"'}
         op["security"] = [{"bearer": []}, {"apiKey": []}]
-        op["responses"] = {**responses, "401": {**_error("no API key, or an unknown one"),
-                                                 "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="mlnb"'}}},
+        op["responses"] = {**responses,
+                           "401": {**_error("no API key, or an unknown one"),
+                                   "headers": {"WWW-Authenticate": challenge}},
                            "403": _error(f"the key's role may not do this (needs {role})")}
     return op
 
 def _path_params(*names: str, model_name: str) -> list[dict]:
-    schemas = {"name": {"type": "string", "example": model_name}, "version": {"type": "string"}, "action": {"type": "string", "enum": ["start", "pause", "resume", "rollback"]}}
+    schemas = {"name": {"type": "string", "example": model_name}, "version": {"type": "string"},
+               "action": TypeAdapter(RolloutAction).json_schema()}
     return [{"name": n, "in": "path", "required": True, "schema": schemas[n]} for n in names]
 
-def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_body_bytes: int | None = None, server_version: str = "",
-                   metrics_public: bool = True) -> dict:
-    "The OpenAPI 3.0 document of the server serving `model` (a `ServedModel`: name, version, task, classes, contract, onnx.outputs)."
+def _body(schema: dict, required: bool = True, **content) -> dict:
+    return {"required": required, "content": {"application/json": {"schema": schema, **content}}}
+
+def _feedback_item(schemas: dict, task: str, classes: list[str] | None) -> None:
+    "The served model's kind of `actual`: one of its classes, or a number."
+    if task == "classification": actual = {"type": "string", **({"enum": list(classes)} if classes else {})}
+    else: actual = {"type": "number"}
+    item = schemas["FeedbackItem"]["properties"]
+    item["actual"] = {**actual, "description": item["actual"]["description"]}
+
+def feedback_request_schema(task: str, classes: list[str] | None) -> dict:
+    "The `/feedback` body: `{\"feedback\": [items]}` or the bare list (its items `#/components/schemas/FeedbackItem`)."
+    return {"oneOf": [_ref(FeedbackRequest), _ref(FeedbackItems)]}
+
+def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_body_bytes: int | None = None,
+                   server_version: str = "", metrics_public: bool = True) -> dict:
+    """The OpenAPI 3.0 document of the server serving `model` (a `ServedModel`: name, version, task, classes, contract,
+    onnx.outputs)."""
     contract, outputs, name = model.contract, list(model.onnx.outputs), model.name
     limit = f" (over {max_body_bytes} bytes)" if max_body_bytes else ""
-    bad, too_big, missing = _error("the request is malformed or does not fit the model's inputs"), _error(f"the body{limit} or the batch (over {contract.max_rows} rows) is too large"), _error("no such model or version here")
-    ok = lambda description, schema: _json(description, schema)
-    example = {c.name: (0.0 if c.kind == "number" else (min(c.categories) if c.categories else "")) for c in contract.columns}
-    v2_body = {"content": {"application/json": {"schema": v2_request_schema(contract, outputs), "example": {"inputs": [
-                   {"name": c.name, "shape": [1], "datatype": "BYTES" if c.kind == "string" else "FP64", "data": [example[c.name]]} for c in contract.columns]}},
-                           "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}
-    v2_infer = {"description": "the outputs", "content": {"application/json": {"schema": V2_RESPONSE}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
-    header = [{"name": "Inference-Header-Content-Length", "in": "header", "required": False, "schema": {"type": "integer", "minimum": 1},
+    bad = _error("the request is malformed or does not fit the model's inputs")
+    too_big = _error(f"the body{limit} or the batch (over {contract.max_rows} rows) is too large")
+    missing = _error("no such model or version here")
+    def example_value(c: Column): return 0.0 if c.kind == "number" else (min(c.categories) if c.categories else "")
+    example = {c.name: example_value(c) for c in contract.columns}
+    binary = {"schema": {"type": "string", "format": "binary"}}
+
+    v2_example = {"inputs": [{"name": c.name, "shape": [1], "datatype": "BYTES" if c.kind == "string" else "FP64",
+                              "data": [example[c.name]]} for c in contract.columns]}
+    v2_body = {"required": True, "content": {
+        "application/json": {"schema": v2_request_schema(contract, outputs), "example": v2_example},
+        "application/octet-stream": binary}}
+    v2_answer = {"description": "the outputs",
+                 "content": {"application/json": {"schema": V2_RESPONSE}, "application/octet-stream": binary}}
+    header = [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+               "schema": {"type": "integer", "minimum": 1},
                "description": "binary extension: the length of the JSON header that starts the body"}]
-    infer = lambda *params: {"post": _operation("Predict (Open Inference Protocol)", _PREDICT, {"200": v2_infer, "400": bad, "404": missing, "413": too_big}, auth,
-                                                 parameters=[*_path_params(*params, model_name=name), *header], requestBody=v2_body)}
-    metadata = lambda *params: {"get": _operation("Model metadata", _PREDICT, {"200": ok("inputs, outputs, task and classes", MODEL_METADATA), "404": missing}, auth,
-                                                  parameters=_path_params(*params, model_name=name))}
-    model_ready = lambda *params: {"get": _operation("Is the model ready", _PREDICT, {"200": ok("ready", {"type": "object", "required": ["name", "ready"], "properties": {
-        "name": {"type": "string"}, "ready": {"type": "boolean"}}}), "404": missing}, auth, parameters=_path_params(*params, model_name=name))}
-    live = {"get": _operation("Liveness", _OPEN, {"200": ok("the process answers", {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}})}, auth)}
-    ready_schema = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
-    ready = {"get": _operation("Readiness", _OPEN, {"200": ok("serving", ready_schema), "503": ok("not serving yet", ready_schema)}, auth)}
-    anything = {"type": "object"}
+
+    def infer(*params):
+        responses = {"200": v2_answer, "400": bad, "404": missing, "413": too_big}
+        return {"post": _operation("Predict (Open Inference Protocol)", _PREDICT, responses, auth, requestBody=v2_body,
+                                   parameters=[*_path_params(*params, model_name=name), *header])}
+    def metadata(*params):
+        responses = {"200": _answer("inputs, outputs, task and classes", ModelMetadata), "404": missing}
+        return {"get": _operation("Model metadata", _PREDICT, responses, auth,
+                                  parameters=_path_params(*params, model_name=name))}
+    def model_ready(*params):
+        responses = {"200": _answer("ready", ModelReadiness), "404": missing}
+        return {"get": _operation("Is the model ready", _PREDICT, responses, auth,
+                                  parameters=_path_params(*params, model_name=name))}
+    live = {"get": _operation("Liveness", _OPEN, {"200": _answer("the process answers", Liveness)}, auth)}
+    ready = {"get": _operation("Readiness", _OPEN, {"200": _answer("serving", Readiness),
+                                                    "503": _answer("not serving yet", Readiness)}, auth)}
+    mlflow = {"200": _json("one prediction per row", mlflow_response_schema(model.task, model.classes)),
+              "400": bad, "413": too_big, "415": _error("the content type is not application/json")}
+    feedback = {"200": _answer("accepted (ids the server never issued are listed)", FeedbackResult),
+                "404": _answer("none of the ids is known", FeedbackResult), "400": bad, "413": too_big}
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    metrics = {"200": {"description": "the text exposition format", "content": text}}
+    reload = {"200": _answer("reloaded, or already current", ReloadResult),
+              "503": _error("the reload failed; the previous version is still served")}
+    command = {"200": _answer("the rollout's new state", RolloutState), "400": bad, "413": too_big,
+               "409": _error("the command does not fit the rollout's state (or the challenger cannot be loaded)")}
     paths = {
-        "/invocations": {"post": _operation("Predict (MLflow scoring protocol)", _PREDICT, {
-            "200": ok("one prediction per row", mlflow_response_schema(model.task, model.classes)), "400": bad, "413": too_big,
-            "415": _error("the content type is not application/json")}, auth,
-            requestBody={"required": True, "content": {"application/json": {"schema": mlflow_request_schema(contract, key_field), "example": {"dataframe_records": [example]}}}})},
+        "/invocations": {"post": _operation("Predict (MLflow scoring protocol)", _PREDICT, mlflow, auth,
+                                            requestBody=_body(mlflow_request_schema(contract, key_field),
+                                                              example={"dataframe_records": [example]}))},
         "/v2/models/{name}/infer": infer("name"),
         "/v2/models/{name}/versions/{version}/infer": infer("name", "version"),
-        "/v2/models/{name}": metadata("name"), "/v2/models/{name}/versions/{version}": metadata("name", "version"),
-        "/v2/models/{name}/ready": model_ready("name"), "/v2/models/{name}/versions/{version}/ready": model_ready("name", "version"),
-        "/v2": {"get": _operation("Server metadata", _PREDICT, {"200": ok("name, version and protocol extensions", {"type": "object", "required": ["name", "version", "extensions"], "properties": {
-            "name": {"type": "string"}, "version": {"type": "string"}, "extensions": {"type": "array", "items": {"type": "string"}}}})}, auth)},
+        "/v2/models/{name}": metadata("name"),
+        "/v2/models/{name}/versions/{version}": metadata("name", "version"),
+        "/v2/models/{name}/ready": model_ready("name"),
+        "/v2/models/{name}/versions/{version}/ready": model_ready("name", "version"),
+        "/v2": {"get": _operation("Server metadata", _PREDICT,
+                                  {"200": _answer("name, version and protocol extensions", ServerMetadata)}, auth)},
         "/v2/health/live": live, "/ping": live, "/v2/health/ready": ready, "/health": ready,
-        "/feedback": {"post": _operation("True labels for earlier predictions", _PREDICT, {
-            "200": ok("accepted (ids the server never issued are listed)", {"$ref": "#/components/schemas/FeedbackResult"}),
-            "404": ok("none of the ids is known", {"$ref": "#/components/schemas/FeedbackResult"}), "400": bad, "413": too_big}, auth,
-            requestBody={"required": True, "content": {"application/json": {"schema": feedback_request_schema(model.task, model.classes)}}})},
-        "/metrics": {"get": _operation("Prometheus metrics", _OPEN if metrics_public else _OPERATE, {"200": {"description": "the text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}, auth)},
-        "/openapi.json": {"get": _operation("This document", _OPEN, {"200": ok("OpenAPI 3.0", anything)}, auth)},
-        "/admin/model": {"get": _operation("The served model, its reference, the last reload error and the cache", _OPERATE, {"200": ok("the model", {
-            "type": "object", "required": ["name", "version", "sha256", "reference"], "properties": {
-                "name": {"type": "string"}, "version": {"type": "string"}, "sha256": {"type": "string"}, "reference": {"type": "string"},
-                "last_reload_error": {"type": "string", "nullable": True}, "cache": {"type": "object", "nullable": True}}})}, auth)},
-        "/admin/reload": {"post": _operation("Load the version the reference points at now", _OPERATE, {
-            "200": ok("reloaded, or already current", {"type": "object", "required": ["reloaded", "version"], "properties": {
-                "reloaded": {"type": "boolean"}, "version": {"type": "string"}, "previous": {"type": "string"}}}),
-            "503": _error("the reload failed; the previous version is still served")}, auth)},
-        "/admin/rollout": {"get": _operation("The rollout's state", _OPERATE, {"200": ok("mode, champion, challenger, rollout", {"$ref": "#/components/schemas/Rollout"})}, auth)},
-        "/admin/rollout/{action}": {"post": _operation("Start, pause, resume or roll back a rollout", _OPERATE, {
-            "200": ok("the rollout's new state", {"$ref": "#/components/schemas/Rollout"}), "400": bad,
-            "409": _error("the command does not fit the rollout's state (or the challenger cannot be loaded)")}, auth,
-            parameters=_path_params("action", model_name=name),
-            requestBody={"required": False, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": False, "properties": {
-                "reason": {"type": "string", "nullable": True}, "challenger": {"type": "string", "nullable": True, "description": "a model reference"},
-                "mode": {"type": "string", "nullable": True, "enum": ["canary", "split", "shadow", None]}}}}}})},
+        "/feedback": {"post": _operation("True labels for earlier predictions", _PREDICT, feedback, auth,
+                                         requestBody=_body(feedback_request_schema(model.task, model.classes)))},
+        "/metrics": {"get": _operation("Prometheus metrics", _OPEN if metrics_public else _OPERATE, metrics, auth)},
+        "/openapi.json": {"get": _operation("This document", _OPEN,
+                                            {"200": _json("OpenAPI 3.0", {"type": "object"})}, auth)},
+        "/admin/model": {"get": _operation("The served model, its reference, the last reload error and the cache",
+                                           _OPERATE, {"200": _answer("the model", ServedModelInfo)}, auth)},
+        "/admin/reload": {"post": _operation("Load the version the reference points at now", _OPERATE, reload, auth)},
+        "/admin/rollout": {"get": _operation("The rollout's state", _OPERATE,
+                                             {"200": _answer("mode, champion, challenger, rollout", RolloutState)},
+                                             auth)},
+        "/admin/rollout/{action}": {"post": _operation("Start, pause, resume or roll back a rollout", _OPERATE, command,
+                                                       auth, parameters=_path_params("action", model_name=name),
+                                                       requestBody=_body(_ref(RolloutCommand), required=False))},
     }
     if auth:      # the key registry's own routes exist only on a server with keys
-        paths["/admin/keys"] = {"get": _operation("The API keys' names and roles (never the keys)", _ADMIN, {"200": ok("the keys", anything)}, auth)}
-        paths["/admin/keys/reload"] = {"post": _operation("Read the key file again", _ADMIN, {"200": ok("the keys now known", anything),
-                                                                                          "503": _error("the key file could not be read; the previous keys stay")}, auth)}
-    components = {"schemas": {
-        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-        "FeedbackResult": {"type": "object", "required": ["accepted", "unknown_ids"], "properties": {
-            "accepted": {"type": "integer", "minimum": 0}, "unknown_ids": {"type": "array", "items": {"type": "string"}}}},
-        "Rollout": {"type": "object", "required": ["mode", "reference", "champion"], "properties": {
-            "mode": {"type": "string"}, "reference": {"type": "string"}, "champion": {"type": "string"},
-            "challenger": {"type": "object", "nullable": True}, "rollout": {"type": "object", "nullable": True}, "last_error": {"type": "string", "nullable": True}}}}}
-    if auth: components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
-                                               "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
-    return {"openapi": "3.0.3", "info": {"title": f"mlnb serving {name}", "version": server_version or model.version,
-                                         "description": f"Model {name} version {model.version} ({model.task})."},
-            "paths": paths, "components": components}
+        unreadable = _answer("the key file could not be read: the previous keys stay, `error` says why", KeyListing)
+        listing = {"200": _answer("the keys", KeyListing), "503": unreadable}
+        reread = {"200": _answer("the keys now known", KeyListing), "503": unreadable}
+        paths["/admin/keys"] = {"get": _operation("The API keys' names and roles (never the keys)", _ADMIN, listing,
+                                                  auth)}
+        paths["/admin/keys/reload"] = {"post": _operation("Read the key file again", _ADMIN, reread, auth)}
+    schemas = component_schemas()
+    _feedback_item(schemas, model.task, model.classes)
+    components = {"schemas": schemas}
+    if auth:
+        components["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+    info = {"title": f"mlnb serving {name}", "version": server_version or model.version,
+            "description": f"Model {name} version {model.version} ({model.task})."}
+    return {"openapi": "3.0.3", "info": info, "paths": paths, "components": components}

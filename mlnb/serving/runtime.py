@@ -7,12 +7,12 @@ Docs: https://mlnb.github.io/mlnb/serve_runtime.html.md"""
 # %% ../../nbs/12_serve_runtime.ipynb #ec9a572e
 from __future__ import annotations
 import asyncio, contextlib, hashlib, itertools, json, marshal, os, shutil, struct, tempfile, time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from cachetools import TTLCache
 
 from ..model.bundle import FILES, VersionBundle, file_version
 from ..model.onnx import OnnxModel
@@ -196,13 +196,18 @@ def load_last_verified(ref: ModelRef, public_key: str | Path, cache_dir: str | P
 
 # %% ../../nbs/12_serve_runtime.ipynb #d7fd18c1
 class PredictionCache:
-    "A bounded LRU of per-row outputs with a time to live, compact: a 16-byte digest per row and its outputs packed in one bytes object; counts hits and misses."
+    """Per-row outputs for a time to live, least recently used evicted first; counts hits and misses.
+
+    The store is a `cachetools.TTLCache` (expiry and LRU order); what it holds is compact: a 16-byte digest per row
+    and the row's outputs packed in one `bytes` object."""
     def __init__(self, max_entries: int, ttl_seconds: float, clock=time.monotonic):
         self.max_entries, self.ttl, self.clock = max_entries, ttl_seconds, clock
-        self.entries: OrderedDict[bytes, bytes] = OrderedDict()      # digest -> expiry + packed outputs, least recently used first
+        self.entries: TTLCache[bytes, bytes] = TTLCache(max_entries, ttl_seconds, timer=clock)   # digest -> packed outputs
         self.hits = self.misses = 0
-        self._layouts: dict[str, tuple | None] = {}                  # version -> per output: (None, 0, ()) for a string, else (dtype, bytes, row shape)
-        self._strings: list[str] = []; self._string_codes: dict[str, bytes] = {}
+        # version -> per output: (None, 0, ()) for a string, else (dtype, bytes per row, row shape)
+        self._layouts: dict[str, tuple | None] = {}
+        self._strings: list[str] = []                   # the distinct output strings (the classes), by code
+        self._string_codes: dict[str, bytes] = {}
 
     @staticmethod
     def digest(version: str, key: tuple) -> bytes:
@@ -211,37 +216,41 @@ class PredictionCache:
 
     def lookup(self, version: str, keys: list[tuple]) -> list:
         "Cached outputs (a tuple per output) or None, per row."
-        layout, entries, now, found = self._layouts.get(version), self.entries, self.clock(), []
+        layout = self._layouts.get(version)
+        if layout is None:                              # nothing of this version stored
+            self.misses += len(keys)
+            return [None] * len(keys)
+        entries, found = self.entries, []
         for k in keys:
-            d = self.digest(version, k) if layout else None
-            value = entries.get(d) if layout else None
-            if value is not None and _EXPIRY.unpack_from(value)[0] <= now: del entries[d]; value = None
-            if value is not None: entries.move_to_end(d)
+            value = entries.get(self.digest(version, k))
             found.append(None if value is None else self._unpack(value, layout))
         hits = sum(f is not None for f in found)
-        self.hits += hits; self.misses += len(found) - hits
+        self.hits += hits
+        self.misses += len(found) - hits
         return found
 
     def store(self, version: str, keys: list[tuple], outputs: dict[str, np.ndarray]) -> None:
+        "Remember each row's outputs (rows whose outputs cannot be packed are left out)."
         layout = self._layout(version, outputs)
         if layout is None: return
         rows = [self._pack_column(a, spec, len(keys)) for a, spec in zip(outputs.values(), layout)]
-        expiry, entries = _EXPIRY.pack(self.clock() + self.ttl), self.entries
+        entries = self.entries
         for k, parts in zip(keys, zip(*rows)):
-            if None in parts: continue
-            d = self.digest(version, k)
-            entries[d] = b"".join((expiry, *parts)); entries.move_to_end(d)
-        while len(entries) > self.max_entries: entries.popitem(last=False)
-        while entries and _EXPIRY.unpack_from(next(iter(entries.values())))[0] <= self.clock(): entries.popitem(last=False)
+            if None not in parts:
+                entries[self.digest(version, k)] = b"".join(parts)
 
     def _layout(self, version: str, outputs: dict[str, np.ndarray]) -> tuple | None:
         "How this version's outputs are packed, from its first stored outputs; None if they cannot be."
         if version not in self._layouts:
             specs = []
             for a in outputs.values():
-                if a.dtype == object or a.dtype.kind == "U": specs.append((None, 0, ()))
-                elif a.dtype.kind in "biuf" and a.ndim >= 1: specs.append((a.dtype, a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=int)), a.shape[1:]))
-                else: specs = None; break
+                if a.dtype == object or a.dtype.kind == "U":
+                    specs.append((None, 0, ()))
+                elif a.dtype.kind in "biuf" and a.ndim >= 1:
+                    specs.append((a.dtype, a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=int)), a.shape[1:]))
+                else:
+                    specs = None
+                    break
             self._layouts[version] = tuple(specs) if specs else None
         return self._layouts[version]
 
@@ -254,25 +263,31 @@ class PredictionCache:
         return [flat[i * width:(i + 1) * width] for i in range(rows)]
 
     def _string_code(self, s) -> bytes | None:
+        "A string output's 2-byte code; None past 65,536 distinct strings."
         code = self._string_codes.get(s)
         if code is None and isinstance(s, str) and len(self._strings) < 65536:
-            code = self._string_codes[s] = _CODE.pack(len(self._strings)); self._strings.append(s)
+            code = self._string_codes[s] = _CODE.pack(len(self._strings))
+            self._strings.append(s)
         return code
 
     def _unpack(self, value: bytes, layout: tuple) -> tuple:
-        out, at = [], _EXPIRY.size
+        out, at = [], 0
         for dtype, width, shape in layout:
-            if dtype is None: out.append(self._strings[_CODE.unpack_from(value, at)[0]]); at += _CODE.size
+            if dtype is None:
+                out.append(self._strings[_CODE.unpack_from(value, at)[0]])
+                at += _CODE.size
             else:
                 v = np.frombuffer(value, dtype, width // dtype.itemsize, at)
-                out.append(v.reshape(shape) if shape else v[0]); at += width
+                out.append(v.reshape(shape) if shape else v[0])
+                at += width
         return tuple(out)
 
-_EXPIRY, _CODE = struct.Struct("<d"), struct.Struct("<H")
+_CODE = struct.Struct("<H")
 
 def stack_rows(rows: list[tuple], names: list[str]) -> dict[str, np.ndarray]:
     "Output arrays from per-row output tuples."
-    return {n: np.stack([r[j] for r in rows]) if np.ndim(rows[0][j]) else np.array([r[j] for r in rows]) for j, n in enumerate(names)}
+    return {n: np.stack([r[j] for r in rows]) if np.ndim(rows[0][j]) else np.array([r[j] for r in rows])
+            for j, n in enumerate(names)}
 
 # %% ../../nbs/12_serve_runtime.ipynb #0e90e7eb
 @dataclass

@@ -11,7 +11,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from fastcore.basics import patch
 
 from ..core.audit import AuditLog
 from ..core.config import RolloutConfig
@@ -50,7 +49,10 @@ def output_scores(model: ServedModel, outputs: dict, positive=None) -> np.ndarra
 STATES = ("none", "shadow", "running", "paused", "promoting", "awaiting_approval", "promoted", "rolled_back")
 
 class Traffic:
-    "The challenger beside the champion, how requests reach it, and the rollout that moves traffic."
+    """The challenger beside the champion, how requests reach it, and the rollout that moves traffic.
+
+    It belongs to a `ModelServer` and uses only its public side: `load`, `predict`, `record`, `observe_batch`,
+    `serve_model`, and its `cfg`, `serve`, `model`, `registry` and `metrics`."""
     def __init__(self, server, cfg: RolloutConfig):
         self.server, self.cfg, self.mode = server, cfg, cfg.mode
         names = server.cfg.model_name
@@ -61,10 +63,11 @@ class Traffic:
         self.split, self.salt = None, ""
         self.timeout, self.positive = cfg.canary_timeout_ms / 1000, server.cfg.data.positive_class
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="mlnb-challenger")
-        self.audit, self.audit_pool = AuditLog(server.cfg.registry.audit_log), ThreadPoolExecutor(1, thread_name_prefix="mlnb-audit")
-        self.served_by: OrderedDict = OrderedDict()      # recent prediction id -> (variant, predicted label), for online accuracy
+        self.audit = AuditLog(server.cfg.registry.audit_log)
+        self.audit_pool = ThreadPoolExecutor(1, thread_name_prefix="mlnb-audit")
+        self.served_by: OrderedDict = OrderedDict()      # recent prediction id -> (variant, label): online accuracy
         self.served_by_max = 200_000
-        self.shadow_queue: list = []                     # copies waiting: (ids, rows, arrival time, protocol, request id)
+        self.shadow_queue: list = []                     # copies waiting: (ids, rows, arrived, protocol, request id)
         self.shadow_waiting, self.shadow_task = 0, None
         self.rng = random.Random()
         self.tried: set[str] = set()                     # challenger versions that have had a rollout
@@ -76,242 +79,267 @@ class Traffic:
         registry = self.server.registry
         return f"mlnb-serve ({registry.identity.name})" if registry is not None else "mlnb-serve"
 
+    # --- the challenger's own work -----------------------------------------------------------------------------------
     async def in_pool(self, model: ServedModel, rows: list[tuple], timing: list | None = None) -> dict:
-        "Run the challenger's session off the event loop, so a slow one cannot hold the champion's requests up; its own time goes to `timing`."
-        columns = columns_from_rows(model.contract, rows)       # the Python part stays on the loop: the pool thread then barely needs the GIL
+        """Run the challenger's session off the event loop, so a slow one cannot hold the champion's requests up; its
+        own time goes to `timing`."""
+        columns = columns_from_rows(model.contract, rows)   # Python stays on the loop: the pool thread needs no GIL
         def timed():
             started, cpu = time.perf_counter(), time.thread_time()
             out = model.infer(columns)
             return out, time.perf_counter() - started, time.thread_time() - cpu
         out, seconds, cpu = await asyncio.get_running_loop().run_in_executor(self.pool, timed)
-        self.server._observe_batch(model, len(rows), seconds)
+        self.server.observe_batch(model, len(rows), seconds)
         if timing is not None: timing.append(self.model_time(seconds, cpu))
         return out
 
     def model_time(self, wall: float, cpu: float) -> float:
-        "The time the rollout compares: CPU time of the inference's thread when ONNX Runtime runs on that one thread, else wall time."
+        """The time the rollout compares: CPU time of the inference's thread when ONNX Runtime runs on that one thread,
+        else wall time."""
         return cpu if self.server.serve.onnx_threads == 1 else wall
 
-# %% ../../nbs/18_serve_traffic.ipynb #c297c0e6
-@patch
-def _reference(self: Traffic, text: str | None) -> ModelRef:
-    if not text: return self.ref
-    try: return ModelRef.parse(text, default_name=self.server.cfg.model_name)
-    except ValueError as e: raise RolloutError(str(e)) from None
+    # --- starting ----------------------------------------------------------------------------------------------------
+    def _reference(self, text: str | None) -> ModelRef:
+        if not text: return self.ref
+        try: return ModelRef.parse(text, default_name=self.server.cfg.model_name)
+        except ValueError as e: raise RolloutError(str(e)) from None
 
-@patch
-async def start(self: Traffic, ref: str | None = None, mode: str | None = None, reason: str = "started by an operator") -> dict:
-    "Load a challenger (default: the configured one) and start routing to it in `mode` (default: the configured mode, else canary)."
-    if self.rollout is not None and self.rollout.active or self.shadowing:
-        raise RolloutError(f"{self.describe_challenger()} is already {'shadowing' if self.shadowing else self.rollout.state.replace('_', ' ')}; roll it back first")
-    mode = mode or (self.mode if self.mode != "off" else "canary")
-    if mode not in ("canary", "split", "shadow"): raise RolloutError(f"mode must be canary, split or shadow, not {mode!r}")
-    ref = self._reference(ref)
-    try: model = await asyncio.to_thread(self.server.load, None, ref)
-    except Exception as e:
-        self.last_error = f"loading challenger {ref} failed: {type(e).__name__}: {e}"
-        raise RolloutError(self.last_error) from e
-    check_compatible(self.server.model, model)
-    if mode != "shadow": await asyncio.to_thread(load_statistics)       # the first look would otherwise stall the event loop on imports
-    self.ref, self.mode, self.challenger, self.last_error = ref, mode, model, None
-    self.tried.add(model.version)
-    self.rollout = None if mode == "shadow" else Rollout(self.cfg.plan, fixed_share=self.cfg.weights["challenger"] if mode == "split" else None)
-    self.served_by.clear()
-    self._changed(Decision("start", self.rollout.share if self.rollout else 0.0, f"{mode} of v{model.version} against champion v{self.server.model.version}: {reason}"))
-    return self.status()
-
-@patch
-async def begin(self: Traffic) -> None:
-    "Start the configured rollout at server start, if its challenger exists; otherwise serve the champion alone and say why."
-    self._changed(None)
-    if self.mode == "off": return
-    try: await self.start(reason="configured at start")
-    except Exception as e:
-        self.last_error = str(e)
-        log.warning("no challenger at start, serving the champion alone: %s", e)
-
-# %% ../../nbs/18_serve_traffic.ipynb #0a2da7d9
-@patch
-def describe_challenger(self: Traffic) -> str:
-    c = self.challenger
-    return f"challenger {c.name} v{c.version}" if c else "no challenger"
-
-@patch
-def _changed(self: Traffic, decision: Decision | None) -> None:
-    r, m = self.rollout, self.server.metrics
-    self.routing = r is not None and r.active and self.challenger is not None
-    self.shadowing = self.mode == "shadow" and self.challenger is not None
-    self.split = r.split() if self.routing else None
-    self.salt = self.challenger.version if self.challenger else ""
-    state = r.state if r is not None else ("shadow" if self.shadowing else "none")
-    m.rollout_share.set(r.share if self.routing else 0.0)
-    m.rollout_step.set(0 if r is None or r.fixed_share is not None or not r.active else r.step + 1)
-    for s in STATES: m.rollout_state.labels(s).set(1 if s == state else 0)
-    if decision is None: return
-    m.child(m.rollout_decisions, decision.action).inc()
-    c, champion = self.challenger, self.server.model
-    (log.warning if decision.action in ("rollback", "refused") else log.info)("rollout %s: %s (share %.0f%%)", decision.action, decision.reason, decision.share * 100)
-    entry = dict(model=champion.name, version=c.version if c else None, champion=champion.version, mode=self.mode,
-                 share=decision.share, state=state, reason=decision.reason)
-    if r is not None and decision.action != "start": entry["windows"] = {k: v for k, v in r.status().items() if k in (r.control, r.canary)}
-    done = self.audit_pool.submit(self.audit.append, self.actor, f"rollout.{decision.action}", **entry)
-    done.add_done_callback(lambda f: f.exception() and log.error("audit log write failed: %s", f.exception()))
-    if decision.action == "promote": self._promotion = asyncio.get_running_loop().create_task(self.promote())
-
-@patch
-async def promote(self: Traffic) -> None:
-    "Make the challenger the champion: in the registry (approval and role are checked there), then in this server."
-    r, model, server = self.rollout, self.challenger, self.server
-    if not self.ref.is_file:
-        try:
-            if server.registry is None: raise RolloutError("no registry to promote in")
-            await asyncio.to_thread(server.registry.promote, model.version, "champion", f"rollout: {r.reason}")
+    async def start(self, ref: str | None = None, mode: str | None = None,
+                    reason: str = "started by an operator") -> dict:
+        """Load a challenger (default: the configured one) and start routing to it in `mode` (default: the configured
+        mode, else canary)."""
+        if self.rollout is not None and self.rollout.active or self.shadowing:
+            doing = "shadowing" if self.shadowing else self.rollout.state.replace("_", " ")
+            raise RolloutError(f"{self.describe_challenger()} is already {doing}; roll it back first")
+        mode = mode or (self.mode if self.mode != "off" else "canary")
+        if mode not in ("canary", "split", "shadow"):
+            raise RolloutError(f"mode must be canary, split or shadow, not {mode!r}")
+        ref = self._reference(ref)
+        try: model = await asyncio.to_thread(self.server.load, None, ref)
         except Exception as e:
-            self._changed(r.promotion_refused(f"{type(e).__name__}: {e}"))
-            return
-    previous, server.model = server.model, model
-    server._publish(model, previous)
-    self._changed(r.promoted(" (in this process only: it is a file, not a registered version; point serve.model at it to keep it)" if self.ref.is_file else ""))
-    self.challenger = None
-    self._changed(None)
-
-# %% ../../nbs/18_serve_traffic.ipynb #ec226300
-@patch
-async def predict(self: Traffic, call, batch, keys: list[tuple]):
-    "Route one request: (model, variant, outputs, cached rows). A failing or late canary is replaced by the champion's answer."
-    server, r, challenger = self.server, self.rollout, self.challenger
-    key = call.headers.get(self.cfg.key_header)
-    if key is None and batch.routing_keys: key = str(batch.routing_keys[0])
-    if self.split.route(key, self.salt, self.rng) == r.canary:
-        started, timing = time.perf_counter(), []
-        try: outputs, cached = await asyncio.wait_for(server.predict(challenger, keys, lambda m, rows: self.in_pool(m, rows, timing)), self.timeout)
-        except Exception as e:
-            reason = "timeout" if isinstance(e, TimeoutError) else "error"
-            r.record(r.canary, time.perf_counter() - started, True)
-            server.metrics.child(server.metrics.canary_fallbacks, reason).inc()
-            log.warning("canary v%s %s, the champion answers: %s", challenger.version, reason, f"{type(e).__name__}: {e}")
-            self.evaluate()
+            self.last_error = f"loading challenger {ref} failed: {type(e).__name__}: {e}"
+            raise RolloutError(self.last_error) from e
+        champion = self.server.model
+        check_compatible(champion, model)
+        if mode != "shadow": await asyncio.to_thread(load_statistics)   # the first look would stall the loop on imports
+        self.ref, self.mode, self.challenger, self.last_error = ref, mode, model, None
+        self.tried.add(model.version)
+        if mode == "shadow": self.rollout = None
         else:
-            r.record(r.canary, timing[0] if timing else time.perf_counter() - started, False, output_scores(challenger, outputs, self.positive))
-            self.evaluate()
-            return challenger, r.canary, outputs, cached
-    champion, started, cpu = server.model, time.perf_counter(), time.thread_time()
-    try: outputs, cached = await server.predict(champion, keys)
-    except Exception:
-        r.record(r.control, time.perf_counter() - started, True); self.evaluate()
-        raise
-    r.record(r.control, self.model_time(time.perf_counter() - started, time.thread_time() - cpu), False, output_scores(champion, outputs, self.positive))
-    self.evaluate()
-    return champion, r.control, outputs, cached
-
-@patch
-def evaluate(self: Traffic) -> None:
-    decision = self.rollout.evaluate()
-    if decision.action != "hold": self._changed(decision)
-
-@patch
-def after(self: Traffic, variant: str, ids: list[str], outputs: dict, keys: list[tuple], arrived: float, protocol: str, request_id: str) -> None:
-    "Once the answer is sent: remember who answered (for online accuracy) and send the shadow copy."
-    if self.routing and "label" in outputs:
-        served = self.served_by
-        for pid, label in zip(ids, outputs["label"]): served[pid] = (variant, label)
-        while len(served) > self.served_by_max: served.popitem(last=False)
-    if self.shadowing: self.shadow(ids, keys, arrived, protocol, request_id)
-
-@patch
-def on_feedback(self: Traffic, ids: list[str], labels: list) -> None:
-    "Feedback labels for predictions made during the rollout count towards each variant's online accuracy."
-    r = self.rollout
-    if r is None or not r.active: return
-    for pid, actual in zip(ids, labels):
-        served = self.served_by.pop(pid, None)
-        if served is not None: r.record_label(served[0], str(served[1]) == str(actual))
-    self.evaluate()
-
-# %% ../../nbs/18_serve_traffic.ipynb #bde7d123
-@patch
-def shadow(self: Traffic, ids, keys, arrived, protocol, request_id) -> None:
-    "Queue a copy for the challenger; it runs with the copies queued beside it once the current shadow batch is done."
-    if self.shadow_waiting >= self.cfg.shadow_max_in_flight:
-        self.server.metrics.child(self.server.metrics.shadow_requests, "dropped").inc()
-        return
-    self.shadow_queue.append((ids, keys, arrived, protocol, request_id)); self.shadow_waiting += 1
-    if self.shadow_task is None: self._next_shadow_batch()
-
-@patch
-def _next_shadow_batch(self: Traffic) -> None:
-    limit, rows, taken = self.server.serve.micro_batch.max_rows, 0, 0
-    while taken < len(self.shadow_queue) and (taken == 0 or rows + len(self.shadow_queue[taken][1]) <= limit):
-        rows += len(self.shadow_queue[taken][1]); taken += 1
-    batch, self.shadow_queue = self.shadow_queue[:taken], self.shadow_queue[taken:]
-    self.shadow_task = asyncio.get_running_loop().create_task(self._shadow(self.challenger, batch))
-
-@patch
-async def _shadow(self: Traffic, model: ServedModel, batch: list) -> None:
-    server, m = self.server, self.server.metrics
-    try:
-        started = time.perf_counter()
-        outputs = await self.in_pool(model, [row for _, rows, *_ in batch for row in rows])
-        seconds, offset = time.perf_counter() - started, 0
-        m.child(m.shadow_requests, "ok").inc(len(batch))
-        for ids, rows, arrived, protocol, request_id in batch:
-            part = {k: v[offset:offset + len(rows)] for k, v in outputs.items()}
-            offset += len(rows)
-            server.record(PredictionEntry(ids, arrived, model.name, model.version, "shadow", protocol, seconds, model.input_names,
-                                          model.input_kinds, rows, part, model.classes, 0, request_id))
-    except Exception as e:
-        m.child(m.shadow_requests, "error").inc(len(batch))
-        log.warning("shadow v%s failed on %d copies: %s", model.version, len(batch), f"{type(e).__name__}: {e}")
-    finally:
-        self.shadow_waiting -= len(batch)
-        self.shadow_task = None
-        if self.shadow_queue and self.shadowing: self._next_shadow_batch()
-        else: self.shadow_waiting -= len(self.shadow_queue); self.shadow_queue = []
-
-# %% ../../nbs/18_serve_traffic.ipynb #9b19b615
-@patch
-async def command(self: Traffic, action: str, reason: str | None = None, challenger: str | None = None, mode: str | None = None) -> dict:
-    "An operator's command: start, pause, resume or rollback."
-    if action == "start": return await self.start(challenger, mode, reason or "started by an operator")
-    if action not in ("pause", "resume", "rollback"): raise RolloutError(f"unknown rollout command {action!r}; use start, pause, resume or rollback")
-    reason = reason or f"{action} by an operator"
-    if self.shadowing and action == "rollback":
-        self.mode = "off"
-        self._changed(Decision("rollback", 0.0, f"shadow stopped: {reason}"))
-        self.challenger = None; self._changed(None)
+            fixed = self.cfg.weights["challenger"] if mode == "split" else None
+            self.rollout = Rollout(self.cfg.plan, fixed_share=fixed)
+        self.served_by.clear()
+        share = self.rollout.share if self.rollout else 0.0
+        why = f"{mode} of v{model.version} against champion v{champion.version}: {reason}"
+        self._changed(Decision("start", share, why))
         return self.status()
-    if self.rollout is None: raise RolloutError("there is no rollout to " + action)
-    try: decision = {"pause": self.rollout.pause, "resume": self.rollout.resume, "rollback": self.rollout.roll_back}[action](reason)
-    except ValueError as e: raise RolloutError(str(e)) from None
-    self._changed(decision)
-    return self.status()
 
-@patch
-async def poll(self: Traffic) -> None:
-    "Retry a promotion once the challenger is approved; start a rollout when the challenger alias points at a new version."
-    server, r = self.server, self.rollout
-    if self.ref.is_file or server.registry is None: return
-    if r is not None and r.state == "awaiting_approval":
-        if (await asyncio.to_thread(server.registry.get, self.challenger.version)).status == "approved": self._changed(r.retry_promotion())
-        return
-    if not self.cfg.auto_start or self.mode == "off" or not self.ref.alias or (r is not None and r.active) or self.shadowing: return
-    try: version = await asyncio.to_thread(resolve_version, server.registry, self.ref)
-    except Exception: return                                   # no challenger yet
-    if version in self.tried or version == server.model.version: return
-    await self.start(reason=f"{self.ref} now points at v{version}")
+    async def begin(self) -> None:
+        """Start the configured rollout at server start, if its challenger exists; otherwise serve the champion alone
+        and say why."""
+        self._changed(None)
+        if self.mode == "off": return
+        try: await self.start(reason="configured at start")
+        except Exception as e:
+            self.last_error = str(e)
+            log.warning("no challenger at start, serving the champion alone: %s", e)
 
-@patch
-def status(self: Traffic) -> dict:
-    c, r = self.challenger, self.rollout
-    return {"mode": self.mode, "reference": str(self.ref), "champion": self.server.model.version,
-            "challenger": None if c is None else {"version": c.version, "source": c.source, "sha256": c.sha256},
-            "routing_key": {"header": self.cfg.key_header, "field": self.cfg.key_field},
-            "rollout": None if r is None else r.status(), "shadow_in_flight": self.shadow_waiting, "last_error": self.last_error}
+    def describe_challenger(self) -> str:
+        c = self.challenger
+        return f"challenger {c.name} v{c.version}" if c else "no challenger"
 
-@patch
-async def close(self: Traffic) -> None:
-    deadline = time.monotonic() + 10
-    while self.shadow_task is not None and time.monotonic() < deadline: await asyncio.wait([self.shadow_task], timeout=1)   # queued copies reach the log too
-    if self._promotion is not None and not self._promotion.done(): await asyncio.wait([self._promotion], timeout=30)
-    self.pool.shutdown(wait=False, cancel_futures=True)
-    await asyncio.to_thread(self.audit_pool.shutdown, True)        # every decision reaches the audit log
+    # --- decisions ---------------------------------------------------------------------------------------------------
+    def _changed(self, decision: Decision | None) -> None:
+        "Where a decision takes effect: the request path's booleans and split, the metrics, the server and audit logs."
+        r, m = self.rollout, self.server.metrics
+        self.routing = r is not None and r.active and self.challenger is not None
+        self.shadowing = self.mode == "shadow" and self.challenger is not None
+        self.split = r.split() if self.routing else None
+        self.salt = self.challenger.version if self.challenger else ""
+        state = r.state if r is not None else ("shadow" if self.shadowing else "none")
+        m.rollout_share.set(r.share if self.routing else 0.0)
+        m.rollout_step.set(0 if r is None or r.fixed_share is not None or not r.active else r.step + 1)
+        for s in STATES: m.rollout_state.labels(s).set(1 if s == state else 0)
+        if decision is None: return
+        m.child(m.rollout_decisions, decision.action).inc()
+        c, champion = self.challenger, self.server.model
+        say = log.warning if decision.action in ("rollback", "refused") else log.info
+        say("rollout %s: %s (share %.0f%%)", decision.action, decision.reason, decision.share * 100)
+        entry = dict(model=champion.name, version=c.version if c else None, champion=champion.version, mode=self.mode,
+                     share=decision.share, state=state, reason=decision.reason)
+        if r is not None and decision.action != "start":
+            entry["windows"] = {k: v for k, v in r.status().items() if k in (r.control, r.canary)}
+        done = self.audit_pool.submit(self.audit.append, self.actor, f"rollout.{decision.action}", **entry)
+        done.add_done_callback(lambda f: f.exception() and log.error("audit log write failed: %s", f.exception()))
+        if decision.action == "promote": self._promotion = asyncio.get_running_loop().create_task(self.promote())
+
+    async def promote(self) -> None:
+        "Make the challenger the champion: in the registry (approval and role are checked there), then in this server."
+        r, model, server = self.rollout, self.challenger, self.server
+        if not self.ref.is_file:
+            try:
+                if server.registry is None: raise RolloutError("no registry to promote in")
+                await asyncio.to_thread(server.registry.promote, model.version, "champion", f"rollout: {r.reason}")
+            except Exception as e:
+                self._changed(r.promotion_refused(f"{type(e).__name__}: {e}"))
+                return
+        server.serve_model(model)
+        note = ""
+        if self.ref.is_file:
+            note = " (in this process only: it is a file, not a registered version; point serve.model at it to keep it)"
+        self._changed(r.promoted(note))
+        self.challenger = None
+        self._changed(None)
+
+    # --- the request path --------------------------------------------------------------------------------------------
+    async def predict(self, call, batch, keys: list[tuple]):
+        """Route one request: (model, variant, outputs, cached rows). A failing or late canary is replaced by the
+        champion's answer."""
+        server, r, challenger = self.server, self.rollout, self.challenger
+        key = call.headers.get(self.cfg.key_header)
+        if key is None and batch.routing_keys: key = str(batch.routing_keys[0])
+        if self.split.route(key, self.salt, self.rng) == r.canary:
+            started, timing = time.perf_counter(), []
+            in_pool = lambda m, rows: self.in_pool(m, rows, timing)
+            try: outputs, cached = await asyncio.wait_for(server.predict(challenger, keys, in_pool), self.timeout)
+            except Exception as e:
+                reason = "timeout" if isinstance(e, TimeoutError) else "error"
+                r.record(r.canary, time.perf_counter() - started, True)
+                server.metrics.child(server.metrics.canary_fallbacks, reason).inc()
+                log.warning("canary v%s %s, the champion answers: %s", challenger.version, reason,
+                            f"{type(e).__name__}: {e}")
+                self.evaluate()
+            else:
+                seconds = timing[0] if timing else time.perf_counter() - started
+                r.record(r.canary, seconds, False, output_scores(challenger, outputs, self.positive))
+                self.evaluate()
+                return challenger, r.canary, outputs, cached
+        champion, started, cpu = server.model, time.perf_counter(), time.thread_time()
+        try: outputs, cached = await server.predict(champion, keys)
+        except Exception:
+            r.record(r.control, time.perf_counter() - started, True)
+            self.evaluate()
+            raise
+        seconds = self.model_time(time.perf_counter() - started, time.thread_time() - cpu)
+        r.record(r.control, seconds, False, output_scores(champion, outputs, self.positive))
+        self.evaluate()
+        return champion, r.control, outputs, cached
+
+    def evaluate(self) -> None:
+        decision = self.rollout.evaluate()
+        if decision.action != "hold": self._changed(decision)
+
+    def after(self, variant: str, ids: list[str], outputs: dict, keys: list[tuple], arrived: float, protocol: str,
+              request_id: str) -> None:
+        "Once the answer is sent: remember who answered (for online accuracy) and send the shadow copy."
+        if self.routing and "label" in outputs:
+            served = self.served_by
+            for pid, label in zip(ids, outputs["label"]): served[pid] = (variant, label)
+            while len(served) > self.served_by_max: served.popitem(last=False)
+        if self.shadowing: self.shadow(ids, keys, arrived, protocol, request_id)
+
+    def on_feedback(self, ids: list[str], labels: list) -> None:
+        "Feedback labels for predictions made during the rollout count towards each variant's online accuracy."
+        r = self.rollout
+        if r is None or not r.active: return
+        for pid, actual in zip(ids, labels):
+            served = self.served_by.pop(pid, None)
+            if served is not None: r.record_label(served[0], str(served[1]) == str(actual))
+        self.evaluate()
+
+    # --- shadow copies -----------------------------------------------------------------------------------------------
+    def shadow(self, ids, keys, arrived, protocol, request_id) -> None:
+        """Queue a copy for the challenger; it runs with the copies queued beside it once the current shadow batch is
+        done."""
+        if self.shadow_waiting >= self.cfg.shadow_max_in_flight:
+            self.server.metrics.child(self.server.metrics.shadow_requests, "dropped").inc()
+            return
+        self.shadow_queue.append((ids, keys, arrived, protocol, request_id))
+        self.shadow_waiting += 1
+        if self.shadow_task is None: self._next_shadow_batch()
+
+    def _next_shadow_batch(self) -> None:
+        limit, rows, taken = self.server.serve.micro_batch.max_rows, 0, 0
+        while taken < len(self.shadow_queue) and (taken == 0 or rows + len(self.shadow_queue[taken][1]) <= limit):
+            rows += len(self.shadow_queue[taken][1])
+            taken += 1
+        batch, self.shadow_queue = self.shadow_queue[:taken], self.shadow_queue[taken:]
+        self.shadow_task = asyncio.get_running_loop().create_task(self._shadow(self.challenger, batch))
+
+    async def _shadow(self, model: ServedModel, batch: list) -> None:
+        server, m = self.server, self.server.metrics
+        try:
+            started = time.perf_counter()
+            outputs = await self.in_pool(model, [row for _, rows, *_ in batch for row in rows])
+            seconds, offset = time.perf_counter() - started, 0
+            m.child(m.shadow_requests, "ok").inc(len(batch))
+            for ids, rows, arrived, protocol, request_id in batch:
+                part = {k: v[offset:offset + len(rows)] for k, v in outputs.items()}
+                offset += len(rows)
+                server.record(PredictionEntry(ids, arrived, model.name, model.version, "shadow", protocol, seconds,
+                                              model.input_names, model.input_kinds, rows, part, model.classes, 0,
+                                              request_id))
+        except Exception as e:
+            m.child(m.shadow_requests, "error").inc(len(batch))
+            log.warning("shadow v%s failed on %d copies: %s", model.version, len(batch), f"{type(e).__name__}: {e}")
+        finally:
+            self.shadow_waiting -= len(batch)
+            self.shadow_task = None
+            if self.shadow_queue and self.shadowing: self._next_shadow_batch()
+            else:
+                self.shadow_waiting -= len(self.shadow_queue)
+                self.shadow_queue = []
+
+    # --- operators and the poller ------------------------------------------------------------------------------------
+    async def command(self, action: str, reason: str | None = None, challenger: str | None = None,
+                      mode: str | None = None) -> dict:
+        "An operator's command: start, pause, resume or rollback."
+        if action == "start": return await self.start(challenger, mode, reason or "started by an operator")
+        if action not in ("pause", "resume", "rollback"):
+            raise RolloutError(f"unknown rollout command {action!r}; use start, pause, resume or rollback")
+        reason = reason or f"{action} by an operator"
+        if self.shadowing and action == "rollback":
+            self.mode = "off"
+            self._changed(Decision("rollback", 0.0, f"shadow stopped: {reason}"))
+            self.challenger = None
+            self._changed(None)
+            return self.status()
+        if self.rollout is None: raise RolloutError("there is no rollout to " + action)
+        act = {"pause": self.rollout.pause, "resume": self.rollout.resume, "rollback": self.rollout.roll_back}[action]
+        try: decision = act(reason)
+        except ValueError as e: raise RolloutError(str(e)) from None
+        self._changed(decision)
+        return self.status()
+
+    async def poll(self) -> None:
+        """Retry a promotion once the challenger is approved; start a rollout when the challenger alias points at a new
+        version."""
+        server, r = self.server, self.rollout
+        if self.ref.is_file or server.registry is None: return
+        if r is not None and r.state == "awaiting_approval":
+            record = await asyncio.to_thread(server.registry.get, self.challenger.version)
+            if record.status == "approved": self._changed(r.retry_promotion())
+            return
+        if not self.cfg.auto_start or self.mode == "off" or not self.ref.alias: return
+        if (r is not None and r.active) or self.shadowing: return
+        try: version = await asyncio.to_thread(resolve_version, server.registry, self.ref)
+        except Exception: return                                   # no challenger yet
+        if version in self.tried or version == server.model.version: return
+        await self.start(reason=f"{self.ref} now points at v{version}")
+
+    def status(self) -> dict:
+        "What `GET /admin/rollout` answers (`RolloutState`)."
+        c, r = self.challenger, self.rollout
+        return {"mode": self.mode, "reference": str(self.ref), "champion": self.server.model.version,
+                "challenger": None if c is None else {"version": c.version, "source": c.source, "sha256": c.sha256},
+                "routing_key": {"header": self.cfg.key_header, "field": self.cfg.key_field},
+                "rollout": None if r is None else r.status(), "shadow_in_flight": self.shadow_waiting,
+                "last_error": self.last_error}
+
+    async def close(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.shadow_task is not None and time.monotonic() < deadline:   # queued copies reach the log too
+            await asyncio.wait([self.shadow_task], timeout=1)
+        if self._promotion is not None and not self._promotion.done(): await asyncio.wait([self._promotion], timeout=30)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.audit_pool.shutdown, True)        # every decision reaches the audit log
