@@ -373,10 +373,10 @@ class ServeConfig(_Strict):
     reload_poll_seconds: float = Field(30.0, ge=0)  # how often to check the alias; 0: only POST /admin/reload
     model_cache_dir: str = "serving/models"
     access_log: bool = True
-    tracing: bool = False                           # OpenTelemetry spans (console exporter, or OTLP when configured)
     cache: CacheConfig = CacheConfig()
     prediction_log: PredictionLogConfig = PredictionLogConfig()
     micro_batch: MicroBatchConfig = MicroBatchConfig()
+    tracing: bool = False                           # OpenTelemetry spans (console exporter, or OTLP when configured)
     rollout: RolloutConfig = RolloutConfig()
     auth: AuthConfig = AuthConfig()
     tls: TLSConfig = TLSConfig()

@@ -18,17 +18,21 @@ from ..data.schema import CUMULATIVE_DAYS, MONTH_NUMBERS, date_parts, date_place
 from .spec import DATE_OPSET, OTHER_CATEGORY, FeatureSpec, _as_text
 
 # %% auto #0
-__all__ = ['DerivedFeatures', 'register_onnx_converters', 'Float32Inputs', 'CategoryGrouper', 'DateFeatures', 'preprocessor']
+__all__ = ['ColumnwiseTransformer', 'DerivedFeatures', 'register_onnx_converters', 'Float32Inputs', 'CategoryGrouper',
+           'DateFeatures', 'preprocessor']
 
 # %% ../../nbs/02a_transform.ipynb #06734a20
-class DerivedFeatures(TransformerMixin, BaseEstimator):
+class ColumnwiseTransformer(TransformerMixin, BaseEstimator):
+    "A transformer that learns nothing: it is told its columns, and fitting only records how many there are."
+    def fit(self, X, y=None):
+        self.n_features_in_ = len(self.columns)
+        return self
+
+class DerivedFeatures(ColumnwiseTransformer):
     "Arithmetic features from the columns it is given: ratio, product, difference, sum, log1p."
     def __init__(self, derived: tuple = (), columns: tuple = ()):
         self.derived, self.columns = derived, columns
 
-    def fit(self, X, y=None):
-        self.n_features_in_ = len(self.columns)
-        return self
 
     def _index(self, name): return list(self.columns).index(name)
 
@@ -144,14 +148,11 @@ def _grouper_converter(scope, operator, container):
     container.add_node("Concat", outs, [operator.outputs[0].full_name], axis=1, name=scope.get_unique_operator_name("Concat"))
 
 # %% ../../nbs/02a_transform.ipynb #bd2e115f
-class DateFeatures(TransformerMixin, BaseEstimator):
+class DateFeatures(ColumnwiseTransformer):
     "Days since 1970-01-01 and month of date strings, one pair per column, in each column's strftime format."
     def __init__(self, formats: tuple = (), columns: tuple = ()):
         self.formats, self.columns = formats, columns
 
-    def fit(self, X, y=None):
-        self.n_features_in_ = len(self.formats)
-        return self
 
     def transform(self, X):
         X = np.asarray(X, dtype=object)

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..core.config import staged_outputs, write_json
 
 # %% auto #0
-__all__ = ['FILES', 'ARTIFACT_DIR', 'FILE_VERSION', 'BundleError', 'artifact_path', 'Lineage', 'VersionFacts', 'Evaluation',
-           'output_scores', 'save_scores', 'load_scores', 'file_version', 'VersionBundle', 'Registration']
+__all__ = ['FILES', 'ARTIFACT_DIR', 'FILE_VERSION', 'BundleError', 'artifact_path', 'Lineage', 'VersionFacts', 'read_record',
+           'Evaluation', 'output_scores', 'save_scores', 'load_scores', 'file_version', 'VersionBundle', 'Registration']
 
 # %% ../../nbs/05c_bundle.ipynb #fb183a3d
 FILES: dict[str, str] = {
@@ -109,6 +109,16 @@ class VersionFacts(BaseModel):
         except (OSError, ValidationError) as e: raise BundleError(f"{path}: unreadable version facts: {e}") from None
 
 # %% ../../nbs/05c_bundle.ipynb #64aeada5
+def read_record(cls, path: str | Path, what: str, stage: str):
+    "A typed JSON record (`cls`) from `path`; a missing or unreadable file is a `BundleError` naming it and its stage."
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"no {what} at {path}: run the {stage} stage (dvc repro) first")
+    try:
+        return cls.model_validate_json(path.read_text())
+    except ValidationError as e:
+        raise BundleError(f"{path}: unreadable {what}: {e}") from None
+
 class Evaluation(BaseModel):
     "A version's test-split evaluation (`evaluate.json`)."
     model_config = ConfigDict(extra="allow")
@@ -126,11 +136,7 @@ class Evaluation(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "Evaluation":
-        path = Path(path)
-        if not path.exists():
-            raise BundleError(f"no evaluation at {path}: run the evaluate stage (dvc repro) first")
-        try: return cls.model_validate_json(path.read_text())
-        except ValidationError as e: raise BundleError(f"{path}: unreadable evaluation: {e}") from None
+        return read_record(cls, path, "evaluation", "evaluate")
 
 # %% ../../nbs/05c_bundle.ipynb #56714508
 def output_scores(outputs: dict[str, np.ndarray], classes: list | None = None, positive=None) -> np.ndarray:
@@ -268,8 +274,4 @@ class Registration(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "Registration":
-        path = Path(path)
-        if not path.exists():
-            raise BundleError(f"no registration record at {path}: run the register stage (dvc repro) first")
-        try: return cls.model_validate_json(path.read_text())
-        except ValidationError as e: raise BundleError(f"{path}: unreadable registration record: {e}") from None
+        return read_record(cls, path, "registration record", "register")
