@@ -15,6 +15,7 @@ import numpy as np
 from cachetools import TTLCache
 
 from ..model.bundle import FILES, VersionBundle, file_version
+from ..core.errors import ConfigError
 from ..model.onnx import OnnxModel
 from ..model.signing import load_verified
 from .protocol import Contract, columns_from_rows, contract_from
@@ -40,13 +41,13 @@ class ModelRef:
         text = text.removeprefix("models:/")
         if "@" in text:
             name, alias = text.split("@", 1)
-            if not alias: raise ValueError(f"model reference {text!r}: nothing after '@' (expected an alias such as champion)")
+            if not alias: raise ConfigError(f"model reference {text!r}: nothing after '@' (expected an alias such as champion)")
             return cls(name=name or default_name, alias=alias)
         if "/" in text:
             name, version = text.split("/", 1)
-            if not version.isdigit(): raise ValueError(f"model reference {text!r}: version {version!r} is not a number")
+            if not version.isdigit(): raise ConfigError(f"model reference {text!r}: version {version!r} is not a number")
             return cls(name=name or default_name, version=version)
-        if not text: raise ValueError("empty model reference")
+        if not text: raise ConfigError("empty model reference")
         return cls(name=text, alias="champion")
 
     @property
