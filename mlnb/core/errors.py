@@ -10,7 +10,7 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['MlnbError', 'ConfigError', 'InitRefused', 'DataError', 'AccessDenied', 'SignatureError', 'SignatureMissing',
            'SignedWithOtherKey', 'ModifiedAfterSigning', 'ParityError', 'RegistryError', 'RegistryUnreachable',
-           'BatchError', 'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError', 'RequestError',
+           'BundleError', 'BatchError', 'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError', 'RequestError',
            'RolloutError', 'LogKeyError']
 
 # %% ../../nbs/00a_errors.ipynb #cf53716b
@@ -58,6 +58,9 @@ class RegistryError(MlnbError):
 class RegistryUnreachable(RegistryError):
     "The registry could not be asked at all (down, unreachable, timed out): no answer, as opposed to an answer of no."
 
+
+class BundleError(MlnbError, ValueError):
+    "A version bundle that lacks a file or whose facts cannot be read, naming the directory, the role and the file."
 class BatchError(MlnbError):
     "The batch run cannot start or go on; the message names the file, column or setting."
 

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..core.config import staged_outputs, write_json
 
+from ..core.errors import BundleError
+
 # %% auto #0
-__all__ = ['FILES', 'ARTIFACT_DIR', 'FILE_VERSION', 'BundleError', 'artifact_path', 'Lineage', 'VersionFacts', 'read_record',
-           'Evaluation', 'output_scores', 'save_scores', 'load_scores', 'file_version', 'VersionBundle', 'Registration']
+__all__ = ['FILES', 'ARTIFACT_DIR', 'FILE_VERSION', 'artifact_path', 'Lineage', 'VersionFacts', 'read_record', 'Evaluation',
+           'output_scores', 'save_scores', 'load_scores', 'file_version', 'VersionBundle', 'Registration']
 
 # %% ../../nbs/05c_bundle.ipynb #fb183a3d
 FILES: dict[str, str] = {
@@ -36,9 +38,6 @@ FILES: dict[str, str] = {
     "facts": "bundle.json",                        # `VersionFacts`
 }
 ARTIFACT_DIR = "model"                             # a version's directory among its MLflow run's artifacts
-
-class BundleError(ValueError):
-    "A version bundle that lacks a file or whose facts cannot be read, naming the directory, the role and the file."
 
 def artifact_path(role: str) -> str:
     "Where a role's file is among a version's run artifacts (`model/model.onnx`)."
