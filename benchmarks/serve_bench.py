@@ -10,7 +10,10 @@ so only routing costs differ): a 5% canary split and a 50/50 split (the challeng
 a shadow (every request copied, so the inference work doubles).
 
 With --baseline REV, the same `mlnb serve` is also run from the code of git revision REV (checked out into a temporary
-worktree and put first on PYTHONPATH), in the same run, so a refactoring can be held to "within 5% of before".
+worktree and put first on PYTHONPATH), in the same run, so a refactoring can be held to "within 5% of before". Both
+servers run side by side on core 0 and are loaded in turn, --rounds times, alternating which goes first; each one's
+median counts (a shared machine drifts by tens of percent over minutes, which one measurement after the other would
+mistake for a difference between the two codes).
 
 Figures go to benchmarks/results/serve.{json,md}, which the docs include.
 
@@ -110,12 +113,48 @@ def load(name: str, url: str, script: Path, duration: int, results: list) -> Non
         print(f"  {name:7s} c={c:<3d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:8.3f} ms  errors {r['errors']}", flush=True)
 
 
+def paired(args, tmp: Path, params: dict, script: Path, results: list) -> None:
+    "The code of --baseline and this code, loaded in turn; the median of each server's rounds goes to `results`."
+    base = tmp / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base), args.baseline], check=True)
+    procs, urls = [], {}
+    try:
+        for name, env in (("baseline", {"PYTHONPATH": str(base)}), ("current", {})):
+            logs = {"dir": str(tmp / f"{name}-predictions"), "feedback_dir": str(tmp / f"{name}-feedback")}
+            (tmp / f"{name}.yaml").write_text(json.dumps({**params, "serve": {**params["serve"], "prediction_log": logs}}))
+            port = free_port()
+            print(f"mlnb serve from {args.baseline if name == 'baseline' else 'this tree'} (all features on)", flush=True)
+            procs.append(run_server(name, [str(BIN / "mlnb"), "serve", "--params", str(tmp / f"{name}.yaml"),
+                                           "--port", str(port)], f"http://127.0.0.1:{port}/v2/health/ready", env,
+                                    tmp / f"{name}.log"))
+            urls[name] = f"http://127.0.0.1:{port}/invocations"
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_ in range(args.rounds):
+            for c in CONCURRENCY:
+                order = list(urls) if round_ % 2 == 0 else list(urls)[::-1]
+                for name in order:
+                    wrk(urls[name], script, c, 2)                        # warm-up, not measured
+                    r = wrk(urls[name], script, c, args.duration)
+                    runs.setdefault((name, c), []).append(r)
+                    print(f"  round {round_ + 1} {name:8s} c={c:<3d} {r['rps']:8.0f} req/s  p99 {r['p99_ms']:8.3f} ms",
+                          flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+    for (name, c), rs in runs.items():
+        median = {k: float(pd.Series([r[k] for r in rs]).median()) for k in ("rps", "p50_ms", "p99_ms")}
+        results.append({"server": name, "concurrency": c, **median, "errors": sum(r["errors"] for r in rs),
+                        "requests": sum(r["requests"] for r in rs)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     ap.add_argument("--skip-mlflow", action="store_true")
     ap.add_argument("--rollout", action="store_true", help="also measure a 5% and a 50% split and a shadow")
     ap.add_argument("--baseline", metavar="REV", help="also serve with the mlnb code of this git revision")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds; the median counts")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
@@ -142,17 +181,7 @@ def main() -> None:
         finally: stop(proc)
 
         if args.baseline:
-            base = tmp / "baseline"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base), args.baseline], check=True)
-            print(f"mlnb serve from {args.baseline} (all features on)", flush=True)
-            port = free_port()
-            proc = run_server("baseline", [str(BIN / "mlnb"), "serve", "--params", str(tmp / "params.yaml"), "--port", str(port)],
-                              f"http://127.0.0.1:{port}/v2/health/ready", {"PYTHONPATH": str(base)}, tmp / "baseline.log")
-            try:
-                load("baseline", f"http://127.0.0.1:{port}/invocations", script, args.duration, results)
-            finally:
-                stop(proc)
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+            paired(args, tmp, params, script, results)
 
         print("mlnb serve (all features on)", flush=True)
         port = free_port()
@@ -213,8 +242,8 @@ def main() -> None:
         line = f"  c={c:<3d} mlnb/floor throughput {by['mlnb', c]['rps'] / by['floor', c]['rps']:.2f}"
         if ("mlflow", c) in by: line += f"   mlnb/mlflow {by['mlnb', c]['rps'] / by['mlflow', c]['rps']:.0f}x"
         if ("baseline", c) in by:
-            line += f"   mlnb/baseline throughput {by['mlnb', c]['rps'] / by['baseline', c]['rps']:.3f}"
-            line += f" p99 {by['mlnb', c]['p99_ms'] / by['baseline', c]['p99_ms']:.3f}"
+            line += f"   current/baseline throughput {by['current', c]['rps'] / by['baseline', c]['rps']:.3f}"
+            line += f" p99 {by['current', c]['p99_ms'] / by['baseline', c]['p99_ms']:.3f}"
         for mode in ("split5", "split50", "shadow"):
             if (f"mlnb-{mode}", c) in by: line += f"   {mode}/mlnb {by[f'mlnb-{mode}', c]['rps'] / by['mlnb', c]['rps']:.2f}"
         print(line)
@@ -224,8 +253,8 @@ def main() -> None:
              ("c=64 p99 <= 50 ms", by["mlnb", 64]["p99_ms"] <= 50),
              ("no errors", all(r["errors"] == 0 for r in results if r["server"] == "mlnb"))]
     if args.baseline:
-        goals += [(f"c={c} throughput >= 95% of {args.baseline}", by["mlnb", c]["rps"] >= 0.95 * by["baseline", c]["rps"])
-                  for c in CONCURRENCY]
+        goals += [(f"c={c} throughput >= 95% of {args.baseline} (medians of {args.rounds} alternating rounds)",
+                   by["current", c]["rps"] >= 0.95 * by["baseline", c]["rps"]) for c in CONCURRENCY]
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
     write_results(table, goals, args)
@@ -235,7 +264,7 @@ def write_results(table: pd.DataFrame, goals: list[tuple[str, bool]], args) -> N
     "The figures as JSON and as a Markdown table for the docs (benchmarks/results/serve.*)."
     out = ROOT / "benchmarks/results"
     out.mkdir(parents=True, exist_ok=True)
-    facts = {"duration_seconds": args.duration, "baseline": args.baseline, "results": table.to_dict("records"),
+    facts = {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "results": table.to_dict("records"),
              "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]}
     (out / "serve.json").write_text(json.dumps(facts, indent=1) + "\n")
     md = ["| server | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
