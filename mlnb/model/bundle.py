@@ -59,7 +59,7 @@ class Lineage(BaseModel):
     selected_run_id: str | None = None
 
 _PLAIN = ("task", "target", "family", "metric", "positive_class", "quantization")   # tags holding the fact as text
-_JSON = {"classes": "mlnb.classes", "parity": "mlnb.parity", "robustness": "mlnb.evaluation.robustness"}
+_JSON = {"classes": "mlnb.classes", "parity": "mlnb.parity", "robustness": "mlnb.robustness"}
 
 class VersionFacts(BaseModel):
     "What a registered version is: its identity, what it decides, how it scored and where it came from."

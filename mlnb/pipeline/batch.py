@@ -210,7 +210,7 @@ def score_piece(piece: Piece, job: Job, model: bytes) -> dict:
     if samples:
         bad_dir = final.parent / "_bad"; bad_dir.mkdir(exist_ok=True)
         pd.concat(samples, ignore_index=True).to_parquet(bad_dir / f"bad-{piece.index:05d}.parquet", index=False)
-    out = pa.concat_tables(tables).replace_schema_metadata({b"mlnb.pipeline.batch": json.dumps(stats).encode()})
+    out = pa.concat_tables(tables).replace_schema_metadata({b"mlnb.batch": json.dumps(stats).encode()})
     tmp = final.with_name(f".{final.name}.tmp")
     # dictionary pages only for the columns that are dictionaries (ids and probabilities would only pay for trying); zstd:
     # a third of snappy's size here, and with that choice faster to write than the defaults
@@ -239,7 +239,7 @@ class BatchResult:
     def to_dict(self) -> dict: return asdict(self)
 
 def piece_stats(path: Path) -> dict:
-    return json.loads(pq.read_schema(path).metadata[b"mlnb.pipeline.batch"])
+    return json.loads(pq.read_schema(path).metadata[b"mlnb.batch"])
 
 def _check_columns(files: list[Path], needed: list[str]) -> None:
     for f in files:

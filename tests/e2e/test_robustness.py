@@ -77,7 +77,7 @@ def test_passing_robustness_gates_are_recorded_on_the_version(pipeline):
     block = evaluation(pipeline)["robustness"]
     assert gates["robustness:numeric"]["passed"] and gates["robustness:numeric"]["value"] == block["flip_rate"]["0.1"]
     assert gates["robustness:categorical"]["passed"] and gates["robustness:categorical"]["value"] == block["categorical_flip_rate"]
-    assert json.loads(v.tags["mlnb.evaluation.robustness"]) == block                    # the gates' input, kept on the version
+    assert json.loads(v.tags["mlnb.robustness"]) == block                    # the gates' input, kept on the version
     card = run(["mlnb", "registry", "card", "churn", "1"], pipeline).stdout
     assert "## Robustness" in card and "robustness:numeric" in card and "rows flipped by one categorical swap" in card
 
