@@ -56,7 +56,7 @@ class Chapter:
 
 
 def chapters(paths=None) -> list[Chapter]:
-    return [Chapter.read(Path(p)) for p in (paths or book_notebooks())]
+    return [Chapter.read(Path(p).resolve()) for p in (paths or book_notebooks())]
 
 
 def report(paths=None) -> str:
