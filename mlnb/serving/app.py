@@ -48,15 +48,19 @@ def json_response(content, status: int = 200) -> Response:
     "For the Starlette routes; the inference path uses `json_reply`."
     return Response(json_reply(content)[1], status, media_type="application/json")
 
+# %% ../../nbs/08_serving/08_app.ipynb #1b860b62
 def error_response(message: str, status: int) -> Response: return json_response({"error": message}, status)
 
+# %% ../../nbs/08_serving/08_app.ipynb #e583cce5
 def model_response(body: BaseModel, status: int = 200) -> Response:
     "An answer built from its pydantic model: the fields that were set (an optional one left out stays out)."
     return Response(body.model_dump_json(exclude_unset=True), status, media_type="application/json")
 
+# %% ../../nbs/08_serving/08_app.ipynb #d1125234
 class ClientDisconnected(MlnbError):
     "The client went away before sending its whole request."
 
+# %% ../../nbs/08_serving/08_app.ipynb #0a094376
 async def receive_body(receive, headers, limit: int) -> bytes:
     "The request body from ASGI `receive`, refused (413) past `limit` bytes before it is read whole."
     length = headers.get("content-length")
@@ -74,6 +78,7 @@ async def receive_body(receive, headers, limit: int) -> bytes:
         if not message.get("more_body", False): break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+# %% ../../nbs/08_serving/08_app.ipynb #0e15755b
 def parse_json(body: bytes):
     if not body: raise RequestError("empty request body; send a JSON object")
     try: return orjson.loads(body)
@@ -95,13 +100,16 @@ class Call:
         return cls(scope["method"], scope["path"], {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
                    path_params, scope["client"][0] if scope.get("client") else None)
 
+# %% ../../nbs/08_serving/08_app.ipynb #a604f6aa
 Reply = tuple[int, bytes, bytes, list]      # status, body, content type, extra headers
 
 def json_reply(content, status: int = 200) -> Reply:
     return status, orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), b"application/json", []
 
+# %% ../../nbs/08_serving/08_app.ipynb #babe30d7
 def error_reply(message: str, status: int) -> Reply: return json_reply({"error": message}, status)
 
+# %% ../../nbs/08_serving/08_app.ipynb #e0d90bc8
 def _header_safe(value: str | None) -> bytes:
     "A client-chosen id echoed in a header only if it cannot break the header."
     return value.encode() if value and value.isascii() and value.isprintable() else b""
@@ -112,6 +120,7 @@ async def send_reply(send, reply: Reply, request_id: str | None) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
+# %% ../../nbs/08_serving/08_app.ipynb #5973366c
 def denial_reply(denial: Denial) -> Reply:
     "A refusal: 401 with the `WWW-Authenticate` challenge HTTP requires, or 403."
     status, body, content_type, _ = error_reply(denial.message, denial.status)
@@ -448,6 +457,7 @@ def parse_v2_request(server: ModelServer, call: Call, body: bytes, model: Served
     batch = parse_v2(payload, model.contract, server.key_field)
     return batch, requested_outputs(payload, model.onnx.outputs)
 
+# %% ../../nbs/08_serving/08_app.ipynb #9c92c2ce
 def respond_v2(server: ModelServer, model: ServedModel, outputs: dict, ids: list[str], request_id: str,
                wanted) -> Reply:
     names, binary = wanted
@@ -457,12 +467,14 @@ def respond_v2(server: ModelServer, model: ServedModel, outputs: dict, ids: list
     extra = [(b"inference-header-content-length", str(len(header)).encode())]
     return 200, header + b"".join(blobs), b"application/octet-stream", extra
 
+# %% ../../nbs/08_serving/08_app.ipynb #a8239729
 def parse_mlflow_request(server: ModelServer, call: Call, body: bytes, model: ServedModel):
     content_type = call.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type not in ("application/json", ""):
         raise RequestError(f"content type {content_type!r} is not supported; send application/json", 415)
     return parse_mlflow(parse_json(body), model.contract, server.key_field), None
 
+# %% ../../nbs/08_serving/08_app.ipynb #e6aac6a3
 def respond_mlflow(server: ModelServer, model: ServedModel, outputs: dict, ids: list[str], request_id: str,
                    _) -> Reply:
     classes = None
@@ -511,6 +523,7 @@ def inference_routes() -> list[Route]:
             Route("/v2/models/{name}/infer", fast_path_only, methods=["POST"], name="v2"),
             Route("/v2/models/{name}/versions/{version}/infer", fast_path_only, methods=["POST"], name="v2")]
 
+# %% ../../nbs/08_serving/08_app.ipynb #393fbd97
 def create_app(server: ModelServer):
     "The ASGI app around a `ModelServer`."
     async def live(request): return model_response(Liveness(live=True))
@@ -652,18 +665,22 @@ def serve_config(cfg: Config, **overrides) -> Config:
     if not changes: return cfg
     return cfg.model_copy(update={"serve": ServeConfig.model_validate({**cfg.serve.model_dump(), **changes})})      # validated again: flags obey the same rules
 
+# %% ../../nbs/08_serving/08_app.ipynb #f3890f0b
 def model_ref(cfg: Config) -> ModelRef:
     return ModelRef.parse(cfg.serve.model or f"{cfg.model_name}@champion", default_name=cfg.model_name)
 
+# %% ../../nbs/08_serving/08_app.ipynb #93f60eec
 def public_key_path(cfg: Config) -> Path:
     from mlnb.registry.store import signing_keys
     return signing_keys(cfg)[1]
 
+# %% ../../nbs/08_serving/08_app.ipynb #f3836dea
 def registry_client_fails_fast() -> None:
     "A down tracking server fails a registry call in seconds, not MLflow's default of minutes of retries: the next poll tries again."
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
         os.environ.setdefault(name, value)            # the operator's own settings win
 
+# %% ../../nbs/08_serving/08_app.ipynb #0183579e
 def build_server(cfg: Config) -> ModelServer:
     "A server with its model loaded and verified (raises `SignatureError`, `RegistryError`, `FileNotFoundError` or `LogKeyError`)."
     ref = model_ref(cfg)
@@ -674,6 +691,7 @@ def build_server(cfg: Config) -> ModelServer:
     server.model = server.load_at_start()
     return server
 
+# %% ../../nbs/08_serving/08_app.ipynb #45084010
 def app_from_environment():
     "uvicorn factory for worker processes: the config comes from MLNB_SERVE_CONFIG (JSON)."
     from mlnb.core.config import config_from_dict
@@ -681,6 +699,7 @@ def app_from_environment():
     cfg = config_from_dict(orjson.loads(os.environ["MLNB_SERVE_CONFIG"]), "MLNB_SERVE_CONFIG")
     return create_app(build_server(cfg))
 
+# %% ../../nbs/08_serving/08_app.ipynb #0b0df7f9
 def _no_passphrase(): raise ConfigError("serve.tls.keyfile is encrypted; give the server an unencrypted key readable only by its user")
 
 def tls_options(tls: TLSConfig) -> dict:
@@ -694,11 +713,13 @@ def tls_options(tls: TLSConfig) -> dict:
         raise ConfigError(f"serve.tls: {tls.certfile} and {tls.keyfile} are not a PEM certificate and its private key: {e.reason or e}") from None
     return {"ssl_certfile": tls.certfile, "ssl_keyfile": tls.keyfile}
 
+# %% ../../nbs/08_serving/08_app.ipynb #2906492a
 def is_loopback(host: str) -> bool:
     if host == "localhost": return True
     try: return ipaddress.ip_address(host).is_loopback
     except ValueError: return False
 
+# %% ../../nbs/08_serving/08_app.ipynb #40c4a674
 def warn_if_exposed(s: ServeConfig) -> None:
     "A warning for a server reachable from other machines without access control, or whose keys would travel in clear text."
     if is_loopback(s.host): return
@@ -708,6 +729,7 @@ def warn_if_exposed(s: ServeConfig) -> None:
     elif not s.tls.enabled:
         log.warning("serving on %s without TLS: API keys cross the network in clear text; set serve.tls.certfile and keyfile", s.host)
 
+# %% ../../nbs/08_serving/08_app.ipynb #4b3914b6
 def run(cfg: Config) -> None:
     "Serve until SIGTERM/SIGINT."
     import uvicorn

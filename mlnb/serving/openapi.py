@@ -35,6 +35,7 @@ def column_schema(column: Column) -> dict:
     return _nullable({"anyOf": [{"type": "string", "enum": sorted(column.categories)}, {"type": "string"}],
                       "description": "a known category; any other string is accepted as an unseen one"}, column)
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #8f4e519e
 def row_schema(contract: Contract, key_field: str | None = None) -> dict:
     "One row as a JSON object: every input, nothing else (but the routing key field, when one is configured)."
     properties = {c.name: column_schema(c) for c in contract.columns}
@@ -59,6 +60,7 @@ def mlflow_request_schema(contract: Contract, key_field: str | None = None) -> d
     return {"oneOf": [one("dataframe_split", split), one("dataframe_records", _rows(contract, key_field)),
                       one("instances", _rows(contract, key_field)), one("inputs", {"oneOf": [columnar, _rows(contract, key_field)]})]}
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #bf469e4b
 def tensor_schema(column: Column) -> dict:
     "One V2 input tensor carrying one column: [N] or [N, 1] values."
     datatypes = ["BYTES"] if column.kind == "string" else sorted(V2_NUMERIC - {"BOOL"})
@@ -68,6 +70,7 @@ def tensor_schema(column: Column) -> dict:
         "data": {"type": "array", "items": column_schema(column)},
         "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}}}}
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #778c32e0
 def v2_request_schema(contract: Contract, output_names: list[str]) -> dict:
     "The JSON body of a V2 inference request (or the JSON header of a binary one)."
     return {"type": "object", "required": ["inputs"], "properties": {
@@ -107,6 +110,7 @@ class _Body(BaseModel):
     "A request body: strict types (no coercion of numbers to strings or back), no unknown fields."
     model_config = ConfigDict(extra="forbid", strict=True)
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #89657ccd
 class FeedbackItem(BaseModel):
     "One label: the prediction's id and the true label (a classifier) or value (a regressor). Other fields are ignored."
     prediction_id: StrictStr = Field(min_length=1, description="the id the prediction was answered with")
@@ -130,18 +134,22 @@ class FeedbackItem(BaseModel):
             raise PydanticCustomError("value", "{actual} must be a finite number", {"actual": repr(actual)})
         return actual
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #d2280108
 class FeedbackRequest(BaseModel):
     "`POST /feedback`: labels for earlier predictions, by id (a bare list of the items is taken too)."
     feedback: list[FeedbackItem] = Field(min_length=1)
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #12207d1f
 class FeedbackItems(RootModel[Annotated[list[FeedbackItem], Field(min_length=1)]]):
     "`POST /feedback` as a bare list of items."
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #0e5bf97f
 class FeedbackResult(BaseModel):
     "How many labels were taken, and the ids this server never issued."
     accepted: int = Field(ge=0)
     unknown_ids: list[str]
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #559db63e
 RolloutAction = Literal["start", "pause", "resume", "rollback"]
 
 class RolloutCommand(_Body):
@@ -150,6 +158,7 @@ class RolloutCommand(_Body):
     challenger: str | None = Field(None, description="a model reference (NAME@ALIAS, NAME/VERSION) or an .onnx path")
     mode: Literal["canary", "split", "shadow"] | None = None
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #6db23d27
 class VariantWindow(BaseModel):
     "One variant's numbers in the current rollout step."
     requests: int
@@ -159,6 +168,7 @@ class VariantWindow(BaseModel):
     labelled: int
     accuracy: float | None = Field(description="on the feedback labels; null before the first")
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #44e3357c
 class RolloutProgress(BaseModel):
     "The rollout's state machine: where it is and why."
     state: Literal["running", "paused", "promoting", "awaiting_approval", "promoted", "rolled_back"]
@@ -171,16 +181,19 @@ class RolloutProgress(BaseModel):
     champion: VariantWindow
     challenger: VariantWindow
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #edcf2b03
 class ChallengerInfo(BaseModel):
     version: str
     source: str
     sha256: str
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #4beb0832
 class RoutingKey(BaseModel):
     "Where a request's routing key is read: this header, else this input field."
     header: str
     field: str | None
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #41ed8a89
 class RolloutState(BaseModel):
     "`GET /admin/rollout` and every rollout command's answer."
     mode: Literal["off", "canary", "split", "shadow"]
@@ -192,17 +205,20 @@ class RolloutState(BaseModel):
     shadow_in_flight: int
     last_error: str | None
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #e54188b2
 class ReloadResult(BaseModel):
     "`POST /admin/reload`: whether another version is served now (`previous` only when it is)."
     reloaded: bool
     version: str
     previous: str | None = None
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #7e7f0c7c
 class CacheStats(BaseModel):
     hits: int
     misses: int
     entries: int
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #bfc14a44
 class ServedModelInfo(BaseModel):
     "`GET /admin/model`: the served model, where it came from, why the last reload failed, and the cache."
     name: str
@@ -221,55 +237,66 @@ class ServedModelInfo(BaseModel):
     registry_error: str | None = Field(description="why the registry could not be asked last time")
     cache: CacheStats | None
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #d125100f
 class ApiKeyInfo(BaseModel):
     "A key's name, role and creation time: never the key, nor its digest."
     name: str
     role: Literal["predict", "operate", "admin"]
     created: str
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #bfc8edf8
 class KeyListing(BaseModel):
     "`GET /admin/keys` and `POST /admin/keys/reload`."
     keys_file: str
     keys: list[ApiKeyInfo]
     error: str | None = Field(description="why the keys file could not be read last time (the previous keys stay)")
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #784a41e2
 class Error(BaseModel):
     "Every refusal and failure: what went wrong, naming the field."
     error: str
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #befb115b
 class Liveness(BaseModel):
     live: bool
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #f2419849
 class RegistryReadiness(BaseModel):
     "Whether reloads can follow the registry: it answered the last time it was asked."
     ready: bool
     reason: str | None = None
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #3a41a8a4
 class Readiness(BaseModel):
     "Serving; `reload` only for a registered reference."
     ready: bool
     reload: RegistryReadiness | None = None
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #e6c038cc
 class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #7b70b6c3
 class ModelReadiness(BaseModel):
     name: str
     ready: bool
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #7dc936ff
 class TensorMetadata(BaseModel):
     name: str
     datatype: str
     shape: list[int] = Field(description="-1 for the batch dimension")
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #3c22356e
 class ModelParameters(BaseModel):
     task: Literal["classification", "regression"]
     classes: list[str] | None
     sha256: str
     max_rows: int
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #ded5c8ac
 class ModelMetadata(BaseModel):
     "Open Inference Protocol model metadata."
     name: str
@@ -279,10 +306,13 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
     parameters: ModelParameters
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #cdbe2d71
 REQUEST_MODELS = (FeedbackRequest, FeedbackItems, RolloutCommand)
+
 RESPONSE_MODELS = (Error, FeedbackResult, RolloutState, ReloadResult, ServedModelInfo, KeyListing, Liveness, Readiness,
                    ServerMetadata, ModelReadiness, ModelMetadata)
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #25852d79
 def field_path(loc: tuple, root: str = "body") -> str:
     "A pydantic error location as a path: `feedback[0].actual`."
     out = ""
@@ -291,6 +321,7 @@ def field_path(loc: tuple, root: str = "body") -> str:
         else: out += f".{part}" if out else str(part)
     return out if out and not out.startswith("[") else root + out
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #9fc9ba73
 def validation_message(error: ValidationError, hint: str = "", limit: int = 3) -> str:
     "What is wrong with a body, field by field (the first `limit`), then how to send it."
     problems = []
@@ -301,6 +332,7 @@ def validation_message(error: ValidationError, hint: str = "", limit: int = 3) -
     if more > 0: problems.append(f"and {more} more")
     return "; ".join([*problems, hint] if hint else problems)
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #aa55c06c
 def validated(model: type[BaseModel], body: bytes, hint: str = "", context: dict | None = None):
     "`body` parsed and checked by `model`; otherwise a `RequestError` (400) naming each wrong field, and `hint`."
     if not body.strip(): raise RequestError(f"empty request body; {hint or 'send a JSON object'}")
@@ -309,6 +341,7 @@ def validated(model: type[BaseModel], body: bytes, hint: str = "", context: dict
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #111b2f85
 REF = "#/components/schemas/{model}"
+
 _NULL = {"type": "null"}
 
 def openapi30(schema: dict) -> dict:
@@ -331,6 +364,7 @@ def openapi30(schema: dict) -> dict:
         if "enum" in s: s["enum"] = [*s["enum"], None]
     return s
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #23544193
 @functools.cache
 def _model_schemas() -> dict:
     schemas = {}
@@ -388,10 +422,12 @@ def _feedback_item(schemas: dict, task: str, classes: list[str] | None) -> None:
     item = schemas["FeedbackItem"]["properties"]
     item["actual"] = {**actual, "description": item["actual"]["description"]}
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #f9d71d3d
 def feedback_request_schema(task: str, classes: list[str] | None) -> dict:
     "The `/feedback` body: `{\"feedback\": [items]}` or the bare list (its items `#/components/schemas/FeedbackItem`)."
     return {"oneOf": [_ref(FeedbackRequest), _ref(FeedbackItems)]}
 
+# %% ../../nbs/08_serving/06_openapi.ipynb #f8fa4dc3
 def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_body_bytes: int | None = None,
                    server_version: str = "", metrics_public: bool = True) -> dict:
     """The OpenAPI 3.0 document of the server serving `model` (a `ServedModel`: name, version, task, classes, contract,

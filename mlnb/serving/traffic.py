@@ -38,6 +38,7 @@ def check_compatible(champion: ServedModel, challenger: ServedModel) -> None:
                            f"vs the champion's {champion.task} {champion.classes}")
     if challenger.sha256 == champion.sha256: raise RolloutError(f"the challenger ({challenger.source}) is the champion's own model file")
 
+# %% ../../nbs/08_serving/07_traffic.ipynb #066d5eb3
 def output_scores(model: ServedModel, outputs: dict, positive=None) -> np.ndarray | None:
     "What the output-drift check compares: the positive class's probability (binary), the top class's (multiclass); None for regression."
     p = outputs.get("probabilities")
