@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 UV_VERSION := 0.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: env tools run test test-slow test-all lab bench lock clean team-up team-down
+.PHONY: env tools run test test-slow test-all docs lab bench lock clean team-up team-down
 
 # The environment: pinned versions from requirements.lock, mlnb itself editable, and a
 # Jupyter kernel named `mlnb` inside the venv that papermill and JupyterLab use.
@@ -23,11 +23,13 @@ env: $(VENV)/.installed
 
 # What the tests need beyond Python, from Debian's packages: promtool (package `prometheus`) checks the Prometheus config
 # and alert rules in deploy/; a local PostgreSQL (role mlnb) backs the team-mode MLflow server the registry tests start.
+# chromium: the documentation test opens the built site in it (headless) and takes screenshots.
 tools:
 	command -v promtool >/dev/null || (apt-get install -y --no-install-recommends prometheus || (apt-get update && apt-get install -y --no-install-recommends prometheus) || sudo apt-get install -y --no-install-recommends prometheus)
+	command -v chromium >/dev/null || (apt-get install -y --no-install-recommends chromium || (apt-get update && apt-get install -y --no-install-recommends chromium) || sudo apt-get install -y --no-install-recommends chromium)
 	bash deploy/team/postgres.sh
 
-# Team mode on this machine: PostgreSQL and an MLflow tracking server on 127.0.0.1:5000 backed by it (README: Team mode).
+# Team mode on this machine: PostgreSQL and an MLflow tracking server on 127.0.0.1:5000 backed by it (docs/guides/team-mode.md).
 team-up: env
 	bash deploy/team/up.sh
 
@@ -50,6 +52,11 @@ test-slow: env tools
 	pytest -m slow
 
 test-all: test test-slow
+
+# The documentation site, built from the notebooks (with their stored outputs) and docs/guides/ by Sphinx: _docs/html/.
+# It also writes README.md from nbs/index.ipynb.
+docs: env
+	python docs/build.py
 
 lab: env
 	jupyter lab

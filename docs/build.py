@@ -53,11 +53,25 @@ def heading_anchors(markdown: str) -> set[str]:
 class Site:
     "The pages being staged: each page's source suffix and its heading anchors, so links into the site can be checked as written."
     def __init__(self, base: str):
-        self.base, self.suffix, self.anchors = base, {}, {}
+        self.base, self.suffix, self.anchors, self.origin, self.pages = base, {}, {}, {}, {}
 
-    def add(self, page: Path, suffix: str, markdown: str) -> None:
+    def add(self, page: Path, suffix: str, markdown: str, origin: Path) -> None:
+        "A page, its source suffix in the staged tree, its text (for the anchors) and the file in the repository it comes from."
         self.suffix[page.as_posix()] = suffix
         self.anchors[page.as_posix()] = heading_anchors(markdown)
+        self.origin[page.as_posix()] = origin.resolve()
+        self.pages[origin.resolve()] = page.as_posix()
+
+    def source_link(self, target: str, page: Path) -> str:
+        """A relative link written between files of the repository (a guide to a notebook, the index to a guide, as they
+        read on GitHub) as the link between the pages they become; any other link as it was."""
+        path, _, anchor = target.partition("#")
+        if not path or re.match(r"^[a-z]+:", path): return target
+        file = (self.origin[page.as_posix()].parent / path).resolve()
+        if file not in self.pages: return target
+        dest = self.pages[file]
+        rel = os.path.relpath(dest + self.suffix[dest], start=page.parent.as_posix() or ".")
+        return rel + (f"#{anchor}" if anchor else "")
 
     def link(self, url: str, page: Path) -> str:
         """A link to the published site (nbdev writes them, `doc_host` + page + `#name`) as a link between source files,
@@ -73,6 +87,7 @@ class Site:
     def localize(self, text: str, page: Path) -> str:
         "Links into the site made relative; Quarto's link attributes (`{target=...}`) dropped, since Sphinx does not read them."
         text = re.sub(r"\)\{target=\"_blank\"[^}]*\}", ")", text)
+        text = re.sub(r"(\]\()([^)\s]+)(\))", lambda m: m.group(1) + self.source_link(m.group(2), page) + m.group(3), text)
         return re.sub(re.escape(self.base) + r"[^)\s\"'>]*", lambda m: self.link(m.group(0), page), text)
 
 
@@ -83,8 +98,8 @@ def myst_cell(cell: dict) -> dict | None:
     if cell["cell_type"] == "raw":                                     # nbdev's front matter: the title and description
         meta = dict(re.findall(r"^(title|description): (.*(?:\n  .*)*)", "".join(cell["source"]), re.M))
         if "title" not in meta: return None
-        desc = " ".join(meta.get("description", "").split())
-        return {"cell_type": "markdown", "metadata": {}, "source": f"# {meta['title'].strip()}\n\n{desc}\n"}
+        desc, title = (" ".join(meta.get(k, "").split()).strip("'\"") for k in ("description", "title"))
+        return {"cell_type": "markdown", "metadata": {}, "source": f"# {title}\n\n{desc}\n"}
     source = "".join(cell["source"])
     if cell["cell_type"] == "markdown":
         cell["source"] = source
@@ -192,10 +207,10 @@ def stage(src: Path) -> None:
     for nb in chapters:
         page = page_of(nb)
         pages[page] = process(nb)
-        site.add(page, ".ipynb", "\n\n".join(c["source"] for c in pages[page] if c["cell_type"] == "markdown"))
+        site.add(page, ".ipynb", "\n\n".join(c["source"] for c in pages[page] if c["cell_type"] == "markdown"), nb)
         print(f"  {nb.relative_to(ROOT)} -> {page}", flush=True)
     guides = {Path("guides") / g: (DOCS / "guides" / f"{g}.md").read_text() for g in GUIDES}
-    for page, text in guides.items(): site.add(page, ".md", text)
+    for page, text in guides.items(): site.add(page, ".md", text, DOCS / page.with_suffix(".md"))
     for page, cells in pages.items():
         write_notebook(src / page.with_suffix(".ipynb"), [localize_cell(c, site, page) for c in cells])
     for page, text in guides.items():
@@ -218,6 +233,21 @@ def markdown_copies(src: Path, html: Path) -> None:
         shutil.copy(md, html / "guides" / f"{md.stem}.html.md")
 
 
+def readme() -> str:
+    """README.md: the index notebook's markdown, its links to notebooks and guides made relative to the repository's root
+    (so they work on GitHub); the index is the README's source."""
+    cells = json.loads((NBS / "index.ipynb").read_text())["cells"]
+    text = "\n\n".join("".join(c["source"]).strip() for c in cells if c["cell_type"] == "markdown")
+    def rebase(m):
+        target = m.group(2)
+        if re.match(r"^([a-z]+:|#)", target): return m.group(0)
+        return m.group(1) + os.path.relpath((NBS / target).resolve(), ROOT) + m.group(3)
+    text = re.sub(r"(\]\()([^)\s]+)(\))", rebase, text)
+    text = text.replace("`nbs/stages/`", "[`nbs/stages/`](nbs/stages)")
+    return ("<!-- Generated from nbs/index.ipynb by `make docs`; edit the notebook, not this file. -->\n\n" + text + "\n"
+            + f"\nThe documentation site: `make docs`, then open `_docs/html/index.html` (published at {doc_base()}).\n")
+
+
 def build(out: Path) -> Path:
     src, html = out / "src", out / "html"
     print(f"staging the book into {src}", flush=True)
@@ -234,6 +264,9 @@ def build(out: Path) -> Path:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "_docs", help="build folder (the site goes to OUT/html)")
+    ap.add_argument("--readme", action="store_true", help="only write README.md from nbs/index.ipynb")
     args = ap.parse_args()
+    (ROOT / "README.md").write_text(readme())
+    if args.readme: sys.exit(0)
     try: build(args.out.resolve())
     except subprocess.CalledProcessError as e: sys.exit(f"docs: sphinx-build failed (exit status {e.returncode}); see the warnings above")
