@@ -30,7 +30,7 @@ __all__ = ['SEALED_SUFFIX', 'log', 'key_id', 'is_sealed', 'plain_size', 'LogKeys
            'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids',
            'join_feedback']
 
-# %% ../../nbs/08_serving/03_predlog.ipynb #5a3966ec
+# %% ../../nbs/08_serving/03_predlog.ipynb #96fba078
 SEALED_SUFFIX = ".parquet.enc"
 _HEADER = struct.Struct("!7sB8s12s")                  # magic, format version, key id, nonce
 _MAGIC, _FORMAT, _TAG_BYTES = b"MLNBLOG", 1, 16
@@ -39,14 +39,17 @@ def key_id(key: bytes) -> bytes:
     "The 8 bytes that name a key in a sealed file's header (they reveal nothing of the key)."
     return hashlib.sha256(b"mlnb log key id\0" + key).digest()[:8]
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #8f5abaf4
 def is_sealed(path: str | Path) -> bool:
     "Whether `path` names an encrypted log file (by its suffix)."
     return str(path).endswith(SEALED_SUFFIX)
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #fd564931
 def plain_size(sealed_size: int) -> int:
     "The size of the Parquet file inside a sealed file of `sealed_size` bytes."
     return sealed_size - _HEADER.size - _TAG_BYTES
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #43b29f81
 @dataclass(frozen=True, repr=False)
 class LogKeys:
     "AES-256-GCM keys for the logs: the first seals new files, any of them opens old ones."
@@ -91,7 +94,7 @@ def _no_key_error(path: str | Path) -> LogKeyError:
     return LogKeyError(f"{path}: this log file is encrypted and no key is configured; reading it needs the key "
                        "(serve.prediction_log.encryption.key_file, or the keys in $MLNB_LOG_KEY / encryption.key_env)")
 
-# %% ../../nbs/08_serving/03_predlog.ipynb #84b66229
+# %% ../../nbs/08_serving/03_predlog.ipynb #664159ff
 def log_keys(encryption, environ=None) -> LogKeys | None:
     "The keys `serve.prediction_log.encryption` points to (None: the logs are written in plain Parquet)."
     environ = os.environ if environ is None else environ
@@ -102,6 +105,7 @@ def log_keys(encryption, environ=None) -> LogKeys | None:
     if not path.is_file(): raise LogKeyError(f"serve.prediction_log.encryption.key_file {path} does not exist (create it with `mlnb log-key new --key-file {path}`)")
     return LogKeys.parse(path.read_text(), f"key file {path}")
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #61e91381
 def add_log_key(path: str | Path) -> int:
     "Put a new random key first in the key file at `path` (created readable by its owner only); the number of keys it now holds."
     path = Path(path)
@@ -110,7 +114,7 @@ def add_log_key(path: str | Path) -> int:
     with staged_outputs(path, mode=0o600) as tmp: Path(tmp).write_text("\n".join(lines) + "\n")     # 0600 from the start, renamed into place
     return len(lines)
 
-# %% ../../nbs/08_serving/03_predlog.ipynb #fe3790e7
+# %% ../../nbs/08_serving/03_predlog.ipynb #8e09b6cf
 log = logging.getLogger("mlnb.serve")
 
 @dataclass
@@ -121,6 +125,7 @@ class LogStats:
     write_errors: int = 0
     last_error: str | None = None
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #f765433b
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -203,6 +208,7 @@ class ParquetLog:
         "Write everything queued, then stop the writer."
         self._stop.set(); self._wake.set(); self._thread.join(timeout)
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #3701fb0b
 def parquet_bytes(table: pa.Table) -> bytes:
     "A table as the bytes of a Parquet file (zstd, as the plain files are)."
     sink = pa.BufferOutputStream()
@@ -257,7 +263,7 @@ class LogColumns:
         probas = cls.proba_columns(df.columns)
         return df[probas].rename(columns={c: c.removeprefix(cls.PROBA) for c in probas})
 
-# %% ../../nbs/08_serving/03_predlog.ipynb #8eb4e296
+# %% ../../nbs/08_serving/03_predlog.ipynb #e426be8d
 @dataclass
 class PredictionEntry:
     ids: list[str]
@@ -275,6 +281,7 @@ class PredictionEntry:
     cached: int = 0                   # rows answered from the cache
     request_id: str | None = None
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #e73fc7e7
 def _column(arrays: list[np.ndarray]) -> pa.Array:
     "One column from many entries' (rows, 1) or (rows,) arrays, in one concatenation."
     values = np.concatenate(arrays).reshape(-1)
@@ -309,6 +316,7 @@ def _group_table(entries: list[PredictionEntry]) -> pa.Table:
         cols[C.VALUE] = _column([e.outputs["variable"] for e in entries])
     return pa.table(cols)
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #0bd69482
 def prediction_table(entries: list[PredictionEntry]) -> pa.Table:
     "Entries as one table; entries from models with other inputs (a reload) are aligned by column name."
     groups: dict[tuple, list] = {}
@@ -316,7 +324,7 @@ def prediction_table(entries: list[PredictionEntry]) -> pa.Table:
     tables = [_group_table(g) for g in groups.values()]
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
-# %% ../../nbs/08_serving/03_predlog.ipynb #ee5ab397
+# %% ../../nbs/08_serving/03_predlog.ipynb #fd667692
 @dataclass
 class FeedbackEntry:
     prediction_ids: list[str]
@@ -324,6 +332,7 @@ class FeedbackEntry:
     timestamp: float
     source: str | None = None
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #f1a9d9f6
 def feedback_table(entries: list[FeedbackEntry]) -> pa.Table:
     counts = [len(e.prediction_ids) for e in entries]
     labels = [l for e in entries for l in e.labels]
@@ -336,6 +345,7 @@ def feedback_table(entries: list[FeedbackEntry]) -> pa.Table:
                      C.ACTUAL: actual, C.TIMESTAMP: pa.array(micros, pa.timestamp("us", tz="UTC")),
                      C.SOURCE: pa.array(sources, pa.string())})
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #5c3721e7
 class RecentIds:
     "Issues this process's prediction ids (a random prefix + a hex counter) and knows which of the last `capacity` issued were recorded, with no memory per id."
     def __init__(self, capacity: int, prefix: str | None = None):
@@ -373,21 +383,24 @@ class RecentIds:
         i = bisect_right(self._starts, c) - 1
         return i >= 0 and c < self._ends[i]
 
-# %% ../../nbs/08_serving/03_predlog.ipynb #9a83c464
+# %% ../../nbs/08_serving/03_predlog.ipynb #e5873cb7
 def log_files(directory: str | Path) -> list[Path]:
     "A log directory's complete files, plain and sealed, in the order they were written within each day."
     folder = Path(directory)
     return sorted([*folder.glob("date=*/*.parquet"), *folder.glob(f"date=*/*{SEALED_SUFFIX}")])
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #749cd2c5
 def unseal_file(path: str | Path, keys: LogKeys | None) -> bytes:
     "The Parquet bytes of a sealed log file."
     if keys is None: raise _no_key_error(path)
     return keys.open(Path(path).read_bytes(), path)
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #2586fd0a
 def open_log_file(path: str | Path, keys: LogKeys | None = None) -> pa.NativeFile:
     "One log file for pyarrow to read: a sealed one decrypted in memory."
     return pa.BufferReader(unseal_file(path, keys)) if is_sealed(path) else pa.OSFile(str(path))
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #89e11b3b
 class _LogFileSystem(pafs.FileSystemHandler):
     "The local file system, read-only, with sealed log files opened decrypted and sized as their Parquet content."
     def __init__(self, keys: LogKeys | None): self.keys, self.local, self._last = keys, pafs.LocalFileSystem(), (None, b"")
@@ -416,6 +429,7 @@ def _dataset(directory: str | Path, keys: LogKeys | None = None):
     filesystem = pafs.PyFileSystem(_LogFileSystem(keys)) if sealed else None
     return ds.dataset([str(f) for f in files], format="parquet", partitioning=None, filesystem=filesystem)
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #c30b0fef
 def read_log(directory: str | Path, columns: list[str] | None = None, since: datetime | None = None,
              keys: LogKeys | None = None) -> pd.DataFrame:
     "A prediction or feedback log directory as one DataFrame (empty if nothing was logged yet)."
@@ -425,6 +439,7 @@ def read_log(directory: str | Path, columns: list[str] | None = None, since: dat
     flt = ds.field("timestamp") >= pa.scalar(since, pa.timestamp("us", tz="UTC")) if since else None
     return dataset.to_table(columns=columns, filter=flt).to_pandas()
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #7ddfecf5
 def logged_ids(directory: str | Path, ids: list[str], keys: LogKeys | None = None) -> set[str]:
     "Which of `ids` appear in the prediction log on disk."
     import pyarrow.dataset as ds
@@ -433,6 +448,7 @@ def logged_ids(directory: str | Path, ids: list[str], keys: LogKeys | None = Non
     found = dataset.to_table(columns=["prediction_id"], filter=ds.field("prediction_id").isin(ids))
     return set(found.column("prediction_id").to_pylist())
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #14628dcf
 def join_feedback(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
     "Predictions with the latest feedback for each (column `actual`, NaN where none arrived)."
     C = LogColumns

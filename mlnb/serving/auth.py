@@ -21,7 +21,7 @@ __all__ = ['Role', 'ROLES', 'RANK', 'KEY_PREFIX', 'KEY_NAME_PATTERN', 'log', 'OP
            'new_key', 'key_sha256', 'includes', 'ApiKey', 'KeysFile', 'load_keys', 'save_keys', 'create_key',
            'revoke_key', 'required_role', 'Denial', 'presented_key', 'KeyAuth']
 
-# %% ../../nbs/08_serving/05_auth.ipynb #912c3a6b
+# %% ../../nbs/08_serving/05_auth.ipynb #9a64e61b
 Role = Literal["predict", "operate", "admin"]
 ROLES: tuple[str, ...] = ("predict", "operate", "admin")      # each includes the ones before it
 RANK = {role: i for i, role in enumerate(ROLES)}
@@ -34,15 +34,17 @@ def new_key() -> str:
     "A fresh API key: the prefix and 256 random bits."
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
+# %% ../../nbs/08_serving/05_auth.ipynb #29cbfb71
 def key_sha256(key: str) -> str:
     "The hex SHA-256 the keys file stores for `key`."
     return hashlib.sha256(key.encode()).hexdigest()
 
+# %% ../../nbs/08_serving/05_auth.ipynb #0bef40b6
 def includes(role: str, needed: str) -> bool:
     "Whether a key with `role` may do what needs `needed`."
     return RANK[role] >= RANK[needed]
 
-# %% ../../nbs/08_serving/05_auth.ipynb #28aa43e3
+# %% ../../nbs/08_serving/05_auth.ipynb #800d43fa
 class ApiKey(_Strict):
     "One key as the keys file stores it: never the key itself."
     name: str = Field(pattern=KEY_NAME_PATTERN)
@@ -50,6 +52,7 @@ class ApiKey(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created: str
 
+# %% ../../nbs/08_serving/05_auth.ipynb #06b6cc4d
 class KeysFile(_Strict):
     keys: list[ApiKey] = []
 
@@ -62,6 +65,7 @@ class KeysFile(_Strict):
 
     def named(self, name: str) -> ApiKey | None: return next((k for k in self.keys if k.name == name), None)
 
+# %% ../../nbs/08_serving/05_auth.ipynb #a195e897
 def load_keys(path: str | Path) -> KeysFile:
     "Read and validate a keys file (`ConfigError` naming the file and the field)."
     try: return KeysFile.model_validate(read_yaml(path))
@@ -69,12 +73,14 @@ def load_keys(path: str | Path) -> KeysFile:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{path}: {problems}") from None
 
+# %% ../../nbs/08_serving/05_auth.ipynb #3da98562
 def save_keys(keys: KeysFile, path: str | Path) -> None:
     "Write the keys file atomically, readable by its owner only."
     with staged_outputs(path, mode=0o600) as tmp:
         Path(tmp).write_text("# mlnb API keys (mlnb api-key create|list|revoke). Only SHA-256 hashes of the keys are stored.\n"
                              + dump_yaml(keys.model_dump()))
 
+# %% ../../nbs/08_serving/05_auth.ipynb #b718fdbf
 def _locked(path: str | Path):
     from filelock import FileLock
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +99,7 @@ def create_key(path: str | Path, name: str, role: str) -> str:
         save_keys(KeysFile(keys=[*keys.keys, ApiKey(name=name, role=role, sha256=key_sha256(key), created=created)]), path)
     return key
 
+# %% ../../nbs/08_serving/05_auth.ipynb #59fb30e9
 def revoke_key(path: str | Path, name: str) -> ApiKey:
     "Remove the key named `name` from the keys file; the removed entry."
     with _locked(path):
@@ -113,7 +120,7 @@ def required_role(path: str, metrics_public: bool = True) -> str | None:
     if path == "/admin" or path.startswith("/admin/"): return "operate"
     return "predict"
 
-# %% ../../nbs/08_serving/05_auth.ipynb #8ca259d4
+# %% ../../nbs/08_serving/05_auth.ipynb #b49d6b3e
 @dataclass(frozen=True, slots=True)
 class Denial:
     "Why a request was refused: 401 (missing, unknown) or 403 (forbidden), and the message for the caller."
@@ -126,6 +133,7 @@ MISSING = Denial(401, "missing", "missing API key: send 'Authorization: Bearer <
 MALFORMED = Denial(401, "missing", "malformed credentials: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
 UNKNOWN = Denial(401, "unknown", "unknown or revoked API key")
 
+# %% ../../nbs/08_serving/05_auth.ipynb #d48a6667
 def presented_key(headers: dict[str, str]) -> str | None:
     "The key a request carries (lower-case header names); '' when a header is there but holds none or two headers hold different keys, None without one."
     authorization, api_key, bearer = headers.get("authorization"), headers.get("x-api-key"), None

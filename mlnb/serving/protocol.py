@@ -19,7 +19,7 @@ __all__ = ['V2_NUMERIC', 'MLFLOW_KEYS', 'V2_NUMPY', 'Column', 'Contract', 'contr
            'column_array', 'build_batch', 'parse_v2', 'parse_mlflow', 'split_v2_body', 'decode_v2_binary',
            'pack_v2_binary', 'requested_outputs', 'v2_response', 'mlflow_response']
 
-# %% ../../nbs/08_serving/01_protocol.ipynb #ad4d3d15
+# %% ../../nbs/08_serving/01_protocol.ipynb #6bb9bcad
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -27,6 +27,10 @@ class Column:
     dtype: type                     # what ONNX Runtime wants: np.float32, np.float64, np.int64 or object
     nullable: bool = False
     categories: frozenset | None = None
+
+# %% ../../nbs/08_serving/01_protocol.ipynb #df8515e3
+_ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}
+_RANGES = {np.float32: float(np.finfo(np.float32).max), np.float64: math.inf, np.int64: float(2**63 - 1024)}   # the largest magnitude each input type holds
 
 @dataclass(frozen=True)
 class Contract:
@@ -49,9 +53,7 @@ class Contract:
     @cached_property
     def number_range(self) -> float: return min((_RANGES.get(c.dtype, math.inf) for c in self.numbers), default=math.inf)
 
-_ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64}
-_RANGES = {np.float32: float(np.finfo(np.float32).max), np.float64: math.inf, np.int64: float(2**63 - 1024)}   # the largest magnitude each input type holds
-
+# %% ../../nbs/08_serving/01_protocol.ipynb #dfb65430
 def contract_from(onnx_inputs: dict[str, str], schema=None, model_name: str = "model", max_rows: int = 1000) -> Contract:
     "The contract of a model: `onnx_inputs` is `OnnxModel.inputs` (name -> ONNX type); `schema` a `DataSchema` or None."
     cols = []
@@ -64,7 +66,7 @@ def contract_from(onnx_inputs: dict[str, str], schema=None, model_name: str = "m
         else: raise ValueError(f"model input {name!r} has type {typ}, which mlnb cannot serve")
     return Contract(model_name, tuple(cols), max_rows)
 
-# %% ../../nbs/08_serving/01_protocol.ipynb #25be692d
+# %% ../../nbs/08_serving/01_protocol.ipynb #80993943
 def columns_from_rows(contract: Contract, rows: list[tuple]) -> dict[str, np.ndarray]:
     "ONNX Runtime inputs, one (rows, 1) array per column, from validated rows (tuples in contract order): one NumPy call per kind."
     transposed, out = list(zip(*rows)), {}
@@ -79,6 +81,7 @@ def columns_from_rows(contract: Contract, rows: list[tuple]) -> dict[str, np.nda
         out.update({c.name: matrix[j].reshape(-1, 1) for j, c in enumerate(contract.strings)})
     return out
 
+# %% ../../nbs/08_serving/01_protocol.ipynb #2174095f
 @dataclass
 class Batch:
     "Validated inputs: the values as sent, by column; `columns` gives the ONNX Runtime arrays."
@@ -96,6 +99,7 @@ class Batch:
     @property
     def columns(self) -> dict[str, np.ndarray]: return columns_from_rows(self.contract, self.row_keys())
 
+# %% ../../nbs/08_serving/01_protocol.ipynb #63c3cb25
 def _bad_value(column: Column, values: list, label: str) -> RequestError:
     for i, v in enumerate(values):
         if v is None:
@@ -128,7 +132,7 @@ def column_array(column: Column, values: list, label: str) -> tuple[np.ndarray, 
     unknown = 0 if column.categories is None else sum(1 for v in values if v is not None and v not in column.categories)
     return arr, unknown
 
-# %% ../../nbs/08_serving/01_protocol.ipynb #02e0c9ff
+# %% ../../nbs/08_serving/01_protocol.ipynb #4481192b
 _PLAIN_NUMBERS, _STRINGS = frozenset({int, float}), frozenset({str})
 
 def _plain_finite_numbers(contract: Contract, columns: dict[str, list]) -> bool:
@@ -168,7 +172,7 @@ def build_batch(contract: Contract, columns: dict[str, list], label: str, reques
             if n: unknown[c.name] = n
     return Batch(contract, columns, rows, request_id, unknown, routing_keys)
 
-# %% ../../nbs/08_serving/01_protocol.ipynb #83ee14f7
+# %% ../../nbs/08_serving/01_protocol.ipynb #1edc5d8d
 V2_NUMERIC = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
 
 def _flatten(data, label: str) -> list:
@@ -209,7 +213,7 @@ def parse_v2(body, contract: Contract, key_field: str | None = None) -> Batch:
         columns[name] = values
     return build_batch(contract, columns, "request", request_id, key_field)
 
-# %% ../../nbs/08_serving/01_protocol.ipynb #8aeee184
+# %% ../../nbs/08_serving/01_protocol.ipynb #a7de5565
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 def _from_records(records, label: str) -> dict[str, list]:
@@ -242,7 +246,7 @@ def parse_mlflow(body, contract: Contract, key_field: str | None = None) -> Batc
         if not columns: raise RequestError(f"{key}: empty batch (no rows)")
     return build_batch(contract, columns, key, key_field=key_field)
 
-# %% ../../nbs/08_serving/01_protocol.ipynb #fa18da8f
+# %% ../../nbs/08_serving/01_protocol.ipynb #dd3428be
 V2_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "INT8": np.int8,
             "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 
@@ -265,6 +269,7 @@ def split_v2_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]
     n = int(header_length)
     return body[:n], body[n:]
 
+# %% ../../nbs/08_serving/01_protocol.ipynb #a44be159
 def decode_v2_binary(request: dict, binary: bytes) -> dict:
     "Fill each input sent as binary (`parameters.binary_data_size`) with its values."
     offset = 0
@@ -287,6 +292,7 @@ def decode_v2_binary(request: dict, binary: bytes) -> dict:
     if offset != len(binary): raise RequestError(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
     return request
 
+# %% ../../nbs/08_serving/01_protocol.ipynb #0b90e8bc
 def pack_v2_binary(arr: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         parts = []
@@ -296,6 +302,7 @@ def pack_v2_binary(arr: np.ndarray, datatype: str) -> bytes:
         return b"".join(parts)
     return np.ascontiguousarray(arr, dtype=np.dtype(V2_NUMPY[datatype]).newbyteorder("<")).tobytes()
 
+# %% ../../nbs/08_serving/01_protocol.ipynb #76f3db26
 def requested_outputs(request: dict, available: list[str]) -> tuple[list[str], set[str]]:
     "The outputs a V2 request asks for (all by default) and which of them it wants as binary."
     params = request.get("parameters") if isinstance(request.get("parameters"), dict) else {}
@@ -312,7 +319,7 @@ def requested_outputs(request: dict, available: list[str]) -> tuple[list[str], s
         if p.get("binary_data", default_binary): binary.add(o["name"])
     return names, binary
 
-# %% ../../nbs/08_serving/01_protocol.ipynb #bacd7b18
+# %% ../../nbs/08_serving/01_protocol.ipynb #acc691cc
 def _v2_datatype(arr: np.ndarray) -> str:
     if arr.dtype == object or arr.dtype.kind in "US": return "BYTES"
     return {np.dtype(np.float64): "FP64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np.bool_): "BOOL"}.get(arr.dtype, "INT64")
@@ -333,6 +340,7 @@ def v2_response(outputs: dict[str, np.ndarray], model_name: str, version: str, p
     if request_id is not None: out["id"] = request_id
     return out, blobs
 
+# %% ../../nbs/08_serving/01_protocol.ipynb #b9f38805
 def mlflow_response(outputs: dict[str, np.ndarray], model_name: str, version: str, prediction_ids: list[str], classes: list[str] | None) -> dict:
     if "probabilities" in outputs:
         labels, proba = outputs["label"].ravel(), outputs["probabilities"]

@@ -81,7 +81,7 @@ class ServeMetrics:
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-# %% ../../nbs/08_serving/04_telemetry.ipynb #b1bf182c
+# %% ../../nbs/08_serving/04_telemetry.ipynb #17d55005
 class AccessLog:
     "JSON lines, buffered on the event loop and written together every `interval` seconds."
     def __init__(self, loop, stream=None, interval: float = 0.2):
@@ -109,11 +109,13 @@ class AccessLog:
     def close(self) -> None:
         self._timer.cancel(); self.flush()
 
+# %% ../../nbs/08_serving/04_telemetry.ipynb #67007a08
 def json_formatter():
     from pythonjsonlogger.json import JsonFormatter
     return JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
                          datefmt="%Y-%m-%dT%H:%M:%S%z")
 
+# %% ../../nbs/08_serving/04_telemetry.ipynb #f770b64e
 def server_logger(stream=None) -> logging.Logger:
     "The `mlnb.serve` logger (startup, reloads, errors) as JSON lines on stderr."
     logger = logging.getLogger("mlnb.serve")
