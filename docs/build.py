@@ -111,12 +111,22 @@ def myst_cell(cell: dict) -> dict | None:
     if options.get("include") == "false": return None
     if options.get("output") == "asis":
         md = "".join(cell["outputs"][0]["data"]["text/markdown"]) if cell.get("outputs") else ""
-        return {"cell_type": "markdown", "metadata": {}, "source": re.sub(r"^---\s*\n", "", md)} if md else None
+        return {"cell_type": "markdown", "metadata": {}, "source": doc_section(md)} if md else None
     if options.get("echo") == "false": tags.add("remove-input")
     if options.get("output") == "false": tags.add("remove-output")
     cell["source"] = "\n".join(lines)
     cell["metadata"] = {"tags": sorted(tags)} if tags else {}
     return cell
+
+
+def doc_section(md: str) -> str:
+    "A show_doc block as a section: its heading first (nbdev puts the source link above it), then the signature and docstring."
+    md = re.sub(r"^---\s*\n", "", md.lstrip())
+    link = re.match(r"\[source\]\(([^)]*)\)(\{[^}]*\})?\s*\n", md)
+    if not link: return md
+    md = md[link.end():].lstrip()
+    head, _, rest = md.partition("\n")
+    return f"{head}\n\n<a class=\"mlnb-source\" href=\"{link.group(1)}\">source</a>\n{rest}"
 
 
 def localize_cell(cell: dict, site: Site, page: Path) -> dict:
@@ -202,6 +212,7 @@ def stage(src: Path) -> None:
     if src.exists(): shutil.rmtree(src)
     src.mkdir(parents=True)
     shutil.copy(DOCS / "conf.py", src / "conf.py")
+    shutil.copytree(DOCS / "_static", src / "_static")
     shutil.copytree(ROOT / "benchmarks/results", src / "benchmarks/results")   # the figures the benchmark scripts write
     chapters, pages = book_notebooks(), {}
     for nb in chapters:

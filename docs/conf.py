@@ -21,5 +21,7 @@ html_theme_options = {
     "use_download_button": False,
     "use_fullscreen_button": False,
 }
+html_static_path = ["_static"]
+html_css_files = ["mlnb.css"]
 html_show_sourcelink = False
 html_copy_source = False
