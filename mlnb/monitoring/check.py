@@ -38,6 +38,7 @@ def window_frame(predictions: pd.DataFrame) -> pd.DataFrame:
     served = predictions[predictions[variant] != "shadow"] if variant in predictions else predictions
     return LogColumns.with_input_names(served)
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #e35b4ebe
 def output_column(predictions: pd.DataFrame, positive: str | None) -> str | None:
     "The logged score that prediction drift compares: the positive class's probability, or the regression value."
     probas = LogColumns.proba_columns(predictions.columns)
@@ -46,6 +47,7 @@ def output_column(predictions: pd.DataFrame, positive: str | None) -> str | None
     wanted = LogColumns.proba_column(positive) if positive is not None else None
     return wanted if wanted in probas else probas[-1]
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #384d64f2
 @dataclass
 class Performance:
     labelled: int
@@ -55,6 +57,7 @@ class Performance:
     decayed: bool
     daily: list[dict] = field(default_factory=list)
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #4c3268d2
 def online_performance(window: pd.DataFrame, feedback: pd.DataFrame, reference_accuracy: float | None, reference_rows: int | None,
                        cfg: MonitorConfig) -> Performance:
     "Accuracy on the labelled part of the window, by day and in all, and whether it decayed from the evaluation's."
@@ -91,6 +94,7 @@ class MonitorResult:
 
     def to_dict(self) -> dict: return asdict(self)
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #4f79f48f
 def column_stats(window: pd.DataFrame, report: DriftReport) -> pd.DataFrame:
     "Per-feature statistics of the window, beside the drift result."
     rows = []
@@ -105,6 +109,7 @@ def column_stats(window: pd.DataFrame, report: DriftReport) -> pd.DataFrame:
                      "test": c.test, "statistic": c.statistic, "threshold": c.threshold, "drifted": c.drifted})
     return pd.DataFrame(rows)
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #9c6cc23e
 def append_history(path: Path, stats: pd.DataFrame, start: str, end: str) -> Path:
     "Add this window's rows to the feature history (rewritten whole, atomically)."
     stats = stats.assign(window_start=pd.Timestamp(start), window_end=pd.Timestamp(end))
@@ -112,6 +117,7 @@ def append_history(path: Path, stats: pd.DataFrame, start: str, end: str) -> Pat
     with staged_outputs(path) as tmp: history.to_parquet(tmp, index=False)
     return path
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #d2e4faa3
 def alerts_for(result: MonitorResult) -> list[str]:
     out = []
     d = result.drift
@@ -123,6 +129,7 @@ def alerts_for(result: MonitorResult) -> list[str]:
     if perf["decayed"]: out.append(f"accuracy decay: {perf['accuracy']:.3f} online vs {perf['reference_accuracy']:.3f} at evaluation ({perf['labelled']} labels, p = {perf['p_value']:.2g})")
     return out
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #d117ae09
 def alert_kinds(result: MonitorResult) -> set[str]:
     "Which kinds of alert the result raised, for any version (the names `retrain.triggers` lists)."
     out = set()
@@ -133,6 +140,7 @@ def alert_kinds(result: MonitorResult) -> set[str]:
         out |= {k for k, hit in kinds.items() if hit}
     return out
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #adc1ed25
 def send_alert(url: str, result: MonitorResult, timeout: float = 10) -> None:
     "POST the alerts and the result's headline to a webhook (Slack-compatible `text`, plus the details)."
     import httpx
@@ -180,6 +188,7 @@ def gauge_families(result: dict) -> list:
         out += [rows, alerts]
     return out
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #d8a39e5b
 class MonitorCollector:
     "A Prometheus collector for `latest.json`: re-read when the file changes, nothing when there is none yet."
     def __init__(self, path: str | Path):
@@ -193,6 +202,7 @@ class MonitorCollector:
             except (ValueError, KeyError, TypeError) as e: log.error("unreadable monitoring result %s: %s", self.path, e)
         return self._families
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #4881f528
 def push_gauges(url: str, result: MonitorResult, job: str = "mlnb_monitor", timeout: float = 10) -> None:
     "Push the gauges to a Prometheus Pushgateway (replacing the job's previous ones)."
     from prometheus_client import CollectorRegistry, push_to_gateway
@@ -226,6 +236,7 @@ def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: P
     result.alerts = alerts_for(result)
     return result, stats
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #190ae92f
 def reference_scores(paths: Paths, model_path: Path, positive, spec_path: str | Path | None = None) -> np.ndarray:
     "A model's scores on the working tree's test split (`output_scores`): the reference of a version that has none."
     from mlnb.model.onnx import OnnxModel
@@ -257,6 +268,7 @@ class Reference:
                 "reference_scores": None if self.scores is None else len(self.scores),
                 "problem": self.problem, "notes": self.notes}
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #dd020ed0
 def _cached_scores(cache: Path, compute, what: str) -> tuple[np.ndarray | None, str]:
     "Reference scores from `cache`, or computed once by `compute` and cached there."
     if cache.exists():
@@ -267,6 +279,7 @@ def _cached_scores(cache: Path, compute, what: str) -> tuple[np.ndarray | None, 
     save_scores(scores, cache)
     return scores, f"reference scores of {what} computed once on the working tree's test split, cached in {cache}"
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #7edf8b78
 def bundle_reference(bundle: VersionBundle, cfg: Config, paths: Paths) -> Reference:
     "A registered version's reference: its bundle's profile, evaluation and reference scores."
     positive = bundle.facts.positive_class or cfg.data.positive_class
@@ -282,6 +295,7 @@ def bundle_reference(bundle: VersionBundle, cfg: Config, paths: Paths) -> Refere
     return Reference(str(bundle.facts.version), f"registry: {bundle.label}", bundle.profile(), evaluation, scores,
                      positive, str(bundle.path("reference_profile")), notes=notes)
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #ad287c5b
 def file_reference(version: str, cfg: Config, paths: Paths, model_path: str | Path | None = None) -> Reference:
     "The reference of an ONNX file served without the registry: the working tree's, if `model_path` is that file."
     model_path = Path(model_path or paths.onnx)
@@ -303,6 +317,7 @@ def file_reference(version: str, cfg: Config, paths: Paths, model_path: str | Pa
                      Evaluation.load(evaluation_path) if evaluation_path.exists() else None, scores, positive,
                      str(paths.reference_profile), notes=[note])
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #df5ad68c
 def version_references(window: pd.DataFrame, cfg: Config, paths: Paths, model_path: str | Path | None = None,
                        user: str | None = None) -> dict[str, Reference]:
     """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does
@@ -327,7 +342,6 @@ def version_references(window: pd.DataFrame, cfg: Config, paths: Paths, model_pa
             except BundleError as e: out[version] = Reference(version, f"registry: {name} v{version}", problem=str(e))
     return out
 
-
 # %% ../../nbs/10_monitoring/03_check.ipynb #fd0f5647
 def _not_checked(version: str, ref: Reference, rows: int) -> dict:
     kind = "unknown version" if ref.source == "unknown" else "version"
@@ -335,6 +349,7 @@ def _not_checked(version: str, ref: Reference, rows: int) -> dict:
             "prediction_drift": None, "performance": asdict(Performance(0, None, None, None, False)),
             "alerts": [f"{kind} {version}: {rows} rows not checked ({ref.problem})"]}
 
+# %% ../../nbs/10_monitoring/03_check.ipynb #3c172e7a
 def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, references: dict[str, Reference],
                    cfg: MonitorConfig, start: str, end: str) -> tuple[MonitorResult, pd.DataFrame | None]:
     "Each version's rows of the window against its own reference: one section per version, alerts naming it."
@@ -360,7 +375,6 @@ def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, ref
                            lead["prediction_drift"], lead["performance"], [a for s in sections for a in s["alerts"]],
                            sections, primary["version"] if primary else None)
     return result, pd.concat(stats, ignore_index=True) if stats else None
-
 
 # %% ../../nbs/10_monitoring/03_check.ipynb #9413d414
 def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None = None, until: datetime | None = None,

@@ -68,12 +68,14 @@ def labelled_traffic(prediction_dir: str | Path, feedback_dir: str | Path, colum
     return rows.assign(**{target: labelled[C.ACTUAL].to_numpy(), C.PREDICTION_ID: labelled[C.PREDICTION_ID].to_numpy(),
                           "labelled_at": labelled_at}).reset_index(drop=True)
 
+# %% ../../nbs/11_pipeline/01_retrain.ipynb #8614a2d6
 def log_columns(directory: str | Path, keys: LogKeys | None = None) -> list[str]:
     "The column names of a log directory's files, plain or encrypted (none when nothing was logged yet)."
     import pyarrow.parquet as pq
     from mlnb.predlog.log import log_files, open_log_file
     return list(dict.fromkeys(n for f in log_files(directory) for n in pq.read_schema(open_log_file(f, keys)).names))
 
+# %% ../../nbs/11_pipeline/01_retrain.ipynb #b23710eb
 def unseen(rows: pd.DataFrame, existing: pd.DataFrame | None) -> pd.DataFrame:
     "The rows whose prediction is not in the training data yet."
     if existing is None or existing.empty: return rows
@@ -86,6 +88,7 @@ def dvc_add(path: Path) -> str:
     with Repo(".", config={"core": {"autostage": True}}) as repo: repo.add(str(path))
     return read_yaml(path.with_name(path.name + ".dvc"))["outs"][0]["md5"]
 
+# %% ../../nbs/11_pipeline/01_retrain.ipynb #65db268a
 def add_data_version(rows: pd.DataFrame, path: Path, schema_path: str, target: str) -> tuple[int, str]:
     "Validate the new rows, append them to `path` and `dvc add` it. Returns (rows in the file, md5)."
     schema = load_schema(schema_path)
@@ -182,6 +185,7 @@ def last_retrain(audit: AuditLog) -> datetime | None:
     done = [e["time"] for e in audit.entries() if e["action"] == "retrain-done"]
     return datetime.fromisoformat(done[-1]) if done else None
 
+# %% ../../nbs/11_pipeline/01_retrain.ipynb #7f2ff970
 def retrain_trigger(result: MonitorResult, cfg: Config, now: datetime | None = None) -> str | None:
     "Why this check should retrain, or None."
     hit = [k for k in cfg.retrain.triggers if k in alert_kinds(result)]

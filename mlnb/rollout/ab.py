@@ -32,6 +32,7 @@ class VariantStats:
     latency_p95_ms: float
     latency_p99_ms: float
 
+# %% ../../nbs/09_rollout/01_ab.ipynb #8d913264
 @dataclass
 class Comparison:
     control: str
@@ -59,6 +60,7 @@ def labelled_outcomes(predictions: pd.DataFrame, feedback: pd.DataFrame) -> tupl
     labelled["outcome"] = (labelled[C.VALUE].astype(float) - labelled[C.ACTUAL].astype(float)).abs()
     return labelled, "mae"
 
+# %% ../../nbs/09_rollout/01_ab.ipynb #f5b992a5
 def variant_stats(predictions: pd.DataFrame, labelled: pd.DataFrame, metric: str) -> list[VariantStats]:
     out = []
     for variant, rows in predictions.groupby(LogColumns.VARIANT, sort=True):
@@ -142,6 +144,7 @@ class ABReport:
         fig.tight_layout()
         return fig
 
+# %% ../../nbs/09_rollout/01_ab.ipynb #d0f518f3
 def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: str = "champion",
               cfg: ABConfig | None = None, keys: LogKeys | None = None) -> ABReport:
     """Compare every variant in the prediction log with `control`, on the labels in the feedback log, by `cfg` (the `ab`

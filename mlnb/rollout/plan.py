@@ -21,6 +21,7 @@ def key_point(key: str, salt: str = "") -> float:
     digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
+# %% ../../nbs/09_rollout/02_plan.ipynb #ca40b28d
 @dataclass(frozen=True)
 class Split:
     "Traffic shares by variant, in routing order (the control first)."
@@ -111,6 +112,7 @@ class Decision:
     share: float         # the canary's share after the decision
     reason: str
 
+# %% ../../nbs/09_rollout/02_plan.ipynb #b556c32a
 ACTIVE = ("running", "paused", "promoting", "awaiting_approval")
 
 class Rollout:

@@ -21,6 +21,7 @@ def load_statistics() -> None:
     "Import SciPy and statsmodels (about a second) ahead of the first test, so that no request waits for them."
     import scipy.spatial.distance, scipy.stats, statsmodels.stats.proportion  # noqa: F401
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #39a0d3b0
 def two_proportion_z(successes: float, n: float, reference_successes: float,
                      reference_n: float) -> tuple[float, float, float]:
     "Pooled z statistic of `successes / n` against the reference's rate, one-sided p-value for *lower*, two-sided p."
@@ -35,6 +36,7 @@ def two_proportion_z(successes: float, n: float, reference_successes: float,
     z, p = proportions_ztest([successes, reference_successes], [n, reference_n])
     return float(z), float(norm.cdf(z)), float(p)
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #2300e38a
 @dataclass(frozen=True)
 class ProportionTest:
     "A rate against a reference rate, and the verdict of the rule it was judged by."
@@ -60,6 +62,7 @@ class ProportionTest:
     def difference(self) -> float:
         return self.rate - self.reference_rate
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #4a40ab6a
 def proportion_test(successes: int, n: int, reference_successes: int, reference_n: int, rule: AccuracyRule,
                     fixed_reference: bool = False) -> ProportionTest:
     "Is `successes / n` worse than `reference_successes / reference_n` by `rule`? (`fixed_reference`: see above.)"
@@ -83,26 +86,31 @@ def count_table(reference, current, pool_below: int = 0) -> np.ndarray:
         table = np.column_stack([table[:, ~sparse], table[:, sparse].sum(axis=1)])
     return table[:, table.sum(axis=0) > 0]
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #33b18e66
 def _testable(table: np.ndarray) -> bool:
     "At least two bins, and counts on both sides."
     return table.shape[1] >= 2 and bool(table[0].sum()) and bool(table[1].sum())
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #9a85dc21
 def jensen_shannon(table: np.ndarray, base: float | None = None) -> float:
     "Jensen-Shannon distance between the distributions of a count table's two rows (SciPy's; base 2 puts it in [0, 1])."
     from scipy.spatial.distance import jensenshannon
     return float(jensenshannon(table[0], table[1], base=base))
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #f238fa4f
 def chi_square(table: np.ndarray) -> float:
     "The p-value of the chi-square test that a count table's two rows share one distribution (1 with nothing to test)."
     from scipy.stats import chi2_contingency
     return float(chi2_contingency(table)[1]) if _testable(table) else 1.0
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #e51eb3d2
 @dataclass(frozen=True)
 class OutputDrift:
     distance: float                  # Jensen-Shannon distance, base 2, in [0, 1]
     p_value: float                   # chi-square test of the two count tables
     drifted: bool                    # distance above the rule's `max_distance` and p-value below its `p_value`
 
+# %% ../../nbs/10_monitoring/02_decisions.ipynb #b5bcdfc4
 def output_drift(reference_counts, current_counts, rule: OutputDriftRule) -> OutputDrift:
     "Whether the current output histogram has moved from the reference's, by `rule`."
     table = count_table(reference_counts, current_counts, MIN_BIN_COUNT)

@@ -79,6 +79,7 @@ def ks_from_summary(s: CurrentSummary) -> tuple[float, float]:
     d = float(max(np.abs(f_ref - f_cur).max(), np.abs(f_ref_below - f_cur_below).max()))
     return d, float(kstwo.sf(d, round(n * m / (n + m))))
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #4514cc15
 def wasserstein_from_summary(s: CurrentSummary) -> float:
     "Wasserstein-1 distance between the reference histogram and the current window, normed by the reference's standard deviation."
     edges, m = s.edges, s.rows
@@ -89,6 +90,7 @@ def wasserstein_from_summary(s: CurrentSummary) -> float:
     tails = (s.low_n * edges[0] - s.low_sum + s.high_sum - s.high_n * edges[-1]) / m       # beyond it: exact, from counts and sums
     return (inside + tails) / s.ref.std if s.ref.std else float("inf") if inside + tails else 0.0
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #673a9bd3
 def _tables(s: CurrentSummary) -> tuple[list[str], np.ndarray, np.ndarray]:
     current = s.categories
     if OTHER_CATEGORY in s.ref.categories:      # a capped reference: live values it does not list belong to its "other" bucket
@@ -99,17 +101,20 @@ def _tables(s: CurrentSummary) -> tuple[list[str], np.ndarray, np.ndarray]:
     keys = sorted(set(s.ref.categories) | set(current))
     return keys, np.array([s.ref.categories.get(k, 0) for k in keys], float), np.array([current.get(k, 0) for k in keys], float)
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #c9fe2337
 def psi(ref_counts, cur_counts, eps: float = 1e-4) -> float:
     "Population stability index: the symmetric Kullback-Leibler divergence of the two binned shares."
     from scipy.special import rel_entr
     r = np.clip(np.asarray(ref_counts, float) / np.sum(ref_counts), eps, None); c = np.clip(np.asarray(cur_counts, float) / np.sum(cur_counts), eps, None)
     return float(np.sum(rel_entr(c, r) + rel_entr(r, c)))
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #3efc50ea
 def applicable_tests(p: ColumnProfile) -> tuple[str, ...]:
     "The tests a column's profile supports (a numeric profile keeps either the values or a histogram, and each serves its tests)."
     if p.kind == "numeric": return ("ks", "psi") if p.values is not None else ("wasserstein", "psi")
     return ("chisquare", "jensenshannon", "psi") + (("z",) if p.kind == "binary" else ())
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #98b99868
 def run_test(s: CurrentSummary, test: str) -> float:
     "The statistic: a p-value for the tests (ks, chisquare, z), the distance for the others."
     if test == "ks": return ks_from_summary(s)[1]
@@ -139,6 +144,7 @@ class ColumnDrift:
     current_rows: int
     current_missing: int
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #8032d9f4
 @dataclass
 class DriftReport:
     columns: list[ColumnDrift]
@@ -158,6 +164,7 @@ class DriftReport:
         return {"dataset_drift": self.dataset_drift, "share_drifted": self.share_drifted, "drift_share": self.drift_share,
                 "drifted_columns": self.drifted_columns, "current_rows": self.current_rows, "columns": [asdict(c) for c in self.columns]}
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #c24a7a08
 def _chunks(current) -> Iterable[pd.DataFrame]:
     "A DataFrame, an iterable of them, or Parquet path(s), as chunks."
     if isinstance(current, pd.DataFrame):
@@ -172,6 +179,7 @@ def _chunks(current) -> Iterable[pd.DataFrame]:
         return
     yield from current
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #39f9c431
 def choose_test(p: ColumnProfile, override: dict | None = None, psi_all: bool = False) -> tuple[str, float]:
     "The test and threshold for a column: Evidently's default (or PSI for all), unless overridden."
     test, threshold = ("psi", 0.1) if psi_all else default_test(p.kind, p.rows)
@@ -183,6 +191,7 @@ def choose_test(p: ColumnProfile, override: dict | None = None, psi_all: bool = 
     if override.get("threshold") is not None: threshold = float(override["threshold"])
     return test, threshold
 
+# %% ../../nbs/10_monitoring/01_drift.ipynb #e019a61e
 def drift_report(reference: Profile, current, overrides: dict | None = None, drift_share: float = 0.5, psi_all: bool = False) -> DriftReport:
     "Compare the current window (DataFrame, chunks or Parquet) with the reference profile, column by column."
     overrides = overrides or {}
