@@ -28,13 +28,14 @@ PERMISSIONS = {
 }
 
 
-# %% ../../nbs/01_core/04_access.ipynb #c7534b53
+# %% ../../nbs/01_core/04_access.ipynb #3f6f0a46
 class User(BaseModel):
     model_config = ConfigDict(extra="forbid")
     roles: list[str] = Field(default_factory=list)
     secret_hash: str | None = None
     os_user: bool = False
 
+# %% ../../nbs/01_core/04_access.ipynb #787829fd
 class Users(BaseModel):
     model_config = ConfigDict(extra="forbid")
     default_roles: list[str] = ["viewer"]
@@ -54,18 +55,20 @@ class Users(BaseModel):
             Path(tmp).write_text("# Registry users and roles (see mlnb.core.access). Secrets are stored as salted scrypt hashes.\n"
                                  + dump_yaml(self.model_dump(exclude_defaults=False)))
 
+# %% ../../nbs/01_core/04_access.ipynb #43467fc7
 def hash_secret(secret: str, salt: bytes | None = None) -> str:
     salt = salt or secrets.token_bytes(16)
     digest = hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1)
     return f"scrypt${salt.hex()}${digest.hex()}"
 
+# %% ../../nbs/01_core/04_access.ipynb #134f4a6e
 def check_secret(secret: str, stored: str) -> bool:
     "Constant-time comparison of `secret` against a stored hash."
     try: scheme, salt, digest = stored.split("$")
     except ValueError: return False
     return scheme == "scrypt" and hmac.compare_digest(hash_secret(secret, bytes.fromhex(salt)).split("$")[2], digest)
 
-# %% ../../nbs/01_core/04_access.ipynb #a43e798e
+# %% ../../nbs/01_core/04_access.ipynb #f40d552e
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -78,6 +81,7 @@ class Identity:
             need = " or ".join(sorted(PERMISSIONS[action]))
             raise AccessDenied(f"user {self.name!r} (roles: {', '.join(sorted(self.roles)) or 'none'}) may not {action}: it needs the {need} role")
 
+# %% ../../nbs/01_core/04_access.ipynb #253b96d6
 def identify(users: Users, name: str | None = None, secret: str | None = None) -> Identity:
     "Who is acting: `name` (or MLNB_USER, or the OS user), checked against the users file."
     os_name = getpass.getuser()

@@ -16,7 +16,7 @@ from filelock import FileLock
 # %% auto #0
 __all__ = ['GENESIS', 'entry_hash', 'AuditProblem', 'AuditLog']
 
-# %% ../../nbs/01_core/03_audit.ipynb #6de4d771
+# %% ../../nbs/01_core/03_audit.ipynb #a8fe6f9d
 GENESIS = "0" * 64
 
 def entry_hash(entry: dict) -> str:
@@ -24,6 +24,7 @@ def entry_hash(entry: dict) -> str:
     body = {k: v for k, v in entry.items() if k != "hash"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
+# %% ../../nbs/01_core/03_audit.ipynb #67b846b2
 @dataclass
 class AuditProblem:
     line: int
@@ -32,6 +33,7 @@ class AuditProblem:
 
     def __str__(self): return f"line {self.line} (seq {self.seq}): {self.problem}"
 
+# %% ../../nbs/01_core/03_audit.ipynb #d4605266
 class AuditLog:
     "A JSON-lines audit log with a hash chain and a head file."
     def __init__(self, path: str | Path):

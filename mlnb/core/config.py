@@ -30,7 +30,7 @@ __all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigg
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-# %% ../../nbs/01_core/01_config.ipynb #07271496
+# %% ../../nbs/01_core/01_config.ipynb #b046f36a
 Task = Literal["binary", "multiclass", "regression"]
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class TaskMetric:
     name: str                              # its key in metrics/evaluate.json: what the registry gates and CI compare
     scorer: str                            # the scikit-learn scorer: what training ranks by and importance measures
 
+# %% ../../nbs/01_core/01_config.ipynb #15bebc07
 TASK_METRICS: dict[str, TaskMetric] = {"binary": TaskMetric("roc_auc", "roc_auc"),
                                        "multiclass": TaskMetric("roc_auc", "roc_auc_ovr"),
                                        "regression": TaskMetric("rmse", "neg_root_mean_squared_error")}
@@ -49,10 +50,12 @@ def default_metric(task: Task) -> TaskMetric:
         raise ConfigError(f"unknown task {task!r}; use one of {list(TASK_METRICS)}")
     return TASK_METRICS[task]
 
+# %% ../../nbs/01_core/01_config.ipynb #329280af
 class SplitConfig(_Strict):
     valid: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.2, gt=0, lt=1)
 
+# %% ../../nbs/01_core/01_config.ipynb #86dfe9b1
 class DataConfig(_Strict):
     source: str = "data/raw/telco_churn.csv"
     query: str | None = None
@@ -74,7 +77,7 @@ class DataConfig(_Strict):
     @property
     def is_sql(self) -> bool: return "://" in self.source
 
-# %% ../../nbs/01_core/01_config.ipynb #105c1d44
+# %% ../../nbs/01_core/01_config.ipynb #ecfb6b67
 DerivedOp = Literal["ratio", "product", "difference", "sum", "log1p"]
 
 class DerivedFeature(_Strict):
@@ -89,6 +92,7 @@ class DerivedFeature(_Strict):
             raise ValueError(f"derived feature {self.name!r}: op {self.op!r} takes {need} column(s), got {self.of}")
         return self
 
+# %% ../../nbs/01_core/01_config.ipynb #5323abb9
 class FeaturesConfig(_Strict):
     numeric: list[str] | None = None       # None: inferred from the schema
     categorical: list[str] | None = None
@@ -155,15 +159,17 @@ class Paths(_Strict):
             raise ValueError(f"no split named {name!r}: train, valid or test")
         return getattr(self, name)
 
-# %% ../../nbs/01_core/01_config.ipynb #087d59aa
+# %% ../../nbs/01_core/01_config.ipynb #855b0766
 class DecisionCosts(_Strict):
     "What one wrong decision of each kind costs (any unit; only the ratio matters)."
     fp: float = Field(gt=0)                # a negative called positive (e.g. a needless retention offer)
     fn: float = Field(gt=0)                # a positive missed (e.g. a customer lost)
 
+# %% ../../nbs/01_core/01_config.ipynb #d21a8e2c
 class CostThreshold(_Strict):
     cost: DecisionCosts
 
+# %% ../../nbs/01_core/01_config.ipynb #cdd05265
 THRESHOLD_RULES = ("f1", "youden")
 
 class TrainConfig(_Strict):
@@ -188,6 +194,7 @@ class TrainConfig(_Strict):
             raise ValueError(f"must be a probability between 0 and 1 (e.g. 0.5), 'f1', 'youden' or {{cost: {{fp: 1, fn: 5}}}}; got {v!r}")
         return v
 
+# %% ../../nbs/01_core/01_config.ipynb #dca43649
 class RobustnessConfig(_Strict):
     "How hard the evaluate stage pushes on the model's decisions (see `mlnb.evaluation.robustness`)."
     enabled: bool = True
@@ -205,26 +212,31 @@ class RobustnessConfig(_Strict):
         if not epsilons or any(not e > 0 for e in epsilons): raise ValueError(f"epsilons must be one or more sizes above 0, e.g. [0.01, 0.05, 0.1]; got {epsilons}")
         return sorted(set(epsilons))
 
+# %% ../../nbs/01_core/01_config.ipynb #53e45dbd
 class EvaluateConfig(_Strict):
     permutation_repeats: int = Field(5, ge=1)
     calibration_bins: int = Field(10, ge=2)
     importance_max_rows: int | None = Field(5_000, ge=1)   # permutation importance on a seeded sample of this many test rows
     robustness: RobustnessConfig = RobustnessConfig()
 
+# %% ../../nbs/01_core/01_config.ipynb #a8dc9654
 class ParityConfig(_Strict):
     max_abs_diff: float = 1e-4             # probabilities (classification)
     max_rel_diff: float = 1e-4             # values (regression)
     min_label_agreement: float = 0.999
 
+# %% ../../nbs/01_core/01_config.ipynb #9f1ca7b2
 class QuantizeConfig(_Strict):
     enabled: bool = True
     max_metric_drop: float = 0.01          # keep the int8 model only if the test metric drops less
 
+# %% ../../nbs/01_core/01_config.ipynb #ba6917c0
 class ExportConfig(_Strict):
     opset: int = 20                        # 20: string ops that parse date columns inside the graph
     parity: ParityConfig = ParityConfig()
     quantize: QuantizeConfig = QuantizeConfig()
 
+# %% ../../nbs/01_core/01_config.ipynb #3e4be99f
 class GatesConfig(_Strict):
     metric: str | None = None              # roc_auc | accuracy | f1 | log_loss | rmse | mae | r2; None: default_metric
     max_metric_drop: float = 0.01          # vs the champion, re-scored on the same test set
@@ -234,6 +246,7 @@ class GatesConfig(_Strict):
     flip_rate_epsilon: float = Field(0.1, gt=0)             # in standard deviations; one of evaluate.robustness.epsilons
     max_categorical_flip_rate: float | None = Field(0.6, ge=0, le=1)   # share of test rows one categorical swap flips; None: not gated
 
+# %% ../../nbs/01_core/01_config.ipynb #efb20ccf
 class RegistryConfig(_Strict):
     tracking_uri: str | None = None        # None: train.tracking_uri
     model_name: str | None = None          # None: project.name
@@ -247,19 +260,23 @@ class RegistryConfig(_Strict):
     intended_use: str = ""
     caveats: list[str] = []
 
+# %% ../../nbs/01_core/01_config.ipynb #41a88319
 class ProjectConfig(_Strict):
     name: str = "churn"
     seed: int = 42
 
+# %% ../../nbs/01_core/01_config.ipynb #fdf9698f
 class CacheConfig(_Strict):
     enabled: bool = True
     max_entries: int = Field(100_000, ge=1)
     ttl_seconds: float = Field(300.0, gt=0)
 
+# %% ../../nbs/01_core/01_config.ipynb #64d886fa
 class LogEncryptionConfig(_Strict):
     key_file: str | None = None                     # base64 AES-256 keys, one a line (`mlnb log-key new`); the first encrypts, all decrypt
     key_env: str = "MLNB_LOG_KEY"                   # or the keys in this environment variable, which overrides key_file; none: plain Parquet
 
+# %% ../../nbs/01_core/01_config.ipynb #8689acb8
 class PredictionLogConfig(_Strict):
     enabled: bool = True
     dir: str = "serving/predictions"
@@ -270,11 +287,13 @@ class PredictionLogConfig(_Strict):
     known_ids: int = Field(1_000_000, ge=0)         # recent prediction ids kept in memory to check feedback against
     encryption: LogEncryptionConfig = LogEncryptionConfig()   # encryption at rest of both logs, when a key is configured
 
+# %% ../../nbs/01_core/01_config.ipynb #474265c5
 class MicroBatchConfig(_Strict):
     enabled: bool = True
     max_rows: int = Field(256, ge=1)                # one ONNX Runtime call takes at most this many rows
     max_wait_ms: float = Field(0.0, ge=0, le=100)   # 0: batch what arrived together, never wait
 
+# %% ../../nbs/01_core/01_config.ipynb #0ae06d0a
 class AccuracyRule(_Strict):
     """When a rate of right answers counts as worse than a reference's: lower by more than `max_drop`, significantly
     (a one-sided two-proportion z-test's p-value below `p_value`), on at least `min_labelled` labels
@@ -284,6 +303,7 @@ class AccuracyRule(_Strict):
     p_value: float = Field(gt=0, lt=1)
     min_labelled: int = Field(ge=1)
 
+# %% ../../nbs/01_core/01_config.ipynb #e9378898
 class OutputDriftRule(_Strict):
     """When two output distributions differ: their Jensen-Shannon distance (base 2, in [0, 1]) is above `max_distance`
     and a chi-square test of the two count tables has a p-value below `p_value`
@@ -291,6 +311,7 @@ class OutputDriftRule(_Strict):
     max_distance: float = Field(ge=0, le=1)
     p_value: float = Field(gt=0, lt=1)
 
+# %% ../../nbs/01_core/01_config.ipynb #4c78e60c
 class RolloutPlan(_Strict):
     "How a canary grows and what rolls it back (see `mlnb.rollout.plan`)."
     steps: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)     # canary shares; reaching the last (1.0) promotes it
@@ -324,6 +345,7 @@ class RolloutPlan(_Strict):
         "The canary's outputs are distributed differently from the control's."
         return OutputDriftRule(max_distance=self.max_output_drift, p_value=self.drift_p_value)
 
+# %% ../../nbs/01_core/01_config.ipynb #d1a6c068
 class RolloutConfig(_Strict):
     mode: Literal["off", "canary", "split", "shadow"] = "off"
     challenger: str | None = None                   # model reference; None: <model name>@challenger
@@ -342,11 +364,13 @@ class RolloutConfig(_Strict):
             raise ValueError(f"weights must give champion and challenger shares in [0, 1] that add up to 1, e.g. {{champion: 0.95, challenger: 0.05}}; got {w}")
         return w
 
+# %% ../../nbs/01_core/01_config.ipynb #fd4855fd
 class AuthConfig(_Strict):
     "Access control for the server (see `mlnb.serving.auth`); on when `keys_file` is set."
     keys_file: str | None = None                    # API keys (`mlnb api-key create`); None: every endpoint is open
     metrics_public: bool = True                     # /metrics open to scrapers; False: it needs an operate key
 
+# %% ../../nbs/01_core/01_config.ipynb #67a2adc3
 class TLSConfig(_Strict):
     "HTTPS for the server: a PEM certificate (chain) and its private key, both or neither."
     certfile: str | None = None
@@ -361,6 +385,7 @@ class TLSConfig(_Strict):
     @property
     def enabled(self) -> bool: return self.certfile is not None
 
+# %% ../../nbs/01_core/01_config.ipynb #3be3f303
 class ServeConfig(_Strict):
     model: str | None = None                        # NAME@ALIAS, NAME/VERSION or an .onnx path; None: <model name>@champion
     host: str = "127.0.0.1"
@@ -388,10 +413,12 @@ class ServeConfig(_Strict):
                              "run several one-worker servers behind a load balancer instead")
         return self
 
+# %% ../../nbs/01_core/01_config.ipynb #e4a03e23
 class DriftOverride(_Strict):
     test: Literal["ks", "chisquare", "z", "wasserstein", "jensenshannon", "psi"] | None = None
     threshold: float | None = Field(None, ge=0)
 
+# %% ../../nbs/01_core/01_config.ipynb #7d2ac610
 class MonitorConfig(_Strict):
     window_hours: float = Field(24.0, gt=0)         # the current window: this many hours of the prediction log, up to now
     min_rows: int = Field(200, ge=1)                # fewer rows in the window: reported, no verdict
@@ -411,6 +438,7 @@ class MonitorConfig(_Strict):
         return AccuracyRule(max_drop=self.max_accuracy_drop, p_value=self.accuracy_p_value,
                             min_labelled=self.min_labelled)
 
+# %% ../../nbs/01_core/01_config.ipynb #07655ecb
 class ABConfig(_Strict):
     "`mlnb ab report`: every variant in the prediction log against the control (see `mlnb.rollout.ab`)."
     alpha: float = Field(0.05, ge=0.0001, le=0.5)   # two-sided significance level, split over the comparisons
@@ -425,6 +453,7 @@ class ABConfig(_Strict):
         test at level a is a one-sided test at a / 2 each way, so this is the one-sided rule at half the level."""
         return AccuracyRule(max_drop=0.0, p_value=self.level(comparisons) / 2, min_labelled=self.min_labelled)
 
+# %% ../../nbs/01_core/01_config.ipynb #17794757
 RetrainTrigger = Literal["dataset_drift", "feature_drift", "prediction_drift", "accuracy_decay"]
 
 class RetrainConfig(_Strict):
@@ -434,6 +463,7 @@ class RetrainConfig(_Strict):
     auto_approve: bool = False                      # a retrained version that passes every gate is approved by policy
     challenger_on_approval: bool = True             # an approved retrained version becomes the challenger (the rollout takes over)
 
+# %% ../../nbs/01_core/01_config.ipynb #bce5837c
 class Config(_Strict):
     project: ProjectConfig = ProjectConfig()
     data: DataConfig = DataConfig()
@@ -453,7 +483,7 @@ class Config(_Strict):
     @property
     def registry_uri(self) -> str: return self.registry.tracking_uri or self.train.tracking_uri
 
-# %% ../../nbs/01_core/01_config.ipynb #41a99a24
+# %% ../../nbs/01_core/01_config.ipynb #21fad183
 def config_from_dict(raw: dict, source: str = "params") -> Config:
     "Validate a params mapping into a `Config`, naming each bad field."
     try: return Config.model_validate(raw or {})
@@ -461,6 +491,7 @@ def config_from_dict(raw: dict, source: str = "params") -> Config:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{source}: {problems}") from None
 
+# %% ../../nbs/01_core/01_config.ipynb #8e7ccb76
 def parse_yaml(text: str, source: str = "YAML text") -> dict:
     "Parse YAML 1.2 text (ruamel, as DVC reads it), naming `source` when it is malformed."
     from ruamel.yaml import YAML, YAMLError
@@ -469,42 +500,48 @@ def parse_yaml(text: str, source: str = "YAML text") -> dict:
     except YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
 
+# %% ../../nbs/01_core/01_config.ipynb #3a2d5c0f
 def read_yaml(path: str | Path) -> dict:
     "Parse a YAML 1.2 file, naming the file when it is missing or malformed."
     path = Path(path)
     if not path.exists(): raise ConfigError(f"{path}: file not found")
     return parse_yaml(path.read_text(), str(path))
 
+# %% ../../nbs/01_core/01_config.ipynb #9745ffba
 def dump_yaml(data, **options) -> str:
     """YAML text of plain data, keys in their order. Strings a YAML 1.1 reader would take for something else
     (`Yes`, `on`, `1e3`) are quoted, so the file means the same to YAML 1.1 and 1.2 readers."""
     import yaml
     return yaml.safe_dump(data, sort_keys=False, **options)
 
+# %% ../../nbs/01_core/01_config.ipynb #c59be571
 def load_config(path: str | Path = "params.yaml") -> Config:
     "Read and validate params.yaml."
     return config_from_dict(read_yaml(path), str(path))
 
+# %% ../../nbs/01_core/01_config.ipynb #c7d53deb
 def load_paths(path: str | Path = "params.yaml") -> Paths:
     "The artefact catalog of a params file, validated on its own: for tools that run before a stage checks the rest."
     return config_from_dict({"paths": read_yaml(path).get("paths") or {}}, str(path)).paths
 
-# %% ../../nbs/01_core/01_config.ipynb #2947291f
+# %% ../../nbs/01_core/01_config.ipynb #1c97aa35
 def seed_everything(seed: int) -> None:
     random.seed(seed); np.random.seed(seed); os.environ["PYTHONHASHSEED"] = str(seed)
 
+# %% ../../nbs/01_core/01_config.ipynb #33a1a219
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""): h.update(block)
     return h.hexdigest()
 
+# %% ../../nbs/01_core/01_config.ipynb #a578bc8b
 def params_hash(cfg: Config) -> str:
     "sha256 of the run's parameters in canonical JSON: equal params, equal hash (where artefacts go is not one)."
     params = cfg.model_dump(mode="json", by_alias=True, exclude={"paths"})
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
-# %% ../../nbs/01_core/01_config.ipynb #297c0fed
+# %% ../../nbs/01_core/01_config.ipynb #c82d06c4
 def _umask() -> int:
     current = os.umask(0); os.umask(current)
     return current
@@ -526,6 +563,7 @@ def staged_outputs(*paths: str | Path, mode: int | None = None):
     finally:
         for tmp in temps: tmp.unlink(missing_ok=True)
 
+# %% ../../nbs/01_core/01_config.ipynb #fb93bb15
 def write_json(obj, path: str | Path) -> Path:
     "Write `obj` as indented JSON, atomically."
     with staged_outputs(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -19,13 +19,15 @@ class MlnbError(Exception):
     exit_code: int = 1
     http_status: int | None = None
 
-# %% ../../nbs/01_core/02_errors.ipynb #38443c19
+# %% ../../nbs/01_core/02_errors.ipynb #3dad7e14
 class ConfigError(MlnbError, ValueError):
     "A setting that cannot be used (params.yaml, another config file, a command's option), naming file and field."
 
+# %% ../../nbs/01_core/02_errors.ipynb #5a000e99
 class InitRefused(ConfigError):
     "`mlnb init` would change a file that differs from what it writes; the message carries the diff."
 
+# %% ../../nbs/01_core/02_errors.ipynb #765b204e
 class DataError(MlnbError, ValueError):
     "Input data that cannot be used, with the file, column, check and number of rows at fault."
 
@@ -35,49 +37,60 @@ class AccessDenied(MlnbError, PermissionError):
     exit_code = 3
     http_status = 403
 
-# %% ../../nbs/01_core/02_errors.ipynb #b8307b7c
+# %% ../../nbs/01_core/02_errors.ipynb #fafbe9f3
 class SignatureError(MlnbError):
     "A model file that must not be loaded: its signature is missing, does not match it, or was made with another key."
 
+# %% ../../nbs/01_core/02_errors.ipynb #810e51e6
 class SignatureMissing(SignatureError):
     "The model file has no signature file beside it (or where one was named)."
 
+# %% ../../nbs/01_core/02_errors.ipynb #dc071de9
 class SignedWithOtherKey(SignatureError):
     "The signature was made with a key other than the configured one."
 
+# %% ../../nbs/01_core/02_errors.ipynb #a378ed4a
 class ModifiedAfterSigning(SignatureError):
     "The file's bytes are not the ones that were signed."
 
+# %% ../../nbs/01_core/02_errors.ipynb #ccc0e906
 class ParityError(MlnbError):
     "The ONNX model disagrees with scikit-learn beyond tolerance."
 
-# %% ../../nbs/01_core/02_errors.ipynb #cf327e4a
+# %% ../../nbs/01_core/02_errors.ipynb #c633401e
 class RegistryError(MlnbError):
     "A registry action that cannot be done, naming the model, version and why."
 
+# %% ../../nbs/01_core/02_errors.ipynb #33dcee85
 class RegistryUnreachable(RegistryError):
     "The registry could not be asked at all (down, unreachable, timed out): no answer, as opposed to an answer of no."
 
-
+# %% ../../nbs/01_core/02_errors.ipynb #6c6d8be1
 class BundleError(MlnbError, ValueError):
     "A version bundle that lacks a file or whose facts cannot be read, naming the directory, the role and the file."
+
+# %% ../../nbs/01_core/02_errors.ipynb #308358e8
 class BatchError(MlnbError):
     "The batch run cannot start or go on; the message names the file, column or setting."
 
+# %% ../../nbs/01_core/02_errors.ipynb #3f72bbf1
 class StageFailed(MlnbError):
     "A stage notebook raised; the message is the library's own error."
 
+# %% ../../nbs/01_core/02_errors.ipynb #463b77ea
 class RetrainError(MlnbError):
     "Retraining could not run or failed; the message names the step."
 
+# %% ../../nbs/01_core/02_errors.ipynb #3d4e71d9
 class ReproCheckError(MlnbError):
     "`mlnb repro-check` could not re-run the committed pipeline (clone, DVC pull, git); not a verdict on it."
     exit_code = 2
 
-# %% ../../nbs/01_core/02_errors.ipynb #77c4df0c
+# %% ../../nbs/01_core/02_errors.ipynb #049dadc0
 class ServerError(MlnbError):
     "A running mlnb server could not be reached, or refused an admin command (its own message)."
 
+# %% ../../nbs/01_core/02_errors.ipynb #bc340f0b
 class RequestError(MlnbError, ValueError):
     "A client's mistake: the message names the field and the problem; `status` is the HTTP status to answer with."
     http_status = 400
@@ -85,10 +98,12 @@ class RequestError(MlnbError, ValueError):
         super().__init__(message)
         self.status = status or self.http_status
 
+# %% ../../nbs/01_core/02_errors.ipynb #706f626c
 class RolloutError(MlnbError):
     "A rollout command that cannot be carried out now."
     http_status = 409
 
+# %% ../../nbs/01_core/02_errors.ipynb #43b20826
 class LogKeyError(MlnbError):
     "A log file that the configured keys cannot read (or a key that cannot be used)."
     http_status = 500
