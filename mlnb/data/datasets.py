@@ -42,7 +42,7 @@ class DemoDataset:
         for c in self.sensitive: args += ["--sensitive", c]
         return args
 
-# %% ../../nbs/02_data/03_datasets.ipynb #480ff285
+# %% ../../nbs/02_data/03_datasets.ipynb #5ee31b21
 def _take(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return df if n is None else df.iloc[:n].reset_index(drop=True)
@@ -57,6 +57,7 @@ def affairs(n: int | None = None, seed: int = 0) -> DemoDataset:
     return DemoDataset("affairs", _take(df, n, seed), "affair", "binary",
                        note="statsmodels `fair`: 6,366 women, 8 features, 32% positive")
 
+# %% ../../nbs/02_data/03_datasets.ipynb #3af9b3c4
 def doctor_visits(n: int | None = None, seed: int = 0) -> DemoDataset:
     "Regression: outpatient doctor visits in the RAND Health Insurance Experiment (20,190 person-years)."
     from statsmodels.datasets import randhie

@@ -44,7 +44,7 @@ def pandera_schema(schema: DataSchema) -> pa.DataFrameSchema:
         cols[name] = pa.Column(spec.pandas_dtype, _column_checks(spec), nullable=spec.nullable, coerce=True)
     return pa.DataFrameSchema(cols, strict=schema.extra_columns == "error", coerce=True)
 
-# %% ../../nbs/02_data/02_ingest.ipynb #fa140c4c
+# %% ../../nbs/02_data/02_ingest.ipynb #59c495bb
 def read_source(source: str, query: str | None = None) -> pd.DataFrame:
     "Read a CSV or Parquet file, or the result of `query` on an SQLAlchemy URL."
     if "://" in source:
@@ -64,6 +64,7 @@ def read_source(source: str, query: str | None = None) -> pd.DataFrame:
     if len(df) == 0: raise DataError(f"{path}: has a header but no rows")
     return df
 
+# %% ../../nbs/02_data/02_ingest.ipynb #f09a68d6
 def blanks_to_missing(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     "Replace whitespace-only strings with missing values; count them per column."
     df, counts = df.copy(), {}
@@ -110,7 +111,7 @@ def validate(df: pd.DataFrame, schema: DataSchema, source: str = "data", target:
         lines = _summarise_failures(e.failure_cases, target)
         raise DataError(f"{source}: schema violation(s):\n  - " + "\n  - ".join(lines)) from None
 
-# %% ../../nbs/02_data/02_ingest.ipynb #a79f70c0
+# %% ../../nbs/02_data/02_ingest.ipynb #ae0b8b51
 @dataclass
 class CleaningLog:
     rows_in: int = 0
@@ -127,6 +128,7 @@ class CleaningLog:
         rows += [(c, "rows dropped", n, None) for c, n in self.dropped.items()]
         return pd.DataFrame(rows, columns=["column", "action", "rows", "value"])
 
+# %% ../../nbs/02_data/02_ingest.ipynb #42a3602c
 def clean(df: pd.DataFrame, schema: DataSchema, log: CleaningLog | None = None) -> tuple[pd.DataFrame, CleaningLog]:
     "Apply each column's `fill` rule to missing values; restore int columns."
     log = log or CleaningLog(rows_in=len(df))
@@ -146,7 +148,7 @@ def clean(df: pd.DataFrame, schema: DataSchema, log: CleaningLog | None = None) 
     log.rows_out = len(df)
     return df.reset_index(drop=True), log
 
-# %% ../../nbs/02_data/02_ingest.ipynb #54632e18
+# %% ../../nbs/02_data/02_ingest.ipynb #5d3042f9
 def _strata(y: pd.Series, task: str):
     if task == "regression":
         return pd.qcut(y.rank(method="first"), q=min(10, max(2, len(y) // 20)), labels=False)
@@ -157,13 +159,14 @@ def stratified_sample(df: pd.DataFrame, target: str, task: str, n: int, seed: in
     sample, _ = train_test_split(df, train_size=n, stratify=_strata(df[target], task), random_state=seed)
     return sample.reset_index(drop=True)
 
+# %% ../../nbs/02_data/02_ingest.ipynb #8cc60322
 def split_data(df: pd.DataFrame, target: str, task: str, valid: float, test: float, seed: int) -> dict[str, pd.DataFrame]:
     "Stratified train/valid/test split with a fixed seed."
     rest, test_df = train_test_split(df, test_size=test, stratify=_strata(df[target], task), random_state=seed)
     train_df, valid_df = train_test_split(rest, test_size=valid / (1 - test), stratify=_strata(rest[target], task), random_state=seed)
     return {"train": train_df.reset_index(drop=True), "valid": valid_df.reset_index(drop=True), "test": test_df.reset_index(drop=True)}
 
-# %% ../../nbs/02_data/02_ingest.ipynb #0947e109
+# %% ../../nbs/02_data/02_ingest.ipynb #a7af20d0
 @dataclass
 class IngestResult:
     splits: dict[str, pd.DataFrame]
@@ -187,6 +190,7 @@ class IngestResult:
             Path(temps[-1]).write_text(json.dumps({"source": self.source, **self.log.__dict__}, indent=2, default=str) + "\n")
         return finals
 
+# %% ../../nbs/02_data/02_ingest.ipynb #9d6d6c45
 def read_feedback(data: DataConfig, schema: DataSchema) -> pd.DataFrame | None:
     "The labelled live traffic `mlnb retrain` added (`data.feedback`), validated on its own so an error names that file; None if there is none."
     if not data.feedback or not Path(data.feedback).exists(): return None
@@ -196,6 +200,7 @@ def read_feedback(data: DataConfig, schema: DataSchema) -> pd.DataFrame | None:
     rows, _ = blanks_to_missing(rows[list(schema.columns)])
     return validate(rows, schema, source=data.feedback, target=data.target)
 
+# %% ../../nbs/02_data/02_ingest.ipynb #7e7613cf
 def ingest(data: DataConfig, seed: int) -> IngestResult:
     "Read, validate, clean and split the configured source (nothing is written)."
     schema = load_schema(data.schema_path)
@@ -216,7 +221,7 @@ def ingest(data: DataConfig, seed: int) -> IngestResult:
     splits = split_data(cleaned, data.target, data.task, data.split.valid, data.split.test, seed)
     return IngestResult(splits, log, data.source, data.target, data.task)
 
-# %% ../../nbs/02_data/02_ingest.ipynb #fbc74cc6
+# %% ../../nbs/02_data/02_ingest.ipynb #afa9f4fc
 def infer_date_format(values: pd.Series, sample: int = 200) -> str | None:
     "The first of `DATE_FORMATS` every distinct non-missing value of `values` is written in, or None."
     distinct = pd.Series(values.dropna().unique())
@@ -226,6 +231,7 @@ def infer_date_format(values: pd.Series, sample: int = 200) -> str | None:
         if is_date(head, fmt).all() and is_date(distinct, fmt).all(): return fmt
     return None
 
+# %% ../../nbs/02_data/02_ingest.ipynb #7439fff6
 def _is_id(s: pd.Series) -> bool:
     return len(s) >= ID_MIN_ROWS and not s.isna().any() and s.nunique() == len(s)
 
@@ -251,7 +257,7 @@ def infer_schema(df: pd.DataFrame, max_categories: int = 50, target: str | None 
         cols[str(name)] = ColumnSchema(**spec)
     return DataSchema(columns=cols)
 
-# %% ../../nbs/02_data/02_ingest.ipynb #324eff57
+# %% ../../nbs/02_data/02_ingest.ipynb #6b3e006f
 CATEGORY_SHARES = {
     "contract": {"Month-to-month": 0.55, "One year": 0.209, "Two year": 0.241},
     "internet_service": {"DSL": 0.344, "Fiber optic": 0.44, "No": 0.216},
@@ -265,6 +271,7 @@ COLUMNS = ["churn", "female", "senior_citizen", "partner", "dependents", "tenure
            "online_security", "online_backup", "device_protection", "tech_support", "streaming_tv", "streaming_movies", "contract",
            "paperless_billing", "payment_method", "monthly_charges", "total_charges"]
 
+# %% ../../nbs/02_data/02_ingest.ipynb #1310cb82
 def shifted_shares(shares: dict[str, float], change: dict[str, float] | None) -> dict[str, float]:
     "Move some categories' shares by the given points; the others shrink or grow in proportion so the shares still add up to 1."
     if not change: return shares

@@ -18,10 +18,10 @@ from ..core.errors import ConfigError, DataError
 
 # %% auto #0
 __all__ = ['MONTHS', 'MONTH_NUMBERS', 'DATE_FORMATS', 'CUMULATIVE_DAYS', 'ID_MIN_ROWS', 'ColumnSchema', 'DataSchema',
-           'load_schema', 'date_tokens', 'date_regex', 'date_placeholder', 'date_fields', 'date_parts',
-           'days_since_1970', 'is_date', 'schema_to_yaml']
+           'load_schema', 'date_tokens', 'date_regex', 'date_placeholder', 'date_fields', 'days_since_1970',
+           'date_parts', 'is_date', 'schema_to_yaml']
 
-# %% ../../nbs/02_data/01_schema.ipynb #f9587263
+# %% ../../nbs/02_data/01_schema.ipynb #678cb567
 _DTYPES = {"int": "int64", "float": "float64", "str": "str", "bool": "bool", "date": "str"}
 
 class ColumnSchema(BaseModel):
@@ -61,6 +61,7 @@ class ColumnSchema(BaseModel):
         "The allowed values as the text a model's string input carries; None when any value is allowed."
         return None if self.allowed is None else frozenset(map(str, self.allowed))
 
+# %% ../../nbs/02_data/01_schema.ipynb #c4ec6415
 class DataSchema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     columns: dict[str, ColumnSchema]
@@ -70,12 +71,13 @@ class DataSchema(BaseModel):
     def feature_columns(self) -> list[str]:
         return [c for c, s in self.columns.items() if s.role == "feature"]
 
+# %% ../../nbs/02_data/01_schema.ipynb #3efb8df6
 def load_schema(path: str | Path) -> DataSchema:
     "Read a schema file: the one reader, which ingest, features, the serving contract and robustness all start from."
     try: return DataSchema.model_validate(read_yaml(path))
     except ValidationError as e: raise ConfigError(f"{path}: invalid schema: {e}") from None
 
-# %% ../../nbs/02_data/01_schema.ipynb #f613a095
+# %% ../../nbs/02_data/01_schema.ipynb #728c25cb
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 MONTH_NUMBERS = {v: i + 1 for i, m in enumerate(MONTHS) for v in (m, m.upper(), m.lower())}
 DATE_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m",
@@ -92,14 +94,17 @@ def date_tokens(fmt: str) -> list[tuple[str, str]] | None:
     if "Y" not in fields or not ({"m", "b"} & set(fields)) or any(re.search(r"[0-9A-Za-z]", s) and s != "T" for s in seps): return None
     return list(zip(fields, seps))
 
+# %% ../../nbs/02_data/01_schema.ipynb #b1f50468
 def date_regex(fmt: str) -> str:
     "The regular expression of the strings `fmt` writes (full match, ASCII only)."
     return "".join(_FIELDS[f] + re.escape(sep) for f, sep in date_tokens(fmt))
 
+# %% ../../nbs/02_data/01_schema.ipynb #07ea6888
 def date_placeholder(fmt: str) -> str:
     "A valid value of `fmt` (2000-01-01), put in place of invalid ones before fields are read."
     return "".join({"Y": "2000", "b": "Jan"}.get(f, "01") + sep for f, sep in date_tokens(fmt))
 
+# %% ../../nbs/02_data/01_schema.ipynb #02a0d048
 def date_fields(values, fmt: str) -> dict:
     "Year, month (and day) of each value as float32 arrays, with `valid`: the steps of the ONNX graph, in Arrow."
     import pyarrow, pyarrow.compute as pc
@@ -120,12 +125,7 @@ def date_fields(values, fmt: str) -> dict:
     fields.setdefault("d", np.ones(len(arr), np.float32))
     return fields | {"valid": valid.to_numpy(zero_copy_only=False)}
 
-def date_parts(values, fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    "Days since 1970-01-01 and month (float64, NaN where a value is missing or not a date in `fmt`)."
-    f = date_fields(values, fmt)
-    days, month = days_since_1970(f["Y"], f["m"], f["d"])
-    return np.where(f["valid"], days, np.nan), np.where(f["valid"], month, np.nan)
-
+# %% ../../nbs/02_data/01_schema.ipynb #70aa787e
 CUMULATIVE_DAYS = np.array([0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334], dtype=np.float32)
 
 def days_since_1970(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +138,13 @@ def days_since_1970(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> tuple[np.nda
     days = (np.float32(365) * (y - np.float32(1970)) + np.floor((y - np.float32(1969)) / np.float32(4))
             + CUMULATIVE_DAYS[m_safe - 1] + leap_now + d - np.float32(1))
     return np.where(valid, days, np.nan).astype(np.float64), np.where(valid, m, np.nan).astype(np.float64)
+
+# %% ../../nbs/02_data/01_schema.ipynb #3f9ba5af
+def date_parts(values, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    "Days since 1970-01-01 and month (float64, NaN where a value is missing or not a date in `fmt`)."
+    f = date_fields(values, fmt)
+    days, month = days_since_1970(f["Y"], f["m"], f["d"])
+    return np.where(f["valid"], days, np.nan), np.where(f["valid"], month, np.nan)
 
 # %% ../../nbs/02_data/01_schema.ipynb #9062551a
 def is_date(values: pd.Series, fmt: str) -> pd.Series:

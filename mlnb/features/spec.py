@@ -20,9 +20,9 @@ from ..data.schema import ID_MIN_ROWS, DataSchema, date_tokens
 # %% auto #0
 __all__ = ['DATE_OPSET', 'OTHER_CATEGORY', 'SMALL_REFERENCE', 'MAX_PROFILE_CATEGORIES', 'FINE_BINS', 'ColumnDecision',
            'FeatureSpec', 'feature_spec', 'model_frame', 'column_kind', 'ColumnProfile', 'bin_counts', 'value_counts',
-           'column_profile', 'capped_counts', 'Profile', 'reference_profile']
+           'capped_counts', 'column_profile', 'Profile', 'reference_profile']
 
-# %% ../../nbs/03_features/01_spec.ipynb #df42a0c0
+# %% ../../nbs/03_features/01_spec.ipynb #d6d80bec
 class ColumnDecision(BaseModel):
     "How one schema column enters the model (or why it does not)."
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -31,6 +31,7 @@ class ColumnDecision(BaseModel):
     encoding: str        # what the pipeline does with it ("" when excluded)
     why: str
 
+# %% ../../nbs/03_features/01_spec.ipynb #15fe41e0
 class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     target: str
@@ -64,7 +65,7 @@ class FeatureSpec(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSpec": return cls.model_validate(json.loads(Path(path).read_text()))
 
-# %% ../../nbs/03_features/01_spec.ipynb #08c81729
+# %% ../../nbs/03_features/01_spec.ipynb #40557a88
 DATE_OPSET = 20
 
 def _inferred_role(spec) -> str:
@@ -91,6 +92,7 @@ def _data_reason(s: pd.Series, dtype: str) -> str | None:
         return f"unique on each of the {len(s)} training rows: an identifier, which a model would memorise"
     return None
 
+# %% ../../nbs/03_features/01_spec.ipynb #21da8a0f
 def feature_spec(schema: DataSchema, features: FeaturesConfig, target: str, task: str,
                  data: pd.DataFrame | None = None, opset: int | None = None) -> FeatureSpec:
     "The feature spec from the schema (and the training `data`), with params' explicit roles taking precedence."
@@ -157,7 +159,7 @@ def model_frame(df: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
         out[c] = _as_text(out[c]) if pd.api.types.is_numeric_dtype(out[c]) else out[c].astype(object).where(out[c].notna(), None)
     return out
 
-# %% ../../nbs/03_features/01_spec.ipynb #88db2e98
+# %% ../../nbs/03_features/01_spec.ipynb #f7f8d4fe
 SMALL_REFERENCE = 1000          # up to this many reference rows drift uses statistical tests (and exact values are kept); above, distances
 MAX_PROFILE_CATEGORIES = 100   # categories kept by count in a profile; the rest are summed under OTHER_CATEGORY
 FINE_BINS = 2000                # numeric histogram resolution for distances (the normed Wasserstein error stays below ~0.2%)
@@ -168,6 +170,7 @@ def column_kind(values: pd.Series) -> str:
     if distinct == 2: return "binary"
     return "numeric" if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values) and distinct > 5 else "categorical"
 
+# %% ../../nbs/03_features/01_spec.ipynb #32722e57
 @dataclass
 class ColumnProfile:
     name: str
@@ -193,23 +196,19 @@ def _numeric_profile(name: str, x: np.ndarray, missing: int) -> ColumnProfile:
     p.psi_edges, p.psi_counts = psi_edges.tolist(), bin_counts(x, psi_edges).tolist()
     return p
 
+# %% ../../nbs/03_features/01_spec.ipynb #aa7fd8b6
 def bin_counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     "Counts in the bins between inner edges; values beyond the outer edges go to the end bins."
     return np.bincount(np.searchsorted(edges[1:-1], x, side="right"), minlength=len(edges) - 1)
 
+# %% ../../nbs/03_features/01_spec.ipynb #68cbe693
 def value_counts(values: pd.Series) -> dict[str, int]:
     "Counts by value as text (1 and 1.0 are one category): counted first, then only the distinct values converted."
     out: dict[str, int] = {}
     for k, v in values.value_counts(sort=False).items(): out[_key(k)] = out.get(_key(k), 0) + int(v)
     return out
 
-def column_profile(values: pd.Series, kind: str | None = None) -> ColumnProfile:
-    kind = kind or column_kind(values)
-    present = values.dropna()
-    missing = int(len(values) - len(present))
-    if kind == "numeric": return _numeric_profile(str(values.name), present.to_numpy(dtype=float), missing)
-    return ColumnProfile(str(values.name), kind, len(present), missing, categories=capped_counts(value_counts(present)))
-
+# %% ../../nbs/03_features/01_spec.ipynb #6b37c3b3
 def capped_counts(counts: dict[str, int], limit: int = MAX_PROFILE_CATEGORIES) -> dict[str, int]:
     "The `limit` most frequent values (ties by value) and, if there were more, the others' total under OTHER_CATEGORY."
     if len(counts) <= limit: return counts
@@ -218,6 +217,15 @@ def capped_counts(counts: dict[str, int], limit: int = MAX_PROFILE_CATEGORIES) -
     kept[OTHER_CATEGORY] = kept.get(OTHER_CATEGORY, 0) + sum(v for _, v in ranked[limit:])
     return kept
 
+# %% ../../nbs/03_features/01_spec.ipynb #b2dca10a
+def column_profile(values: pd.Series, kind: str | None = None) -> ColumnProfile:
+    kind = kind or column_kind(values)
+    present = values.dropna()
+    missing = int(len(values) - len(present))
+    if kind == "numeric": return _numeric_profile(str(values.name), present.to_numpy(dtype=float), missing)
+    return ColumnProfile(str(values.name), kind, len(present), missing, categories=capped_counts(value_counts(present)))
+
+# %% ../../nbs/03_features/01_spec.ipynb #3e1055c3
 @dataclass
 class Profile:
     "A reference data set as per-column summaries (the target among them, named by `target`)."
@@ -242,6 +250,7 @@ class Profile:
         data = json.loads(Path(path).read_text())
         return cls({k: ColumnProfile(**v) for k, v in data["columns"].items()}, data["rows"], data.get("target"))
 
+# %% ../../nbs/03_features/01_spec.ipynb #ad1618cb
 def reference_profile(df: pd.DataFrame, spec: FeatureSpec) -> Profile:
     "The training data's profile: every raw input column and the target."
     profile = Profile.from_frame(df, [*spec.inputs, spec.target])

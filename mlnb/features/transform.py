@@ -21,13 +21,14 @@ from .spec import DATE_OPSET, OTHER_CATEGORY, FeatureSpec, _as_text
 __all__ = ['ColumnwiseTransformer', 'DerivedFeatures', 'register_onnx_converters', 'Float32Inputs', 'CategoryGrouper',
            'DateFeatures', 'preprocessor']
 
-# %% ../../nbs/03_features/02_transform.ipynb #06734a20
+# %% ../../nbs/03_features/02_transform.ipynb #430ddd54
 class ColumnwiseTransformer(TransformerMixin, BaseEstimator):
     "A transformer that learns nothing: it is told its columns, and fitting only records how many there are."
     def fit(self, X, y=None):
         self.n_features_in_ = len(self.columns)
         return self
 
+# %% ../../nbs/03_features/02_transform.ipynb #27801a83
 class DerivedFeatures(ColumnwiseTransformer):
     "Arithmetic features from the columns it is given: ratio, product, difference, sum, log1p."
     def __init__(self, derived: tuple = (), columns: tuple = ()):
@@ -87,7 +88,7 @@ def register_onnx_converters():
     update_registered_converter(CategoryGrouper, "MlnbCategoryGrouper", _grouper_shape, _grouper_converter)
     update_registered_converter(DateFeatures, "MlnbDateFeatures", _date_shape, _date_converter)
 
-# %% ../../nbs/03_features/02_transform.ipynb #6e3b0a0a
+# %% ../../nbs/03_features/02_transform.ipynb #7c08c2b4
 class Float32Inputs(TransformerMixin, BaseEstimator):
     "Round inputs to float32 precision (returned as float64): train on the numbers the ONNX graph will see."
     def fit(self, X, y=None):
@@ -98,13 +99,14 @@ class Float32Inputs(TransformerMixin, BaseEstimator):
 
     def get_feature_names_out(self, input_features=None): return np.asarray(input_features, dtype=object)
 
+# %% ../../nbs/03_features/02_transform.ipynb #81d5885a
 def _identity_shape(operator):
     operator.outputs[0].type = operator.inputs[0].type.__class__(list(operator.inputs[0].type.shape))
 
 def _identity_converter(scope, operator, container):
     container.add_node("Identity", operator.inputs[0].full_name, operator.outputs[0].full_name, name=scope.get_unique_operator_name("Float32Inputs"))
 
-# %% ../../nbs/03_features/02_transform.ipynb #c0375898
+# %% ../../nbs/03_features/02_transform.ipynb #2c055075
 class CategoryGrouper(TransformerMixin, BaseEstimator):
     "Keep each column's `max_categories - 1` most frequent values; map the rest, unseen and missing ones to `other`."
     def __init__(self, max_categories: int = 32, other: str = OTHER_CATEGORY):
@@ -129,6 +131,7 @@ class CategoryGrouper(TransformerMixin, BaseEstimator):
 
     def get_feature_names_out(self, input_features=None): return np.asarray(input_features, dtype=object)
 
+# %% ../../nbs/03_features/02_transform.ipynb #28dcc6e7
 def _grouper_shape(operator):
     from skl2onnx.common.data_types import StringTensorType
     operator.outputs[0].type = StringTensorType([operator.inputs[0].get_first_dimension(), operator.raw_operator.n_features_in_])
@@ -147,7 +150,7 @@ def _grouper_converter(scope, operator, container):
         outs.append(out)
     container.add_node("Concat", outs, [operator.outputs[0].full_name], axis=1, name=scope.get_unique_operator_name("Concat"))
 
-# %% ../../nbs/03_features/02_transform.ipynb #bd2e115f
+# %% ../../nbs/03_features/02_transform.ipynb #914670db
 class DateFeatures(ColumnwiseTransformer):
     "Days since 1970-01-01 and month of date strings, one pair per column, in each column's strftime format."
     def __init__(self, formats: tuple = (), columns: tuple = ()):
@@ -161,6 +164,7 @@ class DateFeatures(ColumnwiseTransformer):
     def get_feature_names_out(self, input_features=None):
         return np.array([f"{c}_{part}" for c in self.columns for part in ("days", "month")], dtype=object)
 
+# %% ../../nbs/03_features/02_transform.ipynb #6ea7173a
 def _date_shape(operator):
     from skl2onnx.common.data_types import FloatTensorType
     operator.outputs[0].type = FloatTensorType([operator.inputs[0].get_first_dimension(), 2 * len(operator.raw_operator.formats)])

@@ -31,23 +31,26 @@ __all__ = ['QUANTIZABLE_OPS', 'input_types', 'decision_threshold', 'threshold_me
            'check_parity', 'quantizable', 'quantize', 'git_commit', 'dvc_locked_md5', 'provenance',
            'single_row_latency', 'ExportResult', 'export']
 
-# %% ../../nbs/04_training/02_export.ipynb #ae684f76
+# %% ../../nbs/04_training/02_export.ipynb #384c3c5b
 def input_types(spec: FeatureSpec) -> list:
     "One named graph input per raw column: numbers as float, categories and dates as strings."
     return ([(c, FloatTensorType([None, 1])) for c in spec.number_inputs]
             + [(c, StringTensorType([None, 1])) for c in spec.string_inputs])
 
+# %% ../../nbs/04_training/02_export.ipynb #0f7be6c7
 def decision_threshold(model) -> tuple[Pipeline, float | None, object]:
     "The fitted pipeline of a saved model, its decision threshold and positive class (None, None: the most probable class)."
     from sklearn.model_selection import FixedThresholdClassifier    # here, not at import: the server reads ONNX files only
     if isinstance(model, FixedThresholdClassifier): return model.estimator, float(model.threshold), model.pos_label
     return model, None, None
 
+# %% ../../nbs/04_training/02_export.ipynb #bd07e6c9
 def threshold_metadata(model) -> dict:
     "metadata_props that name a binary model's decision threshold and positive class (none for the most probable class)."
     _, threshold, positive = decision_threshold(model)
     return {} if threshold is None else {"mlnb.threshold": f"{threshold:g}", "mlnb.positive_class": str(positive)}
 
+# %% ../../nbs/04_training/02_export.ipynb #32918086
 def to_onnx(model, spec: FeatureSpec, opset: int = 17, metadata: dict | None = None) -> onnx.ModelProto:
     "Convert a fitted pipeline to ONNX: named raw-column inputs, no ZipMap, its threshold baked in, `metadata` in metadata_props."
     register_onnx_converters()
@@ -90,7 +93,7 @@ def bake_threshold(proto: onnx.ModelProto, classes: list, positive, threshold: f
     onnx.checker.check_model(proto)
     return proto
 
-# %% ../../nbs/04_training/02_export.ipynb #0628aa72
+# %% ../../nbs/04_training/02_export.ipynb #1960d3bf
 @dataclass
 class Parity:
     rows: int
@@ -100,6 +103,7 @@ class Parity:
     passed: bool
     detail: str
 
+# %% ../../nbs/04_training/02_export.ipynb #52c2f8c6
 def check_parity(model: Pipeline, onnx_model: OnnxModel, df: pd.DataFrame, spec: FeatureSpec, tol: ParityConfig) -> Parity:
     X = model_frame(df, spec)
     if spec.task == "regression":
@@ -118,12 +122,13 @@ def check_parity(model: Pipeline, onnx_model: OnnxModel, df: pd.DataFrame, spec:
     return Parity(len(X), diff, 0.0, agree, ok,
                   f"max |Δprobability| {diff:.3g} (tolerance {tol.max_abs_diff:g}), label agreement {agree:.4%} (minimum {tol.min_label_agreement:.1%})")
 
-# %% ../../nbs/04_training/02_export.ipynb #ecd662c2
+# %% ../../nbs/04_training/02_export.ipynb #8850678f
 QUANTIZABLE_OPS = {"MatMul", "Gemm"}
 
 def quantizable(proto: onnx.ModelProto) -> bool:
     return any(n.op_type in QUANTIZABLE_OPS for n in proto.graph.node)
 
+# %% ../../nbs/04_training/02_export.ipynb #802e0be4
 def quantize(src: str | Path, dst: str | Path) -> None:
     "Dynamic int8 quantization of `src` into `dst`."
     import logging
@@ -133,11 +138,12 @@ def quantize(src: str | Path, dst: str | Path) -> None:
     try: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=sorted(QUANTIZABLE_OPS))
     finally: root.setLevel(level)
 
-# %% ../../nbs/04_training/02_export.ipynb #6673f6f5
+# %% ../../nbs/04_training/02_export.ipynb #acd83e40
 def git_commit(cwd: str | Path = ".") -> str:
     try: return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError): return "unknown"
 
+# %% ../../nbs/04_training/02_export.ipynb #9d301cd3
 def dvc_locked_md5(path: str, lock: str | Path = "dvc.lock", stage: str | None = None, kind: str | None = None) -> str | None:
     "The md5 dvc.lock records for `path`: in any stage's deps or outs, or only in `stage`'s `kind` (deps/outs)."
     lock = Path(lock)
@@ -149,6 +155,7 @@ def dvc_locked_md5(path: str, lock: str | Path = "dvc.lock", stage: str | None =
             if entry.get("path") == path and "md5" in entry: return entry["md5"]
     return None
 
+# %% ../../nbs/04_training/02_export.ipynb #de214f5a
 def provenance(cfg: Config, paths: Paths, metric_name: str, metric_value: float) -> dict:
     source = cfg.data.source
     data_md5 = dvc_locked_md5(source) or (file_md5(source) if Path(source).exists() else None)
@@ -166,7 +173,7 @@ def single_row_latency(fn, row, repeats: int = 200, warmup: int = 20) -> float:
         t = time.perf_counter(); fn(row); times.append(time.perf_counter() - t)
     return float(np.median(times))
 
-# %% ../../nbs/04_training/02_export.ipynb #c867b2e6
+# %% ../../nbs/04_training/02_export.ipynb #3af73e92
 def _test_score(task: str, y, pred) -> tuple[str, float]:
     "The variant comparison's score: accuracy for classification, R² for regression."
     from sklearn.metrics import accuracy_score, r2_score
@@ -196,6 +203,7 @@ class ExportResult:
             if self.quantized: Path(temps[3]).write_bytes(self.quantized)
         if not self.quantized: paths.onnx_int8.unlink(missing_ok=True)
 
+# %% ../../nbs/04_training/02_export.ipynb #f3694e9e
 def export(model, test_df: pd.DataFrame, spec: FeatureSpec, cfg: ExportConfig, metadata: dict,
            workdir: str | Path | None = None) -> ExportResult:
     "Convert, check parity (raising `ParityError`), quantize when it pays, measure."

@@ -36,7 +36,7 @@ __all__ = ['FAMILIES', 'PROBE_ROWS', 'MIN_SEARCH_ROWS', 'THRESHOLD_GRID', 'ITERA
            'positive_of', 'choose_threshold', 'with_threshold', 'pipeline_of', 'experiment_id', 'log_candidates',
            'Checkpoints', 'fit_in_steps', 'TrainResult', 'train', 'plot_leaderboard']
 
-# %% ../../nbs/04_training/01_train.ipynb #964c3793
+# %% ../../nbs/04_training/01_train.ipynb #42a313df
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -45,6 +45,7 @@ class Family:
     space: dict
     scale: bool
 
+# %% ../../nbs/04_training/01_train.ipynb #679383e6
 def _by_task(classifier, regressor):
     return lambda task, seed: (regressor if task == "regression" else classifier)(seed)
 
@@ -71,6 +72,7 @@ FAMILIES = {f.name: f for f in [
             "model__learning_rate_init": loguniform(1e-3, 1e-2)}, scale=True),
 ]}
 
+# %% ../../nbs/04_training/01_train.ipynb #18c919fe
 def family(name: str, task: str) -> Family:
     if name not in FAMILIES: raise ConfigError(f"train.candidates: unknown family {name!r} (known: {sorted(FAMILIES)})")
     f = FAMILIES[name]
@@ -79,12 +81,13 @@ def family(name: str, task: str) -> Family:
         raise ConfigError(f"train.candidates: {name!r} does not fit a {task} task (use one of {alt})")
     return f
 
+# %% ../../nbs/04_training/01_train.ipynb #85e7913d
 def candidate_pipeline(name: str, spec: FeatureSpec, seed: int) -> Pipeline:
     "The unfitted pipeline (preprocessing + estimator) of family `name`."
     f = family(name, spec.task)
     return Pipeline([("pre", preprocessor(spec, scale=f.scale)), ("model", f.make(spec.task, seed))])
 
-# %% ../../nbs/04_training/01_train.ipynb #a48f5332
+# %% ../../nbs/04_training/01_train.ipynb #42b04fc5
 @dataclass
 class Candidate:
     family: str
@@ -107,6 +110,7 @@ class Candidate:
                 "fit_seconds": round(self.fit_seconds, 2), "fits": self.fits, "search_rows": self.search_rows,
                 "budget_note": self.budget_note, "params": json.dumps(self.params, default=str), "run_id": self.run_id}
 
+# %% ../../nbs/04_training/01_train.ipynb #ee66f20f
 def _folds(task: str, k: int, seed: int):
     return KFold(k, shuffle=True, random_state=seed) if task == "regression" else StratifiedKFold(k, shuffle=True, random_state=seed)
 
@@ -117,11 +121,13 @@ def _sample_rows(X: pd.DataFrame, y: pd.Series, rows: int, task: str, seed: int)
     except ValueError: Xs, _, ys, _ = train_test_split(X, y, train_size=rows, random_state=seed)
     return Xs, ys
 
+# %% ../../nbs/04_training/01_train.ipynb #bee5874a
 def search_points(f: Family, draws: int, seed: int) -> list[dict]:
     "The family's defaults (`{}`), then `draws` seeded draws from its space, as a `GridSearchCV` grid of single points."
     sampled = list(ParameterSampler(f.space, draws, random_state=seed)) if draws > 0 else []
     return [{}] + [{k: [v] for k, v in point.items()} for point in sampled]
 
+# %% ../../nbs/04_training/01_train.ipynb #fc13a4f7
 def _plain(v): return v.item() if hasattr(v, "item") else v
 
 def search_family(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, X_valid: pd.DataFrame, y_valid: pd.Series,
@@ -144,7 +150,7 @@ def search_family(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, X
     return Candidate(name, best, params, float(search.cv_results_["mean_test_score"][i]), float(search.cv_results_["std_test_score"][i]),
                      float(get_scorer(metric)(best, X_valid, y_valid)), seconds, fits=len(points) * cfg.cv_folds + 1, search_rows=len(Xs))
 
-# %% ../../nbs/04_training/01_train.ipynb #c1b2a002
+# %% ../../nbs/04_training/01_train.ipynb #2121fc65
 PROBE_ROWS, MIN_SEARCH_ROWS = 5000, 2000
 
 def coarse_seconds(seconds: float) -> float:
@@ -153,6 +159,7 @@ def coarse_seconds(seconds: float) -> float:
     scale = 10 ** math.floor(math.log10(seconds))
     return float(f"{next(m * scale for m in (1, 1.5, 2, 3, 5, 7, 10) if seconds <= m * scale * (1 + 1e-9)):.3g}")
 
+# %% ../../nbs/04_training/01_train.ipynb #5c1d127d
 def time_one_fit(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, seed: int, max_rows: int = PROBE_ROWS,
                  threads: int = 1) -> float:
     "Seconds one fit of the family's defaults takes on all of `X`: timed on at most `max_rows` rows, scaled, rounded coarsely."
@@ -164,6 +171,7 @@ def time_one_fit(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, se
         candidate_pipeline(name, spec, seed).fit(Xs, ys)
     return coarse_seconds((time.perf_counter() - start) * len(X) / len(Xs))
 
+# %% ../../nbs/04_training/01_train.ipynb #b704b660
 @dataclass(frozen=True)
 class FamilyPlan:
     action: str              # "search" | "defaults" (fitted once, no cross-validation) | "skip"
@@ -171,12 +179,14 @@ class FamilyPlan:
     rows: int | None = None  # training rows the search uses; None: all
     note: str = ""
 
+# %% ../../nbs/04_training/01_train.ipynb #aec3f3b2
 def search_seconds(one_fit: float, points: int, cfg: TrainConfig, fraction: float = 1.0, final_share: float = 1.0) -> float:
     "Estimated seconds of a search of `points` points on `fraction` of the rows, with its refit and the final fit."
     jobs = cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1)
     rounds = math.ceil(points * cfg.cv_folds / jobs)
     return rounds * one_fit * fraction * (cfg.cv_folds - 1) / cfg.cv_folds + one_fit * (1 + final_share)
 
+# %% ../../nbs/04_training/01_train.ipynb #3e50f32e
 def plan_family(one_fit: float | None, share: float | None, rows: int, cfg: TrainConfig, valid_rows: int = 0,
                 must_fit: bool = False) -> FamilyPlan:
     "What a family's search can afford in `share` seconds when one fit on all `rows` training rows takes `one_fit` seconds."
@@ -196,7 +206,7 @@ def plan_family(one_fit: float | None, share: float | None, rows: int, cfg: Trai
     if must_fit: return FamilyPlan("defaults", 0, None, f"defaults fitted once, over its share (the last family, none fitted): {facts}")
     return FamilyPlan("skip", 0, None, f"skipped: its refits alone ≈ {refits:.0f} s, {facts}")
 
-# %% ../../nbs/04_training/01_train.ipynb #c1b2a006
+# %% ../../nbs/04_training/01_train.ipynb #47a74e86
 THRESHOLD_GRID = np.round(np.arange(1, 200) / 200, 3)     # 0.005, 0.01, ..., 0.995
 
 @dataclass
@@ -209,10 +219,12 @@ class Threshold:
     def to_dict(self) -> dict:
         return {"rule": self.rule, "value": self.value, "positive_class": _plain(self.positive_class), "valid": self.valid}
 
+# %% ../../nbs/04_training/01_train.ipynb #40157017
 def threshold_rule(rule) -> str:
     if isinstance(rule, CostThreshold): return f"cost (fp {rule.cost.fp:g}, fn {rule.cost.fn:g})"
     return rule if isinstance(rule, str) else f"{rule:g}"
 
+# %% ../../nbs/04_training/01_train.ipynb #1a354888
 def _decision_cost(y, pred, fp: float, fn: float, pos_label) -> float:
     y, pred = np.asarray(y) == pos_label, np.asarray(pred) == pos_label
     return float(fp * np.sum(pred & ~y) + fn * np.sum(~pred & y))
@@ -227,6 +239,7 @@ def threshold_scorer(rule, positive):
         return make_scorer(_decision_cost, greater_is_better=False, fp=rule.cost.fp, fn=rule.cost.fn, pos_label=positive)
     raise ConfigError(f"train.threshold: unknown rule {rule!r} (use a probability, 'f1', 'youden' or {{cost: {{fp: 1, fn: 5}}}})")
 
+# %% ../../nbs/04_training/01_train.ipynb #fb67ccf2
 def positive_of(classes, positive_class=None):
     "The positive class of a binary task: `data.positive_class`, else the second class in sorted order."
     classes = list(classes)
@@ -235,6 +248,7 @@ def positive_of(classes, positive_class=None):
     if not match: raise ConfigError(f"data.positive_class: {positive_class!r} is not one of the target's classes {classes}")
     return match[0]
 
+# %% ../../nbs/04_training/01_train.ipynb #168b4a26
 def _rates(model, X, y, positive, t: float) -> dict:
     pred = np.where(model.predict_proba(X)[:, list(model.classes_).index(positive)] >= t, positive, "\0")
     return {"precision": round(float(precision_score(y == positive, pred == positive, zero_division=0)), 6),
@@ -253,16 +267,18 @@ def choose_threshold(model, X_valid: pd.DataFrame, y_valid: pd.Series, rule, pos
     valid = {"at_0.5": _rates(model, X_valid, y, positive, 0.5), "at_threshold": _rates(model, X_valid, y, positive, value)}
     return Threshold(threshold_rule(rule), value, positive, valid)
 
+# %% ../../nbs/04_training/01_train.ipynb #390676e0
 def with_threshold(pipeline: Pipeline, threshold: Threshold) -> FixedThresholdClassifier:
     "The fitted `pipeline` deciding at `threshold` (positive when p(positive) >= value); nothing is refitted."
     return FixedThresholdClassifier(pipeline, threshold=threshold.value, pos_label=threshold.positive_class,
                                     response_method="predict_proba")
 
+# %% ../../nbs/04_training/01_train.ipynb #07115711
 def pipeline_of(model) -> Pipeline:
     "The fitted pipeline of a saved model (itself, or the one a `FixedThresholdClassifier` wraps)."
     return model.estimator if isinstance(model, FixedThresholdClassifier) else model
 
-# %% ../../nbs/04_training/01_train.ipynb #8146d436
+# %% ../../nbs/04_training/01_train.ipynb #bc13277f
 def experiment_id(client, name: str, tracking_uri: str) -> str:
     "The id of experiment `name`, created if needed; a local SQLite store keeps its artifacts next to the database file."
     exp = client.get_experiment_by_name(name)
@@ -272,6 +288,7 @@ def experiment_id(client, name: str, tracking_uri: str) -> str:
         location = (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
+# %% ../../nbs/04_training/01_train.ipynb #a18bd0ea
 def log_candidates(candidates: list[Candidate], best: str, cfg: TrainConfig, metric: str, tags: dict | None = None,
                    threshold=None) -> str:
     "Record the candidates as nested MLflow runs; return the parent run id."
@@ -290,7 +307,7 @@ def log_candidates(candidates: list[Candidate], best: str, cfg: TrainConfig, met
                          **({"mlnb.threshold": str(threshold.value), "mlnb.threshold_rule": threshold.rule} if threshold else {})})
         return parent.info.run_id
 
-# %% ../../nbs/04_training/01_train.ipynb #54e7b5fe
+# %% ../../nbs/04_training/01_train.ipynb #d821c49e
 ITERATION_PARAM = {RandomForestClassifier: "n_estimators", RandomForestRegressor: "n_estimators", HistGradientBoostingClassifier: "max_iter",
                    HistGradientBoostingRegressor: "max_iter", MLPClassifier: "max_iter", MLPRegressor: "max_iter"}
 
@@ -302,6 +319,7 @@ def _early_stopped(model) -> bool:
     if not getattr(model, "do_early_stopping_", False): return False
     return bool(model._should_stop(model.validation_score_ if model.validation_fraction is not None else model.train_score_))
 
+# %% ../../nbs/04_training/01_train.ipynb #33b01071
 class Checkpoints:
     "Atomic joblib checkpoints in one directory per training run (its key: a hash of what the result depends on)."
     def __init__(self, root: str | Path, key: str):
@@ -328,6 +346,7 @@ class Checkpoints:
 
     def clear(self) -> None: shutil.rmtree(self.dir, ignore_errors=True)
 
+# %% ../../nbs/04_training/01_train.ipynb #9006158a
 def fit_in_steps(pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, every: int, ck: Checkpoints | None = None, name: str = "final") -> Pipeline:
     "Fit `pipeline`; an iterative estimator is grown `every` iterations at a time with a checkpoint after each (resumed from the last)."
     model = pipeline.named_steps["model"]
@@ -354,7 +373,7 @@ def fit_in_steps(pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, every: int, 
     pipeline.set_params(**{f"model__{param}": total, "model__warm_start": False})
     return pipeline
 
-# %% ../../nbs/04_training/01_train.ipynb #76611e17
+# %% ../../nbs/04_training/01_train.ipynb #9ae6e044
 @dataclass
 class TrainResult:
     candidates: list[Candidate]
@@ -384,6 +403,7 @@ class TrainResult:
                 "valid_score": round(self.best.valid_score, 6), "threshold": t.value if t else None,
                 "threshold_rule": t.rule if t else None, "positive_class": _plain(t.positive_class) if t else None}
 
+# %% ../../nbs/04_training/01_train.ipynb #8caed375
 def _skipped(name: str, note: str) -> Candidate:
     return Candidate(name, None, {}, float("nan"), float("nan"), float("nan"), 0.0, budget_note=note)
 
@@ -413,6 +433,7 @@ def _progress(c: Candidate, metric: str) -> str:
     cv = "" if np.isnan(c.cv_mean) else f"cv {metric} {c.cv_mean:.4f}, "
     return f"train {c.family}: {c.fits} fits in {c.fit_seconds:.1f} s, {cv}valid {c.valid_score:.4f}" + (f" [{c.budget_note}]" if c.budget_note else "")
 
+# %% ../../nbs/04_training/01_train.ipynb #5ae9d34f
 def train(train_df: pd.DataFrame, valid_df: pd.DataFrame, spec: FeatureSpec, cfg: TrainConfig, seed: int,
           track: bool = True, tags: dict | None = None, progress: bool = True, checkpoints: bool = True,
           positive_class=None) -> TrainResult:
