@@ -301,7 +301,7 @@ def init_params(text: str, source: str, query: str | None, schema_path: str, tar
         gates["max_categorical_flip_rate"] = None    # until a user has read the evaluate report of this data
         gates.yaml_add_eol_comment(NO_SWAP_GATE, "max_categorical_flip_rate")
     for key in list(gates):                       # comments about the previous data's attributes no longer apply
-        tokens = gates.ca.items.get(key)
+        tokens = gates.ca.items.get(key) if hasattr(gates, "ca") else None   # a section the text did not have holds none
         comment = tokens[2].value if tokens and len(tokens) > 2 and tokens[2] is not None else ""
         if any(a in comment for a in previous if a not in sensitive):
             tokens[2].value = "\n    # gated on demographic parity: each one must be in data.sensitive (binary tasks)\n"
@@ -353,7 +353,7 @@ def plan_init(data: str, target: str, task: str = "auto", positive: str | None =
     missing_target = int(df[target].isna().sum())
     if missing_target: notes.append(f"{missing_target} row(s) without a target are dropped at ingest")
     if "://" in data: notes.append("a database source: DVC cannot hash it; remove ${data.source} from the ingest stage's deps in "
-                                   "dvc.yaml and run `dvc repro -f ingest` when the data changes (README: Using your own data)")
+                                   "dvc.yaml and run `dvc repro -f ingest` when the data changes (docs: guides/own-data)")
     return InitPlan(schema_path, schema_text, params, params_text, task, task_why, chosen, positive_why, notes)
 
 # %% ../nbs/12_cli/01_cli.ipynb #f3a8d16d
@@ -484,7 +484,9 @@ def registry_history(name: str, params: str = PARAMS, user: Optional[str] = USER
 def registry_lineage(name: str, version: str, params: str = PARAMS, user: Optional[str] = USER):
     "Print raw data → processed data → features → run → version, and whether the working tree still matches."
     from mlnb.registry.store import working_tree_lineage
-    table = _registry(params, user, name).lineage(version, working_tree_lineage(load_config(params)))
+    reg = _registry(params, user, name)
+    reg.get(version)                              # an unknown version is a RegistryError before the working tree is read
+    table = reg.lineage(version, working_tree_lineage(load_config(params)))
     typer.echo(table.to_string(index=False))
     checked = table.dropna(subset=["matches"])
     typer.echo("working tree matches this version" if checked["matches"].all() else
@@ -845,7 +847,7 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
 
 # %% ../nbs/12_cli/01_cli.ipynb #e1440341
 # Continuous training: `mlnb ci` is what a CI job runs (exit 0 fine, 1 regression, 2 pipeline failed), `mlnb repro-check` re-runs the
-# committed pipeline in a fresh clone and compares it with dvc.lock (mlnb.pipeline.ci, README: Continuous training).
+# committed pipeline in a fresh clone and compares it with dvc.lock (mlnb.pipeline.ci; docs: guides/continuous-training).
 @app.command("ci")
 def ci_cmd(base: str = typer.Option("main", help="Branch whose committed metrics this run is compared with (dvc metrics diff)"),
            summary: Optional[Path] = typer.Option(None, help="Write the Markdown summary here (it is also appended to $GITHUB_STEP_SUMMARY when set)"),
