@@ -13,7 +13,7 @@ import pandas as pd
 # %% auto #0
 __all__ = ['automatic_caveats', 'robustness_rows', 'threshold_text', 'model_card', 'card_html']
 
-# %% ../../nbs/06_evaluation/03_card.ipynb #45ec6e4b
+# %% ../../nbs/06_evaluation/03_card.ipynb #6571e1fe
 def _table(rows: list[dict] | pd.DataFrame) -> str:
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     if df.empty: return "_none_"
@@ -37,6 +37,7 @@ def automatic_caveats(facts: dict) -> list[str]:
         out.append("Probabilities are calibrated on the training population; re-check calibration if the customer mix changes.")
     return out
 
+# %% ../../nbs/06_evaluation/03_card.ipynb #e7f4ad6b
 def robustness_rows(robustness: dict) -> list[dict]:
     "The evaluate stage's robustness block as (measure, value) rows for the card."
     if not robustness: return []
@@ -63,6 +64,7 @@ def robustness_rows(robustness: dict) -> list[dict]:
                  {"measure": f"riskiest {r['rows']} decisions: flipped by one categorical swap", "value": pct(r.get("swap_flippable_share"))}]
     return rows + sampled
 
+# %% ../../nbs/06_evaluation/03_card.ipynb #3806f761
 def _fairness_sections(facts: dict) -> list[str]:
     "Metrics by sensitive group and the fairness summary; one line saying why when fairness was not measured."
     fairness = facts.get("fairness") if isinstance(facts.get("fairness"), dict) else {}
@@ -77,6 +79,7 @@ def threshold_text(threshold: dict | None) -> str:
     if threshold.get("value") is None: return threshold.get("rule", "not applicable")
     return f"{threshold['value']:g} on p({threshold['positive_class']}) (rule: {threshold['rule']}, chosen on the validation split)"
 
+# %% ../../nbs/06_evaluation/03_card.ipynb #8b25d447
 def model_card(facts: dict) -> str:
     "The card as Markdown."
     lin = facts.get("lineage", {})
@@ -103,6 +106,7 @@ def model_card(facts: dict) -> str:
              "## Caveats", "\n".join(f"- {c}" for c in list(facts.get("caveats", [])) + automatic_caveats(facts)) or "_none_"]
     return "\n\n".join(parts) + "\n"
 
+# %% ../../nbs/06_evaluation/03_card.ipynb #d868c9d8
 def card_html(markdown_text: str, title: str = "Model card") -> str:
     "The card as a standalone HTML page."
     import mistune

@@ -32,7 +32,7 @@ __all__ = ['FAIRNESS_NOT_MEASURED', 'Predictions', 'predict', 'classification_me
            'curves', 'plot_curve', 'fairness', 'importance_rows', 'importance', 'plot_importance', 'Evaluation',
            'evaluate']
 
-# %% ../../nbs/06_evaluation/01_evaluate.ipynb #244430c4
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #5d7c7511
 @dataclass
 class Predictions:
     y_true: np.ndarray
@@ -41,6 +41,7 @@ class Predictions:
     classes: list | None
     positive: object | None
 
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #c7cb50f3
 def predict(model: Pipeline, df: pd.DataFrame, spec: FeatureSpec, positive_class=None) -> Predictions:
     X, y = model_frame(df, spec), df[spec.target].to_numpy()
     if spec.task == "regression": return Predictions(y, model.predict(X), None, None, None)
@@ -50,7 +51,7 @@ def predict(model: Pipeline, df: pd.DataFrame, spec: FeatureSpec, positive_class
         positive = positive_of(classes, positive_class)
     return Predictions(y, model.predict(X), model.predict_proba(X), classes, positive)
 
-# %% ../../nbs/06_evaluation/01_evaluate.ipynb #566f6feb
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #69f875e4
 def classification_metrics(p: Predictions) -> dict:
     out = {"rows": int(len(p.y_true)), "accuracy": skm.accuracy_score(p.y_true, p.y_pred)}
     if p.positive is not None:
@@ -70,10 +71,12 @@ def classification_metrics(p: Predictions) -> dict:
                    brier=float(np.mean(np.sum((p.proba - (p.y_true[:, None] == np.array(p.classes)[None, :])) ** 2, axis=1))))
     return out
 
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #82588d02
 def regression_metrics(p: Predictions) -> dict:
     return {"rows": int(len(p.y_true)), "rmse": skm.root_mean_squared_error(p.y_true, p.y_pred),
             "mae": skm.mean_absolute_error(p.y_true, p.y_pred), "r2": skm.r2_score(p.y_true, p.y_pred)}
 
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #967e1563
 def test_metrics(p: Predictions, task: str) -> dict:
     "The task's metrics, rounded so that equal runs write equal files."
     m = regression_metrics(p) if task == "regression" else classification_metrics(p)
@@ -140,13 +143,14 @@ def fairness(p: Predictions, groups: pd.DataFrame, task: str) -> tuple[pd.DataFr
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return (table[["attribute"] + [c for c in table.columns if c != "attribute"]].round(6) if len(table) else table), summary
 
-# %% ../../nbs/06_evaluation/01_evaluate.ipynb #3d57255f
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #efbd7ae1
 def importance_rows(df: pd.DataFrame, spec: FeatureSpec, max_rows: int | None, seed: int) -> pd.DataFrame:
     "The test rows permutation importance shuffles: all of them, or a seeded sample of `max_rows` (stratified where it can be)."
     if max_rows is None or len(df) <= max_rows: return df
     try: return stratified_sample(df, spec.target, spec.task, max_rows, seed)
     except ValueError: return df.sample(max_rows, random_state=seed).reset_index(drop=True)   # a class too rare to stratify
 
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #ad328dbb
 def importance(model: Pipeline, df: pd.DataFrame, spec: FeatureSpec, metric: str, repeats: int, seed: int) -> pd.DataFrame:
     "Permutation importance of each raw input column on `df` (sample it first with `importance_rows`)."
     X, y = model_frame(df, spec), df[spec.target]
@@ -154,13 +158,14 @@ def importance(model: Pipeline, df: pd.DataFrame, spec: FeatureSpec, metric: str
     return (pd.DataFrame({"feature": X.columns, "importance": r.importances_mean, "std": r.importances_std})
             .sort_values("importance", ascending=False, ignore_index=True).round(6))
 
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #7842870a
 def plot_importance(table: pd.DataFrame, top: int = 15) -> plt.Figure:
     t = table.head(top)[::-1]
     fig, ax = plt.subplots(figsize=(5.5, 0.3 * len(t) + 1))
     ax.barh(t.feature, t.importance, xerr=t["std"]); ax.set(xlabel="drop in test score when shuffled", title="permutation importance")
     fig.tight_layout(); return fig
 
-# %% ../../nbs/06_evaluation/01_evaluate.ipynb #73554f01
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #3789743e
 @dataclass
 class Evaluation:
     metrics: dict
@@ -210,6 +215,7 @@ class Evaluation:
                 fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None}); plt.close(fig)
         if not self.fairness_measured: (plots_dir / "fairness.csv").unlink(missing_ok=True)   # from an earlier run with attributes
 
+# %% ../../nbs/06_evaluation/01_evaluate.ipynb #b99e2de9
 def evaluate(model: Pipeline, test_df: pd.DataFrame, spec: FeatureSpec, cfg: EvaluateConfig, sensitive: list[str],
              seed: int, metric: str | None = None, positive_class=None, reference: Profile | None = None,
              schema: DataSchema | None = None) -> Evaluation:

@@ -21,7 +21,7 @@ __all__ = ['CHUNK_ROWS', 'NumericRange', 'PerturbationSpace', 'perturbation_spac
            'numeric_flips', 'Swaps', 'categorical_swaps', 'swap_table', 'all_swaps', 'search_direction',
            'smallest_flips', 'cheapest_swaps', 'Robustness', 'robustness']
 
-# %% ../../nbs/06_evaluation/02_robustness.ipynb #4d173b09
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #fc229f9d
 @dataclass(frozen=True)
 class NumericRange:
     "How far one numeric column may move: its training standard deviation, its declared bounds, whether it holds integers."
@@ -30,6 +30,7 @@ class NumericRange:
     high: float = np.inf
     integer: bool = False
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #8734494c
 @dataclass
 class PerturbationSpace:
     "Numeric columns moved in standard-deviation units, and the categories each categorical column may be swapped to."
@@ -46,6 +47,7 @@ class PerturbationSpace:
         if ints.any(): out[:, ints] = np.rint(out[:, ints])
         return out
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #11421b85
 def _categories(profile, as_number: bool, cap: int | None) -> tuple[list, int]:
     "The categories to try, most frequent first (at most `cap`, plus the rarest for the rest), and how many were left out."
     ordered = sorted(profile.categories, key=lambda k: -profile.categories[k])     # most frequent first
@@ -78,7 +80,7 @@ def perturbation_space(spec: FeatureSpec, reference: Profile, schema: DataSchema
             if left_out: untried[c] = left_out
     return PerturbationSpace(numeric, categories, untried)
 
-# %% ../../nbs/06_evaluation/02_robustness.ipynb #838188c0
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #f51d0ff0
 CHUNK_ROWS = 5_000           # rows per model call: bounds the memory a wide encoding (one-hot of many categories) takes at once
 
 def model_scores(model, X: pd.DataFrame, task: str, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
@@ -87,6 +89,7 @@ def model_scores(model, X: pd.DataFrame, task: str, chunk_rows: int = CHUNK_ROWS
     parts = [np.asarray(predict(X.iloc[i:i + chunk_rows]), dtype=float) for i in range(0, len(X), chunk_rows)]
     return np.concatenate(parts).reshape(len(X), -1) if parts else np.zeros((0, 1))
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #cc90e22d
 @dataclass(frozen=True)
 class Decision:
     "How class probabilities become the model's label: the arg-max, or p(positive) >= threshold for a binary model with one."
@@ -97,6 +100,7 @@ class Decision:
         if self.threshold is None: return scores.argmax(-1)
         return np.where(scores[..., self.positive] >= self.threshold, self.positive, 1 - self.positive)
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #e7ee719d
 def decision_rule(model, task: str) -> Decision:
     "The model's own rule: a binary model with a `threshold` (scikit-learn's FixedThresholdClassifier) uses it, others the arg-max."
     threshold = getattr(model, "threshold", None)
@@ -104,6 +108,7 @@ def decision_rule(model, task: str) -> Decision:
     classes, pos_label = list(model.classes_), getattr(model, "pos_label", None)
     return Decision(classes.index(pos_label if pos_label is not None else classes[1]), float(threshold))
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #cd5392e1
 def _rows(X: pd.DataFrame, rows: np.ndarray, space: PerturbationSpace | None = None, values: np.ndarray | None = None) -> pd.DataFrame:
     "The rows `rows` of X (repeats allowed), with the numeric columns of `space` set to `values` when given."
     out = pd.DataFrame({c: X[c].to_numpy()[rows] for c in X.columns}, columns=X.columns)
@@ -158,7 +163,7 @@ def numeric_flips(model, X: pd.DataFrame, base: np.ndarray, space: PerturbationS
         rows.append({"epsilon": eps, **worst.outcome()})
     return pd.DataFrame(rows)
 
-# %% ../../nbs/06_evaluation/02_robustness.ipynb #4d1a66d6
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #2b92319d
 @dataclass
 class Swaps:
     "Single categorical swaps: the (feature, value) pairs tried, the worst case per row under each feature, the kept rows' scores."
@@ -167,6 +172,7 @@ class Swaps:
     kept: np.ndarray            # (swaps, kept rows, classes): every swap's scores for the rows asked to be kept
     untried: dict[str, int] = field(default_factory=dict)
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #fc875364
 def categorical_swaps(model, X: pd.DataFrame, space: PerturbationSpace, task: str, base: np.ndarray | None = None,
                       keep: np.ndarray = (), decision: Decision = Decision(), chunk_rows: int = CHUNK_ROWS) -> Swaps:
     """Every row with one categorical column set to each category of `space`, scored at most `chunk_rows` copies at a time;
@@ -186,6 +192,7 @@ def categorical_swaps(model, X: pd.DataFrame, space: PerturbationSpace, task: st
         by_feature[c], pairs = worst, pairs + [(c, v) for v in values]
     return Swaps(pairs, by_feature, np.concatenate(kept) if kept else np.zeros((0, len(keep), base.shape[-1])), dict(space.untried))
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #223fe75a
 def swap_table(swaps: Swaps, task: str) -> pd.DataFrame:
     "Per feature: the categories tried and left out, and the flip share (or relative change) under a swap of that feature alone."
     tried = lambda f: sum(c == f for c, _ in swaps.pairs)
@@ -193,6 +200,7 @@ def swap_table(swaps: Swaps, task: str) -> pd.DataFrame:
     outcome = ["median_relative_change", "p95_relative_change"] if task == "regression" else ["flip_rate"]
     return pd.DataFrame(rows, columns=["feature", "categories", "untried", *outcome])
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #fe88652b
 def all_swaps(swaps: Swaps) -> dict:
     "The outcome over every single swap of every feature (empty: nothing to swap)."
     worsts = list(swaps.by_feature.values())
@@ -201,7 +209,7 @@ def all_swaps(swaps: Swaps) -> dict:
     for w in worsts[1:]: out = out.combine(w)
     return out.outcome()
 
-# %% ../../nbs/06_evaluation/02_robustness.ipynb #e4750a1a
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #cb4ba8a8
 def search_direction(model, X: pd.DataFrame, space: PerturbationSpace, label: np.ndarray, max_epsilon: float, task: str) -> np.ndarray:
     """Per row and numeric column, the sign that lowers the predicted class's score: central differences at growing steps
     (a tree's score is flat over short steps), the smallest step that shows a difference deciding. 0: no step moved the score."""
@@ -220,6 +228,7 @@ def search_direction(model, X: pd.DataFrame, space: PerturbationSpace, label: np
         undecided &= ~decide
     return direction
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #0b28a2d1
 def smallest_flips(model, X: pd.DataFrame, base: np.ndarray, space: PerturbationSpace, max_epsilon: float, task: str,
                    grid: int = 16, halvings: int = 10, decision: Decision = Decision()) -> pd.DataFrame:
     """Per row, the smallest move (L-infinity, in standard deviations) along the score-lowering sign direction that flips its label:
@@ -256,7 +265,7 @@ def cheapest_swaps(swaps: Swaps, base: np.ndarray, decision: Decision = Decision
     best = np.where(flipped, scores[:, np.arange(len(base)), label], np.inf).argmin(axis=0)
     return [f"{swaps.pairs[b][0]} → {swaps.pairs[b][1]}" if flipped[b, i] else None for i, b in enumerate(best)]
 
-# %% ../../nbs/06_evaluation/02_robustness.ipynb #09eb5b4f
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #fa74c3ae
 @dataclass
 class Robustness:
     "What small changes do to the model's decisions on the test set."
@@ -332,6 +341,7 @@ class Robustness:
         right.set(xlabel=label, title="one categorical swap")
         fig.tight_layout(); return fig
 
+# %% ../../nbs/06_evaluation/02_robustness.ipynb #0f59e2b9
 def _rounded(v):
     if isinstance(v, dict): return {k: _rounded(x) for k, x in v.items()}
     if isinstance(v, (float, np.floating)): return None if np.isnan(v) else round(float(v), 6)

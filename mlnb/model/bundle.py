@@ -43,7 +43,7 @@ def artifact_path(role: str) -> str:
     "Where a role's file is among a version's run artifacts (`model/model.onnx`)."
     return f"{ARTIFACT_DIR}/{FILES[role]}"
 
-# %% ../../nbs/05_model/03_bundle.ipynb #f7b804e9
+# %% ../../nbs/05_model/03_bundle.ipynb #96a072e8
 class Lineage(BaseModel):
     "raw data → processed data → features → model → ONNX, by hash, and the run that made it."
     model_config = ConfigDict(extra="ignore")
@@ -58,6 +58,7 @@ class Lineage(BaseModel):
     train_run_id: str | None = None
     selected_run_id: str | None = None
 
+# %% ../../nbs/05_model/03_bundle.ipynb #6cc6e013
 _PLAIN = ("task", "target", "family", "metric", "positive_class", "quantization")   # tags holding the fact as text
 _JSON = {"classes": "mlnb.classes", "parity": "mlnb.parity", "robustness": "mlnb.robustness"}
 
@@ -107,7 +108,7 @@ class VersionFacts(BaseModel):
         try: return cls.model_validate_json(Path(path).read_text())
         except (OSError, ValidationError) as e: raise BundleError(f"{path}: unreadable version facts: {e}") from None
 
-# %% ../../nbs/05_model/03_bundle.ipynb #64aeada5
+# %% ../../nbs/05_model/03_bundle.ipynb #c9325c6e
 def read_record(cls, path: str | Path, what: str, stage: str):
     "A typed JSON record (`cls`) from `path`; a missing or unreadable file is a `BundleError` naming it and its stage."
     path = Path(path)
@@ -118,6 +119,7 @@ def read_record(cls, path: str | Path, what: str, stage: str):
     except ValidationError as e:
         raise BundleError(f"{path}: unreadable {what}: {e}") from None
 
+# %% ../../nbs/05_model/03_bundle.ipynb #92e00661
 class Evaluation(BaseModel):
     "A version's test-split evaluation (`evaluate.json`)."
     model_config = ConfigDict(extra="allow")
@@ -137,7 +139,7 @@ class Evaluation(BaseModel):
     def load(cls, path: str | Path) -> "Evaluation":
         return read_record(cls, path, "evaluation", "evaluate")
 
-# %% ../../nbs/05_model/03_bundle.ipynb #56714508
+# %% ../../nbs/05_model/03_bundle.ipynb #27d3ac7c
 def output_scores(outputs: dict[str, np.ndarray], classes: list | None = None, positive=None) -> np.ndarray:
     "What output drift compares, from a graph's outputs: the positive class's probability, or the regression value."
     if "probabilities" not in outputs:
@@ -146,14 +148,17 @@ def output_scores(outputs: dict[str, np.ndarray], classes: list | None = None, p
     column = names.index(str(positive)) if positive is not None and str(positive) in names else -1
     return np.asarray(outputs["probabilities"], dtype=float)[:, column]
 
+# %% ../../nbs/05_model/03_bundle.ipynb #a5ca2e1f
 def save_scores(scores: np.ndarray, path: str | Path) -> Path:
     "Reference scores as a float64 `.npy` file (no pickle), atomically."
     with staged_outputs(path) as tmp:
         with open(tmp, "wb") as f: np.save(f, np.asarray(scores, dtype=np.float64), allow_pickle=False)
     return Path(path)
 
+# %% ../../nbs/05_model/03_bundle.ipynb #9eba63ae
 def load_scores(path: str | Path) -> np.ndarray: return np.load(path, allow_pickle=False)
 
+# %% ../../nbs/05_model/03_bundle.ipynb #f8a97986
 FILE_VERSION = "sha256-"                           # how a version served from a bare ONNX file is named
 
 def file_version(path: str | Path, sha256: str | None = None) -> str:

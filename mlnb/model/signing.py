@@ -16,7 +16,7 @@ from .onnx import OnnxModel
 # %% auto #0
 __all__ = ['ensure_signing_key', 'key_fingerprint', 'signature_path', 'sign_model', 'verify_model', 'load_verified', 'unverified']
 
-# %% ../../nbs/05_model/02_signing.ipynb #76f1a308
+# %% ../../nbs/05_model/02_signing.ipynb #e58076f3
 def ensure_signing_key(private_key: str | Path, public_key: str | Path) -> bool:
     "Create an EC P-256 key pair at the given paths if the private key does not exist; True if created."
     from cryptography.hazmat.primitives import serialization
@@ -31,6 +31,7 @@ def ensure_signing_key(private_key: str | Path, public_key: str | Path) -> bool:
     private_key.chmod(0o600)
     return True
 
+# %% ../../nbs/05_model/02_signing.ipynb #21200383
 def key_fingerprint(public_key: str | Path) -> str:
     "sha256 of the public key (DER): names the key without revealing anything."
     from cryptography.hazmat.primitives import serialization
@@ -38,8 +39,10 @@ def key_fingerprint(public_key: str | Path) -> str:
     import hashlib
     return hashlib.sha256(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
+# %% ../../nbs/05_model/02_signing.ipynb #31f09d54
 def signature_path(model_path: str | Path) -> Path: return Path(str(model_path) + ".sig")
 
+# %% ../../nbs/05_model/02_signing.ipynb #f1ab67e7
 def sign_model(model_path: str | Path, private_key: str | Path) -> Path:
     "Sign `model_path`; the signature goes next to it as `<file>.sig`."
     import model_signing
@@ -48,6 +51,7 @@ def sign_model(model_path: str | Path, private_key: str | Path) -> Path:
         model_signing.signing.Config().use_elliptic_key_signer(private_key=Path(private_key)).sign(Path(model_path), Path(tmp))
     return sig
 
+# %% ../../nbs/05_model/02_signing.ipynb #58fcaedd
 def verify_model(model_path: str | Path, public_key: str | Path, signature: str | Path | None = None) -> None:
     """Raise a `SignatureError` unless `model_path` is signed, unmodified, by the holder of `public_key`:
     `SignatureMissing`, `SignedWithOtherKey` or `ModifiedAfterSigning` when that is the cause."""
@@ -58,6 +62,7 @@ def verify_model(model_path: str | Path, public_key: str | Path, signature: str 
     try: model_signing.verifying.Config().use_elliptic_key_verifier(public_key=Path(public_key)).verify(model_path, signature)
     except Exception as e: raise unverified(model_path, public_key, signature, e) from None
 
+# %% ../../nbs/05_model/02_signing.ipynb #2cc7594e
 def load_verified(model_path: str | Path, public_key: str | Path, signature: str | Path | None = None, threads: int = 1) -> OnnxModel:
     "An `OnnxModel` of `model_path`, only after its signature verifies."
     verify_model(model_path, public_key, signature)

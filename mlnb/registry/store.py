@@ -67,7 +67,7 @@ class Version:
                 "gates": "pass" if self.gates_passed else "FAIL", "family": f.family, "metric": f"{f.metric} {value}",
                 "created": self.created}
 
-# %% ../../nbs/07_registry/01_registry.ipynb #7c4f48ce
+# %% ../../nbs/07_registry/01_registry.ipynb #1e7dc60d
 HIGHER_IS_BETTER = {"roc_auc": True, "accuracy": True, "f1": True, "precision": True, "recall": True,
                     "log_loss": False, "brier": False, "rmse": False, "mae": False, "r2": True}
 
@@ -77,6 +77,7 @@ def gate_metric(cfg: Config) -> str:
     if m not in valid: raise RegistryError(f"registry.gates.metric: {m!r} is not a {cfg.data.task} metric (use one of {valid})")
     return m
 
+# %% ../../nbs/07_registry/01_registry.ipynb #4e56857e
 def onnx_score(model: OnnxModel, test: pd.DataFrame, cfg: Config, metric: str) -> float:
     "Score an ONNX model on `test` from its own outputs, with the evaluate stage's metric definitions."
     from mlnb.evaluation.evaluate import Predictions, test_metrics
@@ -89,7 +90,7 @@ def onnx_score(model: OnnxModel, test: pd.DataFrame, cfg: Config, metric: str) -
     p = Predictions(y.astype(str), out["label"].astype(str), out["probabilities"], classes, positive)
     return float(test_metrics(p, cfg.data.task)[metric])
 
-# %% ../../nbs/07_registry/01_registry.ipynb #baf48c80
+# %% ../../nbs/07_registry/01_registry.ipynb #db329b4f
 @dataclass
 class Gate:
     name: str
@@ -97,6 +98,7 @@ class Gate:
     detail: str
     value: float | None = None
 
+# %% ../../nbs/07_registry/01_registry.ipynb #a1168c02
 def robustness_gates(robustness: dict, cfg: Config) -> list[Gate]:
     "The robustness gates from the evaluate stage's `robustness` block (empty: not measured, which fails a gate that is on)."
     g = cfg.registry.gates
@@ -126,6 +128,7 @@ def robustness_gates(robustness: dict, cfg: Config) -> list[Gate]:
         out.append(Gate(name, rate <= limit, detail, rate))
     return out
 
+# %% ../../nbs/07_registry/01_registry.ipynb #c626d7d3
 FAIRNESS_NOT_MEASURED = "not measured (no sensitive attributes)"
 
 def fairness_attributes(cfg: Config) -> list[str]:
@@ -139,6 +142,7 @@ def fairness_attributes(cfg: Config) -> list[str]:
                           "there or remove from fairness_attributes")
     return attrs
 
+# %% ../../nbs/07_registry/01_registry.ipynb #4bee44e1
 def fairness_gates(cfg: Config, fairness: dict) -> list[Gate]:
     "One gate per gated attribute (binary), or one skipped record that says why there is none."
     attrs = fairness_attributes(cfg)
@@ -154,6 +158,7 @@ def fairness_gates(cfg: Config, fairness: dict) -> list[Gate]:
         gates.append(Gate(f"fairness:{a}", ratio >= minimum, f"demographic parity ratio {ratio:.3f} (minimum {minimum})", ratio))
     return gates
 
+# %% ../../nbs/07_registry/01_registry.ipynb #ea0a70f3
 def run_gates(candidate: OnnxModel, champion: tuple[str, OnnxModel] | None, test: pd.DataFrame, cfg: Config,
               fairness: dict, parity: dict, signature_error: str | None, robustness: dict | None = None) -> list[Gate]:
     "Evaluate every gate for a candidate. `robustness`: the evaluate stage's block; None leaves the robustness gates out."
@@ -174,7 +179,7 @@ def run_gates(candidate: OnnxModel, champion: tuple[str, OnnxModel] | None, test
     if robustness is not None: gates += robustness_gates(robustness, cfg)
     return gates
 
-# %% ../../nbs/07_registry/01_registry.ipynb #945ee751
+# %% ../../nbs/07_registry/01_registry.ipynb #38f44373
 def _git_commit() -> str:
     from mlnb.training.export import git_commit
     return git_commit()
@@ -195,6 +200,7 @@ def lineage_from_lock(cfg: Config, paths: Paths | None = None, lock_path: str | 
             "params_hash": params_hash(cfg), "git_commit": _git_commit(),
             "train_run_id": board.get("parent_run_id"), "selected_run_id": board.get("selected_run_id")}
 
+# %% ../../nbs/07_registry/01_registry.ipynb #153103d2
 def working_tree_lineage(cfg: Config, paths: Paths | None = None, lock_path: str | Path = "dvc.lock") -> dict:
     "The lineage of the working tree as it is now: dvc.lock's hashes, the raw file re-hashed, and whether DVC sees changes."
     current = lineage_from_lock(cfg, paths, lock_path)
@@ -548,10 +554,11 @@ class Registry:
         return VersionBundle.load(self.fetch(v.version, cache_dir), v.tags, self.name, v.version)
 
 
-# %% ../../nbs/07_registry/01_registry.ipynb #9c89be6e
+# %% ../../nbs/07_registry/01_registry.ipynb #bcd40c13
 def signing_keys(cfg: Config) -> tuple[Path, Path]:
     return (Path(os.environ.get("MLNB_SIGNING_KEY", cfg.registry.signing_key)), Path(os.environ.get("MLNB_PUBLIC_KEY", cfg.registry.public_key)))
 
+# %% ../../nbs/07_registry/01_registry.ipynb #000b994f
 def _records(path: Path) -> list[dict]:
     "A CSV table as records; none for a missing or empty file (an evaluation with no sensitive attribute writes none)."
     try: return pd.read_csv(path).to_dict("records") if path.exists() and path.stat().st_size > 1 else []
@@ -594,6 +601,7 @@ def pipeline_bundle(cfg: Config, scratch: str | Path, paths: Paths | None = None
     scores = save_scores(output_scores(onnx.run(test), classes, positive), Path(scratch) / FILES["reference_scores"])
     return VersionBundle(files={**files, "reference_scores": scores}, facts=facts)
 
+# %% ../../nbs/07_registry/01_registry.ipynb #6cca9f73
 def register_outputs(cfg: Config, registry: Registry, paths: Paths | None = None,
                      lock_path: str | Path = "dvc.lock") -> tuple[Version, bool, bool]:
     "Register the pipeline's current outputs (`pipeline_bundle`). Returns (version, created, bootstrapped)."
@@ -624,4 +632,3 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths | None = None
         version, created = registry.register(bundle, {}, facts, gates_fn, signing_key, public_key)
     booted = created and cfg.registry.bootstrap_auto_approve and registry.bootstrap(version)
     return registry.get(version.version), created, booted
-
