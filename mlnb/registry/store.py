@@ -195,7 +195,7 @@ def lineage_from_lock(cfg: Config, paths: Paths | None = None, lock_path: str | 
     return {"data_source": cfg.data.source, "raw_md5": raw,
             "processed_md5": locked("ingest", "outs", paths.processed),
             "features_md5": locked("featurize", "outs", paths.features),
-            "model_md5": locked("train", "outs", paths.model) or file_md5(paths.model),
+            "model_md5": locked("train", "outs", paths.model) or (file_md5(paths.model) if paths.model.exists() else None),
             "onnx_md5": locked("export", "outs", paths.onnx_dir),
             "params_hash": params_hash(cfg), "git_commit": _git_commit(),
             "train_run_id": board.get("parent_run_id"), "selected_run_id": board.get("selected_run_id")}
@@ -418,8 +418,10 @@ class Registry:
 
     def alias_history(self) -> list[dict]:
         "Every alias move, oldest first."
+        from mlflow.exceptions import MlflowException
         self._require("view")
-        rm = self.client.get_registered_model(self.name)
+        try: rm = self.client.get_registered_model(self.name)
+        except MlflowException: return []                  # never registered: no alias has moved
         moves = sorted((k, v) for k, v in (rm.tags or {}).items() if k.startswith("mlnb.alias_move."))
         return [json.loads(v) for _, v in moves]
 

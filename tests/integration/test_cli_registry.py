@@ -56,3 +56,13 @@ def test_first_admin_then_users_need_admin(tmp_path):
     run("MLNB_USER=boss MLNB_SECRET=pw MLNB_NEW_SECRET=pw2 mlnb users add ann --role approver", tmp_path)
     listing = run("mlnb users list", tmp_path).stdout
     assert "boss: admin" in listing and "ann: approver" in listing and "pw" not in (tmp_path / "fresh-users.yaml").read_text().replace("scrypt", "")
+
+
+def test_history_and_lineage_of_what_was_never_registered_are_answers_not_tracebacks(tmp_path):
+    env = make_env(tmp_path / "registry")
+    (tmp_path / "params.yaml").write_text(json.dumps(env))
+    history = as_user(["mlnb", "registry", "history", "churn"], tmp_path, "vic")
+    assert "churn: no alias has been set yet" in history.stdout
+    lineage = as_user(["mlnb", "registry", "lineage", "churn", "1"], tmp_path, "vic", check=False)
+    assert lineage.returncode == 1 and lineage.stderr.strip() == "error: model 'churn' has no version 1"
+    assert "Traceback" not in lineage.stderr + history.stderr
