@@ -38,7 +38,8 @@ def main(repeats: int) -> None:
                                                      cfg.data.positive_class, reference, schema)))
     median = {name: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r)) for name, r in runs.items()}
     (off_wall, off_cpu), (on_wall, on_cpu) = median["off"], median["on"]
-    print(f"test rows {len(test)}, model {type(model[-1]).__name__}, robustness {cfg.evaluate.robustness.model_dump()}")
+    pipeline = getattr(model, "estimator", model)        # a FixedThresholdClassifier wraps the pipeline when a threshold was chosen
+    print(f"test rows {len(test)}, model {type(pipeline[-1]).__name__}, robustness {cfg.evaluate.robustness.model_dump()}")
     print(f"{'':22}{'wall s':>8}{'cpu s':>8}")
     print(f"{'robustness off':22}{off_wall:8.2f}{off_cpu:8.2f}")
     print(f"{'robustness on':22}{on_wall:8.2f}{on_cpu:8.2f}")
