@@ -108,7 +108,8 @@ def main():
                                             f"reads the best of {args.repeat}, the two modes taking turns",
                                             "ratio: encrypted cost relative to plain (time per row, or size); 1.00x is no cost"],
                   {"rows": args.rows, "rows_per_request": args.rows_per_request, "rows_per_file": args.rows_per_file, "repeat": args.repeat,
-                   "results": results}, libraries=("pyarrow", "cryptography"))
+                   "results": results}, libraries=("pyarrow", "cryptography"),
+                  disable_numparse=True, colalign=("left", "right", "right", "right"))      # the cells are formatted per row, as printed
 
 
 if __name__ == "__main__":

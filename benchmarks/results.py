@@ -30,9 +30,10 @@ def _json_default(o):
 
 
 def write_results(name: str, table: list[dict] | pd.DataFrame | str, notes: list[str] | tuple[str, ...] = (), data: dict | None = None,
-                  libraries: tuple[str, ...] = (), floatfmt: str | tuple[str, ...] = ",.2f", out_dir: Path = RESULTS) -> Path:
+                  libraries: tuple[str, ...] = (), floatfmt: str | tuple[str, ...] = ",.2f", out_dir: Path = RESULTS, **markdown) -> Path:
     """Write `out_dir/<name>.md` (header line, `table` as Markdown, `notes` as a list) and `out_dir/<name>.json` (`table`'s records,
-    the notes, the command and the machine, and whatever is in `data`). `table` may be Markdown already. Returns the .md path."""
+    the notes, the command and the machine, and whatever is in `data`). `table` may be Markdown already; `markdown` goes to tabulate
+    (e.g. `disable_numparse=True` for cells formatted already). Returns the .md path."""
     now = datetime.now(timezone.utc)
     facts = machine(libraries)
     command = shlex.join(["python", os.path.relpath(sys.argv[0], Path.cwd()) if sys.argv[0] else "-", *sys.argv[1:]])
@@ -45,7 +46,7 @@ def write_results(name: str, table: list[dict] | pd.DataFrame | str, notes: list
         for c in frame.select_dtypes("float"):               # counts that a missing cell made float print as counts again
             if frame[c].isna().any() and (frame[c].dropna() % 1 == 0).all(): frame[c] = frame[c].astype("Int64")
         cells = frame.astype(object).where(frame.notna(), None)            # blanks for what a row does not have
-        markdown, records = cells.to_markdown(index=False, floatfmt=floatfmt, missingval=""), json.loads(frame.to_json(orient="records"))
+        markdown, records = cells.to_markdown(index=False, floatfmt=floatfmt, missingval="", **markdown), json.loads(frame.to_json(orient="records"))
     lines = [header, "", markdown]
     if notes: lines += ["", *(f"- {n}" for n in notes)]
     out_dir.mkdir(parents=True, exist_ok=True)
