@@ -261,9 +261,9 @@ def main() -> None:
                    by["current", c]["rps"] >= 0.95 * by["baseline", c]["rps"]) for c in CONCURRENCY]
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
-    write_results("serve", table.assign(rps=table["rps"].round().astype(int)),
+    write_results("serve", table.assign(rps=table["rps"].round().astype(int)).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"}),
                   [f"ratios (same run): {r}" for r in ratios] + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals],
-                  {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds,
+                  {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "results": table.to_dict("records"),
                    "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]}, libraries=("uvicorn", "starlette", "mlflow"), floatfmt=".3f")
 
 
