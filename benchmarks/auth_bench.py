@@ -15,6 +15,8 @@ from pathlib import Path
 
 import orjson
 
+from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
+
 
 def toy_model(d: Path) -> Path:
     "A signed two-column logistic regression, as in the serving app notebook's example."
@@ -91,6 +93,8 @@ def main():
     print(f"single-row /invocations, in process, one core, best of {args.rounds} rounds of {args.requests}:")
     print(f"  auth off (baseline) {off * 1e6:8.1f} µs/request")
     print(f"  auth on, 10 keys    {on * 1e6:8.1f} µs/request   ratio {on / off:.3f}  ({(on - off) * 1e6:+.1f} µs)")
+    table = [{"measure": "single-row /invocations, auth off (baseline)", "µs": off * 1e6, "vs a request without auth": 1.0},
+             {"measure": "single-row /invocations, auth on, 10 keys", "µs": on * 1e6, "vs a request without auth": on / off}]
     print("KeyAuth.authorize alone (header lookup, SHA-256, constant-time comparison with every stored key):")
     for count in (1, 10, 100):
         path = d / f"keys-{count}.yaml"
@@ -100,6 +104,11 @@ def main():
         n = 100_000
         best = min(timeit.repeat(lambda: auth.authorize(headers, "POST", "/invocations", "predict"), number=n, repeat=5)) / n
         print(f"  {count:>3} key(s) {best * 1e6:6.2f} µs   ({best / off:.2%} of a request without auth)")
+        table.append({"measure": f"KeyAuth.authorize alone, {count} key(s)", "µs": best * 1e6, "vs a request without auth": best / off})
+    write_results("auth", table, [f"in process, one core, best of {args.rounds} alternating rounds of {args.requests} requests; "
+                                  f"auth on adds {(on - off) * 1e6:+.1f} µs, ratio {on / off:.3f} (goal: well under 5%)",
+                                  "KeyAuth.authorize: header lookup, SHA-256, constant-time comparison with every stored key; best of 5 x 100,000 calls"],
+                  {"requests": args.requests, "rounds": args.rounds}, libraries=("starlette",), floatfmt=",.3f")
 
 
 if __name__ == "__main__":

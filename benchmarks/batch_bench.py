@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 FILE_ROWS = 500_000
 
@@ -123,6 +125,8 @@ def main() -> None:
     print(f"{'run':<22}{'rows/s':>10}{'seconds':>9}{'workers MB':>12}{'client MB':>11}  vs ceiling")
     print(f"{'ceiling (1 session)':<22}{ceil:>10,.0f}{rows / ceil:>9.1f}{ceil_mb:>12.0f}{'':>11}  1.00")
     print(f"{'  session.run alone':<22}{ort_only:>10,.0f}{rows / ort_only:>9.1f}{'':>12}{'':>11}  {ort_only / ceil:.2f}")
+    table = [{"run": "ceiling (1 session)", "rows/s": ceil, "seconds": rows / ceil, "workers MB": ceil_mb, "client MB": None, "vs ceiling": 1.0},
+             {"run": "session.run alone", "rows/s": ort_only, "seconds": rows / ort_only, "workers MB": None, "client MB": None, "vs ceiling": ort_only / ceil}]
     ratios = {}
     results = {}
     for n in args.workers:
@@ -139,10 +143,18 @@ def main() -> None:
         print(f"{name:<22}{rows / seconds:>10,.0f}{seconds:>9.1f}{mem.children:>12.0f}{mem.own:>11.0f}  {rows / seconds / ceil:.2f} end to end")
         print(f"{'  scoring only':<22}{r.rows_per_second:>10,.0f}{seconds - r.startup_seconds:>9.1f}{'':>12}{'':>11}  "
               f"{r.rows_per_second / ceil:.2f} (goal >= {0.8 * n:.1f}; start-up {r.startup_seconds:.1f} s)")
+        table += [{"run": f"{name}, end to end", "rows/s": rows / seconds, "seconds": seconds, "workers MB": mem.children, "client MB": mem.own,
+                   "vs ceiling": rows / seconds / ceil},
+                  {"run": f"{name}, scoring only (start-up {r.startup_seconds:.1f} s)", "rows/s": r.rows_per_second, "seconds": seconds - r.startup_seconds,
+                   "workers MB": None, "client MB": None, "vs ceiling": r.rows_per_second / ceil}]
+    notes = [f"{rows:,} rows x {len(model.contract.names)} inputs in files of {FILE_ROWS:,} rows, model {model.name} v{model.version}; "
+             "one ONNX Runtime thread per session; goal for N workers, scoring only: >= 0.8 x N of the ceiling"]
     if 2 in results:
         whole, scoring = results[2]
-        print(f"\n2 workers / (2 x ceiling): scoring throughput {scoring / (2 * ceil):.2f} (goal >= 0.80), "
-              f"end to end with the cluster's start {whole / (2 * ceil):.2f}; vs 2 x session.run alone {scoring / (2 * ort_only):.2f}")
+        line = (f"2 workers / (2 x ceiling): scoring throughput {scoring / (2 * ceil):.2f} (goal >= 0.80), "
+                f"end to end with the cluster's start {whole / (2 * ceil):.2f}; vs 2 x session.run alone {scoring / (2 * ort_only):.2f}")
+        print("\n" + line); notes.append(line)
+    write_results("batch", table, notes, {"rows": rows, "workers": args.workers}, libraries=("dask", "distributed", "pyarrow"))
 
 
 if __name__ == "__main__":

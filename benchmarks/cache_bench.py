@@ -25,6 +25,7 @@ from mlnb.model.onnx import OnnxModel
 from mlnb.predlog.log import RecentIds
 from mlnb.serving.protocol import columns_from_rows, contract_from, parse_mlflow
 from mlnb.serving.runtime import PredictionCache, stack_rows
+from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,7 @@ def main() -> None:
         print(f"  {name:28s} {len(caches[name].entries)} entries, {held / 2**20:6.1f} MiB, {per[name]:6.0f} bytes per entry", flush=True)
     (b, before), (a, now) = per.items()
     print(f"  ratio: {before / now:.1f}x less memory per entry")
+    table = [{"measure": "prediction cache, bytes per entry", "before": before, "now": now, "now / before": now / before}]
 
     print("\ncost per row, on the full caches (best of 5)")
     fresh = unique_keys(records, contract, 4000, offset=10 * n)
@@ -136,6 +138,8 @@ def main() -> None:
             print(f"  {size}-row requests  {name:28s} miss (lookup + store) {figures[name][0]:5.2f} µs/row, hit (lookup + stack) {figures[name][1]:5.2f} µs/row", flush=True)
         (mb, hb), (mn, hn) = figures.values()
         print(f"  {size}-row requests  ratio now/before: miss {mn / mb:.2f}x, hit {hn / hb:.2f}x")
+        table += [{"measure": f"{size}-row requests, miss (lookup + store) µs/row", "before": mb, "now": mn, "now / before": mn / mb},
+                  {"measure": f"{size}-row requests, hit (lookup + stack) µs/row", "before": hb, "now": hn, "now / before": hn / hb}]
 
     check = caches["now (digests, packed)"].lookup("1", cached[:64])
     exact = dict(zip(model.outputs, model.session.run(None, columns_from_rows(contract, cached[:64]))))
@@ -144,7 +148,7 @@ def main() -> None:
     print("  cached outputs equal the model's, bit for bit")
 
     print(f"\nrecent prediction ids: {n} recorded (requests of 1-8 ids)")
-    sizes = [1 + (i * 7) % 8 for i in range(n)]
+    sizes, id_bytes = [1 + (i * 7) % 8 for i in range(n)], []
     for name, make in (("before (OrderedDict of ids)", lambda: IdSet(1_000_000)), ("now (counter ranges)", lambda: RecentIds(1_000_000))):
         def build(make=make):
             r, issued, new = make(), 0, None
@@ -154,6 +158,13 @@ def main() -> None:
             return r
         _, held = held_bytes(build)
         print(f"  {name:28s} {held / 2**20:7.2f} MiB, {held / n:6.1f} bytes per id", flush=True)
+        id_bytes.append(held / n)
+    table.append({"measure": "recent prediction ids, bytes per id", "before": id_bytes[0], "now": id_bytes[1], "now / before": id_bytes[1] / id_bytes[0]})
+    write_results("cache", table, [f"{n} distinct test-split rows (--entries), scored by the ONNX model in micro-batches of 64; memory by tracemalloc, "
+                                   "cost per row the best of 5", "before: TTLCache of (version, row tuple) keys and tuples of NumPy views, "
+                                   "recent ids in an OrderedDict; now: PredictionCache (BLAKE2b digests, packed outputs) and RecentIds (counter ranges)",
+                                   f"memory per entry, ratio (same run): {before / now:.1f}x less", "cached outputs equal the model's, bit for bit"],
+                  {"entries": n}, libraries=("cachetools",), floatfmt=",.4g")
 
 
 if __name__ == "__main__":

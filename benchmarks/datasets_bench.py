@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from mlnb.core.config import load_config  # noqa: E402
 from mlnb.data.datasets import demo_datasets  # noqa: E402
 from mlnb.data.schema import load_schema  # noqa: E402
+from results import write_results  # noqa: E402 (the shared writer of benchmarks/results/)
 
 BIN = Path(sys.executable).parent
 STAGES = ["ingest", "featurize", "train", "evaluate", "export", "register"]
@@ -186,11 +187,9 @@ def main() -> int:
         if not args.keep: shutil.rmtree(root, ignore_errors=True)
     text = table(rows)
     print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
-    args.out.with_suffix(".md").write_text(f"<!-- written by benchmarks/datasets_bench.py (scale {args.scale}, {machine}) -->\n{text}\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"scale": args.scale, "machine": machine, "rows": rows}, indent=2, default=str) + "\n")
     failed = [r["data set"] for r in rows if verdict(r)]
+    write_results(args.out.name, text, [f"scale {args.scale}: {len(rows) - len(failed)} of {len(rows)} data sets meet every goal"],
+                  {"scale": args.scale, "rows": rows}, libraries=("dvc", "mlflow"), out_dir=args.out.parent)
     print(f"\n{len(rows) - len(failed)} of {len(rows)} data sets meet every goal" + (f"; not: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import free_port, metric_sum, run_server, stop  # noqa: E402 (shared helpers)
+from results import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -184,10 +185,17 @@ def main() -> None:
 
     floor = next((r for r in results if r["server"] == "floor"), None)
     print("\nsummary")
+    notes = [f"{args.requests} requests per run at concurrency {args.concurrency} after a warm-up of {args.warmup}; 4 in 5 single rows, the rest 2-8 rows"]
     for r in results:
         ratio = f"  {r['rps'] / floor['rps']:.2f}x floor throughput, p99 {r['p99_ms'] / floor['p99_ms']:.2f}x floor" if floor and r is not floor else ""
         goal = "ok" if r["errors"] == 0 and r["rss_growth_pct"] < 10 else "MISSED"
-        print(f"  {r['server']:14s} errors {r['errors']} (goal 0), RSS growth {r['rss_growth_pct']:+.1f}% (goal < 10%): {goal}{ratio}")
+        line = f"{r['server']:14s} errors {r['errors']} (goal 0), RSS growth {r['rss_growth_pct']:+.1f}% (goal < 10%): {goal}{ratio}"
+        print("  " + line); notes.append(" ".join(line.split()))
+    table = [{"run": r["server"], "requests": r["requests"], "errors": r["errors"], "req/s": round(r["rps"]), "p50 ms": r["p50_ms"],
+              "p99 ms": r["p99_ms"], "max ms": r["max_ms"], "RSS before MB": r["rss_before_mb"], "RSS after MB": r["rss_after_mb"],
+              "growth %": r["rss_growth_pct"], "cache entries after": r["state_after"].get("cache_entries")} for r in results]
+    write_results("load", table, notes, {"requests": args.requests, "concurrency": args.concurrency, "warmup": args.warmup, "results": results},
+                  libraries=("uvicorn", "starlette"))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
+
 
 def entries(n_rows: int, per_request: int, seed: int = 0):
     "Prediction entries as the server makes them, `per_request` rows each (inputs drawn from 10,000 synthetic rows)."
@@ -95,11 +97,19 @@ def main():
     rows = [("put (us/request)", "put_us", "{:.2f}", False), ("writer CPU (rows/s)", "writer_cpu_rows_s", "{:,.0f}", True),
             ("read all (rows/s)", "read_all_rows_s", "{:,.0f}", True), ("read ids (rows/s)", "read_ids_rows_s", "{:,.0f}", True),
             ("logged_ids 100 (s)", "logged_ids_s", "{:.3f}", False), ("files", "files", "{}", False), ("MB on disk", "mb_on_disk", "{:.1f}", False)]
+    table = []
     for label, key, fmt, rate in rows:
         ratio = plain[key] / enc[key] if rate else enc[key] / plain[key]      # > 1: encrypted is slower (or bigger)
         print(f"{label:22}{fmt.format(plain[key]):>14}{fmt.format(enc[key]):>14}{ratio:>7.2f}x")
+        table.append({"": label, "plain": fmt.format(plain[key]), "encrypted": fmt.format(enc[key]), "ratio": f"{ratio:.2f}x"})
     print("ratio: encrypted cost relative to plain (time per row, or size); 1.00x is no cost")
     print(json.dumps(results))
+    write_results("log_encryption", table, [f"{args.rows:,} rows, {args.rows_per_request} per request, {args.rows_per_file:,} rows per file; "
+                                            f"reads the best of {args.repeat}, the two modes taking turns",
+                                            "ratio: encrypted cost relative to plain (time per row, or size); 1.00x is no cost"],
+                  {"rows": args.rows, "rows_per_request": args.rows_per_request, "rows_per_file": args.rows_per_file, "repeat": args.repeat,
+                   "results": results}, libraries=("pyarrow", "cryptography"),
+                  disable_numparse=True, colalign=("left", "right", "right", "right"))      # the cells are formatted per row, as printed
 
 
 if __name__ == "__main__":

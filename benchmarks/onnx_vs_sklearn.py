@@ -23,6 +23,7 @@ from mlnb.model.onnx import OnnxModel
 from mlnb.training.export import quantizable, quantize, single_row_latency, to_onnx
 from mlnb.features.spec import feature_spec, model_frame
 from mlnb.training.train import candidate_pipeline
+from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 50
@@ -81,8 +82,13 @@ def main(repeats: int):
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:,.1f}".format):
         print(table)
     worst = table["1-row speed-up"].min()
-    print(f"\nsingle-row speed-up: min {worst:.0f}x, median {table['1-row speed-up'].median():.0f}x "
-          f"(goal >= {GOAL}x: {'met' if worst >= GOAL else 'NOT met'})")
+    summary = (f"single-row speed-up: min {worst:.0f}x, median {table['1-row speed-up'].median():.0f}x "
+               f"(goal >= {GOAL}x: {'met' if worst >= GOAL else 'NOT met'})")
+    print("\n" + summary)
+    write_results("onnx_vs_sklearn", table.reset_index(),
+                  [f"{len(train)} training rows, {len(X_test)} test rows, {len(spec.inputs)} raw inputs; ONNX Runtime on 1 intra-op thread "
+                   f"(and 2 where stated), scikit-learn n_jobs=1; {repeats} single-row calls per ONNX measurement", summary],
+                  {"repeats": repeats, "goal_speed_up": GOAL}, libraries=("skl2onnx",), floatfmt=",.1f")
 
 
 if __name__ == "__main__":

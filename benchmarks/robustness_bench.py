@@ -15,6 +15,7 @@ from mlnb.core.config import load_config
 from mlnb.data.schema import load_schema
 from mlnb.evaluation.evaluate import evaluate
 from mlnb.features.spec import FeatureSpec, Profile
+from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
 
 
 def timed(fn) -> tuple[float, float]:
@@ -38,11 +39,19 @@ def main(repeats: int) -> None:
                                                      cfg.data.positive_class, reference, schema)))
     median = {name: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r)) for name, r in runs.items()}
     (off_wall, off_cpu), (on_wall, on_cpu) = median["off"], median["on"]
-    print(f"test rows {len(test)}, model {type(model[-1]).__name__}, robustness {cfg.evaluate.robustness.model_dump()}")
+    pipeline = getattr(model, "estimator", model)        # a FixedThresholdClassifier wraps the pipeline when a threshold was chosen
+    print(f"test rows {len(test)}, model {type(pipeline[-1]).__name__}, robustness {cfg.evaluate.robustness.model_dump()}")
     print(f"{'':22}{'wall s':>8}{'cpu s':>8}")
     print(f"{'robustness off':22}{off_wall:8.2f}{off_cpu:8.2f}")
     print(f"{'robustness on':22}{on_wall:8.2f}{on_cpu:8.2f}")
     print(f"{'added':22}{on_wall - off_wall:8.2f}{on_cpu - off_cpu:8.2f}   (ratio on/off: wall {on_wall / off_wall:.2f}x, cpu {on_cpu / off_cpu:.2f}x)")
+    write_results("robustness", [{"evaluate": "robustness off (baseline)", "wall s": off_wall, "cpu s": off_cpu},
+                                 {"evaluate": "robustness on", "wall s": on_wall, "cpu s": on_cpu},
+                                 {"evaluate": "added", "wall s": on_wall - off_wall, "cpu s": on_cpu - off_cpu}],
+                  [f"ratio on/off (same run): wall {on_wall / off_wall:.2f}x, cpu {on_cpu / off_cpu:.2f}x",
+                   f"test rows {len(test)}, model {type(pipeline[-1]).__name__}, median of {repeats} alternating repeats",
+                   f"robustness settings: {cfg.evaluate.robustness.model_dump()}"],
+                  {"repeats": repeats, "runs": runs, "robustness": cfg.evaluate.robustness.model_dump()})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_results  # noqa: E402 (the shared writer of benchmarks/results/)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONCURRENCY = (1, 16, 64)
@@ -238,6 +241,7 @@ def main() -> None:
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     by = {(r["server"], r["concurrency"]): r for r in results}
     print("\nratios (same run):")
+    ratios = []
     for c in CONCURRENCY:
         line = f"  c={c:<3d} mlnb/floor throughput {by['mlnb', c]['rps'] / by['floor', c]['rps']:.2f}"
         if ("mlflow", c) in by: line += f"   mlnb/mlflow {by['mlnb', c]['rps'] / by['mlflow', c]['rps']:.0f}x"
@@ -246,7 +250,7 @@ def main() -> None:
             line += f" p99 {by['current', c]['p99_ms'] / by['baseline', c]['p99_ms']:.3f}"
         for mode in ("split5", "split50", "shadow"):
             if (f"mlnb-{mode}", c) in by: line += f"   {mode}/mlnb {by[f'mlnb-{mode}', c]['rps'] / by['mlnb', c]['rps']:.2f}"
-        print(line)
+        print(line); ratios.append(" ".join(line.split()))
     goals = [("p50 at c=1 <= 0.5 ms", by["mlnb", 1]["p50_ms"] <= 0.5),
              ("c=16 throughput >= 80% of floor", by["mlnb", 16]["rps"] >= 0.8 * by["floor", 16]["rps"]),
              ("c=64 throughput >= floor", by["mlnb", 64]["rps"] >= by["floor", 64]["rps"]),
@@ -257,21 +261,10 @@ def main() -> None:
                    by["current", c]["rps"] >= 0.95 * by["baseline", c]["rps"]) for c in CONCURRENCY]
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
-    write_results(table, goals, args)
-
-
-def write_results(table: pd.DataFrame, goals: list[tuple[str, bool]], args) -> None:
-    "The figures as JSON and as a Markdown table for the docs (benchmarks/results/serve.*)."
-    out = ROOT / "benchmarks/results"
-    out.mkdir(parents=True, exist_ok=True)
-    facts = {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "results": table.to_dict("records"),
-             "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]}
-    (out / "serve.json").write_text(json.dumps(facts, indent=1) + "\n")
-    md = ["| server | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
-    md += [f"| {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['errors']} |"
-           for r in facts["results"]]
-    md += ["", "| goal | met |", "|---|---|"] + [f"| {g['goal']} | {'yes' if g['met'] else 'no'} |" for g in facts["goals"]]
-    (out / "serve.md").write_text("\n".join(md) + "\n")
+    write_results("serve", table.assign(rps=table["rps"].round().astype(int)).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"}),
+                  [f"ratios (same run): {r}" for r in ratios] + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals],
+                  {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "results": table.to_dict("records"),
+                   "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]}, libraries=("uvicorn", "starlette", "mlflow"), floatfmt=".3f")
 
 
 if __name__ == "__main__":
