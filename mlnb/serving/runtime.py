@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from cachetools import TTLCache
+from cachetools import LRUCache
 
 from ..model.bundle import FILES, VersionBundle, file_version
 from ..core.errors import ConfigError
@@ -199,11 +199,11 @@ def load_last_verified(ref: ModelRef, public_key: str | Path, cache_dir: str | P
 class PredictionCache:
     """Per-row outputs for a time to live, least recently used evicted first; counts hits and misses.
 
-    The store is a `cachetools.TTLCache` (expiry and LRU order); what it holds is compact: a 16-byte digest per row
-    and the row's outputs packed in one `bytes` object."""
+    The store is a `cachetools.LRUCache` (the bound and LRU order); what it holds is compact: a 16-byte digest per row
+    and the row's expiry time and outputs packed in one `bytes` object."""
     def __init__(self, max_entries: int, ttl_seconds: float, clock=time.monotonic):
         self.max_entries, self.ttl, self.clock = max_entries, ttl_seconds, clock
-        self.entries: TTLCache[bytes, bytes] = TTLCache(max_entries, ttl_seconds, timer=clock)   # digest -> packed outputs
+        self.entries: LRUCache[bytes, bytes] = LRUCache(max_entries)   # digest -> expiry + packed outputs
         self.hits = self.misses = 0
         # version -> per output: (None, 0, ()) for a string, else (dtype, bytes per row, row shape)
         self._layouts: dict[str, tuple | None] = {}
@@ -221,9 +221,13 @@ class PredictionCache:
         if layout is None:                              # nothing of this version stored
             self.misses += len(keys)
             return [None] * len(keys)
-        entries, found = self.entries, []
+        entries, now, found = self.entries, self.clock(), []
         for k in keys:
-            value = entries.get(self.digest(version, k))
+            digest = self.digest(version, k)
+            value = entries.get(digest)
+            if value is not None and _EXPIRY.unpack_from(value)[0] <= now:
+                del entries[digest]                     # expired: never answered, and dropped
+                value = None
             found.append(None if value is None else self._unpack(value, layout))
         hits = sum(f is not None for f in found)
         self.hits += hits
@@ -235,10 +239,10 @@ class PredictionCache:
         layout = self._layout(version, outputs)
         if layout is None: return
         rows = [self._pack_column(a, spec, len(keys)) for a, spec in zip(outputs.values(), layout)]
-        entries = self.entries
+        entries, expiry = self.entries, _EXPIRY.pack(self.clock() + self.ttl)
         for k, parts in zip(keys, zip(*rows)):
             if None not in parts:
-                entries[self.digest(version, k)] = b"".join(parts)
+                entries[self.digest(version, k)] = b"".join((expiry, *parts))
 
     def _layout(self, version: str, outputs: dict[str, np.ndarray]) -> tuple | None:
         "How this version's outputs are packed, from its first stored outputs; None if they cannot be."
@@ -272,7 +276,7 @@ class PredictionCache:
         return code
 
     def _unpack(self, value: bytes, layout: tuple) -> tuple:
-        out, at = [], 0
+        out, at = [], _EXPIRY.size
         for dtype, width, shape in layout:
             if dtype is None:
                 out.append(self._strings[_CODE.unpack_from(value, at)[0]])
@@ -283,7 +287,7 @@ class PredictionCache:
                 at += width
         return tuple(out)
 
-_CODE = struct.Struct("<H")
+_CODE, _EXPIRY = struct.Struct("<H"), struct.Struct("<d")      # a string output's code; the expiry time
 
 def stack_rows(rows: list[tuple], names: list[str]) -> dict[str, np.ndarray]:
     "Output arrays from per-row output tuples."
