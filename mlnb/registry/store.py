@@ -233,6 +233,7 @@ def _not_found(error) -> bool:
     "The store answered that the model, version or alias does not exist (rather than failing to answer: down, timed out)."
     return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
+# %% ../../nbs/07_registry/01_registry.ipynb #93190c3b
 class Registry:
     "One registered model on an MLflow registry, acted on by one identity, every action audited."
     def __init__(self, uri: str, name: str, audit: AuditLog, identity: Identity, experiment: str = "mlnb", incomplete_after_seconds: float = 600):

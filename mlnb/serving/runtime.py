@@ -56,13 +56,14 @@ class ModelRef:
     def __str__(self) -> str:
         return str(self.path) if self.path else f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
 
-# %% ../../nbs/08_serving/02_runtime.ipynb #bc4627eb
+# %% ../../nbs/08_serving/02_runtime.ipynb #ec78ad20
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #dbfc649d
 @dataclass
 class ServedModel:
     name: str
@@ -99,10 +100,12 @@ class ServedModel:
                 "task": self.task, "classes": self.classes, "threshold": self.threshold, "positive_class": self.positive_class,
                 "load_seconds": round(self.load_seconds, 4), "inputs": self.onnx.inputs, "outputs": self.onnx.outputs}
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #ec29154d
 def warm_up_row(contract: Contract) -> tuple:
     "A plausible row for warming a session up: zeros and the first declared category."
     return tuple(0.0 if c.kind == "number" else (min(c.categories) if c.categories else "") for c in contract.columns)
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #68327b3a
 def warm_up(model: ServedModel, batch_sizes=(1, 2, 8, 32, 256), repeats: int = 20) -> None:
     "Run the request path's array building and the session at the batch sizes micro-batching produces."
     row = warm_up_row(model.contract)
@@ -129,7 +132,7 @@ def load_served_model(model_path: str | Path, public_key: str | Path, name: str 
     served.load_seconds = time.perf_counter() - start
     return served
 
-# %% ../../nbs/08_serving/02_runtime.ipynb #1e4505b9
+# %% ../../nbs/08_serving/02_runtime.ipynb #5a06efcd
 @contextlib.contextmanager
 def asking(registry):
     "Failures to reach the registry become `RegistryUnreachable` naming it; its answers (`RegistryError`, `AccessDenied`) pass through."
@@ -140,12 +143,14 @@ def asking(registry):
     except Exception as e:
         raise RegistryUnreachable(f"registry {getattr(registry, 'uri', registry.name)} unreachable: {type(e).__name__}: {e}") from e
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #a8f9a413
 def fetch_version(registry, version: str, cache_dir: str | Path) -> Path:
     "The version's model directory in the local cache, downloaded from the registry if absent (`Registry.fetch`)."
     if (Path(cache_dir) / registry.name / str(version) / FILES["onnx"]).exists():
         return registry.fetch(version, cache_dir)
     with asking(registry): return registry.fetch(version, cache_dir)
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #a1023dcc
 def resolve_version(registry, ref: ModelRef) -> str:
     "The version number an alias or version reference points at now."
     from mlnb.registry.store import RegistryError
@@ -155,6 +160,7 @@ def resolve_version(registry, ref: ModelRef) -> str:
     if held is None: raise RegistryError(f"model {registry.name!r} has no version with alias {ref.alias!r}")
     return held.version
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #46b1634f
 def load_registered(registry, ref: ModelRef, public_key: str | Path, cache_dir: str | Path, prefer_quantized: bool = False,
                     threads: int = 1, max_rows: int = 1000, version: str | None = None) -> ServedModel:
     "Resolve `ref` (or take `version`), fetch it and load it verified."
@@ -166,11 +172,12 @@ def load_registered(registry, ref: ModelRef, public_key: str | Path, cache_dir: 
     remember_verified(model, ref, cache_dir)
     return model
 
-# %% ../../nbs/08_serving/02_runtime.ipynb #f64b2d93
+# %% ../../nbs/08_serving/02_runtime.ipynb #906f1779
 def verified_record(cache_dir: str | Path, ref: ModelRef) -> Path:
     "Where the version of `ref` last verified on this machine is recorded."
     return Path(cache_dir) / ref.name / f"verified-{ref.alias or ref.version}.json"
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #59bbbdf4
 def remember_verified(model: ServedModel, ref: ModelRef, cache_dir: str | Path) -> Path:
     "Record `model` as the last verified version of `ref` (atomically)."
     from mlnb.core.config import write_json
@@ -178,6 +185,7 @@ def remember_verified(model: ServedModel, ref: ModelRef, cache_dir: str | Path) 
               "file": os.path.relpath(model.path, cache_dir), "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return write_json(record, verified_record(cache_dir, ref))
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #c8ff99fc
 def load_last_verified(ref: ModelRef, public_key: str | Path, cache_dir: str | Path, unreachable: Exception,
                        threads: int = 1, max_rows: int = 1000) -> ServedModel:
     "The version of `ref` last verified here, verified again (signature, then SHA-256 against the record); for when the registry is unreachable."
@@ -195,7 +203,7 @@ def load_last_verified(ref: ModelRef, public_key: str | Path, cache_dir: str | P
         raise SignatureError(f"{path}: SHA-256 {model.sha256[:12]}… is not the {record['sha256'][:12]}… verified at {record['verified_at']} ({record_path}); not serving it")
     return model
 
-# %% ../../nbs/08_serving/02_runtime.ipynb #d7fd18c1
+# %% ../../nbs/08_serving/02_runtime.ipynb #705ef9ee
 class PredictionCache:
     """Per-row outputs for a time to live, least recently used evicted first; counts hits and misses.
 
@@ -287,6 +295,7 @@ class PredictionCache:
                 at += width
         return tuple(out)
 
+# %% ../../nbs/08_serving/02_runtime.ipynb #82ea0457
 _CODE, _EXPIRY = struct.Struct("<H"), struct.Struct("<d")      # a string output's code; the expiry time
 
 def stack_rows(rows: list[tuple], names: list[str]) -> dict[str, np.ndarray]:
