@@ -198,6 +198,8 @@ def parse_v2(body, contract: Contract, key_field: str | None = None) -> Batch:
         label = f"input {name!r}" if isinstance(name, str) else f"inputs[{i}]"
         for key in ("name", "shape", "datatype", "data"):
             if key not in tensor: raise RequestError(f"{label}: field {key!r} is missing")
+        if not isinstance(name, str): raise RequestError(f"{label}: 'name' must be a string (an input's name)")
+        if not isinstance(tensor["datatype"], str): raise RequestError(f"{label}: 'datatype' must be a string such as FP32 or BYTES")
         if name in columns: raise RequestError(f"{label}: given twice")
         shape = tensor["shape"]
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -234,6 +236,9 @@ def parse_mlflow(body, contract: Contract, key_field: str | None = None) -> Batc
         if not isinstance(payload, dict) or not isinstance(payload.get("columns"), list) or not isinstance(payload.get("data"), list):
             raise RequestError("dataframe_split: needs 'columns' (list of names) and 'data' (list of rows)")
         names = payload["columns"]
+        if not all(isinstance(name, str) for name in names):
+            raise RequestError("dataframe_split: 'columns' must be a list of column names (strings)")
+        if len(set(names)) != len(names): raise RequestError("dataframe_split: a column is named twice in 'columns'")
         for i, row in enumerate(payload["data"]):
             if not isinstance(row, list) or len(row) != len(names): raise RequestError(f"dataframe_split: row {i} must be a list of {len(names)} values")
         columns = {n: [row[j] for row in payload["data"]] for j, n in enumerate(names)}

@@ -154,6 +154,18 @@ def test_malformed_oversized_and_mistyped_bodies(server, records):
     assert metric(server, "mlnb_requests_total", outcome="server_error") == 0
 
 
+@pytest.mark.parametrize("path, body, message", [
+    ("/v2/models/churn/infer", {"inputs": [{"name": [1], "shape": [1, 1], "datatype": "FP32", "data": [1]}]}, "inputs[0]: 'name' must be a string"),
+    ("/v2/models/churn/infer", {"inputs": [{"name": "tenure", "shape": [1], "datatype": ["FP32"], "data": [1]}]}, "'datatype' must be a string"),
+    ("/invocations", {"dataframe_split": {"columns": [[1]], "data": [[1]]}}, "'columns' must be a list of column names"),
+    ("/invocations", {"dataframe_split": {"columns": ["tenure", "tenure"], "data": [[1, 2]]}}, "a column is named twice"),
+], ids=["v2-name-not-a-string", "v2-datatype-not-a-string", "split-column-not-a-string", "split-column-twice"])
+def test_fields_of_the_wrong_json_type_are_a_400_not_a_500(server, path, body, message):
+    r = server.client.post(path, json=body)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    assert metric(server, "mlnb_requests_total", outcome="server_error") == 0
+
+
 def test_unknown_category_is_served_and_counted(server, records):
     before = metric(server, "mlnb_unknown_categories_total", column="payment_method")
     r = server.client.post("/invocations", json={"dataframe_records": [{**records[0], "payment_method": "Crypto"}]})
