@@ -78,7 +78,7 @@ class Site:
         relative to `page`, which MyST checks; its anchor as MyST slugs it, or none where the target has no such heading."""
         from myst_parser.slugs import github_slugify
         target, _, anchor = url[len(self.base):].partition("#")
-        target = (target or "index.html").removesuffix(".html").removesuffix(".md").removesuffix(".html")
+        target = re.sub(r"\.html(\.md)?$", "", target or "index.html")
         if target not in self.suffix: return url                  # not a page of this site: left as it was
         rel = os.path.relpath(target + self.suffix[target], start=page.parent.as_posix() or ".")
         slug = github_slugify(anchor.replace(".", "")) if anchor else ""
@@ -260,14 +260,22 @@ def readme() -> str:
 
 
 def build(out: Path) -> Path:
-    src, html = out / "src", out / "html"
+    """Stage the sources in OUT/src and build the site into OUT/html.new, which replaces OUT/html only once the build has
+    succeeded: a failed build leaves the previous site as it was."""
+    src, html, new = out / "src", out / "html", out / "html.new"
     print(f"staging the book into {src}", flush=True)
     stage(src)
-    if html.exists(): shutil.rmtree(html)
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-W", "--keep-going", "-j", "2", str(src), str(html)]
+    if new.exists(): shutil.rmtree(new)
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-W", "--keep-going", "-j", "2", str(src), str(new)]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    markdown_copies(src, html)
+    try:
+        subprocess.run(cmd, check=True)
+        markdown_copies(src, new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if html.exists(): shutil.rmtree(html)
+    new.rename(html)
     print(f"site: {html / 'index.html'}")
     return html
 
@@ -275,9 +283,11 @@ def build(out: Path) -> Path:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "_docs", help="build folder (the site goes to OUT/html)")
-    ap.add_argument("--readme", action="store_true", help="only write README.md from nbs/index.ipynb")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--readme", action="store_true", help="only write README.md from nbs/index.ipynb")
+    which.add_argument("--site-only", action="store_true", help="only build the site (README.md left as it is)")
     args = ap.parse_args()
-    (ROOT / "README.md").write_text(readme())
+    if not args.site_only: (ROOT / "README.md").write_text(readme())
     if args.readme: sys.exit(0)
     try: build(args.out.resolve())
     except subprocess.CalledProcessError as e: sys.exit(f"docs: sphinx-build failed (exit status {e.returncode}); see the warnings above")

@@ -38,7 +38,8 @@ def parse(path: Path) -> Page:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("docs")
-    subprocess.run([sys.executable, str(ROOT / "docs/build.py"), "--out", str(out)], cwd=ROOT, check=True, timeout=1200)
+    subprocess.run([sys.executable, str(ROOT / "docs/build.py"), "--site-only", "--out", str(out)], cwd=ROOT, check=True,
+                   timeout=1200)
     return out / "html"
 
 
@@ -55,7 +56,9 @@ def test_every_chapter_and_guide_is_a_page(site):
 def test_every_internal_link_resolves(site):
     cache: dict[Path, Page] = {}
     broken = []
-    for html in sorted(site.rglob("*.html")):
+    pages = [p for p in sorted(site.rglob("*.html")) if "_static" not in p.relative_to(site).parts]   # the theme's template macros are no pages
+    assert len(pages) >= 45
+    for html in pages:
         page = cache.setdefault(html, parse(html))
         for link in page.links:
             parts = urlsplit(link)
