@@ -96,10 +96,10 @@ def myst_cell(cell: dict) -> dict | None:
     `output: asis`) a markdown cell of its own, so each definition is a section with an anchor, and the other `#|` options
     cell tags. None drops the cell."""
     if cell["cell_type"] == "raw":                                     # nbdev's front matter: the title and description
-        meta = dict(re.findall(r"^(title|description): (.*(?:\n  .*)*)", "".join(cell["source"]), re.M))
+        import yaml
+        meta = yaml.safe_load("".join(cell["source"]).strip().strip("-")) or {}
         if "title" not in meta: return None
-        desc, title = (" ".join(meta.get(k, "").split()).strip("'\"") for k in ("description", "title"))
-        return {"cell_type": "markdown", "metadata": {}, "source": f"# {title}\n\n{desc}\n"}
+        return {"cell_type": "markdown", "metadata": {}, "source": f"# {meta['title']}\n\n{meta.get('description', '')}\n"}
     source = "".join(cell["source"])
     if cell["cell_type"] == "markdown":
         cell["source"] = source
