@@ -6,10 +6,11 @@ Docs: https://mlnb.github.io/mlnb/08_serving/app.html.md"""
 
 # %% ../../nbs/08_serving/08_app.ipynb #7dc70983
 from __future__ import annotations
-import asyncio, contextlib, gc, ipaddress, logging, os, secrets, ssl, time
+import asyncio, contextlib, gc, ipaddress, logging, os, secrets, ssl, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httptools
 import numpy as np
 import orjson
 from pydantic import BaseModel
@@ -17,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.config import Config, ConfigError, ServeConfig, TLSConfig
 from ..core.errors import MlnbError
@@ -39,7 +41,8 @@ __all__ = ['log', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 
            'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request',
            'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'v2_metadata', 'parse_feedback', 'inference_routes',
            'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
-           'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
+           'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'bad_request_message',
+           'HttpProtocol', 'run']
 
 # %% ../../nbs/08_serving/08_app.ipynb #aaddd806
 log = logging.getLogger("mlnb.serve")
@@ -65,7 +68,8 @@ async def receive_body(receive, headers, limit: int) -> bytes:
     "The request body from ASGI `receive`, refused (413) past `limit` bytes before it is read whole."
     length = headers.get("content-length")
     if length is not None:
-        if not length.isdigit(): raise RequestError(f"Content-Length {length!r} is not a number")
+        if not (length.isascii() and length.isdigit()):
+            raise RequestError(f"the Content-Length header {length!r} is not a number of bytes")
         if int(length) > limit: raise RequestError(f"request body of {length} bytes is over the limit of {limit} bytes", 413)
     chunks, size = [], 0
     while True:
@@ -729,13 +733,32 @@ def warn_if_exposed(s: ServeConfig) -> None:
     elif not s.tls.enabled:
         log.warning("serving on %s without TLS: API keys cross the network in clear text; set serve.tls.certfile and keyfile", s.host)
 
+# %% ../../nbs/08_serving/08_app.ipynb #b14d1622
+def bad_request_message(detail: str) -> str:
+    "The error of a request the HTTP parser refused, from the parser's `detail`: a bad `Content-Length` named as such."
+    if "content-length" in detail.lower():
+        return f"the Content-Length header is not valid ({detail}): send the body's size in bytes, a whole number"
+    return f"malformed HTTP request ({detail})" if detail else "malformed HTTP request"
+
+class HttpProtocol(HttpToolsProtocol):
+    "uvicorn's httptools protocol, answering a request it cannot parse with a JSON 400 that says why."
+    def send_400_response(self, msg: str) -> None:
+        error = sys.exc_info()[1]          # called while uvicorn handles the parser's error
+        detail = str(error) if isinstance(error, httptools.HttpParserError) else ""
+        body = orjson.dumps({"error": bad_request_message(detail)})
+        head = [b"HTTP/1.1 400 Bad Request\r\n", *(b"%s: %s\r\n" % kv for kv in self.server_state.default_headers),
+                b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
 # %% ../../nbs/08_serving/08_app.ipynb #4b3914b6
 def run(cfg: Config) -> None:
     "Serve until SIGTERM/SIGINT."
     import uvicorn
     s = cfg.serve
     server_logger()
-    options = dict(host=s.host, port=s.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
+    options = dict(host=s.host, port=s.port, loop="uvloop", http="mlnb.serving.app:HttpProtocol", access_log=False, log_level="warning",
                    timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls))
     warn_if_exposed(s)
     if s.workers == 1:

@@ -1,5 +1,6 @@
 """`mlnb serve` as a real process on 127.0.0.1: both protocols (tritonclient included), input validation, cache,
 prediction log and feedback, metrics, access logs, and a tampered model refused at start."""
+import http.client
 import json
 import math
 import signal
@@ -165,6 +166,30 @@ def test_fields_of_the_wrong_json_type_are_a_400_not_a_500(server, path, body, m
     assert r.status_code == 400 and message in r.json()["error"], r.text
     assert metric(server, "mlnb_requests_total", outcome="server_error") == 0
 
+
+POST_ROUTES = ["/invocations", "/v2/models/churn/infer", "/feedback", "/admin/rollout/start"]
+
+
+def raw_post(server, path: str, headers: dict[str, str], body: bytes = b"{}") -> tuple[int, str, dict]:
+    "A POST sent as is over a socket (httpx refuses to send a malformed header): the status, content type and JSON body."
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        for name, value in headers.items(): conn.putheader(name, value.encode("latin-1"))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, r.getheader("content-type"), json.loads(r.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+@pytest.mark.parametrize("length", ["abc", "-1", "1e3", "+2", "\xb2", "99999999999999999999999"], ids=["word", "negative", "float", "plus", "superscript", "overflow"])
+def test_a_bad_content_length_is_a_json_400_naming_the_header(server, path, length):
+    status, content_type, body = raw_post(server, path, {"Content-Type": "application/json", "Content-Length": length})
+    assert (status, content_type) == (400, "application/json") and "Content-Length" in body["error"], body
+    assert server.client.get("/v2/health/ready").status_code == 200
+    assert metric(server, "mlnb_requests_total", outcome="server_error") == 0
 
 def test_unknown_category_is_served_and_counted(server, records):
     before = metric(server, "mlnb_unknown_categories_total", column="payment_method")
