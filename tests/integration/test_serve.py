@@ -191,6 +191,13 @@ def test_a_bad_content_length_is_a_json_400_naming_the_header(server, path, leng
     assert server.client.get("/v2/health/ready").status_code == 200
     assert metric(server, "mlnb_requests_total", outcome="server_error") == 0
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_the_rollout_body_has_the_inference_body_limit(server, chunked):
+    body = b'{"reason": "' + b"x" * 70000 + b'"}'
+    r = server.client.post("/admin/rollout/start", content=iter([body]) if chunked else body, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the limit of 65536 bytes" in r.json()["error"], r.text
+    assert server.client.get("/admin/rollout").status_code == 200
+
 def test_unknown_category_is_served_and_counted(server, records):
     before = metric(server, "mlnb_unknown_categories_total", column="payment_method")
     r = server.client.post("/invocations", json={"dataframe_records": [{**records[0], "payment_method": "Crypto"}]})
