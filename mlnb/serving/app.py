@@ -36,13 +36,13 @@ from .openapi import (CacheStats, FeedbackItems, FeedbackRequest, FeedbackResult
                                 RolloutState, ServedModelInfo, ServerMetadata, openapi_schema, validated)
 
 # %% auto #0
-__all__ = ['log', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT', 'ROLLOUT_HINT', 'json_response',
-           'error_response', 'model_response', 'ClientDisconnected', 'receive_body', 'parse_json', 'Call', 'json_reply',
-           'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request',
-           'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'v2_metadata', 'parse_feedback', 'inference_routes',
-           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
-           'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'bad_request_message',
-           'HttpProtocol', 'run']
+__all__ = ['log', 'JSON_TYPE', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT', 'ROLLOUT_HINT',
+           'json_response', 'error_response', 'model_response', 'ClientDisconnected', 'receive_body', 'parse_json',
+           'require_json', 'Call', 'json_reply', 'error_reply', 'send_reply', 'denial_reply', 'ModelServer',
+           'limit_heap_retention', 'parse_v2_request', 'respond_v2', 'parse_mlflow_request', 'respond_mlflow',
+           'v2_metadata', 'parse_feedback', 'inference_routes', 'create_app', 'serve_config', 'model_ref',
+           'public_key_path', 'registry_client_fails_fast', 'build_server', 'app_from_environment', 'tls_options',
+           'is_loopback', 'warn_if_exposed', 'bad_request_message', 'HttpProtocol', 'run']
 
 # %% ../../nbs/08_serving/08_app.ipynb #aaddd806
 log = logging.getLogger("mlnb.serve")
@@ -87,6 +87,18 @@ def parse_json(body: bytes):
     if not body: raise RequestError("empty request body; send a JSON object")
     try: return orjson.loads(body)
     except orjson.JSONDecodeError as e: raise RequestError(f"malformed JSON: {e}") from None
+
+# %% ../../nbs/08_serving/08_app.ipynb #1f544fb4
+JSON_TYPE = "application/json"
+
+def require_json(headers, also: str | None = None, body: bytes = b"") -> None:
+    "415 unless `headers` say the body is JSON or `also`; no `Content-Type` passes, unless `body` is not empty."
+    value = headers.get("content-type")
+    media = value.partition(";")[0].strip().lower() if value else ""
+    if media == JSON_TYPE or (media and media == also) or (not media and not body): return
+    send = f"send {JSON_TYPE}" + (f" (or {also} with the V2 binary extension's Inference-Header-Content-Length)" if also else "")
+    raise RequestError(f"Content-Type {media!r} is not supported; {send}" if media else f"the body has no Content-Type; {send}", 415)
+
 
 # %% ../../nbs/08_serving/08_app.ipynb #e89ef6da
 @dataclass(slots=True)
@@ -382,6 +394,7 @@ class ModelServer:
     async def accept_feedback(self, request: Request) -> Response:
         try:
             body = await receive_body(request.receive, request.headers, self.serve.max_body_bytes)
+            require_json(request.headers, body=body)
             ids, labels = parse_feedback(body, self.model)
             unknown = [i for i in ids if i not in self.recent]
             if unknown and self.prediction_log is not None:
@@ -455,7 +468,9 @@ def _outcome(status: int) -> str: return "ok" if status < 400 else "client_error
 
 # %% ../../nbs/08_serving/08_app.ipynb #cd254297
 def parse_v2_request(server: ModelServer, call: Call, body: bytes, model: ServedModel):
-    header, binary = split_v2_body(body, call.headers.get("inference-header-content-length"))
+    header_length = call.headers.get("inference-header-content-length")
+    require_json(call.headers, None if header_length is None else "application/octet-stream")
+    header, binary = split_v2_body(body, header_length)
     payload = parse_json(header)
     if binary and isinstance(payload, dict): payload = decode_v2_binary(payload, binary)
     batch = parse_v2(payload, model.contract, server.key_field)
@@ -473,9 +488,7 @@ def respond_v2(server: ModelServer, model: ServedModel, outputs: dict, ids: list
 
 # %% ../../nbs/08_serving/08_app.ipynb #a8239729
 def parse_mlflow_request(server: ModelServer, call: Call, body: bytes, model: ServedModel):
-    content_type = call.headers.get("content-type", "application/json").split(";")[0].strip()
-    if content_type not in ("application/json", ""):
-        raise RequestError(f"content type {content_type!r} is not supported; send application/json", 415)
+    require_json(call.headers)
     return parse_mlflow(parse_json(body), model.contract, server.key_field), None
 
 # %% ../../nbs/08_serving/08_app.ipynb #e6aac6a3
@@ -570,6 +583,7 @@ def create_app(server: ModelServer):
     async def rollout_command(request):
         try:
             body = await receive_body(request.receive, request.headers, server.serve.max_body_bytes)
+            require_json(request.headers, body=body)
             command = validated(RolloutCommand, body, ROLLOUT_HINT) if body else RolloutCommand()
             status = await server.traffic.command(request.path_params["action"], **command.model_dump())
             return model_response(RolloutState.model_validate(status))
@@ -577,7 +591,13 @@ def create_app(server: ModelServer):
         except RolloutError as e: return error_response(str(e), 409)
         except ClientDisconnected: return Response(status_code=499)
 
+    def not_json(request) -> Response | None:
+        "The 415 for a body-less admin POST that says it carries something else than JSON."
+        try: require_json(request.headers)
+        except RequestError as e: return error_response(str(e), e.status)
+
     async def admin_reload(request):
+        if (refused := not_json(request)) is not None: return refused
         try: return model_response(await server.reload(force=server.ref.is_file))
         except Exception as e:
             return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
@@ -585,7 +605,9 @@ def create_app(server: ModelServer):
     async def admin_keys(request):
         auth = server.auth
         if auth is None: return error_response("access control is off: serve.auth.keys_file is not set", 404)
-        if request.method == "POST": auth.reload(force=True)
+        if request.method == "POST":
+            if (refused := not_json(request)) is not None: return refused
+            auth.reload(force=True)
         listing = KeyListing(keys_file=str(auth.path), keys=auth.listing(), error=auth.error)
         return model_response(listing, 503 if auth.error else 200)
 

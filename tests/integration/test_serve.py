@@ -198,6 +198,31 @@ def test_the_rollout_body_has_the_inference_body_limit(server, chunked):
     assert r.status_code == 413 and "over the limit of 65536 bytes" in r.json()["error"], r.text
     assert server.client.get("/admin/rollout").status_code == 200
 
+@pytest.mark.parametrize("path", [*POST_ROUTES, "/admin/rollout/abort", "/admin/reload"])
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "application/octet-stream"])
+def test_post_routes_refuse_a_body_that_is_not_json(server, records, path, content_type):
+    "What a web page may POST cross-origin without asking (a CORS simple request) is refused before it does anything."
+    r = server.client.post(path, content=json.dumps({"dataframe_records": records[:1]}), headers={"content-type": content_type})
+    assert r.status_code == 415 and "send application/json" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("path", ["/feedback", "/admin/rollout/start"])
+def test_a_state_changing_body_without_a_content_type_is_refused(server, path):
+    r = server.client.post(path, content=b'{"feedback": [{"prediction_id": "x", "actual": "Yes"}]}')
+    assert "content-type" not in r.request.headers and r.status_code == 415 and "send application/json" in r.json()["error"], r.text
+
+
+def test_json_with_a_charset_and_v2_binary_as_octet_stream_are_served(server, records):
+    c = server.client
+    r = c.post("/invocations", content=json.dumps({"dataframe_records": records[:1]}), headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    ids = [p["prediction_id"] for p in r.json()["predictions"]]
+    r = c.post("/feedback", content=json.dumps({"feedback": [{"prediction_id": ids[0], "actual": "Yes"}]}), headers={"content-type": "Application/JSON;charset=utf-8"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    body, headers = _v2_binary_nan(records, "tenure", 3.0)
+    r = c.post("/v2/models/churn/infer", content=body, headers={**headers, "content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+
 def test_unknown_category_is_served_and_counted(server, records):
     before = metric(server, "mlnb_unknown_categories_total", column="payment_method")
     r = server.client.post("/invocations", json={"dataframe_records": [{**records[0], "payment_method": "Crypto"}]})
