@@ -223,6 +223,13 @@ def test_json_with_a_charset_and_v2_binary_as_octet_stream_are_served(server, re
     r = c.post("/v2/models/churn/infer", content=body, headers={**headers, "content-type": "application/octet-stream"})
     assert r.status_code == 200, r.text
 
+
+def test_the_openapi_document_lists_the_415_of_every_post_route(server):
+    paths = server.client.get("/openapi.json").json()["paths"]
+    posts = [p for p, ops in paths.items() if "post" in ops]
+    assert "/feedback" in posts and "/admin/rollout/{action}" in posts
+    assert [p for p in posts if "415" not in paths[p]["post"]["responses"]] == []
+
 def test_unknown_category_is_served_and_counted(server, records):
     before = metric(server, "mlnb_unknown_categories_total", column="payment_method")
     r = server.client.post("/invocations", json={"dataframe_records": [{**records[0], "payment_method": "Crypto"}]})
