@@ -6,10 +6,11 @@ Docs: https://mlnb.github.io/mlnb/08_serving/app.html.md"""
 
 # %% ../../nbs/08_serving/08_app.ipynb #7dc70983
 from __future__ import annotations
-import asyncio, contextlib, gc, ipaddress, logging, os, secrets, ssl, time
+import asyncio, contextlib, gc, ipaddress, logging, os, secrets, ssl, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httptools
 import numpy as np
 import orjson
 from pydantic import BaseModel
@@ -17,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.config import Config, ConfigError, ServeConfig, TLSConfig
 from ..core.errors import MlnbError
@@ -34,12 +36,13 @@ from .openapi import (CacheStats, FeedbackItems, FeedbackRequest, FeedbackResult
                                 RolloutState, ServedModelInfo, ServerMetadata, openapi_schema, validated)
 
 # %% auto #0
-__all__ = ['log', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT', 'ROLLOUT_HINT', 'json_response',
-           'error_response', 'model_response', 'ClientDisconnected', 'receive_body', 'parse_json', 'Call', 'json_reply',
-           'error_reply', 'send_reply', 'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request',
-           'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'v2_metadata', 'parse_feedback', 'inference_routes',
-           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
-           'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'run']
+__all__ = ['log', 'JSON_TYPE', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT', 'ROLLOUT_HINT',
+           'json_response', 'error_response', 'model_response', 'ClientDisconnected', 'receive_body', 'parse_json',
+           'require_json', 'Call', 'json_reply', 'error_reply', 'send_reply', 'denial_reply', 'ModelServer',
+           'limit_heap_retention', 'parse_v2_request', 'respond_v2', 'parse_mlflow_request', 'respond_mlflow',
+           'v2_metadata', 'parse_feedback', 'inference_routes', 'create_app', 'serve_config', 'model_ref',
+           'public_key_path', 'registry_client_fails_fast', 'build_server', 'app_from_environment', 'tls_options',
+           'is_loopback', 'warn_if_exposed', 'bad_request_message', 'HttpProtocol', 'run']
 
 # %% ../../nbs/08_serving/08_app.ipynb #aaddd806
 log = logging.getLogger("mlnb.serve")
@@ -65,7 +68,8 @@ async def receive_body(receive, headers, limit: int) -> bytes:
     "The request body from ASGI `receive`, refused (413) past `limit` bytes before it is read whole."
     length = headers.get("content-length")
     if length is not None:
-        if not length.isdigit(): raise RequestError(f"Content-Length {length!r} is not a number")
+        if not (length.isascii() and length.isdigit()):
+            raise RequestError(f"the Content-Length header {length!r} is not a number of bytes")
         if int(length) > limit: raise RequestError(f"request body of {length} bytes is over the limit of {limit} bytes", 413)
     chunks, size = [], 0
     while True:
@@ -83,6 +87,18 @@ def parse_json(body: bytes):
     if not body: raise RequestError("empty request body; send a JSON object")
     try: return orjson.loads(body)
     except orjson.JSONDecodeError as e: raise RequestError(f"malformed JSON: {e}") from None
+
+# %% ../../nbs/08_serving/08_app.ipynb #1f544fb4
+JSON_TYPE = "application/json"
+
+def require_json(headers, also: str | None = None, body: bytes = b"") -> None:
+    "415 unless `headers` say the body is JSON or `also`; no `Content-Type` passes, unless `body` is not empty."
+    value = headers.get("content-type")
+    media = value.partition(";")[0].strip().lower() if value else ""
+    if media == JSON_TYPE or (media and media == also) or (not media and not body): return
+    send = f"send {JSON_TYPE}" + (f" (or {also} with the V2 binary extension's Inference-Header-Content-Length)" if also else "")
+    raise RequestError(f"Content-Type {media!r} is not supported; {send}" if media else f"the body has no Content-Type; {send}", 415)
+
 
 # %% ../../nbs/08_serving/08_app.ipynb #e89ef6da
 @dataclass(slots=True)
@@ -378,6 +394,7 @@ class ModelServer:
     async def accept_feedback(self, request: Request) -> Response:
         try:
             body = await receive_body(request.receive, request.headers, self.serve.max_body_bytes)
+            require_json(request.headers, body=body)
             ids, labels = parse_feedback(body, self.model)
             unknown = [i for i in ids if i not in self.recent]
             if unknown and self.prediction_log is not None:
@@ -451,7 +468,9 @@ def _outcome(status: int) -> str: return "ok" if status < 400 else "client_error
 
 # %% ../../nbs/08_serving/08_app.ipynb #cd254297
 def parse_v2_request(server: ModelServer, call: Call, body: bytes, model: ServedModel):
-    header, binary = split_v2_body(body, call.headers.get("inference-header-content-length"))
+    header_length = call.headers.get("inference-header-content-length")
+    require_json(call.headers, None if header_length is None else "application/octet-stream")
+    header, binary = split_v2_body(body, header_length)
     payload = parse_json(header)
     if binary and isinstance(payload, dict): payload = decode_v2_binary(payload, binary)
     batch = parse_v2(payload, model.contract, server.key_field)
@@ -469,9 +488,7 @@ def respond_v2(server: ModelServer, model: ServedModel, outputs: dict, ids: list
 
 # %% ../../nbs/08_serving/08_app.ipynb #a8239729
 def parse_mlflow_request(server: ModelServer, call: Call, body: bytes, model: ServedModel):
-    content_type = call.headers.get("content-type", "application/json").split(";")[0].strip()
-    if content_type not in ("application/json", ""):
-        raise RequestError(f"content type {content_type!r} is not supported; send application/json", 415)
+    require_json(call.headers)
     return parse_mlflow(parse_json(body), model.contract, server.key_field), None
 
 # %% ../../nbs/08_serving/08_app.ipynb #e6aac6a3
@@ -566,6 +583,7 @@ def create_app(server: ModelServer):
     async def rollout_command(request):
         try:
             body = await receive_body(request.receive, request.headers, server.serve.max_body_bytes)
+            require_json(request.headers, body=body)
             command = validated(RolloutCommand, body, ROLLOUT_HINT) if body else RolloutCommand()
             status = await server.traffic.command(request.path_params["action"], **command.model_dump())
             return model_response(RolloutState.model_validate(status))
@@ -573,7 +591,13 @@ def create_app(server: ModelServer):
         except RolloutError as e: return error_response(str(e), 409)
         except ClientDisconnected: return Response(status_code=499)
 
+    def not_json(request) -> Response | None:
+        "The 415 for a body-less admin POST that says it carries something else than JSON."
+        try: require_json(request.headers)
+        except RequestError as e: return error_response(str(e), e.status)
+
     async def admin_reload(request):
+        if (refused := not_json(request)) is not None: return refused
         try: return model_response(await server.reload(force=server.ref.is_file))
         except Exception as e:
             return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
@@ -581,7 +605,9 @@ def create_app(server: ModelServer):
     async def admin_keys(request):
         auth = server.auth
         if auth is None: return error_response("access control is off: serve.auth.keys_file is not set", 404)
-        if request.method == "POST": auth.reload(force=True)
+        if request.method == "POST":
+            if (refused := not_json(request)) is not None: return refused
+            auth.reload(force=True)
         listing = KeyListing(keys_file=str(auth.path), keys=auth.listing(), error=auth.error)
         return model_response(listing, 503 if auth.error else 200)
 
@@ -729,13 +755,32 @@ def warn_if_exposed(s: ServeConfig) -> None:
     elif not s.tls.enabled:
         log.warning("serving on %s without TLS: API keys cross the network in clear text; set serve.tls.certfile and keyfile", s.host)
 
+# %% ../../nbs/08_serving/08_app.ipynb #b14d1622
+def bad_request_message(detail: str) -> str:
+    "The error of a request the HTTP parser refused, from the parser's `detail`: a bad `Content-Length` named as such."
+    if "content-length" in detail.lower():
+        return f"the Content-Length header is not valid ({detail}): send the body's size in bytes, a whole number"
+    return f"malformed HTTP request ({detail})" if detail else "malformed HTTP request"
+
+class HttpProtocol(HttpToolsProtocol):
+    "uvicorn's httptools protocol, answering a request it cannot parse with a JSON 400 that says why."
+    def send_400_response(self, msg: str) -> None:
+        error = sys.exc_info()[1]          # called while uvicorn handles the parser's error
+        detail = str(error) if isinstance(error, httptools.HttpParserError) else ""
+        body = orjson.dumps({"error": bad_request_message(detail)})
+        head = [b"HTTP/1.1 400 Bad Request\r\n", *(b"%s: %s\r\n" % kv for kv in self.server_state.default_headers),
+                b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
 # %% ../../nbs/08_serving/08_app.ipynb #4b3914b6
 def run(cfg: Config) -> None:
     "Serve until SIGTERM/SIGINT."
     import uvicorn
     s = cfg.serve
     server_logger()
-    options = dict(host=s.host, port=s.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
+    options = dict(host=s.host, port=s.port, loop="uvloop", http="mlnb.serving.app:HttpProtocol", access_log=False, log_level="warning",
                    timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls))
     warn_if_exposed(s)
     if s.workers == 1:

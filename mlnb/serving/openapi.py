@@ -437,6 +437,7 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
     bad = _error("the request is malformed or does not fit the model's inputs")
     too_big = _error(f"the body{limit} or the batch (over {contract.max_rows} rows) is too large")
     missing = _error("no such model or version here")
+    not_json = _error("the content type is not application/json")
     def example_value(c: Column): return 0.0 if c.kind == "number" else (min(c.categories) if c.categories else "")
     example = {c.name: example_value(c) for c in contract.columns}
     binary = {"schema": {"type": "string", "format": "binary"}}
@@ -453,7 +454,9 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
                "description": "binary extension: the length of the JSON header that starts the body"}]
 
     def infer(*params):
-        responses = {"200": v2_answer, "400": bad, "404": missing, "413": too_big}
+        responses = {"200": v2_answer, "400": bad, "404": missing, "413": too_big,
+                     "415": _error("the content type is not application/json (nor application/octet-stream with "
+                                   "Inference-Header-Content-Length)")}
         return {"post": _operation("Predict (Open Inference Protocol)", _PREDICT, responses, auth, requestBody=v2_body,
                                    parameters=[*_path_params(*params, model_name=name), *header])}
     def metadata(*params):
@@ -468,14 +471,15 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
     ready = {"get": _operation("Readiness", _OPEN, {"200": _answer("serving", Readiness),
                                                     "503": _answer("not serving yet", Readiness)}, auth)}
     mlflow = {"200": _json("one prediction per row", mlflow_response_schema(model.task, model.classes)),
-              "400": bad, "413": too_big, "415": _error("the content type is not application/json")}
+              "400": bad, "413": too_big, "415": not_json}
     feedback = {"200": _answer("accepted (ids the server never issued are listed)", FeedbackResult),
-                "404": _answer("none of the ids is known", FeedbackResult), "400": bad, "413": too_big}
+                "404": _answer("none of the ids is known", FeedbackResult), "400": bad, "413": too_big,
+                "415": not_json}
     text = {"text/plain": {"schema": {"type": "string"}}}
     metrics = {"200": {"description": "the text exposition format", "content": text}}
     reload = {"200": _answer("reloaded, or already current", ReloadResult),
-              "503": _error("the reload failed; the previous version is still served")}
-    command = {"200": _answer("the rollout's new state", RolloutState), "400": bad, "413": too_big,
+              "503": _error("the reload failed; the previous version is still served"), "415": not_json}
+    command = {"200": _answer("the rollout's new state", RolloutState), "400": bad, "413": too_big, "415": not_json,
                "409": _error("the command does not fit the rollout's state (or the challenger cannot be loaded)")}
     paths = {
         "/invocations": {"post": _operation("Predict (MLflow scoring protocol)", _PREDICT, mlflow, auth,
@@ -508,7 +512,7 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
     if auth:      # the key registry's own routes exist only on a server with keys
         unreadable = _answer("the key file could not be read: the previous keys stay, `error` says why", KeyListing)
         listing = {"200": _answer("the keys", KeyListing), "503": unreadable}
-        reread = {"200": _answer("the keys now known", KeyListing), "503": unreadable}
+        reread = {"200": _answer("the keys now known", KeyListing), "503": unreadable, "415": not_json}
         paths["/admin/keys"] = {"get": _operation("The API keys' names and roles (never the keys)", _ADMIN, listing,
                                                   auth)}
         paths["/admin/keys/reload"] = {"post": _operation("Read the key file again", _ADMIN, reread, auth)}

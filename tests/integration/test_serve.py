@@ -1,5 +1,6 @@
 """`mlnb serve` as a real process on 127.0.0.1: both protocols (tritonclient included), input validation, cache,
 prediction log and feedback, metrics, access logs, and a tampered model refused at start."""
+import http.client
 import json
 import math
 import signal
@@ -165,6 +166,69 @@ def test_fields_of_the_wrong_json_type_are_a_400_not_a_500(server, path, body, m
     assert r.status_code == 400 and message in r.json()["error"], r.text
     assert metric(server, "mlnb_requests_total", outcome="server_error") == 0
 
+
+POST_ROUTES = ["/invocations", "/v2/models/churn/infer", "/feedback", "/admin/rollout/start"]
+
+
+def raw_post(server, path: str, headers: dict[str, str], body: bytes = b"{}") -> tuple[int, str, dict]:
+    "A POST sent as is over a socket (httpx refuses to send a malformed header): the status, content type and JSON body."
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        for name, value in headers.items(): conn.putheader(name, value.encode("latin-1"))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, r.getheader("content-type"), json.loads(r.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+@pytest.mark.parametrize("length", ["abc", "-1", "1e3", "+2", "\xb2", "99999999999999999999999"], ids=["word", "negative", "float", "plus", "superscript", "overflow"])
+def test_a_bad_content_length_is_a_json_400_naming_the_header(server, path, length):
+    status, content_type, body = raw_post(server, path, {"Content-Type": "application/json", "Content-Length": length})
+    assert (status, content_type) == (400, "application/json") and "Content-Length" in body["error"], body
+    assert server.client.get("/v2/health/ready").status_code == 200
+    assert metric(server, "mlnb_requests_total", outcome="server_error") == 0
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_the_rollout_body_has_the_inference_body_limit(server, chunked):
+    body = b'{"reason": "' + b"x" * 70000 + b'"}'
+    r = server.client.post("/admin/rollout/start", content=iter([body]) if chunked else body, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the limit of 65536 bytes" in r.json()["error"], r.text
+    assert server.client.get("/admin/rollout").status_code == 200
+
+@pytest.mark.parametrize("path", [*POST_ROUTES, "/admin/rollout/abort", "/admin/reload"])
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "application/octet-stream"])
+def test_post_routes_refuse_a_body_that_is_not_json(server, records, path, content_type):
+    "What a web page may POST cross-origin without asking (a CORS simple request) is refused before it does anything."
+    r = server.client.post(path, content=json.dumps({"dataframe_records": records[:1]}), headers={"content-type": content_type})
+    assert r.status_code == 415 and "send application/json" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("path", ["/feedback", "/admin/rollout/start"])
+def test_a_state_changing_body_without_a_content_type_is_refused(server, path):
+    r = server.client.post(path, content=b'{"feedback": [{"prediction_id": "x", "actual": "Yes"}]}')
+    assert "content-type" not in r.request.headers and r.status_code == 415 and "send application/json" in r.json()["error"], r.text
+
+
+def test_json_with_a_charset_and_v2_binary_as_octet_stream_are_served(server, records):
+    c = server.client
+    r = c.post("/invocations", content=json.dumps({"dataframe_records": records[:1]}), headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    ids = [p["prediction_id"] for p in r.json()["predictions"]]
+    r = c.post("/feedback", content=json.dumps({"feedback": [{"prediction_id": ids[0], "actual": "Yes"}]}), headers={"content-type": "Application/JSON;charset=utf-8"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    body, headers = _v2_binary_nan(records, "tenure", 3.0)
+    r = c.post("/v2/models/churn/infer", content=body, headers={**headers, "content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+
+
+def test_the_openapi_document_lists_the_415_of_every_post_route(server):
+    paths = server.client.get("/openapi.json").json()["paths"]
+    posts = [p for p, ops in paths.items() if "post" in ops]
+    assert "/feedback" in posts and "/admin/rollout/{action}" in posts
+    assert [p for p in posts if "415" not in paths[p]["post"]["responses"]] == []
 
 def test_unknown_category_is_served_and_counted(server, records):
     before = metric(server, "mlnb_unknown_categories_total", column="payment_method")
