@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/12_cli/cli.html.md"""
 
 # %% ../nbs/12_cli/01_cli.ipynb #b4c471bb
 from __future__ import annotations
-import functools, getpass, json, os, shutil, sys, tempfile
+import functools, json, os, shutil, sys, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -521,7 +521,7 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
               os_user: bool = typer.Option(False, help="Identify by OS login instead of a secret"),
               params: str = PARAMS, user: Optional[str] = USER):
     "Add or update a user (admin role; the first admin may be created by the local OS user)."
-    from mlnb.core.access import ROLES, User, Users, hash_secret, identify
+    from mlnb.core.access import ROLES, User, Users, hash_secret, identify, os_user_name
     from mlnb.core.audit import AuditLog
     cfg = load_config(params)
     users = Users.load(cfg.registry.users)
@@ -530,7 +530,7 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
     if bad: raise ConfigError(f"unknown role(s) {sorted(bad)} (known: {list(ROLES)})")
     actor = identify(users, user)
     first_admin = "admin" in role and not any("admin" in u.roles for u in users.users.values())
-    if not (first_admin and actor.name == getpass.getuser()):
+    if not (first_admin and actor.name == os_user_name()):
         try: actor.require("manage-users")
         except Exception as e:
             audit.append(actor.name, "denied", attempted="manage-users", target=name, reason=str(e)); raise

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/01_core/access.html.md"""
 
 # %% ../../nbs/01_core/04_access.ipynb #8317ba36
 from __future__ import annotations
-import getpass, hashlib, hmac, os, secrets
+import hashlib, hmac, os, pwd, secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from .config import dump_yaml, read_yaml, staged_outputs
 from .errors import AccessDenied, ConfigError
 
 # %% auto #0
-__all__ = ['ROLES', 'PERMISSIONS', 'User', 'Users', 'hash_secret', 'check_secret', 'Identity', 'identify']
+__all__ = ['ROLES', 'PERMISSIONS', 'User', 'Users', 'hash_secret', 'check_secret', 'Identity', 'os_user_name', 'identify']
 
 # %% ../../nbs/01_core/04_access.ipynb #d59e3206
 ROLES = ("viewer", "data-scientist", "approver", "admin")
@@ -82,9 +82,13 @@ class Identity:
             raise AccessDenied(f"user {self.name!r} (roles: {', '.join(sorted(self.roles)) or 'none'}) may not {action}: it needs the {need} role")
 
 # %% ../../nbs/01_core/04_access.ipynb #253b96d6
+def os_user_name() -> str:
+    "The login name of the effective uid: not `getpass.getuser()`, which trusts $LOGNAME/$USER."
+    return pwd.getpwuid(os.geteuid()).pw_name
+
 def identify(users: Users, name: str | None = None, secret: str | None = None) -> Identity:
     "Who is acting: `name` (or MLNB_USER, or the OS user), checked against the users file."
-    os_name = getpass.getuser()
+    os_name = os_user_name()
     name = name or os.environ.get("MLNB_USER") or os_name
     secret = secret if secret is not None else os.environ.get("MLNB_SECRET")
     user = users.users.get(name)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['MlnbError', 'ConfigError', 'InitRefused', 'DataError', 'AccessDenied', 'SignatureError', 'SignatureMissing',
-           'SignedWithOtherKey', 'ModifiedAfterSigning', 'ParityError', 'RegistryError', 'RegistryUnreachable',
-           'BundleError', 'BatchError', 'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError', 'RequestError',
-           'RolloutError', 'LogKeyError']
+           'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing', 'ParityError', 'RegistryError',
+           'RegistryUnreachable', 'BundleError', 'BatchError', 'StageFailed', 'RetrainError', 'ReproCheckError',
+           'ServerError', 'RequestError', 'RolloutError', 'LogKeyError']
 
 # %% ../../nbs/01_core/02_errors.ipynb #cf53716b
 class MlnbError(Exception):
@@ -52,6 +52,10 @@ class SignedWithOtherKey(SignatureError):
 # %% ../../nbs/01_core/02_errors.ipynb #a378ed4a
 class ModifiedAfterSigning(SignatureError):
     "The file's bytes are not the ones that were signed."
+
+# %% ../../nbs/01_core/02_errors.ipynb #2dcebe64
+class SigningKeyMissing(SignatureError):
+    "The public key exists but its private key does not: making a new pair would replace the key every server trusts."
 
 # %% ../../nbs/01_core/02_errors.ipynb #ccc0e906
 class ParityError(MlnbError):

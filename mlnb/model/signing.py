@@ -6,30 +6,49 @@ Docs: https://mlnb.github.io/mlnb/05_model/signing.html.md"""
 
 # %% ../../nbs/05_model/02_signing.ipynb #b65a7ca0
 from __future__ import annotations
-import base64, hashlib, json
+import base64, hashlib, json, os, tempfile
 from pathlib import Path
 
 from ..core.config import staged_outputs
-from ..core.errors import ModifiedAfterSigning, SignatureError, SignatureMissing, SignedWithOtherKey
+from ..core.errors import ModifiedAfterSigning, SignatureError, SignatureMissing, SignedWithOtherKey, SigningKeyMissing
 from .onnx import OnnxModel
 
 # %% auto #0
 __all__ = ['ensure_signing_key', 'key_fingerprint', 'signature_path', 'sign_model', 'verify_model', 'load_verified', 'unverified']
 
 # %% ../../nbs/05_model/02_signing.ipynb #e58076f3
+def _create_new(path: Path, data: bytes, mode: int) -> None:
+    "Write `path` atomically with `mode` from birth (a temp file made O_EXCL beside it, synced, then linked); never replace a file."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        with os.fdopen(fd, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+        os.link(tmp, path)                               # like a rename, but refuses to replace an existing file
+    finally: tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try: os.fsync(dir_fd)
+    finally: os.close(dir_fd)
+
 def ensure_signing_key(private_key: str | Path, public_key: str | Path) -> bool:
-    "Create an EC P-256 key pair at the given paths if the private key does not exist; True if created."
+    """Create an EC P-256 key pair at the given paths if neither exists; True if created. A public key without its
+    private key raises `SigningKeyMissing`: no new pair is made over a key that servers trust."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     private_key, public_key = Path(private_key), Path(public_key)
     if private_key.exists(): return False
+    if public_key.exists():
+        raise SigningKeyMissing(f"private key {private_key} not found, but its public key {public_key} exists: restore the private key, "
+                                f"or remove {public_key} on purpose to make a new pair (servers will then refuse models signed with the old one)")
     key = ec.generate_private_key(ec.SECP256R1())
-    private_key.parent.mkdir(parents=True, exist_ok=True); public_key.parent.mkdir(parents=True, exist_ok=True)
-    with staged_outputs(private_key, public_key) as (priv_tmp, pub_tmp):
-        Path(priv_tmp).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        Path(pub_tmp).write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    private_key.chmod(0o600)
+    try: _create_new(private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    except FileExistsError: return False                 # another process made the pair at the same time: theirs stands
+    try: _create_new(public_key, key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+    except FileExistsError:                              # another process made a pair at the same time: keep theirs intact
+        private_key.unlink(missing_ok=True)
+        raise SigningKeyMissing(f"public key {public_key} appeared while creating {private_key}: created concurrently, try again") from None
     return True
+
 
 # %% ../../nbs/05_model/02_signing.ipynb #21200383
 def key_fingerprint(public_key: str | Path) -> str:

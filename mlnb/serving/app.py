@@ -262,8 +262,9 @@ class ModelServer:
         self.metrics.registry_reachable.labels(self.ref.name).set(unreachable is None)
 
     def reload_readiness(self) -> RegistryReadiness:
+        "For the open health routes: generic words only (the registry's URI may hold credentials; the details are logged)."
         if self.registry_error is None: return RegistryReadiness(ready=True)
-        return RegistryReadiness(ready=False, reason=self.registry_error)
+        return RegistryReadiness(ready=False, reason="registry unreachable")
 
     async def reload(self, force: bool = False) -> ReloadResult:
         "Load the version the reference points at now, if it changed (or `force`), and switch to it."
@@ -547,8 +548,9 @@ def create_app(server: ModelServer):
 
     async def ready(request):
         ok = server.model is not None and server.started
-        if server.ref.is_file: body = Readiness(ready=ok)
-        else: body = Readiness(ready=ok, reload=server.reload_readiness())    # serving, and following the registry
+        why = {} if ok else {"reason": "no model loaded" if server.model is None else "starting"}   # generic words: the port is open to all
+        if server.ref.is_file: body = Readiness(ready=ok, **why)
+        else: body = Readiness(ready=ok, **why, reload=server.reload_readiness())    # serving, and following the registry
         return model_response(body, 200 if ok else 503)
 
     async def v2_server(request):

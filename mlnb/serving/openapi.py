@@ -264,12 +264,13 @@ class Liveness(BaseModel):
 class RegistryReadiness(BaseModel):
     "Whether reloads can follow the registry: it answered the last time it was asked."
     ready: bool
-    reason: str | None = None
+    reason: str | None = Field(None, description="why not, in generic words (the details are in the server log and `/admin/model`)")
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #3a41a8a4
 class Readiness(BaseModel):
     "Serving; `reload` only for a registered reference."
     ready: bool
+    reason: str | None = Field(None, description="why not serving, in generic words")
     reload: RegistryReadiness | None = None
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #e6c038cc

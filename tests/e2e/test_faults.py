@@ -223,10 +223,10 @@ def test_a_registry_unreachable_at_start_serves_the_last_verified_version_until_
         start_seconds = time.time() - started
         body = ready_body(s)
         assert body["ready"] is True and body["reload"]["ready"] is False
-        assert body["reload"]["reason"].startswith(f"registry {url} unreachable: ")
+        assert body["reload"]["reason"] == "registry unreachable"          # generic words: the health routes are open
         r = predict(s)
         assert r.status_code == 200 and r.json()["model_version"] == v1.version
-        assert s.client.get("/admin/model").json()["registry_error"] == body["reload"]["reason"]
+        assert s.client.get("/admin/model").json()["registry_error"].startswith(f"registry {url} unreachable: ")
         assert metric(s, "mlnb_registry_reachable", model="churn") == 0
         assert f"serving version {v1.version} of churn@champion, last verified in" in s.stderr()
         wait_for(lambda: metric(s, "mlnb_model_reloads_total", outcome="failed") >= 1, what="a failed poll")

@@ -66,3 +66,19 @@ def test_history_and_lineage_of_what_was_never_registered_are_answers_not_traceb
     lineage = as_user(["mlnb", "registry", "lineage", "churn", "1"], tmp_path, "vic", check=False)
     assert lineage.returncode == 1 and lineage.stderr.strip() == "error: model 'churn' has no version 1"
     assert "Traceback" not in lineage.stderr + history.stderr
+
+
+def test_os_identity_comes_from_the_effective_uid_not_logname(tmp_path):
+    import pwd
+    real = pwd.getpwuid(os.geteuid()).pw_name
+    assert real != "alice"
+    env = make_env(tmp_path / "registry")
+    env["registry"]["users"] = str(tmp_path / "os-users.yaml")
+    (tmp_path / "params.yaml").write_text(json.dumps(env))
+    (tmp_path / "os-users.yaml").write_text("users: {alice: {roles: [admin], os_user: true}}\n")
+    spoofed = run("LOGNAME=alice USER=alice LNAME=alice USERNAME=alice mlnb users add eve --role approver --os-user",
+                  tmp_path, check=False)
+    assert spoofed.returncode == 3 and f"user '{real}'" in spoofed.stderr and "manage-users" in spoofed.stderr
+    assert "eve" not in (tmp_path / "os-users.yaml").read_text()
+    entries = [json.loads(line) for line in (tmp_path / "registry" / "audit.jsonl").read_text().splitlines()]
+    assert [e.get("actor") for e in entries] == [real]
