@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NBS = ROOT / "nbs"
+sys.path.insert(0, str(ROOT / "docs"))
+from build import book_notebooks  # noqa: E402  (docs/build.py: the chapters in reading order, as the site lists them)
 DIRECTIVE = re.compile(r"^\s*#\s*\|\s*(\w+)", re.M)
 
 
-def book_notebooks() -> list[Path]:
-    "The book's notebooks in reading order: index, then the lifecycle folders (the stage notebooks under nbs/stages are not chapters)."
-    return [NBS / "index.ipynb"] + sorted(p for p in NBS.glob("[0-9][0-9]_*/*.ipynb"))
 
 
 def directives(source: str) -> set[str]:

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/05_model/signing.html.md"""
 
 # %% ../../nbs/05_model/02_signing.ipynb #b65a7ca0
 from __future__ import annotations
-import base64, hashlib, json, os, tempfile
+import base64, hashlib, json, os
 from pathlib import Path
 
 from ..core.config import staged_outputs
@@ -55,7 +55,6 @@ def key_fingerprint(public_key: str | Path) -> str:
     "sha256 of the public key (DER): names the key without revealing anything."
     from cryptography.hazmat.primitives import serialization
     key = serialization.load_pem_public_key(Path(public_key).read_bytes())
-    import hashlib
     return hashlib.sha256(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 # %% ../../nbs/05_model/02_signing.ipynb #31f09d54
