@@ -13,11 +13,12 @@ With --baseline REV, the same `mlnb serve` is also run from the code of git revi
 worktree and put first on PYTHONPATH), in the same run, so a refactoring can be held to "within 5% of before". Both
 servers run side by side on core 0 and are loaded in turn, --rounds times, alternating which goes first; each one's
 median counts (a shared machine drifts by tens of percent over minutes, which one measurement after the other would
-mistake for a difference between the two codes).
+mistake for a difference between the two codes). With --auth as well, the pair is measured a second time with access
+control on (a keys file, every request carrying a predict key), as `baseline+auth` and `current+auth`.
 
 Figures go to benchmarks/results/serve.{json,md}, which the docs include.
 
-Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow] [--rollout] [--baseline REV]   (after `make run`; needs wrk: apt-get install wrk)
+Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow] [--rollout] [--baseline REV [--auth]]   (after `make run`; needs wrk: apt-get install wrk)
 """
 from __future__ import annotations
 import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
@@ -55,8 +56,9 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired: proc.kill(); proc.wait()
 
 
-def lua_script(rows: list[dict], path: Path) -> Path:
-    "A wrk script cycling through the rows, monthly and total charges nudged per request so no two bodies are equal."
+def lua_script(rows: list[dict], path: Path, api_key: str | None = None) -> Path:
+    """A wrk script cycling through the rows, monthly and total charges nudged per request so no two bodies are equal;
+    with `api_key`, every request carries it as a bearer token."""
     parts = []
     for r in rows:
         body = json.dumps({"dataframe_records": [{**r, "monthly_charges": "@M@", "total_charges": "@T@"}]})
@@ -68,6 +70,7 @@ def lua_script(rows: list[dict], path: Path) -> Path:
     lua += [f"local n, counter = {len(parts)}, 0",
             "init = function(args) counter = tonumber(args[1]) or 0 end",
             'wrk.method = "POST"; wrk.headers["Content-Type"] = "application/json"',
+            *([f'wrk.headers["Authorization"] = "Bearer {api_key}"'] if api_key else []),
             "request = function()",
             "  counter = counter + 1",
             "  local i = (counter % n) + 1",
@@ -116,17 +119,29 @@ def load(name: str, url: str, script: Path, duration: int, results: list) -> Non
         print(f"  {name:7s} c={c:<3d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:8.3f} ms  errors {r['errors']}", flush=True)
 
 
-def paired(args, tmp: Path, params: dict, script: Path, results: list) -> None:
-    "The code of --baseline and this code, loaded in turn; the median of each server's rounds goes to `results`."
+def keys_file(path: Path) -> str:
+    "A keys file with one predict key, in the fields every version of the server reads; returns the key."
+    import hashlib, secrets
+    key = "mlnb_" + secrets.token_urlsafe(32)
+    path.write_text(json.dumps({"keys": [{"name": "bench", "role": "predict", "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                                          "created": "2026-01-01T00:00:00Z"}]}))
+    return key
+
+
+def paired(args, tmp: Path, params: dict, script: Path, results: list, auth: Path | None = None) -> None:
+    """The code of --baseline and this code, loaded in turn; the median of each server's rounds goes to `results`.
+    With `auth` (a keys file), both run with access control on, named `baseline+auth` and `current+auth`."""
     base = tmp / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base), args.baseline], check=True)
-    procs, urls = [], {}
+    procs, urls, suffix = [], {}, "+auth" if auth else ""
     try:
-        for name, env in (("baseline", {"PYTHONPATH": str(base)}), ("current", {})):
+        for name, env in ((f"baseline{suffix}", {"PYTHONPATH": str(base)}), (f"current{suffix}", {})):
             logs = {"dir": str(tmp / f"{name}-predictions"), "feedback_dir": str(tmp / f"{name}-feedback")}
-            (tmp / f"{name}.yaml").write_text(json.dumps({**params, "serve": {**params["serve"], "prediction_log": logs}}))
+            serve = {**params["serve"], "prediction_log": logs, **({"auth": {"keys_file": str(auth)}} if auth else {})}
+            (tmp / f"{name}.yaml").write_text(json.dumps({**params, "serve": serve}))
             port = free_port()
-            print(f"mlnb serve from {args.baseline if name == 'baseline' else 'this tree'} (all features on)", flush=True)
+            print(f"mlnb serve from {args.baseline if name.startswith('baseline') else 'this tree'} (all features on"
+                  f"{', access control on' if auth else ''})", flush=True)
             procs.append(run_server(name, [str(BIN / "mlnb"), "serve", "--params", str(tmp / f"{name}.yaml"),
                                            "--port", str(port)], f"http://127.0.0.1:{port}/v2/health/ready", env,
                                     tmp / f"{name}.log"))
@@ -158,6 +173,7 @@ def main() -> None:
     ap.add_argument("--rollout", action="store_true", help="also measure a 5% and a 50% split and a shadow")
     ap.add_argument("--baseline", metavar="REV", help="also serve with the mlnb code of this git revision")
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds; the median counts")
+    ap.add_argument("--auth", action="store_true", help="with --baseline: measure the pair again with access control on")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
@@ -185,6 +201,9 @@ def main() -> None:
 
         if args.baseline:
             paired(args, tmp, params, script, results)
+            if args.auth:
+                key = keys_file(tmp / "keys.yaml")
+                paired(args, tmp, params, lua_script(rows, tmp / "rows-auth.lua", key), results, auth=tmp / "keys.yaml")
 
         print("mlnb serve (all features on)", flush=True)
         port = free_port()
@@ -245,9 +264,10 @@ def main() -> None:
     for c in CONCURRENCY:
         line = f"  c={c:<3d} mlnb/floor throughput {by['mlnb', c]['rps'] / by['floor', c]['rps']:.2f}"
         if ("mlflow", c) in by: line += f"   mlnb/mlflow {by['mlnb', c]['rps'] / by['mlflow', c]['rps']:.0f}x"
-        if ("baseline", c) in by:
-            line += f"   current/baseline throughput {by['current', c]['rps'] / by['baseline', c]['rps']:.3f}"
-            line += f" p99 {by['current', c]['p99_ms'] / by['baseline', c]['p99_ms']:.3f}"
+        for suffix in ("", "+auth"):
+            if (f"baseline{suffix}", c) in by:
+                now, before = by[f"current{suffix}", c], by[f"baseline{suffix}", c]
+                line += f"   current{suffix}/baseline{suffix} throughput {now['rps'] / before['rps']:.3f} p99 {now['p99_ms'] / before['p99_ms']:.3f}"
         for mode in ("split5", "split50", "shadow"):
             if (f"mlnb-{mode}", c) in by: line += f"   {mode}/mlnb {by[f'mlnb-{mode}', c]['rps'] / by['mlnb', c]['rps']:.2f}"
         print(line); ratios.append(" ".join(line.split()))
@@ -256,14 +276,16 @@ def main() -> None:
              ("c=64 throughput >= floor", by["mlnb", 64]["rps"] >= by["floor", 64]["rps"]),
              ("c=64 p99 <= 50 ms", by["mlnb", 64]["p99_ms"] <= 50),
              ("no errors", all(r["errors"] == 0 for r in results if r["server"] == "mlnb"))]
-    if args.baseline:
-        goals += [(f"c={c} throughput >= 95% of {args.baseline} (medians of {args.rounds} alternating rounds)",
-                   by["current", c]["rps"] >= 0.95 * by["baseline", c]["rps"]) for c in CONCURRENCY]
+    for suffix in ("", "+auth") if args.baseline else ():
+        if (f"current{suffix}", CONCURRENCY[0]) not in by: continue
+        access = ", access control on" if suffix else ""
+        goals += [(f"c={c} throughput >= 95% of {args.baseline}{access} (medians of {args.rounds} alternating rounds)",
+                   by[f"current{suffix}", c]["rps"] >= 0.95 * by[f"baseline{suffix}", c]["rps"]) for c in CONCURRENCY]
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
     write_results("serve", table.assign(rps=table["rps"].round().astype(int)).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"}),
                   [f"ratios (same run): {r}" for r in ratios] + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals],
-                  {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "results": table.to_dict("records"),
+                  {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "auth": args.auth, "results": table.to_dict("records"),
                    "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]}, libraries=("uvicorn", "starlette", "mlflow"), floatfmt=".3f")
 
 
