@@ -119,7 +119,7 @@ def json_formatter():
 class _RedactCredentials(logging.Filter):
     "Log records with the credentials of any URI in their message or traceback replaced (a registry URI may hold a password)."
     def filter(self, record: logging.LogRecord) -> bool:
-        from ..core.errors import redact_credentials
+        from mlnb.core.errors import redact_credentials
         message = record.getMessage()
         if "@" in message: record.msg, record.args = redact_credentials(message), None
         if record.exc_info:
