@@ -414,7 +414,7 @@ class ServeConfig(_Strict):
     insecure: bool = False                          # without keys: allow a non-loopback bind, and admin, rollout and feedback from other hosts
     limit_concurrency: int | None = Field(1000, ge=1)   # connections and requests at once; past it uvicorn answers 503
     timeout_keep_alive: float = Field(5.0, gt=0)    # seconds an idle keep-alive connection stays open
-    read_timeout_seconds: float = Field(30.0, gt=0) # to send the request headers, then again the whole body; past it: 408
+    read_timeout_seconds: float = Field(30.0, gt=0) # a whole request (line, headers, body), from its first byte; past it: 408
     max_header_bytes: int = Field(65_536, ge=1024)  # request line and headers together; past it: 431
 
     @model_validator(mode="after")

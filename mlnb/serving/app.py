@@ -53,11 +53,7 @@ def json_response(content, status: int = 200) -> Response:
     return Response(json_reply(content)[1], status, media_type="application/json")
 
 # %% ../../nbs/08_serving/08_app.ipynb #1b860b62
-def error_response(message: str, status: int, close: bool = False) -> Response:
-    "A JSON error; `close`: end the connection after it (a request whose body was not read whole)."
-    response = json_response({"error": message}, status)
-    if close: response.headers["connection"] = "close"
-    return response
+def error_response(message: str, status: int) -> Response: return json_response({"error": message}, status)
 
 # %% ../../nbs/08_serving/08_app.ipynb #e583cce5
 def model_response(body: BaseModel, status: int = 200) -> Response:
@@ -69,23 +65,16 @@ class ClientDisconnected(MlnbError):
     "The client went away before sending its whole request."
 
 # %% ../../nbs/08_serving/08_app.ipynb #0a094376
-async def receive_body(receive, headers, limit: int, timeout: float | None = None) -> bytes:
-    """The request body from ASGI `receive`, refused (413) past `limit` bytes before it is read whole, and (408) when it
-    has not all arrived `timeout` seconds after the headers."""
+async def receive_body(receive, headers, limit: int) -> bytes:
+    "The request body from ASGI `receive`, refused (413) past `limit` bytes before it is read whole."
     length = headers.get("content-length")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
             raise RequestError(f"the Content-Length header {length!r} is not a number of bytes")
         if int(length) > limit: raise RequestError(f"request body of {length} bytes is over the limit of {limit} bytes", 413)
     chunks, size = [], 0
-    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     while True:
-        if deadline is None: message = await receive()
-        else:
-            try:
-                async with asyncio.timeout_at(deadline): message = await receive()
-            except TimeoutError:
-                raise RequestError(f"the request body did not arrive within {timeout:g} s (serve.read_timeout_seconds)", 408) from None
+        message = await receive()
         if message["type"] == "http.disconnect": raise ClientDisconnected()
         chunk = message.get("body", b"")
         size += len(chunk)
@@ -358,7 +347,7 @@ class ModelServer:
         rows, status = 0, 200
         try:
             if call.path_params: model, variant = self.model_for(call.path_params)
-            body = await receive_body(receive, call.headers, self.serve.max_body_bytes, self.serve.read_timeout_seconds)
+            body = await receive_body(receive, call.headers, self.serve.max_body_bytes)
             batch, extra = parse(self, call, body, model)
             request_id = batch.request_id or request_id
             for column, n in batch.unknown_categories.items():
@@ -374,7 +363,6 @@ class ModelServer:
             rows = batch.rows
         except RequestError as e:
             status, reply = e.status, error_reply(str(e), e.status)
-            if status == 408: reply = (*reply[:3], [(b"connection", b"close")])     # the rest of the body is not read
         except ClientDisconnected:
             return
         except Exception as e:
@@ -413,7 +401,7 @@ class ModelServer:
     # --- feedback ----------------------------------------------------------------------------------------------------
     async def accept_feedback(self, request: Request) -> Response:
         try:
-            body = await receive_body(request.receive, request.headers, self.serve.max_body_bytes, self.serve.read_timeout_seconds)
+            body = await receive_body(request.receive, request.headers, self.serve.max_body_bytes)
             require_json(request.headers, body=body)
             ids, labels = parse_feedback(body, self.model)
             unknown = [i for i in ids if i not in self.recent]
@@ -431,7 +419,7 @@ class ModelServer:
             if keep: m.child(m.feedback, "accepted").inc(len(keep))
             if unknown: m.child(m.feedback, "unknown_id").inc(len(unknown))
             return model_response(FeedbackResult(accepted=len(keep), unknown_ids=unknown), 200 if keep else 404)
-        except RequestError as e: return error_response(str(e), e.status, close=e.status == 408)
+        except RequestError as e: return error_response(str(e), e.status)
         except ClientDisconnected: return Response(status_code=499)
         except LogKeyError as e:      # an encrypted log the server's key cannot read: the operator's problem
             log.error("feedback: %s", e)
@@ -635,12 +623,12 @@ def create_app(server: ModelServer):
 
     async def rollout_command(request):
         try:
-            body = await receive_body(request.receive, request.headers, server.serve.max_body_bytes, server.serve.read_timeout_seconds)
+            body = await receive_body(request.receive, request.headers, server.serve.max_body_bytes)
             require_json(request.headers, body=body, changes_state=True)
             command = validated(RolloutCommand, body, ROLLOUT_HINT) if body else RolloutCommand()
             status = await server.traffic.command(request.path_params["action"], **command.model_dump())
             return model_response(RolloutState.model_validate(status))
-        except RequestError as e: return error_response(str(e), e.status, close=e.status == 408)
+        except RequestError as e: return error_response(str(e), e.status)
         except RolloutError as e: return error_response(redact_credentials(str(e)), 409)
         except ClientDisconnected: return Response(status_code=499)
 
@@ -831,27 +819,33 @@ def bad_request_message(detail: str) -> str:
     return f"malformed HTTP request ({detail})" if detail else "malformed HTTP request"
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, answering a request it cannot parse with a JSON 400 that says why; request headers
-    must arrive within `read_timeout` seconds (408) and fit in `max_header_bytes` (431). `run` sets both from `serve`."""
+    """uvicorn's httptools protocol, answering a request it cannot parse with a JSON 400 that says why; a request must
+    arrive whole (line, headers and body) within `read_timeout` seconds of its first byte, or of the connection for the
+    first one (else a JSON 408), and its line and headers must fit in `max_header_bytes` (431). `run` sets both."""
     read_timeout: float | None = None
     max_header_bytes: int | None = None
 
     def connection_made(self, transport) -> None:
-        self._header_timer, self._header_bytes, self._too_large = None, 0, False
+        self._read_timer, self._header_bytes, self._too_large, self._headers_done = None, 0, False, False
         super().connection_made(transport)
-        self._arm_header_timer()                    # a client that connects and sends nothing is closed too
+        self._arm_read_timer()                      # a client that connects and sends nothing is closed too
 
-    def _arm_header_timer(self) -> None:
-        if self.read_timeout and self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.read_timeout, self._headers_too_slow)
+    def _arm_read_timer(self) -> None:
+        if self.read_timeout and self._read_timer is None:
+            self._read_timer = self.loop.call_later(self.read_timeout, self._too_slow)
 
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None: self._header_timer.cancel(); self._header_timer = None
+    def _disarm_read_timer(self) -> None:
+        if self._read_timer is not None: self._read_timer.cancel(); self._read_timer = None
 
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if not self.transport.is_closing():
-            self._write_error(408, b"Request Timeout", f"the request headers did not arrive within {self.read_timeout:g} s")
+    def _too_slow(self) -> None:
+        "One timer per request, not one per read: the request path pays a `call_later` and a `cancel`."
+        self._read_timer = None
+        if self.transport.is_closing(): return
+        if self.cycle is not None and self._headers_done and self.cycle.response_started:
+            self.transport.close()                  # answered already (a route that ignores its body): just stop reading
+            return
+        part = "body" if self._headers_done else "headers"
+        self._write_error(408, b"Request Timeout", f"the request {part} did not arrive within {self.read_timeout:g} s (serve.read_timeout_seconds)")
 
     def _count(self, size: int) -> None:
         self._header_bytes += size
@@ -860,8 +854,8 @@ class HttpProtocol(HttpToolsProtocol):
             raise ValueError("request headers too large")     # the parser stops; uvicorn answers with send_400_response
 
     def on_message_begin(self) -> None:
-        self._header_bytes = 0
-        self._arm_header_timer()
+        self._header_bytes, self._headers_done = 0, False
+        self._arm_read_timer()
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -871,11 +865,15 @@ class HttpProtocol(HttpToolsProtocol):
         self._count(len(name) + len(value) + 4); super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._disarm_header_timer()
+        self._headers_done = True
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._disarm_read_timer()
+        super().on_message_complete()
+
     def connection_lost(self, exc) -> None:
-        self._disarm_header_timer()
+        self._disarm_read_timer()
         super().connection_lost(exc)
 
     def _write_error(self, status: int, phrase: bytes, message: str) -> None:

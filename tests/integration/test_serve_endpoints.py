@@ -112,7 +112,7 @@ def test_a_body_trickled_slower_than_the_read_timeout_gets_a_408_and_others_are_
     with raw(limited, head) as sock:
         assert limited.client.get("/v2/health/ready").status_code == 200          # served while that one trickles
         waited, status, body = answer(sock, time.monotonic() + 10, trickle=b" " * 100)
-    assert status == "HTTP/1.1 408 Request Timeout" and "did not arrive within 1.5 s" in body["error"], (status, body)
+    assert status == "HTTP/1.1 408 Request Timeout" and "body did not arrive within 1.5 s" in body["error"], (status, body)
     assert 1.0 < waited < 4.0, waited
     r = limited.client.post("/invocations", json={"dataframe_records": records[:1]})
     assert r.status_code == 200, r.text
