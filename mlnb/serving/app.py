@@ -656,7 +656,7 @@ def create_app(server: ModelServer):
         auth = server.auth
         return json_response(openapi_schema(server.model, auth=auth is not None, key_field=server.key_field,
                                             max_body_bytes=server.serve.max_body_bytes,
-                                            metrics_public=server.serve.auth.metrics_open))
+                                            metrics_public=auth is None or auth.metrics_public))
 
     fast = inference_routes()
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", v2_server),
