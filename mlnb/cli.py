@@ -557,10 +557,11 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
           host: Optional[str] = typer.Option(None, help="Address to bind (default: serve.host, 127.0.0.1)"),
           port: Optional[int] = typer.Option(None, help="Port (default: serve.port, 8080)"),
           workers: Optional[int] = typer.Option(None, help="uvicorn worker processes (default: serve.workers, 1)"),
+          insecure: bool = typer.Option(False, "--insecure", help="Without access control: allow a non-loopback --host, and admin, rollout and feedback from other machines (default: serve.insecure)"),
           params: str = PARAMS):
     "Serve a model over HTTP: Open Inference Protocol (V2) and MLflow /invocations."
     from mlnb.serving.app import run, serve_config
-    cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers)
+    cfg = serve_config(load_config(params), model=model, host=host, port=port, workers=workers, insecure=insecure or None)
     try: run(cfg)
     except FileNotFoundError as e: raise ConfigError(str(e)) from None       # the server's "model file ... not found"
 
@@ -648,7 +649,7 @@ def admin_call(params: str, url: str | None, method: str, path: str, body: dict 
     if url is None:
         cfg = load_config(params)
         url = f"{'https' if cfg.serve.tls.enabled else 'http'}://{cfg.serve.host}:{cfg.serve.port}"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}   # a body-less POST too: the server asks it of state changes
     try: verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"--cacert {cacert}: not a readable PEM CA certificate: {e}") from None

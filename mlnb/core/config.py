@@ -368,7 +368,12 @@ class RolloutConfig(_Strict):
 class AuthConfig(_Strict):
     "Access control for the server (see `mlnb.serving.auth`); on when `keys_file` is set."
     keys_file: str | None = None                    # API keys (`mlnb api-key create`); None: every endpoint is open
-    metrics_public: bool = True                     # /metrics open to scrapers; False: it needs an operate key
+    metrics_public: bool | None = None              # /metrics open to scrapers: True always, False never (an operate key); None: only without keys
+
+    @property
+    def metrics_open(self) -> bool:
+        "Whether `/metrics` answers without a key: as `metrics_public` says, or, unset, only when access control is off."
+        return self.keys_file is None if self.metrics_public is None else self.metrics_public
 
 # %% ../../nbs/01_core/01_config.ipynb #67a2adc3
 class TLSConfig(_Strict):
@@ -405,6 +410,12 @@ class ServeConfig(_Strict):
     rollout: RolloutConfig = RolloutConfig()
     auth: AuthConfig = AuthConfig()
     tls: TLSConfig = TLSConfig()
+    allowed_hosts: list[str] | None = None          # Host header values answered (no port); None: any, or loopback names only when open (no keys, not insecure)
+    insecure: bool = False                          # without keys: allow a non-loopback bind, and admin, rollout and feedback from other hosts
+    limit_concurrency: int | None = Field(1000, ge=1)   # connections and requests at once; past it uvicorn answers 503
+    timeout_keep_alive: float = Field(5.0, gt=0)    # seconds an idle keep-alive connection stays open
+    read_timeout_seconds: float = Field(30.0, gt=0) # a whole request (line, headers, body), from its first byte; past it: 408
+    max_header_bytes: int = Field(65_536, ge=1024)  # request line and headers together; past it: 431
 
     @model_validator(mode="after")
     def _rollout_on_one_worker(self):
@@ -542,9 +553,24 @@ def params_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 # %% ../../nbs/01_core/01_config.ipynb #c82d06c4
-def _umask() -> int:
-    current = os.umask(0); os.umask(current)
+def _proc_umask() -> int | None:
+    "The process umask as Linux's /proc/self/status shows it, read without setting it; None where it does not say."
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    return None
+
+def _umask_once() -> int:
+    current = os.umask(0o077); os.umask(current)       # at import only, before a server starts its threads
     return current
+
+_UMASK_AT_IMPORT = _proc_umask() if _proc_umask() is not None else _umask_once()
+
+def _umask() -> int:
+    "The umask new files get, never set here: another thread may be creating a file at this moment."
+    found = _proc_umask()
+    return _UMASK_AT_IMPORT if found is None else found
 
 @contextlib.contextmanager
 def staged_outputs(*paths: str | Path, mode: int | None = None):

@@ -8,16 +8,25 @@ Docs: https://mlnb.github.io/mlnb/01_core/errors.html.md"""
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['MlnbError', 'ConfigError', 'InitRefused', 'DataError', 'AccessDenied', 'SignatureError', 'SignatureMissing',
-           'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing', 'ParityError', 'RegistryError',
-           'RegistryUnreachable', 'BundleError', 'BatchError', 'StageFailed', 'RetrainError', 'ReproCheckError',
-           'ServerError', 'RequestError', 'RolloutError', 'LogKeyError']
+__all__ = ['MlnbError', 'redact_credentials', 'ConfigError', 'InitRefused', 'DataError', 'AccessDenied', 'SignatureError',
+           'SignatureMissing', 'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing', 'ParityError',
+           'RegistryError', 'RegistryUnreachable', 'BundleError', 'BatchError', 'StageFailed', 'RetrainError',
+           'ReproCheckError', 'ServerError', 'RequestError', 'RolloutError', 'LogKeyError']
 
 # %% ../../nbs/01_core/02_errors.ipynb #cf53716b
 class MlnbError(Exception):
     "An error mlnb raises on purpose; the message names what is wrong. `exit_code`: the CLI's status for this kind."
     exit_code: int = 1
     http_status: int | None = None
+
+# %% ../../nbs/01_core/02_errors.ipynb #b2d66495
+import re
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s?#'\"]*@")
+
+def redact_credentials(text: str) -> str:
+    "`text` with the user and password of each URI in it replaced by `***`."
+    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 # %% ../../nbs/01_core/02_errors.ipynb #3dad7e14
 class ConfigError(MlnbError, ValueError):

@@ -310,11 +310,20 @@ def verified_bytes(model) -> bytes:
     return data
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #32810878
+def _local_cluster(workers: int):
+    """A `LocalCluster` of `workers` single-threaded processes on loopback, speaking mutual TLS with a throw-away CA and
+    certificate (`Security.temporary()`, kept in memory): another local user can neither connect to its scheduler or
+    workers nor read the model bytes scattered to them. Its dashboard (HTTP): loopback, any free port."""
+    from dask.distributed import LocalCluster
+    from distributed.security import Security
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", security=Security.temporary(),
+                        dashboard_address="127.0.0.1:0", silence_logs=40)
+
 def batch_predict(model, inputs: str | Path, output: str | Path, scheduler: str | None = None, workers: int | None = None,
                   threads: int = 1, rows_per_piece: int = 500_000, keep: tuple[str, ...] = (), progress: bool = True,
                   overwrite: bool = False) -> BatchResult:
     "Score `inputs` with a verified `ServedModel` on Dask into `output`; resume a run that stopped. Returns the summary."
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, as_completed
     from tqdm.auto import tqdm
     files, output = input_files(inputs), Path(output)
     missing_keep = [k for k in keep if k in model.contract.name_set]
@@ -330,9 +339,8 @@ def batch_predict(model, inputs: str | Path, output: str | Path, scheduler: str 
     start, run_rows, n_workers = time.perf_counter(), 0, 0
     ready = start
     if todo:
-        cluster = None if scheduler else LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                                                       dashboard_address="127.0.0.1:0", silence_logs=40)   # its HTTP endpoint: loopback, any free port
-        client = Client(scheduler or cluster)
+        cluster = None if scheduler else _local_cluster(workers or os.cpu_count() or 1)
+        client = Client(scheduler or cluster)             # a local cluster's client gets its TLS credentials from it
         try:
             n_workers = len(client.scheduler_info()["workers"])
             if n_workers == 0: raise BatchError(f"the Dask scheduler {scheduler} has no workers")

@@ -21,7 +21,7 @@ from starlette.routing import Match, Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.config import Config, ConfigError, ServeConfig, TLSConfig
-from ..core.errors import MlnbError
+from ..core.errors import MlnbError, redact_credentials
 from ..monitoring.check import MonitorCollector
 from ..predlog.log import (FeedbackEntry, LogKeyError, ParquetLog, PredictionEntry, RecentIds, feedback_table, log_keys, logged_ids, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
@@ -36,13 +36,14 @@ from .openapi import (CacheStats, FeedbackItems, FeedbackRequest, FeedbackResult
                                 RolloutState, ServedModelInfo, ServerMetadata, openapi_schema, validated)
 
 # %% auto #0
-__all__ = ['log', 'JSON_TYPE', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT', 'ROLLOUT_HINT',
-           'json_response', 'error_response', 'model_response', 'ClientDisconnected', 'receive_body', 'parse_json',
-           'require_json', 'Call', 'json_reply', 'error_reply', 'send_reply', 'denial_reply', 'ModelServer',
-           'limit_heap_retention', 'parse_v2_request', 'respond_v2', 'parse_mlflow_request', 'respond_mlflow',
-           'v2_metadata', 'parse_feedback', 'inference_routes', 'create_app', 'serve_config', 'model_ref',
-           'public_key_path', 'registry_client_fails_fast', 'build_server', 'app_from_environment', 'tls_options',
-           'is_loopback', 'warn_if_exposed', 'bad_request_message', 'HttpProtocol', 'run']
+__all__ = ['log', 'JSON_TYPE', 'PREFLIGHTED', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT',
+           'LOCAL_ONLY_PREFIXES', 'ROLLOUT_HINT', 'json_response', 'error_response', 'model_response',
+           'ClientDisconnected', 'receive_body', 'parse_json', 'require_json', 'Call', 'json_reply', 'error_reply',
+           'send_reply', 'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request', 'respond_v2',
+           'parse_mlflow_request', 'respond_mlflow', 'v2_metadata', 'parse_feedback', 'inference_routes', 'create_app',
+           'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
+           'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'bad_request_message',
+           'HttpProtocol', 'run']
 
 # %% ../../nbs/08_serving/08_app.ipynb #aaddd806
 log = logging.getLogger("mlnb.serve")
@@ -91,13 +92,19 @@ def parse_json(body: bytes):
 # %% ../../nbs/08_serving/08_app.ipynb #1f544fb4
 JSON_TYPE = "application/json"
 
-def require_json(headers, also: str | None = None, body: bytes = b"") -> None:
-    "415 unless `headers` say the body is JSON or `also`; no `Content-Type` passes, unless `body` is not empty."
+PREFLIGHTED = ("authorization", "x-api-key")     # headers a web page cannot send to another site without the server's consent
+
+def require_json(headers, also: str | None = None, body: bytes = b"", changes_state: bool = False) -> None:
+    """415 unless `headers` say the body is JSON or `also`; no `Content-Type` passes, unless `body` is not empty, or the
+    request `changes_state` and carries no API key header (a page's cross-site POST can be body-less and untyped)."""
     value = headers.get("content-type")
     media = value.partition(";")[0].strip().lower() if value else ""
-    if media == JSON_TYPE or (media and media == also) or (not media and not body): return
+    if media == JSON_TYPE or (media and media == also): return
+    if not media and not body and not (changes_state and not any(h in headers for h in PREFLIGHTED)): return
     send = f"send {JSON_TYPE}" + (f" (or {also} with the V2 binary extension's Inference-Header-Content-Length)" if also else "")
-    raise RequestError(f"Content-Type {media!r} is not supported; {send}" if media else f"the body has no Content-Type; {send}", 415)
+    if media: raise RequestError(f"Content-Type {media!r} is not supported; {send}", 415)
+    if body: raise RequestError(f"the body has no Content-Type; {send}", 415)
+    raise RequestError(f"a POST that changes the server's state needs a Content-Type; {send}, even without a body", 415)
 
 
 # %% ../../nbs/08_serving/08_app.ipynb #e89ef6da
@@ -165,7 +172,7 @@ class ModelServer:
         self.key_field = s.rollout.key_field
         self.traffic = Traffic(self, s.rollout)
         # a bad keys file stops the server here
-        self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_public) if s.auth.keys_file else None
+        self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_open) if s.auth.keys_file else None
 
     # --- what Traffic (and the handlers) use -------------------------------------------------------------------------
     def new_ids(self, n: int) -> list[str]:
@@ -258,7 +265,7 @@ class ModelServer:
 
     def _registry_answered(self, unreachable: Exception | None) -> None:
         "Whether the registry answered the last time it was asked (readiness for reload, `mlnb_registry_reachable`)."
-        self.registry_error = None if unreachable is None else str(unreachable)
+        self.registry_error = None if unreachable is None else redact_credentials(str(unreachable))
         self.metrics.registry_reachable.labels(self.ref.name).set(unreachable is None)
 
     def reload_readiness(self) -> RegistryReadiness:
@@ -281,7 +288,7 @@ class ModelServer:
             except Exception as e:
                 from mlnb.registry.store import RegistryUnreachable
                 if isinstance(e, RegistryUnreachable): self._registry_answered(e)
-                self.last_reload_error = f"{type(e).__name__}: {e}"
+                self.last_reload_error = redact_credentials(f"{type(e).__name__}: {e}")
                 self.metrics.child(self.metrics.reloads, "failed").inc()
                 log.error("reload of %s failed, still serving version %s: %s",
                           self.ref, previous.version, self.last_reload_error)
@@ -529,6 +536,38 @@ def parse_feedback(body: bytes, model: ServedModel) -> tuple[list[str], list]:
 # %% ../../nbs/08_serving/08_app.ipynb #bac643b1
 def _headers(scope: dict) -> dict[str, str]: return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
+# %% ../../nbs/08_serving/08_app.ipynb #2a07cfb4
+LOCAL_ONLY_PREFIXES = ("/admin", "/feedback")      # what changes the server or its data, and what describes it
+
+def _allowed_hosts(serve: ServeConfig) -> frozenset[str] | None:
+    return None if serve.allowed_hosts is None else frozenset(h.lower().strip("[]") for h in serve.allowed_hosts)
+
+def _host_name(value: str) -> str:
+    "A Host header's name, without its port or an IPv6 literal's brackets."
+    value = value.strip().lower()
+    if value.startswith("["): return value[1:].partition("]")[0]
+    name, colon, port = value.rpartition(":")
+    return name if colon and port.isdigit() and ":" not in name else value
+
+def _host_refusal(scope: dict, hosts: frozenset[str]) -> Reply | None:
+    "The 400 for a request whose Host header is missing or not one of `hosts`; None when it is one."
+    value = next((v for k, v in scope["headers"] if k == b"host"), None)
+    if value is not None and _host_name(value.decode("latin-1")) in hosts: return None
+    return error_reply("the Host header names a host this server does not answer for (serve.allowed_hosts)"
+                       if value is not None else "the request has no Host header (serve.allowed_hosts is set)", 400)
+
+def _remote_refusal(scope: dict) -> Reply | None:
+    """The 403 for an admin, rollout or feedback request from another machine, on a server without access control;
+    None for any other request. A client without an IP address (a Unix socket, an in-process test client) is local."""
+    if not scope["path"].startswith(LOCAL_ONLY_PREFIXES): return None
+    client = scope.get("client")
+    if not client or not client[0]: return None
+    try: local = ipaddress.ip_address(client[0]).is_loopback
+    except ValueError: return None
+    if local: return None
+    return error_reply("this endpoint is answered only to this machine when access control is off "
+                       "(set serve.auth.keys_file, or start the server with --insecure)", 403)
+
 # %% ../../nbs/08_serving/08_app.ipynb #e54ed1e8
 ROLLOUT_HINT = ("send a JSON object with any of 'reason', 'challenger' (a model reference) and 'mode' "
                 "(canary, split or shadow), each a string")
@@ -585,24 +624,24 @@ def create_app(server: ModelServer):
     async def rollout_command(request):
         try:
             body = await receive_body(request.receive, request.headers, server.serve.max_body_bytes)
-            require_json(request.headers, body=body)
+            require_json(request.headers, body=body, changes_state=True)
             command = validated(RolloutCommand, body, ROLLOUT_HINT) if body else RolloutCommand()
             status = await server.traffic.command(request.path_params["action"], **command.model_dump())
             return model_response(RolloutState.model_validate(status))
         except RequestError as e: return error_response(str(e), e.status)
-        except RolloutError as e: return error_response(str(e), 409)
+        except RolloutError as e: return error_response(redact_credentials(str(e)), 409)
         except ClientDisconnected: return Response(status_code=499)
 
     def not_json(request) -> Response | None:
-        "The 415 for a body-less admin POST that says it carries something else than JSON."
-        try: require_json(request.headers)
+        "The 415 for a body-less admin POST that says it carries something else than JSON, or nothing and no key."
+        try: require_json(request.headers, changes_state=True)
         except RequestError as e: return error_response(str(e), e.status)
 
     async def admin_reload(request):
         if (refused := not_json(request)) is not None: return refused
         try: return model_response(await server.reload(force=server.ref.is_file))
         except Exception as e:
-            return error_response(f"reload failed, still serving version {server.model.version}: {e}", 503)
+            return error_response(redact_credentials(f"reload failed, still serving version {server.model.version}: {e}"), 503)
 
     async def admin_keys(request):
         auth = server.auth
@@ -667,10 +706,18 @@ def create_app(server: ModelServer):
                 return route, child["path_params"]
         return None
 
+    hosts = _allowed_hosts(server.serve)
+    local_only = auth is None and not server.serve.insecure
+
     async def asgi(scope, receive, send):
         """POSTs that the inference routes match go straight to the server; everything else to Starlette; both behind
-        access control when it is on."""
+        access control when it is on. First, a Host the server does not answer for is refused (400), and, without
+        access control, admin, rollout and feedback requests from other machines (403)."""
         if scope["type"] == "http":
+            if hosts is not None and (refused := _host_refusal(scope, hosts)) is not None:
+                return await send_reply(send, refused, None)
+            if local_only and (refused := _remote_refusal(scope)) is not None:
+                return await send_reply(send, refused, None)
             matched = fast_route(scope) if scope["method"] == "POST" else None
             if matched is not None:
                 route, params = matched
@@ -725,6 +772,8 @@ def app_from_environment():
     from mlnb.core.config import config_from_dict
     server_logger()
     cfg = config_from_dict(orjson.loads(os.environ["MLNB_SERVE_CONFIG"]), "MLNB_SERVE_CONFIG")
+    from mlnb.serving.app import _protocol_limits       # defined with the protocol, below
+    _protocol_limits(cfg.serve)                         # this worker's connections get the header limits too
     return create_app(build_server(cfg))
 
 # %% ../../nbs/08_serving/08_app.ipynb #0b0df7f9
@@ -749,11 +798,16 @@ def is_loopback(host: str) -> bool:
 
 # %% ../../nbs/08_serving/08_app.ipynb #40c4a674
 def warn_if_exposed(s: ServeConfig) -> None:
-    "A warning for a server reachable from other machines without access control, or whose keys would travel in clear text."
+    """Refuse (`ConfigError`) a server reachable from other machines without access control, unless `serve.insecure`
+    says so (then a warning); a warning for one whose keys would travel in clear text."""
     if is_loopback(s.host): return
     if s.auth.keys_file is None:
-        log.warning("serving on %s without access control: anyone who can reach it may predict, reload and roll out; "
-                    "set serve.auth.keys_file (see mlnb api-key create)", s.host)
+        if not s.insecure:
+            raise ConfigError(f"serve.host {s.host} is reachable from other machines and access control is off: anyone could "
+                              "predict, reload, roll out and label; set serve.auth.keys_file (see mlnb api-key create), "
+                              "bind 127.0.0.1, or pass --insecure (serve.insecure: true) to serve it open anyway")
+        log.warning("serving on %s without access control (--insecure): anyone who can reach it may predict, reload, roll out "
+                    "and label; set serve.auth.keys_file (see mlnb api-key create)", s.host)
     elif not s.tls.enabled:
         log.warning("serving on %s without TLS: API keys cross the network in clear text; set serve.tls.certfile and keyfile", s.host)
 
@@ -765,15 +819,82 @@ def bad_request_message(detail: str) -> str:
     return f"malformed HTTP request ({detail})" if detail else "malformed HTTP request"
 
 class HttpProtocol(HttpToolsProtocol):
-    "uvicorn's httptools protocol, answering a request it cannot parse with a JSON 400 that says why."
-    def send_400_response(self, msg: str) -> None:
-        error = sys.exc_info()[1]          # called while uvicorn handles the parser's error
-        detail = str(error) if isinstance(error, httptools.HttpParserError) else ""
-        body = orjson.dumps({"error": bad_request_message(detail)})
-        head = [b"HTTP/1.1 400 Bad Request\r\n", *(b"%s: %s\r\n" % kv for kv in self.server_state.default_headers),
+    """uvicorn's httptools protocol, answering a request it cannot parse with a JSON 400 that says why; a request must
+    arrive whole (line, headers and body) within `read_timeout` seconds of its first byte, or of the connection for the
+    first one (else a JSON 408), and its line and headers must fit in `max_header_bytes` (431). `run` sets both."""
+    read_timeout: float | None = None
+    max_header_bytes: int | None = None
+
+    def connection_made(self, transport) -> None:
+        self._read_timer, self._header_bytes, self._too_large, self._headers_done = None, 0, False, False
+        super().connection_made(transport)
+        self._arm_read_timer()                      # a client that connects and sends nothing is closed too
+
+    def _arm_read_timer(self) -> None:
+        if self.read_timeout and self._read_timer is None:
+            self._read_timer = self.loop.call_later(self.read_timeout, self._too_slow)
+
+    def _disarm_read_timer(self) -> None:
+        if self._read_timer is not None: self._read_timer.cancel(); self._read_timer = None
+
+    def _too_slow(self) -> None:
+        "One timer per request, not one per read: the request path pays a `call_later` and a `cancel`."
+        self._read_timer = None
+        if self.transport.is_closing(): return
+        if self.cycle is not None and self._headers_done and self.cycle.response_started:
+            self.transport.close()                  # answered already (a route that ignores its body): just stop reading
+            return
+        part = "body" if self._headers_done else "headers"
+        self._write_error(408, b"Request Timeout", f"the request {part} did not arrive within {self.read_timeout:g} s (serve.read_timeout_seconds)")
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self.max_header_bytes and self._header_bytes > self.max_header_bytes:
+            self._too_large = True
+            raise ValueError("request headers too large")     # the parser stops; uvicorn answers with send_400_response
+
+    def on_message_begin(self) -> None:
+        self._header_bytes, self._headers_done = 0, False
+        self._arm_read_timer()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url)); super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4); super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm_read_timer()
+        super().on_message_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_read_timer()
+        super().connection_lost(exc)
+
+    def _write_error(self, status: int, phrase: bytes, message: str) -> None:
+        body = orjson.dumps({"error": message})
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase), *(b"%s: %s\r\n" % kv for kv in self.server_state.default_headers),
                 b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            return self._write_error(431, b"Request Header Fields Too Large",
+                                     f"the request line and headers are over the limit of {self.max_header_bytes} bytes (serve.max_header_bytes)")
+        error = sys.exc_info()[1]          # called while uvicorn handles the parser's error
+        detail = str(error) if isinstance(error, httptools.HttpParserError) else ""
+        self._write_error(400, b"Bad Request", bad_request_message(detail))
+
+def _protocol_limits(s: ServeConfig) -> dict:
+    "uvicorn's options for the limits in `serve`, and the protocol's own (set on the class: worker processes set them too)."
+    HttpProtocol.read_timeout, HttpProtocol.max_header_bytes = s.read_timeout_seconds, s.max_header_bytes
+    return {"limit_concurrency": s.limit_concurrency, "timeout_keep_alive": s.timeout_keep_alive}
 
 
 # %% ../../nbs/08_serving/08_app.ipynb #4b3914b6
@@ -782,9 +903,9 @@ def run(cfg: Config) -> None:
     import uvicorn
     s = cfg.serve
     server_logger()
-    options = dict(host=s.host, port=s.port, loop="uvloop", http="mlnb.serving.app:HttpProtocol", access_log=False, log_level="warning",
-                   timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls))
     warn_if_exposed(s)
+    options = dict(host=s.host, port=s.port, loop="uvloop", http="mlnb.serving.app:HttpProtocol", access_log=False, log_level="warning",
+                   timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls), **_protocol_limits(s))
     if s.workers == 1:
         uvicorn.run(create_app(build_server(cfg)), **options)
         return

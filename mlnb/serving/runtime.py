@@ -141,7 +141,8 @@ def asking(registry):
     try: yield
     except (RegistryError, AccessDenied): raise
     except Exception as e:
-        raise RegistryUnreachable(f"registry {getattr(registry, 'uri', registry.name)} unreachable: {type(e).__name__}: {e}") from e
+        from mlnb.core.errors import redact_credentials          # the message is logged and shown to operators
+        raise RegistryUnreachable(redact_credentials(f"registry {getattr(registry, 'uri', registry.name)} unreachable: {type(e).__name__}: {e}")) from e
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #a8f9a413
 def fetch_version(registry, version: str, cache_dir: str | Path) -> Path:

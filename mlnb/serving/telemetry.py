@@ -116,11 +116,27 @@ def json_formatter():
                          datefmt="%Y-%m-%dT%H:%M:%S%z")
 
 # %% ../../nbs/08_serving/04_telemetry.ipynb #f770b64e
+class _RedactCredentials(logging.Filter):
+    "Log records with the credentials of any URI in their message or traceback replaced (a registry URI may hold a password)."
+    def filter(self, record: logging.LogRecord) -> bool:
+        from mlnb.core.errors import redact_credentials
+        message = record.getMessage()
+        if "@" in message: record.msg, record.args = redact_credentials(message), None
+        if record.exc_info:
+            record.exc_text = redact_credentials(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+_REDACT = _RedactCredentials()
+
 def server_logger(stream=None) -> logging.Logger:
-    "The `mlnb.serve` logger (startup, reloads, errors) as JSON lines on stderr."
+    "The `mlnb.serve` logger (startup, reloads, errors) as JSON lines on stderr; uvicorn's error log redacted the same way."
     logger = logging.getLogger("mlnb.serve")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(json_formatter())
+    handler.addFilter(_REDACT)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        if _REDACT not in logging.getLogger(name).filters: logging.getLogger(name).addFilter(_REDACT)
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO); logger.propagate = False
     return logger

@@ -21,7 +21,7 @@ def test_health_bodies_name_no_uri_and_no_exception_text(tmp_path, monkeypatch, 
     server = ModelServer(cfg, ModelRef.parse("churn@champion"), toy.public_key,
                          model=load_served_model(toy.model, toy.public_key), registry=Registry.from_config(cfg))
     with caplog.at_level(logging.ERROR), TestClient(create_app(server)) as client:
-        assert client.post("/admin/reload").status_code >= 400                 # the registry does not answer
+        assert client.post("/admin/reload", headers={"content-type": "application/json"}).status_code >= 400   # the registry does not answer
         bodies = [client.get(path) for path in ("/health", "/v2/health/ready")]
     for r in bodies:
         assert r.status_code == 200                                             # still serving the loaded model

@@ -42,7 +42,7 @@ def row(telco_split):
 def secured(model_dir, certificate, tmp_path_factory):
     "A server with access control over https, and a key per name in ROLES."
     work = tmp_path_factory.mktemp("secured")
-    params = secured_params(model_dir, work, tls=tls_params(certificate))
+    params = secured_params(model_dir, work, tls=tls_params(certificate), auth={"metrics_public": True})   # scraped without a key here
     keys = {name: create_key(work, name, role) for name, role in ROLES.items()}
     s = Server(work, params, cacert=certificate[0]).wait_ready()
     yield s, keys

@@ -57,7 +57,7 @@ def test_alias_move_is_followed_under_load_with_zero_errors(onnx_models, telco_s
         assert s.client.get("/v2/models/churn").json()["versions"] == [v2.version]
         assert metric(s, "mlnb_model_reloads_total", outcome="ok") == 1
         assert metric(s, "mlnb_model_info", version=v2.version) == 1 and metric(s, "mlnb_model_info", version=v1.version) == 0
-        r = s.client.post("/admin/reload")
+        r = s.client.post("/admin/reload", headers={"content-type": "application/json"})
         assert r.status_code == 200 and r.json() == {"reloaded": False, "version": v2.version}
     finally:
         s.stop()
@@ -77,7 +77,7 @@ def test_admin_reload_and_a_failed_reload_keeps_serving(onnx_models, telco_split
         cached.mkdir(parents=True)
         for f in (tmp_path / "dl" / "model").iterdir(): (cached / f.name).write_bytes(f.read_bytes())
         (cached / "model.onnx").write_bytes((cached / "model.onnx").read_bytes() + b"\0")
-        r = s.client.post("/admin/reload")
+        r = s.client.post("/admin/reload", headers={"content-type": "application/json"})
         assert r.status_code == 503 and "signature verification failed" in r.json()["error"] and f"still serving version {v1.version}" in r.json()["error"]
         assert s.client.post("/invocations", json={"dataframe_records": records[:1]}).json()["model_version"] == v1.version
         assert "signature" in s.client.get("/admin/model").json()["last_reload_error"]
@@ -85,7 +85,7 @@ def test_admin_reload_and_a_failed_reload_keeps_serving(onnx_models, telco_split
         # with the bad copy gone, the same endpoint loads the new version
         for f in cached.iterdir(): f.unlink()
         cached.rmdir()
-        r = s.client.post("/admin/reload")
+        r = s.client.post("/admin/reload", headers={"content-type": "application/json"})
         assert r.status_code == 200 and r.json() == {"reloaded": True, "version": v2.version, "previous": v1.version}
         assert s.client.post("/invocations", json={"dataframe_records": records[:1]}).json()["model_version"] == v2.version
     finally:

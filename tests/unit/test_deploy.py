@@ -293,7 +293,7 @@ def test_datasource_provisioning():
     assert ds["apiVersion"] == 1
     [source] = ds["datasources"]
     assert source["uid"] == DATASOURCE_UID and source["type"] == "prometheus"
-    assert source["url"] == "http://prometheus:9090"
+    assert source["url"] == "http://127.0.0.1:9090"          # Prometheus on the host's loopback (both on the host network)
 
 
 def test_dashboard_provisioning_matches_compose():
@@ -323,9 +323,34 @@ def test_compose_wires_prometheus():
     assert prom.get("network_mode") == "host"
     # the pushgateway is reachable from the host at the scraped port
     assert any(str(p).endswith("9091:9091") for p in services["pushgateway"]["ports"])
-    # Grafana's datasource host resolves: Prometheus is on the host network, so through extra_hosts
+    # Grafana reaches Prometheus where it listens: both on the host network, on loopback
     url = urlparse(load_yaml(DATASOURCE)["datasources"][0]["url"])
-    extra = dict(h.split(":", 1) for h in services["grafana"].get("extra_hosts", []))
-    assert url.hostname in extra, f"Grafana cannot resolve {url.hostname}"
+    assert services["grafana"].get("network_mode") == "host" and url.hostname == "127.0.0.1"
     listen = next((a.split("=", 1)[1] for a in prom["command"] if a.startswith("--web.listen-address=")), ":9090")
-    assert listen.rsplit(":", 1)[1] == str(url.port)
+    assert listen == f"{url.hostname}:{url.port}"
+
+
+def test_compose_listens_on_loopback_only_with_no_default_password_and_no_lifecycle_api():
+    "Nothing in deploy/ answers on another interface, Grafana has no admin/admin, Prometheus no POST /-/reload or /-/quit."
+    services = load_yaml(COMPOSE)["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    prom = services["prometheus"]
+    assert not any(a.startswith("--web.enable-lifecycle") or a.startswith("--web.enable-admin-api") for a in prom["command"]), prom["command"]
+    listen = next(a.split("=", 1)[1] for a in prom["command"] if a.startswith("--web.listen-address="))
+    assert listen.startswith("127.0.0.1:"), listen
+    grafana = services["grafana"]
+    env = grafana["environment"]
+    assert grafana.get("network_mode") != "host" or env.get("GF_SERVER_HTTP_ADDR") == "127.0.0.1"
+    password = env["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), f"a default admin password: {password}"
+    assert "GF_SECURITY_ADMIN_USER" not in env or env["GF_SECURITY_ADMIN_USER"] != "admin" or password.startswith("${")
+    assert str(env.get("GF_USERS_ALLOW_SIGN_UP", "false")).lower() == "false"
+
+
+def test_the_scrape_config_shows_how_to_send_a_key():
+    "With access control on, /metrics needs an operate key: prometheus.yml says how, and the key file stays out of git."
+    text = (PROM / "prometheus.yml").read_text()
+    assert "credentials_file: /etc/prometheus/mlnb-metrics.key" in text and "--role operate" in text
+    assert "/deploy/prometheus/*.key" in (ROOT / ".gitignore").read_text().splitlines()
