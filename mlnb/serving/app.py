@@ -775,6 +775,9 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(head) + body)
         self.transport.close()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        "An `Upgrade` header (the server takes no WebSocket): answered as plain HTTP, without uvicorn's warning to install a WebSocket library."
+
 
 # %% ../../nbs/08_serving/08_app.ipynb #4b3914b6
 def run(cfg: Config) -> None:
@@ -784,6 +787,7 @@ def run(cfg: Config) -> None:
     server_logger()
     options = dict(host=s.host, port=s.port, loop="uvloop", http="mlnb.serving.app:HttpProtocol", access_log=False, log_level="warning",
                    timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls))
+    options["ws"] = "none"          # no WebSocket routes: an Upgrade header is a plain HTTP request, never a handshake uvicorn answers in text
     warn_if_exposed(s)
     if s.workers == 1:
         uvicorn.run(create_app(build_server(cfg)), **options)
