@@ -41,7 +41,7 @@ BODY_ROUTES = ("POST /invocations", "POST /v2/models/{name}/infer", "POST /v2/mo
 
 
 # --- what was seen, for the summary -------------------------------------------------------------------------------------------
-SEEN = {"cases": 0, "statuses": Counter(), "routes": set(), "by_route": Counter(), "no_answer": Counter(), "failures": []}
+SEEN = {"cases": 0, "statuses": Counter(), "routes": set(), "by_route": Counter(), "no_answer": Counter(), "failures": [], "seconds": Counter()}
 
 
 def note(group: str, route: str, status: int | str) -> None:
@@ -58,13 +58,14 @@ def summary():
     yield
     statuses = dict(sorted(SEEN["statuses"].items()))
     server_errors = sum(n for s, n in statuses.items() if s[:1] == "5")
-    line = f"fuzz: {SEEN['cases']} cases over {len(SEEN['routes'])} routes, statuses {statuses}, 5xx: {server_errors}"
+    routes = {r.removeprefix("raw ") for r in SEEN["routes"]}
+    line = f"fuzz: {SEEN['cases']} cases over {len(routes)} routes, statuses {statuses}, 5xx: {server_errors}"
     print("\n" + line)
     out = ROOT / "reports" / "fuzz-summary.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"summary": line, "cases": SEEN["cases"], "routes": sorted(SEEN["routes"]), "statuses": statuses,
                                "server_errors": server_errors, "no_answer": dict(SEEN["no_answer"]), "seconds": round(time.time() - started, 1),
-                               "failures": SEEN["failures"][:100],
+                               "failures": SEEN["failures"][:100], "seconds_by_route": dict(SEEN["seconds"].most_common()),
                                "by_route": dict(sorted(SEEN["by_route"].items()))}, indent=1) + "\n")
 
 
@@ -114,7 +115,7 @@ def target(s: Server, keys: dict[str, str] = {}) -> Target:
               "dataframe_split": {"dataframe_split": {"columns": list(row), "data": [list(row.values())] * 2}},
               "instances": {"instances": records}, "inputs": {"inputs": {k: [v, v] for k, v in row.items()}},
               "feedback": {"feedback": [{"prediction_id": pid, "actual": "No"}]}, "feedback_list": [{"prediction_id": pid, "actual": "Yes"}],
-              "rollout": {"reason": "fuzz", "mode": "canary"}}
+              "rollout": {"reason": "fuzz", "mode": "canary", "challenger": "no/such/model.onnx"}}
     return Target(s, operations, bodies, version, keys)
 
 
@@ -122,7 +123,8 @@ def target(s: Server, keys: dict[str, str] = {}) -> Target:
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=-2**70, max_value=2**70),
                     st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0, -1, 1e300, -1e-300, 2**63, 2**64]),
                     st.text(max_size=20), st.sampled_from(["", "churn", "FP32", "BYTES", "No", "Yes", "0", "1e309", "NaN",
-                                                           "Infinity", "-Infinity", "\u202eLTR\u202c", "a\x00b", "\ufeff"]))
+                                                           "Infinity", "-Infinity", "\u202eLTR\u202c", "a\x00b", "\ufeff", "x" * 300,
+                                                           "../" * 100, "churn@\x00", "models:/churn/1", "a/b@c/d"]))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                            max_leaves=12)
 
@@ -335,7 +337,7 @@ def send(client: httpx.Client, case: Case) -> httpx.Response:
 
 
 def fuzz_route(t: Target, group: str, method: str, template: str, examples: int, rng_seed: int | None = None) -> list[str]:
-    failures = []
+    failures, started = [], time.perf_counter()
     with httpx.Client(base_url=t.server.url, timeout=30) as client:
         @settings(max_examples=examples, derandomize=rng_seed is None, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
@@ -347,6 +349,7 @@ def fuzz_route(t: Target, group: str, method: str, template: str, examples: int,
             if t.keys and (p := role_problem(case, r.status_code, t)): found.append(p)
             failures.extend(f"{p}\n    case: {case.describe()}" for p in found)
         (seed(rng_seed)(run) if rng_seed is not None else run)()
+    SEEN["seconds"][f"{group} {method} {template}"] += round(time.perf_counter() - started, 2)
     return failures
 
 
@@ -622,6 +625,8 @@ FOUND = [   # (what, path, headers, body text, status, what the error says)
      {**BINARY, "inference-header-content-length": "13"}, '{"inputs": 5}xx', 400, "2 bytes of binary data that no input claims"),
     ("binary data with a list as the datatype (was a 500: TypeError)", "/v2/models/churn/infer", {**BINARY, "inference-header-content-length": "83"},
      '{"inputs": [{"name": [1], "datatype": [1], "parameters": {"binary_data_size": 2}}]}xx', 400, "inputs[0]: datatype [1] is not a V2 datatype"),
+    ("a rollout challenger too long to be a file name (was a 500: OSError)", "/admin/rollout/start", {},
+     dumps({"challenger": "x" * 300}).decode(), 409, "File name too long"),
     ("an MLflow 'inputs' column that is not a list (the error did not say which)", "/invocations", {},
      dumps({"inputs": {**{k: [v] for k, v in ROW.items()}, "contract": {}}}).decode(), 400, "inputs: column 'contract' must be a list of values"),
     ("a dataframe_split row of the wrong length (the error named neither 'data' nor 'columns')", "/invocations", {},
