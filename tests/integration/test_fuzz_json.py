@@ -81,10 +81,14 @@ def open_server(onnx_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed_server(onnx_models, tmp_path_factory):
-    "Access control on (plain HTTP, so the raw socket can talk to it; test_fuzz.py covers TLS), /metrics guarded, a key per role."
+    """Access control on (plain HTTP, so the raw socket can talk to it; test_fuzz.py covers TLS), /metrics guarded, a key per role;
+    and a 50/50 split with a challenger, routed by a `customer_id` field, so requests go through the rollout's path too."""
     root = tmp_path_factory.mktemp("fuzz-json-keys")
     model_dir = signed_model_dir(onnx_models["a"], root / "model", root / "keys")
-    params = secured_params((model_dir, root / "keys"), root / "server", auth={"metrics_public": False})
+    challenger = signed_model_dir(onnx_models["b"], root / "challenger", root / "keys")
+    rollout = {"mode": "split", "challenger": str(challenger / "model.onnx"), "weights": {"champion": 0.5, "challenger": 0.5},
+               "key_field": "customer_id"}
+    params = secured_params((model_dir, root / "keys"), root / "server", auth={"metrics_public": False}, rollout=rollout)
     keys = {role: create_key(root / "server", role, role) for role in ("predict", "operate", "admin")}
     s = Server(root / "server", params).wait_ready()
     yield s, keys
@@ -111,6 +115,12 @@ def target(s: Server, keys: dict[str, str] = {}) -> Target:
     answered = s.client.post("/invocations", json={"dataframe_records": records}, headers=headers).json()
     pid = answered["predictions"][0]["prediction_id"]
     row = records[0]
+    rollout = s.client.get("/admin/rollout", headers=headers).json()
+    if (key_field := rollout["routing_key"]["field"]) is not None:         # rows carry the routing key (taken out before the model)
+        assert rollout["mode"] == "split" and rollout["challenger"], rollout
+        records = [{**r, key_field: f"customer-{i}"} for i, r in enumerate(records * 3)]
+        row = records[0]
+        v2 = {"inputs": [*v2["inputs"], {"name": key_field, "shape": [1], "datatype": "BYTES", "data": ["customer-0"]}]}
     bodies = {"v2": v2, "dataframe_records": {"dataframe_records": records * 2},
               "dataframe_split": {"dataframe_split": {"columns": list(row), "data": [list(row.values())] * 2}},
               "instances": {"instances": records}, "inputs": {"inputs": {k: [v, v] for k, v in row.items()}},
@@ -284,6 +294,7 @@ def cases(draw, t: Target, method: str, template: str):
     action = draw(st.sampled_from(["", "stop", "START"]) | st.text(max_size=6)) if odd else draw(st.sampled_from(["pause", "resume", "rollback", "start"]))
     concrete = {"name": name or "churn", "version": version or t.version, "action": action or "pause"}
     url = re.sub(r"\{(\w+)\}", lambda m: quote(concrete[m.group(1)], safe=""), template)
+    if draw(st.integers(0, 9)) == 0: url += "?" + quote(draw(st.text(max_size=12)), safe="=&")        # queries are ignored, whatever they say
     kind = draw(st.sampled_from(["changed"] * 6 + ["value", "text"] if route in BODY_ROUTES else ["value", "text", "empty", "empty"]))
     if kind == "changed":
         body, names = draw(changed_body(draw(st.sampled_from(base_bodies(t, route)))))
@@ -299,11 +310,19 @@ HEADER_WORDS = {415: ("Content-Type",), 401: ("API key", "credentials"), 403: ("
                 405: ("not allowed",), 404: ("not served here", "no route")}
 
 
+def unknown_ids(status: int, body: bytes) -> bool:
+    "/feedback's 404 when no id was one the server issued: the ids it does not know, not an error message."
+    try: answer = orjson.loads(body)
+    except orjson.JSONDecodeError: return False
+    return status == 404 and isinstance(answer, dict) and answer.get("accepted") == 0 and bool(answer.get("unknown_ids"))
+
+
 def problems(case: Case, status: int, content_type: str, text: str, t: Target) -> list[str]:
     "What is wrong with the answer to `case` (nothing for a fine one)."
     if status >= 500: return [f"{status}: {text[:300]}"]
     if status < 400: return []
     if not content_type.startswith("application/json"): return [f"{status} is not JSON ({content_type}): {text[:200]}"]
+    if unknown_ids(status, text.encode()): return []
     try: error = orjson.loads(text)["error"]
     except Exception: return [f"{status} body has no 'error': {text[:200]}"]
     if not isinstance(error, str) or not error.strip(): return [f"{status} with an empty error"]
@@ -557,7 +576,7 @@ def raw_problems(name: str, kind: str, got: bytes, how: str) -> list[str]:
     out = []
     for status, headers, body in answers:
         if status >= 500: out.append(f"{name}: {status} {body[:200]!r}")
-        elif status >= 400:
+        elif status >= 400 and not unknown_ids(status, body):
             try: error = orjson.loads(body)["error"]
             except Exception: out.append(f"{name}: {status} is not a JSON error: {headers.get('content-type')} {body[:200]!r}"); continue
             if status == 400 and "Content-Length" in name.title() and not any(w in error for w in ("Content-Length", "malformed", "body")):
