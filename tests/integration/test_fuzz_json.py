@@ -56,6 +56,7 @@ def summary():
     "After the module: one line on stdout and reports/fuzz-summary.json (cases, routes, statuses, 5xx)."
     started = time.time()
     yield
+    if not SEEN["cases"]: return           # only the fixed cases ran: keep the last fuzzing run's summary
     statuses = dict(sorted(SEEN["statuses"].items()))
     server_errors = sum(n for s, n in statuses.items() if s[:1] == "5")
     routes = {r.removeprefix("raw ") for r in SEEN["routes"]}
@@ -671,3 +672,17 @@ def test_what_raw_fuzzing_found_stays_fixed(open_server):
         (status, headers, body), = responses(got)
         assert status == 405 and headers["content-type"] == "application/json", got[:300]
         assert "method GET is not allowed on /invocations" in orjson.loads(body)["error"]
+
+
+@pytest.mark.parametrize("depth", [200, 255, 256, 1024, 1025, 30_000])            # 30,000 levels: 60 kB, under the body limit
+def test_nesting_up_to_and_past_the_parsers_limits(open_server, depth):
+    """orjson (the inference routes) takes 1,024 levels and refuses more; pydantic's parser (/feedback, the rollout commands)
+    stops earlier. Either way a deep body is a 400: "malformed JSON" past a parser's limit, the field at fault below it."""
+    for path, body, field in (("/invocations", {"dataframe_records": [ROW]}, ("dataframe_records", 0, "tenure")),
+                              ("/v2/models/churn/infer", V2, ("inputs", 0, "shape")),
+                              ("/feedback", {"feedback": [{"prediction_id": "x", "actual": "No"}]}, ("feedback", 0, "actual")),
+                              ("/admin/rollout/pause", {"reason": "r"}, ("reason",))):
+        r = open_server.client.post(path, content=text_with(body, field, nest(depth)), headers={"content-type": "application/json"})
+        assert r.status_code == 400, (path, depth, r.status_code, r.text[:200])
+        error = r.json()["error"]
+        assert "malformed JSON" in error or field[-1] in error, (path, depth, error[:200])
