@@ -686,3 +686,11 @@ def test_nesting_up_to_and_past_the_parsers_limits(open_server, depth):
         assert r.status_code == 400, (path, depth, r.status_code, r.text[:200])
         error = r.json()["error"]
         assert "malformed JSON" in error or field[-1] in error, (path, depth, error[:200])
+
+
+@pytest.mark.slow
+def test_malformed_http_long(open_server, keyed_server):
+    "Five times the default run's randomly changed requests, from another seed, on both servers."
+    for server, keys, group in ((open_server, {}, "open-long"), (*keyed_server, "keys-long")):
+        t = target(server, keys)
+        check(fuzz_raw(t, group, 5 * max(10, EXAMPLES // 3), rng_seed=1), server)
