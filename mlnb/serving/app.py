@@ -891,6 +891,9 @@ class HttpProtocol(HttpToolsProtocol):
         detail = str(error) if isinstance(error, httptools.HttpParserError) else ""
         self._write_error(400, b"Bad Request", bad_request_message(detail))
 
+    def _unsupported_upgrade_warning(self) -> None:
+        "An `Upgrade` header (the server takes no WebSocket): answered as plain HTTP, without uvicorn's warning to install a WebSocket library."
+
 def _protocol_limits(s: ServeConfig) -> dict:
     "uvicorn's options for the limits in `serve`, and the protocol's own (set on the class: worker processes set them too)."
     HttpProtocol.read_timeout, HttpProtocol.max_header_bytes = s.read_timeout_seconds, s.max_header_bytes
@@ -906,6 +909,7 @@ def run(cfg: Config) -> None:
     warn_if_exposed(s)
     options = dict(host=s.host, port=s.port, loop="uvloop", http="mlnb.serving.app:HttpProtocol", access_log=False, log_level="warning",
                    timeout_graceful_shutdown=30, server_header=False, **tls_options(s.tls), **_protocol_limits(s))
+    options["ws"] = "none"          # no WebSocket routes: an Upgrade header is a plain HTTP request, never a handshake uvicorn answers in text
     if s.workers == 1:
         uvicorn.run(create_app(build_server(cfg)), **options)
         return

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/08_serving/protocol.html.md"""
 
 # %% ../../nbs/08_serving/01_protocol.ipynb #67262311
 from __future__ import annotations
-import itertools, math
+import itertools, math, reprlib
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -100,15 +100,19 @@ class Batch:
     def columns(self) -> dict[str, np.ndarray]: return columns_from_rows(self.contract, self.row_keys())
 
 # %% ../../nbs/08_serving/01_protocol.ipynb #63c3cb25
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 2, 60, 60
+_shown = _SHOWN.repr        # a value in an error message: short, and never a repr that recurses (a 1,000-level list has none)
+
 def _bad_value(column: Column, values: list, label: str) -> RequestError:
     for i, v in enumerate(values):
         if v is None:
             if not column.nullable: return RequestError(f"{label}: row {i} is null, but {column.name!r} may not be missing")
         elif column.kind == "number":
-            if isinstance(v, str) or not isinstance(v, (int, float)): return RequestError(f"{label}: row {i} value {v!r} is not a number")
+            if isinstance(v, str) or not isinstance(v, (int, float)): return RequestError(f"{label}: row {i} value {_shown(v)} is not a number")
             if math.isinf(v) or (math.isnan(v) and not column.nullable):
                 return RequestError(f"{label}: row {i} value {v!r} is not allowed ({column.name!r} must be a finite number)")
-        elif not isinstance(v, str): return RequestError(f"{label}: row {i} value {v!r} is not a string")
+        elif not isinstance(v, str): return RequestError(f"{label}: row {i} value {_shown(v)} is not a string")
     return RequestError(f"{label}: values could not be read")
 
 def column_array(column: Column, values: list, label: str) -> tuple[np.ndarray, int]:
@@ -176,11 +180,13 @@ def build_batch(contract: Contract, columns: dict[str, list], label: str, reques
 V2_NUMERIC = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
 
 def _flatten(data, label: str) -> list:
+    "The values of nested lists, in order; a loop, not recursion: JSON may nest 1,000 levels deep."
     if not isinstance(data, list): raise RequestError(f"{label}: 'data' must be a list")
-    if not any(isinstance(v, list) for v in data): return data
-    out = []
-    for v in data:
-        if isinstance(v, list): out.extend(_flatten(v, label))
+    out, pending = [], [data]
+    while pending:
+        level = pending.pop()
+        if not any(isinstance(v, list) for v in level): out.extend(level)
+        elif all(isinstance(v, list) for v in level): pending.extend(reversed(level))
         else: raise RequestError(f"{label}: 'data' mixes nested lists and values")
     return out
 
@@ -240,11 +246,13 @@ def parse_mlflow(body, contract: Contract, key_field: str | None = None) -> Batc
             raise RequestError("dataframe_split: 'columns' must be a list of column names (strings)")
         if len(set(names)) != len(names): raise RequestError("dataframe_split: a column is named twice in 'columns'")
         for i, row in enumerate(payload["data"]):
-            if not isinstance(row, list) or len(row) != len(names): raise RequestError(f"dataframe_split: row {i} must be a list of {len(names)} values")
+            if not isinstance(row, list) or len(row) != len(names):
+                raise RequestError(f"dataframe_split: 'data' row {i} must be a list of {len(names)} values, one per name in 'columns'")
         columns = {n: [row[j] for row in payload["data"]] for j, n in enumerate(names)}
         if not payload["data"]: raise RequestError("dataframe_split: empty batch (no rows)")
     elif key == "inputs" and isinstance(payload, dict):
-        if not all(isinstance(v, list) for v in payload.values()): raise RequestError("inputs: each column must be a list of values")
+        if (bad := next((n for n, v in payload.items() if not isinstance(v, list)), None)) is not None:
+            raise RequestError(f"inputs: column {bad!r} must be a list of values")
         columns = payload
     else:
         columns = _from_records(payload, key)
@@ -269,7 +277,7 @@ def _unpack_bytes(chunk: bytes, label: str) -> list[str]:
 def split_v2_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     "The JSON header and the binary part of a V2 request body."
     if header_length is None: return body, b""
-    if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+    if not (header_length.isascii() and header_length.isdigit()) or not 0 < int(header_length) <= len(body):     # '²'.isdigit()
         raise RequestError(f"Inference-Header-Content-Length {header_length!r} does not fit a body of {len(body)} bytes")
     n = int(header_length)
     return body[:n], body[n:]
@@ -278,22 +286,23 @@ def split_v2_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]
 def decode_v2_binary(request: dict, binary: bytes) -> dict:
     "Fill each input sent as binary (`parameters.binary_data_size`) with its values."
     offset = 0
-    for i, tensor in enumerate(request.get("inputs") or []):
+    inputs = request.get("inputs")
+    for i, tensor in enumerate(inputs if isinstance(inputs, list) else []):      # not a list: parse_v2 says so
         params = tensor.get("parameters") if isinstance(tensor, dict) else None
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is None: continue
-        label = f"input {tensor.get('name')!r}"
+        label = f"input {tensor['name']!r}" if isinstance(tensor.get("name"), str) else f"inputs[{i}]"
         if not isinstance(size, int) or isinstance(size, bool) or size < 0: raise RequestError(f"{label}: binary_data_size must be a non-negative integer")
         chunk = binary[offset:offset + size]
         if len(chunk) != size: raise RequestError(f"{label}: binary_data_size is {size}, but only {len(chunk)} bytes remain in the body")
         offset += size
         datatype = tensor.get("datatype")
         if datatype == "BYTES": tensor["data"] = _unpack_bytes(chunk, label)
-        elif datatype in V2_NUMPY:
+        elif isinstance(datatype, str) and datatype in V2_NUMPY:
             width = np.dtype(V2_NUMPY[datatype]).itemsize
             if size % width: raise RequestError(f"{label}: {size} bytes is not a whole number of {datatype} values")
             tensor["data"] = np.frombuffer(chunk, dtype=np.dtype(V2_NUMPY[datatype]).newbyteorder("<")).tolist()
-        else: raise RequestError(f"{label}: datatype {datatype!r} is not a V2 datatype")
+        else: raise RequestError(f"{label}: datatype {_shown(datatype)} is not a V2 datatype")
     if offset != len(binary): raise RequestError(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
     return request
 

@@ -104,6 +104,7 @@ class Traffic:
         if not text: return self.ref
         try: return ModelRef.parse(text, default_name=self.server.cfg.model_name)
         except ValueError as e: raise RolloutError(str(e)) from None
+        except OSError as e: raise RolloutError(f"challenger {text[:60]!r}: {e.strerror}") from None     # too long to be a path, say
 
     async def start(self, ref: str | None = None, mode: str | None = None,
                     reason: str = "started by an operator") -> dict:
