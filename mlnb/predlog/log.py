@@ -434,23 +434,28 @@ def prediction_id_key(path: str | Path) -> bytes:
 # %% ../../nbs/08_serving/03_predlog.ipynb #013fb36c
 class LabelIndex:
     "Which prediction ids were labelled, by which key: claimed all-or-none per request, looked up by primary key."
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, key: bytes | None = None):
         self.path = None if path is None else Path(path)
+        self._mac = hashlib.blake2b(key=key or b"", digest_size=16, person=b"mlnb-label-idx")   # ids are stored as keyed digests
         if self.path is not None: self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path), timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:
             if self.path is not None: self._db.execute("PRAGMA journal_mode=WAL")     # several workers share it
-            self._db.execute("CREATE TABLE IF NOT EXISTS labels (prediction_id TEXT PRIMARY KEY, key_name TEXT, "
+            self._db.execute("CREATE TABLE IF NOT EXISTS labels (id_digest BLOB PRIMARY KEY, key_name TEXT, "
                              "labelled_at REAL, corrections INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID")
 
+    def _digest(self, prediction_id: str) -> bytes:
+        h = self._mac.copy(); h.update(prediction_id.encode()); return h.digest()
+
     def _labelled(self, ids: list[str]) -> dict[str, str | None]:
-        found = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            rows = self._db.execute(f"SELECT prediction_id, key_name FROM labels WHERE prediction_id IN ({','.join('?' * len(chunk))})", chunk)
-            found.update(rows.fetchall())
+        by_digest, found = {self._digest(i): i for i in ids}, {}
+        digests = list(by_digest)
+        for i in range(0, len(digests), 500):
+            chunk = digests[i:i + 500]
+            rows = self._db.execute(f"SELECT id_digest, key_name FROM labels WHERE id_digest IN ({','.join('?' * len(chunk))})", chunk)
+            found.update((by_digest[d], k) for d, k in rows.fetchall())
         return found
 
     def labelled(self, ids: list[str]) -> dict[str, str | None]:
@@ -470,9 +475,9 @@ class LabelIndex:
                 others = {i: k for i, k in before.items() if k != key_name}
                 if others and not may_correct_others: self._db.execute("ROLLBACK"); return "forbidden", others
                 now = time.time()
-                self._db.executemany("INSERT INTO labels VALUES (?, ?, ?, 0) ON CONFLICT(prediction_id) DO UPDATE SET "
+                self._db.executemany("INSERT INTO labels VALUES (?, ?, ?, 0) ON CONFLICT(id_digest) DO UPDATE SET "
                                      "key_name = excluded.key_name, labelled_at = excluded.labelled_at, corrections = corrections + 1",
-                                     [(i, key_name, now) for i in ids])
+                                     [(self._digest(i), key_name, now) for i in ids])
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction: self._db.execute("ROLLBACK")

@@ -159,7 +159,8 @@ class ModelServer:
         batch_rows = s.micro_batch.max_rows if s.micro_batch.enabled else 1
         self.batcher = MicroBatcher(batch_rows, s.micro_batch.max_wait_ms, self.observe_batch)
         pl = s.prediction_log
-        self.ids = PredictionIds(prediction_id_key(pl.id_key_file or Path(pl.dir) / ".id-key"))   # the same key in every worker, across restarts
+        self._id_key = prediction_id_key(pl.id_key_file or Path(pl.dir) / ".id-key")   # the same key in every worker, across restarts
+        self.ids = PredictionIds(self._id_key)
         self.labels: LabelIndex | None = None          # which ids were labelled (opened at start)
         self.audit = AuditLog(cfg.registry.audit_log)   # label corrections
         self.prediction_log = self.feedback_log = self.log_keys = None
@@ -212,7 +213,7 @@ class ModelServer:
                                              self._log_hook("predictions"), self.log_keys, pl.queue_rows)
             self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", *limits,
                                            self._log_hook("feedback"), self.log_keys, pl.queue_rows)
-        self.labels = LabelIndex(Path(s.prediction_log.feedback_dir) / ".labels.sqlite" if s.prediction_log.enabled else None)
+        self.labels = LabelIndex(Path(s.prediction_log.feedback_dir) / ".labels.sqlite" if s.prediction_log.enabled else None, self._id_key)
         if s.access_log: self.access = AccessLog(asyncio.get_running_loop())
         self.publish(self.model)
         await self.traffic.begin()
