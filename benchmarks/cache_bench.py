@@ -2,7 +2,7 @@
 
 Baseline: a `cachetools.TTLCache` keyed by (version, row tuple) holding per-row tuples of NumPy views, and the recent ids as an
 `OrderedDict` of the id strings. Now: `mlnb.serving.runtime.PredictionCache` (a `cachetools.TTLCache` too, of 16-byte BLAKE2b
-keys and outputs packed in one bytes object) and `mlnb.predlog.log.RecentIds` (ranges of a counter).
+keys and outputs packed in one bytes object) and `mlnb.predlog.log.PredictionIds` (ids that carry a MAC: nothing is kept per id).
 Rows are the test split's, validated as the server validates them (`parse_mlflow`), each made unique (monthly and total charges
 nudged), and scored by the real ONNX model in micro-batches of 64 rows, as the server does under load (the old cache's views
 kept such whole batch arrays alive). Memory is what tracemalloc counts as still held once a full cache of N rows stands
@@ -22,12 +22,19 @@ from cachetools import TTLCache
 
 from mlnb.data.schema import load_schema
 from mlnb.model.onnx import OnnxModel
-from mlnb.predlog.log import RecentIds
+from mlnb.predlog.log import PredictionIds
 from mlnb.serving.protocol import columns_from_rows, contract_from, parse_mlflow
 from mlnb.serving.runtime import PredictionCache, stack_rows
 from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class _KeepsNothing:
+    "The server's ids now: issued with a MAC that proves them later, so nothing is remembered per id."
+    def __init__(self): self.ids = PredictionIds(bytes(32))
+    def issue(self, n: int) -> list[str]: return self.ids.issue(n)
+    def add(self, ids) -> None: pass
 
 
 class TupleCache:
@@ -149,7 +156,7 @@ def main() -> None:
 
     print(f"\nrecent prediction ids: {n} recorded (requests of 1-8 ids)")
     sizes, id_bytes = [1 + (i * 7) % 8 for i in range(n)], []
-    for name, make in (("before (OrderedDict of ids)", lambda: IdSet(1_000_000)), ("now (counter ranges)", lambda: RecentIds(1_000_000))):
+    for name, make in (("before (OrderedDict of ids)", lambda: IdSet(1_000_000)), ("now (MAC'd ids, none kept)", lambda: _KeepsNothing())):
         def build(make=make):
             r, issued, new = make(), 0, None
             new = r.issue if hasattr(r, "issue") else (lambda k, c=[0]: [f"abcdef0123-{(c.__setitem__(0, c[0] + k) or c[0]) - k + j:x}" for j in range(k)])
@@ -162,7 +169,7 @@ def main() -> None:
     table.append({"measure": "recent prediction ids, bytes per id", "before": id_bytes[0], "now": id_bytes[1], "now / before": id_bytes[1] / id_bytes[0]})
     write_results("cache", table, [f"{n} distinct test-split rows (--entries), scored by the ONNX model in micro-batches of 64; memory by tracemalloc, "
                                    "cost per row the best of 5", "before: TTLCache of (version, row tuple) keys and tuples of NumPy views, "
-                                   "recent ids in an OrderedDict; now: PredictionCache (BLAKE2b digests, packed outputs) and RecentIds (counter ranges)",
+                                   "recent ids in an OrderedDict; now: PredictionCache (BLAKE2b digests, packed outputs) and PredictionIds (MAC'd ids, none kept)",
                                    f"memory per entry, ratio (same run): {before / now:.1f}x less", "cached outputs equal the model's, bit for bit"],
                   {"entries": n}, libraries=("cachetools",), floatfmt=",.4g")
 

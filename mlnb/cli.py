@@ -19,14 +19,15 @@ from .core.errors import ConfigError, InitRefused, MlnbError, ServerError, Stage
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'KERNEL', 'MAX_CLASS_LEVELS',
            'NO_SWAP_GATE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON',
-           'API_KEY', 'CACERT', 'log_key_app', 'exit_on_error', 'Commands', 'stage_notebook', 'to_html',
+           'API_KEY', 'CACERT', 'log_key_app', 'feedback_app', 'exit_on_error', 'Commands', 'stage_notebook', 'to_html',
            'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel', 'run_stage', 'stage', 'run_summary',
            'summary', 'schema_infer', 'infer_task', 'choose_positive', 'InitPlan', 'init_params', 'plan_init',
            'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
            'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
            'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
            'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
-           'retrain_cmd', 'log_key_new', 'batch_predict_cmd', 'ci_cmd', 'repro_check_cmd']
+           'retrain_cmd', 'log_key_new', 'log_key_reseal', 'feedback_purge', 'batch_predict_cmd', 'ci_cmd',
+           'repro_check_cmd']
 
 # %% ../nbs/12_cli/01_cli.ipynb #04af584d
 def exit_on_error(command):
@@ -566,7 +567,7 @@ def serve(model: Optional[str] = typer.Option(None, "--model", help="NAME@ALIAS,
     except FileNotFoundError as e: raise ConfigError(str(e)) from None       # the server's "model file ... not found"
 
 # %% ../nbs/12_cli/01_cli.ipynb #e65a17ae
-api_key_app = Commands(help="API keys for the server's access control (roles: predict < operate < admin).", no_args_is_help=True)
+api_key_app = Commands(help="API keys for the server's access control (roles: predict < feedback < operate < admin).", no_args_is_help=True)
 app.add_typer(api_key_app, name="api-key")
 KEYS_FILE = typer.Option(None, "--keys-file", help="The keys file (default: serve.auth.keys_file from params)")
 
@@ -578,7 +579,7 @@ def _keys_file(params: str, keys_file: Path | None) -> Path:
 
 @api_key_app.command("create")
 def api_key_create(name: str = typer.Argument(..., help="Who or what holds the key (it names the key in logs and errors)"),
-                   role: str = typer.Option(..., "--role", help="predict (inference, feedback), operate (+ reload, rollouts) or admin (+ keys)"),
+                   role: str = typer.Option(..., "--role", help="predict (inference), feedback (+ label its own predictions), operate (+ reload, rollouts, any label) or admin (+ keys)"),
                    keys_file: Optional[Path] = KEYS_FILE, params: str = PARAMS):
     "Create a key and print it, once: only its SHA-256 is stored."
     from mlnb.serving.auth import create_key
@@ -817,6 +818,39 @@ def log_key_new(key_file: Optional[Path] = typer.Option(None, help="The key file
     if path is None: raise ConfigError("no key file: pass --key-file or set serve.prediction_log.encryption.key_file")
     n = add_log_key(path)
     typer.echo(f"wrote {path}: {n} key(s); the first encrypts new log files" + ("" if n == 1 else ", the others still decrypt older ones"))
+
+@log_key_app.command("reseal")
+def log_key_reseal(params: str = PARAMS):
+    "Seal both logs' plain and format-1 files in the current format, in place (once: after switching encryption on, or upgrading)."
+    from mlnb.predlog.log import log_keys, reseal_log
+    pl = load_config(params).serve.prediction_log
+    keys = log_keys(pl.encryption)
+    if keys is None: raise ConfigError("no log key is configured (serve.prediction_log.encryption): there is nothing to seal with")
+    for kind, directory in (("predictions", pl.dir), ("feedback", pl.feedback_dir)):
+        typer.echo(f"{directory}: {reseal_log(directory, keys, kind)} file(s) sealed")
+
+# %% ../nbs/12_cli/01_cli.ipynb #258e36b4
+feedback_app = Commands(help="Labels sent to the server's POST /feedback.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+@feedback_app.command("purge")
+def feedback_purge(key: str = typer.Option(..., "--key", help="The name of the API key whose labels to leave out"),
+                   reason: str = typer.Option(..., "--reason", help="Why (recorded in the audit log)"),
+                   params: str = PARAMS, user: Optional[str] = USER):
+    "Leave the labels of the API key named KEY out of retraining and monitoring (approver role; audited; the rows stay in the log)."
+    from mlnb.core.access import Users, identify
+    from mlnb.core.audit import AuditLog
+    from mlnb.predlog.log import exclude_key
+    cfg = load_config(params)
+    audit, folder = AuditLog(cfg.registry.audit_log), cfg.serve.prediction_log.feedback_dir
+    actor = identify(Users.load(cfg.registry.users), user)
+    try: actor.require("approve")
+    except Exception as e:
+        audit.append(actor.name, "denied", attempted="feedback-purge", target=key, reason=str(e)); raise
+    exclude_key(folder, key, reason, actor.name)
+    audit.append(actor.name, "feedback-purge", key=key, reason=reason, feedback_dir=str(folder))
+    typer.echo(f"the labels of key {key!r} are left out of retraining and monitoring from now on ({folder})")
+
 
 # %% ../nbs/12_cli/01_cli.ipynb #b8b7f649
 @app.command("batch-predict")

@@ -284,7 +284,9 @@ class PredictionLogConfig(_Strict):
     flush_seconds: float = Field(1.0, gt=0)         # a file is written at least this often; a SIGKILL loses at most this much
     max_rows_per_file: int = Field(100_000, ge=1)
     queue_size: int = Field(50_000, ge=1)           # requests waiting for the writer; beyond it entries are dropped and counted
-    known_ids: int = Field(1_000_000, ge=0)         # recent prediction ids kept in memory to check feedback against
+    queue_rows: int = Field(200_000, ge=1)          # rows those requests hold, at most; beyond it entries are dropped and counted
+    known_ids: int = Field(1_000_000, ge=0)         # unused: prediction ids carry a MAC now (kept so older params still load)
+    id_key_file: str | None = None                  # the key that MACs prediction ids (made 0600 on first use); None: <dir>/.id-key
     encryption: LogEncryptionConfig = LogEncryptionConfig()   # encryption at rest of both logs, when a key is configured
 
 # %% ../../nbs/01_core/01_config.ipynb #474265c5

@@ -91,6 +91,7 @@ class MonitorResult:
     alerts: list[str]
     versions: list[dict] = field(default_factory=list)   # a section per version that served the window
     primary_version: str | None = None      # the checked version with the most rows, whose figures the three above are
+    feedback_excluded: int = 0              # labels of purged keys left out (mlnb feedback purge)
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -382,18 +383,20 @@ def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None 
                 user: str | None = None) -> MonitorResult:
     """Check the prediction log's window, each version against its own reference (`version_references`), and write
     latest.json, the window's own JSON and the feature history; alert the webhook."""
-    from mlnb.predlog.log import log_keys, read_log
+    from mlnb.predlog.log import log_keys, read_feedback, read_log
     m, pl = cfg.monitor, cfg.serve.prediction_log
     paths = cfg.paths if paths is None else paths
     keys = log_keys(pl.encryption)
     until = until or datetime.now(timezone.utc)
     since = since or until - timedelta(hours=m.window_hours)
     if since >= until: raise ConfigError(f"the window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
-    predictions = read_log(pl.dir, since=since, keys=keys)
+    predictions = read_log(pl.dir, since=since, keys=keys, kind="predictions")
     predictions = predictions[pd.to_datetime(predictions["timestamp"], utc=True) < until] if len(predictions) else predictions
-    feedback = read_log(pl.feedback_dir, keys=keys)
+    feedback, excluded = read_feedback(pl.feedback_dir, keys)          # without the labels of purged keys
     references = version_references(window_frame(predictions), cfg, paths, model_path, user)
     result, stats = check_versions(predictions, feedback, references, m, since.isoformat(), until.isoformat())
+    result.feedback_excluded = excluded
+    if excluded: log.info("monitor: %d label(s) of purged keys left out", excluded)
     out = Path(m.output_dir)
     if stats is not None: append_history(out / "feature_history.parquet", stats, result.window_start, result.window_end)
     write_json(result.to_dict(), out / "windows" / f"{until.strftime('%Y%m%dT%H%M%S')}.json")

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/11_pipeline/retrain.html.md"""
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #7a9d4292
 from __future__ import annotations
-import json, logging
+import json, logging, os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,11 +20,12 @@ from ..data.schema import DataError, load_schema
 from ..data.ingest import validate
 from ..model.bundle import Registration
 from ..monitoring.check import MonitorResult, alert_kinds
-from ..predlog.log import LogColumns, LogKeys, log_keys
+from ..predlog.log import LogColumns, LogKeys, log_keys, read_feedback
 
 # %% auto #0
 __all__ = ['log', 'POLICY', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'dvc_add', 'add_data_version',
-           'run_pipeline', 'decide', 'retrain', 'last_retrain', 'retrain_trigger']
+           'split_out_of_contract', 'quarantine', 'quarantined_ids', 'run_pipeline', 'decide', 'retrain',
+           'last_retrain', 'retrain_trigger']
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #0b2bdd7e
 log = logging.getLogger("mlnb.retrain")
@@ -40,24 +41,34 @@ class RetrainResult:
     version: str | None = None
     gates_passed: bool | None = None
     detail: str = ""
+    quarantined: int = 0           # labelled rows outside the data schema, set aside (quarantine.jsonl) instead of failing the run
+    excluded_labels: int = 0       # labels of purged keys left out (mlnb feedback purge)
 
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #5a9672a6
 def labelled_traffic(prediction_dir: str | Path, feedback_dir: str | Path, columns: list[str], target: str,
                      keys: LogKeys | None = None) -> pd.DataFrame:
-    "Answered predictions whose label came back: `columns` from the request, `target` from the label, plus `prediction_id` and `labelled_at`."
+    """Answered predictions whose label came back: `columns` from the request, `target` from the label, plus `prediction_id`
+    and `labelled_at`; labels of purged keys are left out (how many: `.attrs["excluded_labels"]`)."""
     from mlnb.predlog.log import join_feedback, read_log
     C = LogColumns
     out_columns = [*columns, target, C.PREDICTION_ID, "labelled_at"]
-    feedback = read_log(feedback_dir, keys=keys)
+    feedback, excluded = read_feedback(feedback_dir, keys)
+    out = _labelled(prediction_dir, feedback, columns, target, keys, out_columns)
+    out.attrs["excluded_labels"] = excluded
+    return out
+
+def _labelled(prediction_dir, feedback: pd.DataFrame, columns, target, keys, out_columns) -> pd.DataFrame:
+    from mlnb.predlog.log import join_feedback, read_log
+    C = LogColumns
     if feedback.empty: return pd.DataFrame(columns=out_columns)
     logged = log_columns(prediction_dir, keys)
     if not logged: return pd.DataFrame(columns=out_columns)
     missing = [c for c in columns if C.input_column(c) not in logged]
     if missing: raise RetrainError(f"{prediction_dir}: the prediction log has no input column(s) {missing}; the model's inputs and the data schema disagree")
     wanted = [C.PREDICTION_ID, *([C.VARIANT] if C.VARIANT in logged else []), *map(C.input_column, columns)]
-    predictions = read_log(prediction_dir, columns=wanted, keys=keys)                 # the inputs only, not outputs and latencies
+    predictions = read_log(prediction_dir, columns=wanted, keys=keys, kind="predictions")                 # the inputs only, not outputs and latencies
     predictions = predictions[predictions[C.PREDICTION_ID].isin(set(feedback[C.PREDICTION_ID]))]
     if C.VARIANT in predictions:
         predictions = predictions[predictions[C.VARIANT] != "shadow"]
@@ -70,10 +81,10 @@ def labelled_traffic(prediction_dir: str | Path, feedback_dir: str | Path, colum
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #8614a2d6
 def log_columns(directory: str | Path, keys: LogKeys | None = None) -> list[str]:
-    "The column names of a log directory's files, plain or encrypted (none when nothing was logged yet)."
+    "The column names of a prediction log directory's files, plain or encrypted (none when nothing was logged yet)."
     import pyarrow.parquet as pq
     from mlnb.predlog.log import log_files, open_log_file
-    return list(dict.fromkeys(n for f in log_files(directory) for n in pq.read_schema(open_log_file(f, keys)).names))
+    return list(dict.fromkeys(n for f in log_files(directory) for n in pq.read_schema(open_log_file(f, keys, "predictions")).names))
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #b23710eb
 def unseen(rows: pd.DataFrame, existing: pd.DataFrame | None) -> pd.DataFrame:
@@ -103,6 +114,41 @@ def add_data_version(rows: pd.DataFrame, path: Path, schema_path: str, target: s
         if backup is None: path.unlink(missing_ok=True)
         else: path.write_bytes(backup)
         raise
+
+# %% ../../nbs/11_pipeline/01_retrain.ipynb #4eceeac5
+def split_out_of_contract(rows: pd.DataFrame, schema_path: str, target: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The rows that fit the data schema, and those that do not (with the reason in column `reason`)."
+    schema = load_schema(schema_path)
+    columns = list(schema.columns)
+    def problem(part: pd.DataFrame) -> str | None:
+        try: validate(part[columns], schema, source="labelled feedback", target=target)
+        except DataError as e: return str(e)
+        return None
+    bad: dict[int, str] = {}
+    def check(start: int, stop: int, why: str | None) -> None:
+        if why is None: return
+        if stop - start == 1: bad[start] = why; return
+        middle = (start + stop) // 2
+        check(start, middle, problem(rows.iloc[start:middle])); check(middle, stop, problem(rows.iloc[middle:stop]))
+    if len(rows): check(0, len(rows), problem(rows))
+    mask = pd.Series(False, index=rows.index)
+    mask.iloc[list(bad)] = True
+    return rows[~mask], rows[mask].assign(reason=[bad[i] for i in sorted(bad)])
+
+
+# %% ../../nbs/11_pipeline/01_retrain.ipynb #89da1b91
+def quarantine(path: Path, rows: pd.DataFrame, run: str) -> None:
+    "Append out-of-contract rows (with their `reason`) to the quarantine file, one JSON line each, flushed to disk."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"run": run, "prediction_id": r.pop("prediction_id"), "reason": r.pop("reason"), "row": r}, default=str)
+             for r in rows.to_dict(orient="records")]
+    with open(path, "a") as f: f.write("".join(line + "\n" for line in lines)); f.flush(); os.fsync(f.fileno())
+
+def quarantined_ids(path: Path) -> set[str]:
+    "The prediction ids set aside so far: seen, never retried."
+    if not path.exists(): return set()
+    return {json.loads(line)["prediction_id"] for line in path.read_text().splitlines() if line.strip()}
+
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #652bc929
 def run_pipeline(log_path: Path) -> float:
@@ -153,12 +199,23 @@ def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | N
         features = [c for c in schema.columns if c != cfg.data.target]
         pl = cfg.serve.prediction_log
         existing = pd.read_parquet(data_path, columns=["prediction_id"]) if data_path.exists() else None
-        rows = unseen(labelled_traffic(pl.dir, pl.feedback_dir, features, cfg.data.target, log_keys(pl.encryption)), existing)
+        labelled = labelled_traffic(pl.dir, pl.feedback_dir, features, cfg.data.target, log_keys(pl.encryption))
+        excluded = labelled.attrs.get("excluded_labels", 0)
+        rows = unseen(labelled, existing)
+        set_aside = out_dir / "quarantine.jsonl"
+        rows = rows[~rows["prediction_id"].isin(quarantined_ids(set_aside))]
+        rows, bad = split_out_of_contract(rows, cfg.data.schema_path, cfg.data.target)
+        if len(bad):
+            quarantine(set_aside, bad, run)
+            audit.append(actor, "retrain-quarantined", run=run, rows=len(bad), path=str(set_aside),
+                         prediction_ids=list(bad["prediction_id"][:100]))
+            log.warning("%d labelled row(s) outside the data schema set aside in %s", len(bad), set_aside)
+        counts = dict(quarantined=len(bad), excluded_labels=excluded)
         if len(rows) < cfg.retrain.min_new_labels:
             detail = f"{len(rows)} new labelled rows, fewer than retrain.min_new_labels ({cfg.retrain.min_new_labels})"
-            audit.append(actor, "retrain-skipped", run=run, trigger=trigger, new_rows=len(rows), reason=detail)
-            return RetrainResult(run, trigger, "skipped", len(rows), 0 if existing is None else len(existing), detail=detail)
-        audit.append(actor, "retrain-start", run=run, trigger=trigger, new_rows=len(rows))
+            audit.append(actor, "retrain-skipped", run=run, trigger=trigger, new_rows=len(rows), reason=detail, **counts)
+            return RetrainResult(run, trigger, "skipped", len(rows), 0 if existing is None else len(existing), detail=detail, **counts)
+        audit.append(actor, "retrain-start", run=run, trigger=trigger, new_rows=len(rows), **counts)
         try:
             total, md5 = add_data_version(rows, data_path, cfg.data.schema_path, cfg.data.target)
             audit.append(actor, "retrain-data", run=run, path=str(data_path), new_rows=len(rows), rows=total, md5=md5)
@@ -177,7 +234,7 @@ def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | N
             raise RetrainError(f"retraining failed: {type(e).__name__}: {e}") from e
         audit.append(actor, "retrain-done", run=run, status=status, version=registration.version, detail=detail)
         return RetrainResult(run, trigger, status, len(rows), total, md5, registration.version,
-                             registration.gates_passed, detail)
+                             registration.gates_passed, detail, **counts)
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #d8037a6e
 def last_retrain(audit: AuditLog) -> datetime | None:

@@ -6,8 +6,7 @@ Docs: https://mlnb.github.io/mlnb/08_serving/predlog.html.md"""
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #ce871e6f
 from __future__ import annotations
-import base64, binascii, hashlib, itertools, logging, os, secrets, struct, threading, time
-from bisect import bisect_left, bisect_right
+import base64, binascii, hashlib, hmac, itertools, json, logging, os, secrets, sqlite3, struct, threading, time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,15 +24,17 @@ from ..core.config import staged_outputs
 from ..core.errors import LogKeyError
 
 # %% auto #0
-__all__ = ['SEALED_SUFFIX', 'log', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys', 'add_log_key', 'LogStats',
-           'ParquetLog', 'parquet_bytes', 'LogColumns', 'PredictionEntry', 'prediction_table', 'FeedbackEntry',
-           'feedback_table', 'RecentIds', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids',
-           'join_feedback']
+__all__ = ['SEALED_SUFFIX', 'LOG_KINDS', 'log', 'EXCLUSIONS_FILE', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys',
+           'add_log_key', 'LogStats', 'ParquetLog', 'parquet_bytes', 'LogColumns', 'PredictionEntry',
+           'prediction_table', 'FeedbackEntry', 'feedback_table', 'PredictionIds', 'prediction_id_key', 'LabelIndex',
+           'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids', 'join_feedback', 'excluded_keys',
+           'exclude_key', 'read_feedback', 'reseal_log']
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #96fba078
 SEALED_SUFFIX = ".parquet.enc"
 _HEADER = struct.Struct("!7sB8s12s")                  # magic, format version, key id, nonce
-_MAGIC, _FORMAT, _TAG_BYTES = b"MLNBLOG", 1, 16
+_MAGIC, _FORMAT, _TAG_BYTES = b"MLNBLOG", 2, 16       # format 2: the log kind and the file's path are authenticated
+LOG_KINDS = ("predictions", "feedback")
 
 def key_id(key: bytes) -> bytes:
     "The 8 bytes that name a key in a sealed file's header (they reveal nothing of the key)."
@@ -74,21 +75,37 @@ class LogKeys:
         if not keys: raise LogKeyError(f"{source}: holds no key (create one with `mlnb log-key new`)")
         return cls(tuple(keys), source)
 
-    def seal(self, data: bytes) -> bytes:
-        "Parquet bytes as a sealed file: header, then ciphertext and tag."
+    def seal(self, data: bytes, kind: str, name: str) -> bytes:
+        "Parquet bytes as a sealed file of log `kind`, to be stored as `name` (`date=.../file`, its path in the log directory)."
         header = _HEADER.pack(_MAGIC, _FORMAT, key_id(self.keys[0]), os.urandom(12))
-        return header + AESGCM(self.keys[0]).encrypt(header[-12:], data, header)
+        return header + AESGCM(self.keys[0]).encrypt(header[-12:], data, _aad(header, kind, name))
 
-    def open(self, sealed: bytes, path: str | Path) -> bytes:
-        "The Parquet bytes of a sealed file; a clear error naming `path` when it cannot be opened."
+    def open(self, sealed: bytes, path: str | Path, kind: str | None = None, _format: int = _FORMAT) -> bytes:
+        """The Parquet bytes of a sealed file of log `kind` (None: the kind its name starts with) found at `path`; a clear
+        error naming `path` when it cannot be opened."""
         if len(sealed) < _HEADER.size + _TAG_BYTES or not sealed.startswith(_MAGIC): raise LogKeyError(f"{path}: not an encrypted mlnb log file (its header is missing or damaged)")
         header = sealed[:_HEADER.size]
         _, version, kid, nonce = _HEADER.unpack(header)
-        if version != _FORMAT: raise LogKeyError(f"{path}: encrypted log format version {version}; this mlnb reads version {_FORMAT}")
+        if version == 1 and _format != 1: raise LogKeyError(f"{path}: sealed in format 1, which does not bind the file to its log and name; re-seal the log once with `mlnb log-key reseal`")
+        if version != _format: raise LogKeyError(f"{path}: encrypted log format version {version}; this mlnb reads version {_FORMAT}")
         key = next((k for k in self.keys if key_id(k) == kid), None)
         if key is None: raise LogKeyError(f"{path}: encrypted with key {kid.hex()}, which is not among the {len(self.keys)} key(s) from {self.source} (a wrong or missing key)")
-        try: return AESGCM(key).decrypt(nonce, sealed[_HEADER.size:], header)
-        except InvalidTag: raise LogKeyError(f"{path}: does not decrypt with key {kid.hex()}: the file was damaged or altered") from None
+        aad = header if version == 1 else _aad(header, kind or _kind_of(path), _log_name(path))
+        try: return AESGCM(key).decrypt(nonce, sealed[_HEADER.size:], aad)
+        except InvalidTag: raise LogKeyError(f"{path}: does not decrypt with key {kid.hex()} as a file of the {kind or _kind_of(path)} log under this name: the file was damaged or altered, renamed, or moved from another log") from None
+
+def _kind_of(path: str | Path) -> str:
+    "The log a file's name says it belongs to (`predictions-...` or `feedback-...`)."
+    return Path(path).name.split("-", 1)[0]
+
+def _log_name(path: str | Path) -> str:
+    "A log file's path inside its log directory: the day's folder and the file's name."
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
+
+def _aad(header: bytes, kind: str, name: str) -> bytes:
+    "What AES-GCM authenticates beside the ciphertext: the header, the log's kind and the file's path in the log."
+    return header + b"\0mlnb-log\0" + kind.encode() + b"\0" + name.encode()
 
 def _no_key_error(path: str | Path) -> LogKeyError:
     return LogKeyError(f"{path}: this log file is encrypted and no key is configured; reading it needs the key "
@@ -121,7 +138,7 @@ log = logging.getLogger("mlnb.serve")
 class LogStats:
     rows_written: int = 0
     files_written: int = 0
-    dropped: int = 0                  # entries refused because the queue was full
+    dropped: int = 0                  # rows refused because the queue was full
     write_errors: int = 0
     last_error: str | None = None
 
@@ -136,33 +153,39 @@ class ParquetLog:
     "A bounded buffer drained by a thread into rotated, atomically written Parquet files."
     def __init__(self, directory: str | Path, to_table, prefix: str, flush_seconds: float = 1.0,
                  max_rows_per_file: int = 100_000, queue_size: int = 50_000, on_write=None,
-                 keys: LogKeys | None = None):
+                 keys: LogKeys | None = None, queue_rows: int = 200_000):
         self.directory, self.to_table, self.prefix = Path(directory), to_table, prefix
         self.flush_seconds, self.max_rows, self.queue_size = flush_seconds, max_rows_per_file, queue_size
+        self.queue_rows = queue_rows
         self.stats, self.on_write, self.keys = LogStats(), on_write, keys
         self._entries: deque = deque()       # append/popleft are atomic: no lock, and no wake-up per request
+        self._rows_in = self._rows_out = 0   # rows queued and taken so far: each written by one thread only, so no lock
         self._sequence = itertools.count()
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._drain, name=f"mlnb-{prefix}-writer", daemon=True)
         self._thread.start()
 
     def put(self, entry, rows: int = 1) -> bool:
-        "Queue an entry without waiting; False (and counted) if the buffer is full."
-        n = len(self._entries)
-        if n >= self.queue_size:
+        "Queue an entry of `rows` rows without waiting; False (and the rows counted) if the buffer is full, in entries or in rows."
+        queued = self._rows_in - self._rows_out
+        if len(self._entries) >= self.queue_size or queued + rows > self.queue_rows:
             self.stats.dropped += rows; return False
-        self._entries.append((entry, rows))
-        if n + 1 == self.max_rows: self._wake.set()      # a file's worth is waiting: write it now, not at the next tick
+        self._entries.append((entry, rows)); self._rows_in += rows
+        if queued < self.max_rows <= queued + rows: self._wake.set()      # a file's worth is waiting: write it now, not at the next tick
         return True
 
     def depth(self) -> int: return len(self._entries)
+
+    def queued_rows(self) -> int:
+        "Rows waiting for the writer."
+        return self._rows_in - self._rows_out
 
     def _take(self) -> list:
         entries, rows = [], 0
         while rows < self.max_rows:
             try: entry, n = self._entries.popleft()
             except IndexError: break
-            entries.append(entry); rows += n
+            entries.append(entry); rows += n; self._rows_out += n
         return entries
 
     def _write_pending(self) -> None:
@@ -193,7 +216,7 @@ class ParquetLog:
             name = f"{self.prefix}-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(self._sequence):06d}" + (SEALED_SUFFIX if self.keys else ".parquet")
             tmp = folder / f".{name}.tmp"
             if self.keys is None: pq.write_table(table, tmp, compression="zstd")
-            else: tmp.write_bytes(self.keys.seal(parquet_bytes(table)))
+            else: tmp.write_bytes(self.keys.seal(parquet_bytes(table), self.prefix, f"{folder.name}/{name}"))
             os.replace(tmp, folder / name)
             self.stats.rows_written += table.num_rows; self.stats.files_written += 1
         except Exception as e:                        # a full or unwritable disk must not stop serving
@@ -225,6 +248,7 @@ class LogColumns:
     LABEL, VALUE = "label", "value"                          # the model's answer: a class label, or a regression value
     INPUT, PROBA = "input.", "proba."                        # prefixes: one column per model input, one per class
     ACTUAL, SOURCE = "actual", "source"                      # the feedback log (with PREDICTION_ID and TIMESTAMP)
+    KEY_NAME, CORRECTION = "key_name", "correction"          # who labelled (the API key's name; null: no access control), and whether it replaced a label
     FEEDBACK_AT = "feedback_at"                              # the feedback's TIMESTAMP once joined to its prediction
 
     @classmethod
@@ -331,6 +355,8 @@ class FeedbackEntry:
     labels: list                      # class labels (str) or values (float)
     timestamp: float
     source: str | None = None
+    key_name: str | None = None       # the API key that sent it (None: no access control)
+    correction: bool = False          # an explicit correction of an earlier label
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #f1a9d9f6
 def feedback_table(entries: list[FeedbackEntry]) -> pa.Table:
@@ -340,48 +366,127 @@ def feedback_table(entries: list[FeedbackEntry]) -> pa.Table:
     C = LogColumns
     micros = np.repeat(np.array([e.timestamp for e in entries]) * 1e6, counts).astype("int64")
     actual = pa.array([float(l) for l in labels]) if numeric else pa.array([str(l) for l in labels], pa.string())
-    sources = np.repeat(np.array([e.source for e in entries], dtype=object), counts)
+    def repeated(attr: str) -> np.ndarray: return np.repeat(np.array([getattr(e, attr) for e in entries], dtype=object), counts)
     return pa.table({C.PREDICTION_ID: pa.array([i for e in entries for i in e.prediction_ids], pa.string()),
                      C.ACTUAL: actual, C.TIMESTAMP: pa.array(micros, pa.timestamp("us", tz="UTC")),
-                     C.SOURCE: pa.array(sources, pa.string())})
+                     C.SOURCE: pa.array(repeated("source"), pa.string()),
+                     C.KEY_NAME: pa.array(repeated("key_name"), pa.string()),
+                     C.CORRECTION: pa.array(repeated("correction").astype(bool), pa.bool_())})
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #5c3721e7
-class RecentIds:
-    "Issues this process's prediction ids (a random prefix + a hex counter) and knows which of the last `capacity` issued were recorded, with no memory per id."
-    def __init__(self, capacity: int, prefix: str | None = None):
-        self.capacity, self.prefix, self.next = capacity, prefix or secrets.token_hex(5) + "-", 0
-        self._starts: list[int] = []; self._ends: list[int] = []      # recorded counters: sorted, disjoint [start, end) ranges
+class PredictionIds:
+    "Issues prediction ids (96 random bits and a 96-bit MAC binding them to an API key's name) and tells whom an id was issued to."
+    RANDOM = TAG = 12
 
-    def issue(self, n: int) -> list[str]:
-        "n new ids, unique across processes and restarts (random per process), cheap to make."
-        start, self.next = self.next, self.next + n
-        return [f"{self.prefix}{i:x}" for i in range(start, start + n)]
+    def __init__(self, key: bytes):
+        if len(key) != 32: raise LogKeyError("a prediction id key is 32 bytes")
+        self._mac = hashlib.blake2b(key=key, digest_size=self.TAG, person=b"mlnb-prediction")
 
-    def counter(self, prediction_id: str) -> int | None:
-        "The counter of an id this process issued (in its exact spelling), else None."
-        if not prediction_id.startswith(self.prefix): return None
-        rest = prediction_id[len(self.prefix):]
-        try: c = int(rest, 16)
-        except ValueError: return None
-        return c if c < self.next and f"{c:x}" == rest else None
+    def __repr__(self) -> str: return "PredictionIds(...)"                    # never the key
 
-    def add(self, ids: list[str]) -> None:
-        "Mark these ids (issued here) as recorded; others are ignored."
-        if not self.capacity: return
-        for c in sorted(c for c in map(self.counter, ids) if c is not None): self._mark(c, c + 1)
-        old = bisect_right(self._ends, self.next - self.capacity)        # ranges wholly older than the window
-        del self._starts[:old], self._ends[:old]
+    def issue(self, n: int, key_name: str | None = None) -> list[str]:
+        "n new ids for the key named `key_name` (None: no access control)."
+        raw, name, mac, encode, size = os.urandom(self.RANDOM * n), (key_name or "").encode(), self._mac, base64.urlsafe_b64encode, self.RANDOM
+        out = []
+        for i in range(0, size * n, size):
+            random = raw[i:i + size]
+            h = mac.copy(); h.update(random + name)
+            out.append(encode(random + h.digest()).decode())
+        return out
 
-    def _mark(self, start: int, end: int) -> None:
-        i, j = bisect_left(self._ends, start), bisect_right(self._starts, end)     # the ranges [start, end) overlaps or touches
-        if i < j: start, end = min(start, self._starts[i]), max(end, self._ends[j - 1])
-        self._starts[i:j], self._ends[i:j] = [start], [end]
+    def issued_to(self, prediction_id: str, key_names) -> str | None:
+        "Which of `key_names` (\"\" for no access control) the id was issued to by this server; None: none of them, or not an id of this server."
+        if not isinstance(prediction_id, str) or len(prediction_id) != 32 or not prediction_id.isascii(): return None
+        try: raw = base64.urlsafe_b64decode(prediction_id)
+        except (binascii.Error, ValueError): return None
+        if len(raw) != self.RANDOM + self.TAG or base64.urlsafe_b64encode(raw).decode() != prediction_id: return None
+        random, tag = raw[:self.RANDOM], raw[self.RANDOM:]
+        for name in key_names:
+            h = self._mac.copy(); h.update(random + (name or "").encode())
+            if hmac.compare_digest(h.digest(), tag): return name or ""
+        return None
 
-    def __contains__(self, prediction_id: str) -> bool:
-        c = self.counter(prediction_id)
-        if c is None or c < self.next - self.capacity: return False
-        i = bisect_right(self._starts, c) - 1
-        return i >= 0 and c < self._ends[i]
+
+# %% ../../nbs/08_serving/03_predlog.ipynb #bde7878c
+def prediction_id_key(path: str | Path) -> bytes:
+    "The server's prediction id key from `path`, made (random, mode 0600, atomically) if the file does not exist."
+    path = Path(path)
+    for _ in range(3):
+        try: text, mode = path.read_text(), path.stat().st_mode
+        except FileNotFoundError: pass
+        else:
+            if mode & 0o077: raise LogKeyError(f"{path}: the prediction id key is readable by others (mode {mode & 0o777:o}); chmod 600 it")
+            try: key = base64.b64decode(text.strip(), validate=True)
+            except (binascii.Error, ValueError): key = b""
+            if len(key) != 32: raise LogKeyError(f"{path}: not a base64 256-bit prediction id key (delete it to make a new one; ids issued before then cannot be labelled)")
+            return key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            with os.fdopen(fd, "w") as f: f.write(base64.b64encode(os.urandom(32)).decode() + "\n"); f.flush(); os.fsync(f.fileno())
+            try: os.link(tmp, path)                       # never replaces a key another worker made first
+            except FileExistsError: pass
+        finally: tmp.unlink(missing_ok=True)
+    raise LogKeyError(f"{path}: the prediction id key could not be made")
+
+
+# %% ../../nbs/08_serving/03_predlog.ipynb #013fb36c
+class LabelIndex:
+    "Which prediction ids were labelled, by which key: claimed all-or-none per request, looked up by primary key."
+    def __init__(self, path: str | Path | None = None, key: bytes | None = None):
+        self.path = None if path is None else Path(path)
+        self._mac = hashlib.blake2b(key=key or b"", digest_size=16, person=b"mlnb-label-idx")   # ids are stored as keyed digests
+        if self.path is not None: self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path), timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            if self.path is not None: self._db.execute("PRAGMA journal_mode=WAL")     # several workers share it
+            self._db.execute("CREATE TABLE IF NOT EXISTS labels (id_digest BLOB PRIMARY KEY, key_name TEXT, "
+                             "labelled_at REAL, corrections INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID")
+
+    def _digest(self, prediction_id: str) -> bytes:
+        h = self._mac.copy(); h.update(prediction_id.encode()); return h.digest()
+
+    def _labelled(self, ids: list[str]) -> dict[str, str | None]:
+        by_digest, found = {self._digest(i): i for i in ids}, {}
+        digests = list(by_digest)
+        for i in range(0, len(digests), 500):
+            chunk = digests[i:i + 500]
+            rows = self._db.execute(f"SELECT id_digest, key_name FROM labels WHERE id_digest IN ({','.join('?' * len(chunk))})", chunk)
+            found.update((by_digest[d], k) for d, k in rows.fetchall())
+        return found
+
+    def labelled(self, ids: list[str]) -> dict[str, str | None]:
+        "The ids among `ids` already labelled, and the key name each was labelled with."
+        with self._lock: return self._labelled(list(ids))
+
+    def claim(self, ids: list[str], key_name: str | None, correction: bool = False, may_correct_others: bool = False):
+        """Record that `key_name` labelled `ids`, all or none: ("ok", earlier labels replaced), ("labelled", ids labelled
+        before) when that is not a `correction`, ("forbidden", ids another key labelled) for a correction without
+        `may_correct_others`."""
+        ids = list(dict.fromkeys(ids))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._labelled(ids)
+                if before and not correction: self._db.execute("ROLLBACK"); return "labelled", before
+                others = {i: k for i, k in before.items() if k != key_name}
+                if others and not may_correct_others: self._db.execute("ROLLBACK"); return "forbidden", others
+                now = time.time()
+                self._db.executemany("INSERT INTO labels VALUES (?, ?, ?, 0) ON CONFLICT(id_digest) DO UPDATE SET "
+                                     "key_name = excluded.key_name, labelled_at = excluded.labelled_at, corrections = corrections + 1",
+                                     [(self._digest(i), key_name, now) for i in ids])
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction: self._db.execute("ROLLBACK")
+                raise
+        return "ok", before
+
+    def close(self) -> None:
+        with self._lock: self._db.close()
+
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #e5873cb7
 def log_files(directory: str | Path) -> list[Path]:
@@ -390,20 +495,29 @@ def log_files(directory: str | Path) -> list[Path]:
     return sorted([*folder.glob("date=*/*.parquet"), *folder.glob(f"date=*/*{SEALED_SUFFIX}")])
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #749cd2c5
-def unseal_file(path: str | Path, keys: LogKeys | None) -> bytes:
-    "The Parquet bytes of a sealed log file."
+def unseal_file(path: str | Path, keys: LogKeys | None, kind: str | None = None) -> bytes:
+    "The Parquet bytes of a sealed log file of log `kind` (None: the kind its name says)."
     if keys is None: raise _no_key_error(path)
-    return keys.open(Path(path).read_bytes(), path)
+    return keys.open(Path(path).read_bytes(), path, kind)
+
+def _plain_refused(path: str | Path) -> LogKeyError:
+    return LogKeyError(f"{path}: a plain Parquet file in a log whose files are encrypted (a key is configured); it is not read. "
+                       "If it is genuine, seal it with `mlnb log-key reseal`; otherwise remove it")
+
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #2586fd0a
-def open_log_file(path: str | Path, keys: LogKeys | None = None) -> pa.NativeFile:
-    "One log file for pyarrow to read: a sealed one decrypted in memory."
-    return pa.BufferReader(unseal_file(path, keys)) if is_sealed(path) else pa.OSFile(str(path))
+def open_log_file(path: str | Path, keys: LogKeys | None = None, kind: str | None = None) -> pa.NativeFile:
+    "One log file for pyarrow to read: a sealed one decrypted in memory; a plain one refused when `keys` are given."
+    if is_sealed(path): return pa.BufferReader(unseal_file(path, keys, kind))
+    if keys is not None: raise _plain_refused(path)
+    return pa.OSFile(str(path))
+
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #89e11b3b
 class _LogFileSystem(pafs.FileSystemHandler):
     "The local file system, read-only, with sealed log files opened decrypted and sized as their Parquet content."
-    def __init__(self, keys: LogKeys | None): self.keys, self.local, self._last = keys, pafs.LocalFileSystem(), (None, b"")
+    def __init__(self, keys: LogKeys | None, kind: str | None = None):
+        self.keys, self.kind, self.local, self._last = keys, kind, pafs.LocalFileSystem(), (None, b"")
     def get_type_name(self) -> str: return "mlnb-log"
     def normalize_path(self, path: str) -> str: return path
     def equals(self, other) -> bool: return self is other
@@ -413,37 +527,40 @@ class _LogFileSystem(pafs.FileSystemHandler):
     def get_file_info_selector(self, selector): return self.get_file_info([i.path for i in self.local.get_file_info(selector)])
     def open_input_file(self, path: str):
         if not is_sealed(path): return self.local.open_input_file(path)
-        if self._last[0] != path: self._last = (path, unseal_file(path, self.keys))   # the first file is opened twice: for the schema, then its rows
+        if self._last[0] != path: self._last = (path, unseal_file(path, self.keys, self.kind))   # the first file is opened twice: for the schema, then its rows
         return pa.BufferReader(self._last[1])
     def open_input_stream(self, path: str): return self.open_input_file(path)
     def _read_only(self, *args): raise OSError("log files are read here, never written")
     create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = move = copy_file = _read_only
     open_output_stream = open_append_stream = _read_only
 
-def _dataset(directory: str | Path, keys: LogKeys | None = None):
+def _dataset(directory: str | Path, keys: LogKeys | None = None, kind: str | None = None):
     import pyarrow.dataset as ds
     files = log_files(directory)
     if not files: return None
     sealed = [f for f in files if is_sealed(f)]
     if sealed and keys is None: raise _no_key_error(sealed[0])
-    filesystem = pafs.PyFileSystem(_LogFileSystem(keys)) if sealed else None
+    if keys is not None and (plain := next((f for f in files if not is_sealed(f)), None)): raise _plain_refused(plain)
+    if kind is None and len(kinds := {_kind_of(f) for f in files}) > 1:
+        raise LogKeyError(f"{directory}: holds files of several logs ({', '.join(sorted(kinds))}); a log directory holds one")
+    filesystem = pafs.PyFileSystem(_LogFileSystem(keys, kind)) if sealed else None
     return ds.dataset([str(f) for f in files], format="parquet", partitioning=None, filesystem=filesystem)
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #c30b0fef
 def read_log(directory: str | Path, columns: list[str] | None = None, since: datetime | None = None,
-             keys: LogKeys | None = None) -> pd.DataFrame:
-    "A prediction or feedback log directory as one DataFrame (empty if nothing was logged yet)."
+             keys: LogKeys | None = None, kind: str | None = None) -> pd.DataFrame:
+    "A prediction or feedback log directory (`kind`) as one DataFrame (empty if nothing was logged yet)."
     import pyarrow.dataset as ds
-    dataset = _dataset(directory, keys)
+    dataset = _dataset(directory, keys, kind)
     if dataset is None: return pd.DataFrame(columns=columns or ["prediction_id"])
     flt = ds.field("timestamp") >= pa.scalar(since, pa.timestamp("us", tz="UTC")) if since else None
     return dataset.to_table(columns=columns, filter=flt).to_pandas()
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #7ddfecf5
 def logged_ids(directory: str | Path, ids: list[str], keys: LogKeys | None = None) -> set[str]:
-    "Which of `ids` appear in the prediction log on disk."
+    "Which of `ids` appear in the prediction log on disk (a scan of the whole log: the server does not use it)."
     import pyarrow.dataset as ds
-    dataset = _dataset(directory, keys)
+    dataset = _dataset(directory, keys, "predictions")
     if dataset is None or not ids: return set()
     found = dataset.to_table(columns=["prediction_id"], filter=ds.field("prediction_id").isin(ids))
     return set(found.column("prediction_id").to_pylist())
@@ -455,3 +572,61 @@ def join_feedback(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataF
     latest = feedback.sort_values(C.TIMESTAMP).drop_duplicates(C.PREDICTION_ID, keep="last")
     latest = latest[[C.PREDICTION_ID, C.ACTUAL, C.TIMESTAMP]]
     return predictions.merge(latest.rename(columns={C.TIMESTAMP: C.FEEDBACK_AT}), on=C.PREDICTION_ID, how="left")
+
+# %% ../../nbs/08_serving/03_predlog.ipynb #47927451
+EXCLUSIONS_FILE = ".excluded-keys.json"
+
+def excluded_keys(feedback_dir: str | Path) -> dict[str, dict]:
+    "The purged keys of a feedback log: name -> {reason, by, at}."
+    path = Path(feedback_dir) / EXCLUSIONS_FILE
+    if not path.exists(): return {}
+    try: keys = json.loads(path.read_text())["keys"]
+    except (ValueError, KeyError, TypeError) as e: raise LogKeyError(f"{path}: not a list of purged keys ({type(e).__name__}: {e})") from None
+    if not isinstance(keys, dict): raise LogKeyError(f"{path}: 'keys' is not a mapping of key names")
+    return keys
+
+
+# %% ../../nbs/08_serving/03_predlog.ipynb #d7da01a7
+def exclude_key(feedback_dir: str | Path, name: str, reason: str, by: str) -> dict:
+    "Purge the labels of the key named `name` from retraining and monitoring (recorded beside the log, atomically); the record."
+    from filelock import FileLock
+    if not reason.strip(): raise LogKeyError("a purge needs a reason")
+    folder = Path(feedback_dir); folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / f"{EXCLUSIONS_FILE}.lock"), timeout=30):
+        keys = excluded_keys(folder)
+        keys[name] = {"reason": reason, "by": by, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with staged_outputs(folder / EXCLUSIONS_FILE) as tmp: Path(tmp).write_text(json.dumps({"keys": keys}, indent=1, sort_keys=True) + "\n")
+    return keys[name]
+
+
+# %% ../../nbs/08_serving/03_predlog.ipynb #b9f429a0
+def read_feedback(directory: str | Path, keys: LogKeys | None = None, excluded=None) -> tuple[pd.DataFrame, int]:
+    "The feedback log without the labels of `excluded` keys (None: the keys purged for this log), and how many rows were left out."
+    C = LogColumns
+    excluded = set(excluded_keys(directory) if excluded is None else excluded)
+    files = log_files(directory)
+    if not files: return pd.DataFrame(columns=[C.PREDICTION_ID, C.ACTUAL, C.TIMESTAMP, C.KEY_NAME]), 0
+    tables = [pq.read_table(open_log_file(f, keys, "feedback")) for f in files]
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    if C.KEY_NAME not in frame: frame[C.KEY_NAME] = None
+    kept = frame[~frame[C.KEY_NAME].isin(excluded)] if excluded else frame
+    return kept.reset_index(drop=True), len(frame) - len(kept)
+
+
+# %% ../../nbs/08_serving/03_predlog.ipynb #6a01804c
+def reseal_log(directory: str | Path, keys: LogKeys, kind: str) -> int:
+    "Seal the plain and format-1 files of log `kind` in `directory` in the current format, in place; how many were sealed."
+    done = 0
+    for f in log_files(directory):
+        data = f.read_bytes()
+        if is_sealed(f):
+            if data[7:8] != b"\x01": continue                                 # current format already
+            data = keys.open(data, f, kind, _format=1)
+        target = f if is_sealed(f) else f.with_name(f.name + ".enc")
+        tmp = target.with_name(f".{target.name}.reseal.tmp")
+        tmp.write_bytes(keys.seal(data, kind, _log_name(target)))
+        os.replace(tmp, target)
+        if target != f: f.unlink()
+        done += 1
+    return done
+

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/08_serving/app.html.md"""
 
 # %% ../../nbs/08_serving/08_app.ipynb #7dc70983
 from __future__ import annotations
-import asyncio, contextlib, gc, ipaddress, logging, os, secrets, ssl, sys, time
+import asyncio, contextlib, gc, ipaddress, logging, os, secrets, sqlite3, ssl, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +20,17 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..core.audit import AuditLog
 from ..core.config import Config, ConfigError, ServeConfig, TLSConfig
 from ..core.errors import MlnbError, redact_credentials
 from ..monitoring.check import MonitorCollector
-from ..predlog.log import (FeedbackEntry, LogKeyError, ParquetLog, PredictionEntry, RecentIds, feedback_table, log_keys, logged_ids, prediction_table)
+from ..predlog.log import (FeedbackEntry, LabelIndex, LogKeyError, ParquetLog, PredictionEntry, PredictionIds, feedback_table,
+                               log_keys, prediction_id_key, prediction_table)
 from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_mlflow, parse_v2, requested_outputs,
                                  split_v2_body, v2_response)
 from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_last_verified, load_registered,
                                 load_served_model, resolve_version, stack_rows)
-from .auth import Denial, KeyAuth, required_role
+from .auth import ApiKey, Denial, KeyAuth, includes, required_role
 from .telemetry import AccessLog, ServeMetrics, server_logger, with_tracing
 from .traffic import RolloutError, Traffic
 from .openapi import (CacheStats, FeedbackItems, FeedbackRequest, FeedbackResult, KeyListing, Liveness,
@@ -163,7 +165,11 @@ class ModelServer:
         self.cache = PredictionCache(s.cache.max_entries, s.cache.ttl_seconds) if s.cache.enabled else None
         batch_rows = s.micro_batch.max_rows if s.micro_batch.enabled else 1
         self.batcher = MicroBatcher(batch_rows, s.micro_batch.max_wait_ms, self.observe_batch)
-        self.recent = RecentIds(s.prediction_log.known_ids)
+        pl = s.prediction_log
+        self._id_key = prediction_id_key(pl.id_key_file or Path(pl.dir) / ".id-key")   # the same key in every worker, across restarts
+        self.ids = PredictionIds(self._id_key)
+        self.labels: LabelIndex | None = None          # which ids were labelled (opened at start)
+        self.audit = AuditLog(cfg.registry.audit_log)   # label corrections
         self.prediction_log = self.feedback_log = self.log_keys = None
         self.access = self.tracer_provider = None
         self._reload_lock, self._poller = None, None
@@ -175,9 +181,9 @@ class ModelServer:
         self.auth = KeyAuth(s.auth.keys_file, s.auth.metrics_open) if s.auth.keys_file else None
 
     # --- what Traffic (and the handlers) use -------------------------------------------------------------------------
-    def new_ids(self, n: int) -> list[str]:
-        "Prediction ids: unique across processes and restarts (random per process), cheap to make."
-        return self.recent.issue(n)
+    def new_ids(self, n: int, key_name: str | None = None) -> list[str]:
+        "Prediction ids for a request that came with the API key named `key_name` (None: no access control): unguessable, bound to the key."
+        return self.ids.issue(n, key_name)
 
     def observe_batch(self, model: ServedModel, rows: int, seconds: float) -> None:
         "Count one ONNX Runtime call of `model`: its time and its rows."
@@ -211,9 +217,10 @@ class ModelServer:
             self.log_keys = log_keys(pl.encryption)             # None: plain Parquet
             limits = pl.flush_seconds, pl.max_rows_per_file, pl.queue_size
             self.prediction_log = ParquetLog(pl.dir, prediction_table, "predictions", *limits,
-                                             self._log_hook("predictions"), self.log_keys)
+                                             self._log_hook("predictions"), self.log_keys, pl.queue_rows)
             self.feedback_log = ParquetLog(pl.feedback_dir, feedback_table, "feedback", *limits,
-                                           self._log_hook("feedback"), self.log_keys)
+                                           self._log_hook("feedback"), self.log_keys, pl.queue_rows)
+        self.labels = LabelIndex(Path(s.prediction_log.feedback_dir) / ".labels.sqlite" if s.prediction_log.enabled else None, self._id_key)
         if s.access_log: self.access = AccessLog(asyncio.get_running_loop())
         self.publish(self.model)
         await self.traffic.begin()
@@ -231,6 +238,7 @@ class ModelServer:
         await self.traffic.close()
         for writer in (self.prediction_log, self.feedback_log):
             if writer: await asyncio.to_thread(writer.close)
+        if self.labels: self.labels.close()
         if self.access: self.access.close()
         if self.tracer_provider: self.tracer_provider.shutdown()    # flush the last spans: a SIGTERM skips atexit
 
@@ -336,7 +344,6 @@ class ModelServer:
         labels = entry.model_name, entry.model_version, entry.variant
         if entry.cached: m.child(m.predictions, *labels, "cache").inc(entry.cached)
         if n - entry.cached: m.child(m.predictions, *labels, "model").inc(n - entry.cached)
-        self.recent.add(entry.ids)
         if self.prediction_log is not None: self.prediction_log.put(entry, n)
 
     # --- one inference request, any protocol -------------------------------------------------------------------------
@@ -357,7 +364,7 @@ class ModelServer:
                 model, variant, outputs, cached = await traffic.predict(call, batch, keys)
             else:
                 outputs, cached = await self.predict(model, keys)
-            ids = self.new_ids(batch.rows)
+            ids = self.new_ids(batch.rows, call.key_name)
             request_id = request_id or ids[0]
             reply = respond(self, model, outputs, ids, request_id, extra)
             rows = batch.rows
@@ -399,32 +406,62 @@ class ModelServer:
                            f"serving version {model.version}{also}", 404)
 
     # --- feedback ----------------------------------------------------------------------------------------------------
+    def feedback_owners(self, ids: list[str], key: ApiKey | None) -> tuple[list[str], list[str]]:
+        """The ids among `ids` that `key` may not label: (never issued by this server, issued to another key). An id is
+        checked by its MAC alone, against the caller's key name, or every key's for an operator: no log is read."""
+        operator = key is not None and includes(key.role, "operate")
+        names = [""] if self.auth is None else ["", *(k.name for k in self.auth.keys)]
+        mine = names if operator or key is None else [key.name]
+        unknown, foreign = [], []
+        for i in ids:
+            if self.ids.issued_to(i, mine) is not None: continue
+            if mine is not names and len(foreign) < 100 and self.ids.issued_to(i, names) is not None: foreign.append(i)
+            else: unknown.append(i)
+        return unknown, foreign
+
     async def accept_feedback(self, request: Request) -> Response:
         try:
             body = await receive_body(request.receive, request.headers, self.serve.max_body_bytes)
             require_json(request.headers, body=body)
-            ids, labels = parse_feedback(body, self.model)
-            unknown = [i for i in ids if i not in self.recent]
-            if unknown and self.prediction_log is not None:
-                on_disk = await asyncio.to_thread(logged_ids, self.serve.prediction_log.dir, unknown, self.log_keys)
-                unknown = [i for i in unknown if i not in on_disk]
+            ids, labels, correction, reason = _parse_feedback(body, self.model)
+            key: ApiKey | None = request.scope.get("mlnb.key")       # set by access control; None without it
+            name, operator = (key.name, includes(key.role, "operate")) if key is not None else (None, False)
+            unknown, foreign = await asyncio.to_thread(self.feedback_owners, ids, key)
+            m = self.metrics
+            if foreign:
+                m.child(m.feedback, "forbidden").inc(len(foreign))
+                return error_response(f"prediction id(s) {_some(foreign)} were issued to another API key: a key labels only "
+                                      "its own predictions (an operate key labels any)", 403)
             missing = set(unknown)
             keep = [(i, label) for i, label in zip(ids, labels) if i not in missing]
             kept_ids, kept_labels = [i for i, _ in keep], [label for _, label in keep]
-            if keep: self.traffic.on_feedback(kept_ids, kept_labels)
-            if keep and self.feedback_log is not None:
-                entry = FeedbackEntry(kept_ids, kept_labels, time.time(), request.headers.get("x-request-id"))
-                self.feedback_log.put(entry, len(keep))
-            m = self.metrics
-            if keep: m.child(m.feedback, "accepted").inc(len(keep))
+            if keep:
+                outcome, before = await asyncio.to_thread(self.labels.claim, kept_ids, name, correction, operator)
+                if outcome == "labelled":
+                    m.child(m.feedback, "already_labelled").inc(len(before))
+                    return error_response(f"prediction id(s) {_some(list(before))} were labelled before; a label is given once: "
+                                          'send "correction": true and a "reason" to replace it (audited)', 409)
+                if outcome == "forbidden":
+                    m.child(m.feedback, "forbidden").inc(len(before))
+                    return error_response(f"prediction id(s) {_some(list(before))} were labelled by another key: only that key or "
+                                          "an operate key may correct them", 403)
+                if correction:
+                    await asyncio.to_thread(self.audit.append, name or "anonymous", "feedback.correction", count=len(kept_ids),
+                                            replaced=len(before), ids=kept_ids[:100], reason=reason,
+                                            labelled_before_by=sorted({k or "" for k in before.values()}),
+                                            request_id=request.headers.get("x-request-id"))
+                self.traffic.on_feedback(kept_ids, kept_labels)
+                if self.feedback_log is not None:
+                    entry = FeedbackEntry(kept_ids, kept_labels, time.time(), request.headers.get("x-request-id"), name, correction)
+                    self.feedback_log.put(entry, len(keep))
+            if keep: m.child(m.feedback, "corrected" if correction else "accepted").inc(len(keep))
             if unknown: m.child(m.feedback, "unknown_id").inc(len(unknown))
             return model_response(FeedbackResult(accepted=len(keep), unknown_ids=unknown), 200 if keep else 404)
         except RequestError as e: return error_response(str(e), e.status)
         except ClientDisconnected: return Response(status_code=499)
-        except LogKeyError as e:      # an encrypted log the server's key cannot read: the operator's problem
-            log.error("feedback: %s", e)
-            return error_response("the prediction log on disk could not be read to check the ids (see the server log)",
-                                  500)
+        except (sqlite3.Error, OSError) as e:      # the label index or the audit log could not be written: nothing was recorded
+            log.error("feedback: %s", f"{type(e).__name__}: {e}")
+            return error_response("the labels could not be recorded (see the server log); nothing was taken", 503)
 
     # --- access control ----------------------------------------------------------------------------------------------
     async def refuse(self, denial: Denial, scope: dict, headers: dict, send) -> None:
@@ -446,6 +483,7 @@ class ModelServer:
         headers = _headers(scope)
         found = self.auth.authorize(headers, scope["method"], scope["path"], role)
         if isinstance(found, Denial): return await self.refuse(found, scope, headers, send)
+        scope["mlnb.key"] = found                      # who sent it, for the routes that record it (feedback)
         started, status = time.time(), [0]
         async def send_noting_status(message):
             if message["type"] == "http.response.start": status[0] = message["status"]
@@ -526,12 +564,27 @@ def v2_metadata(model: ServedModel) -> ModelMetadata:
 # %% ../../nbs/08_serving/08_app.ipynb #b1741a0d
 FEEDBACK_HINT = 'send {"feedback": [{"prediction_id": ..., "actual": ...}, ...]} with at least one item'
 
+def _parse_feedback(body: bytes, model: ServedModel) -> tuple[list[str], list, bool, str | None]:
+    context = {"task": model.task, "classes": model.classes}
+    if body.lstrip()[:1] == b"[": items, correction, reason = validated(FeedbackItems, body, FEEDBACK_HINT, context).root, False, None
+    else:
+        request = validated(FeedbackRequest, body, FEEDBACK_HINT, context)
+        items, correction, reason = request.feedback, request.correction, request.reason
+    if correction and not (reason or "").strip(): raise RequestError('reason: a correction needs a reason (it is recorded in the audit log)')
+    ids = [i.prediction_id for i in items]
+    if len(set(ids)) < len(ids):
+        twice = next(i for n, i in enumerate(ids) if i in ids[:n])
+        raise RequestError(f"feedback: prediction id {twice!r} appears more than once; label each prediction once")
+    return ids, [i.actual for i in items], correction, reason
+
 def parse_feedback(body: bytes, model: ServedModel) -> tuple[list[str], list]:
     "The ids and labels of a `/feedback` body (an object, or the bare list), checked against `model`'s kind of answer."
-    context = {"task": model.task, "classes": model.classes}
-    if body.lstrip()[:1] == b"[": items = validated(FeedbackItems, body, FEEDBACK_HINT, context).root
-    else: items = validated(FeedbackRequest, body, FEEDBACK_HINT, context).feedback
-    return [i.prediction_id for i in items], [i.actual for i in items]
+    return _parse_feedback(body, model)[:2]
+
+def _some(ids: list[str], n: int = 5) -> str:
+    "A few ids for an error message, and how many more."
+    return ", ".join(map(repr, ids[:n])) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
 
 # %% ../../nbs/08_serving/08_app.ipynb #bac643b1
 def _headers(scope: dict) -> dict[str, str]: return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

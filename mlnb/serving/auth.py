@@ -1,4 +1,4 @@
-"""API keys mapped to roles (predict, operate, admin), stored as SHA-256 hashes, checked in constant time on every guarded request, and re-read when the keys file changes.
+"""API keys mapped to roles (predict, feedback, operate, admin), stored as SHA-256 hashes, checked in constant time on every guarded request, and re-read when the keys file changes.
 
 Docs: https://mlnb.github.io/mlnb/08_serving/auth.html.md"""
 
@@ -22,8 +22,8 @@ __all__ = ['Role', 'ROLES', 'RANK', 'KEY_PREFIX', 'KEY_NAME_PATTERN', 'log', 'OP
            'revoke_key', 'required_role', 'Denial', 'presented_key', 'KeyAuth']
 
 # %% ../../nbs/08_serving/05_auth.ipynb #9a64e61b
-Role = Literal["predict", "operate", "admin"]
-ROLES: tuple[str, ...] = ("predict", "operate", "admin")      # each includes the ones before it
+Role = Literal["predict", "feedback", "operate", "admin"]
+ROLES: tuple[str, ...] = ("predict", "feedback", "operate", "admin")      # each includes the ones before it
 RANK = {role: i for i, role in enumerate(ROLES)}
 KEY_PREFIX = "mlnb_"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
@@ -118,6 +118,7 @@ def required_role(path: str, metrics_public: bool = True) -> str | None:
     if path == "/metrics": return None if metrics_public else "operate"
     if path == "/admin/keys" or path.startswith("/admin/keys/"): return "admin"
     if path == "/admin" or path.startswith("/admin/"): return "operate"
+    if path == "/feedback": return "feedback"
     return "predict"
 
 # %% ../../nbs/08_serving/05_auth.ipynb #b49d6b3e

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy, functools, math
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, RootModel, StrictFloat, StrictInt, StrictStr, TypeAdapter,
+from pydantic import (BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
                       ValidationError, ValidationInfo, field_validator)
 from pydantic_core import PydanticCustomError
 
@@ -138,6 +138,8 @@ class FeedbackItem(BaseModel):
 class FeedbackRequest(BaseModel):
     "`POST /feedback`: labels for earlier predictions, by id (a bare list of the items is taken too)."
     feedback: list[FeedbackItem] = Field(min_length=1)
+    correction: StrictBool = Field(False, description="replace labels given before (audited; the key that labelled them, or an operate key)")
+    reason: StrictStr | None = Field(None, max_length=1000, description="why the labels are corrected (needed with correction)")
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #12207d1f
 class FeedbackItems(RootModel[Annotated[list[FeedbackItem], Field(min_length=1)]]):
@@ -381,7 +383,7 @@ def component_schemas() -> dict:
     return copy.deepcopy(_model_schemas())
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #d7438e53
-_OPEN, _PREDICT, _OPERATE, _ADMIN = "open", "predict", "operate", "admin"
+_OPEN, _PREDICT, _FEEDBACK, _OPERATE, _ADMIN = "open", "predict", "feedback", "operate", "admin"
 
 def _ref(model: type[BaseModel]) -> dict: return {"$ref": REF.format(model=model.__name__)}
 
@@ -475,7 +477,7 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
               "400": bad, "413": too_big, "415": not_json}
     feedback = {"200": _answer("accepted (ids the server never issued are listed)", FeedbackResult),
                 "404": _answer("none of the ids is known", FeedbackResult), "400": bad, "413": too_big,
-                "415": not_json}
+                "415": not_json, "409": _error("an id was labelled before; send correction: true and a reason to replace it")}
     text = {"text/plain": {"schema": {"type": "string"}}}
     metrics = {"200": {"description": "the text exposition format", "content": text}}
     reload = {"200": _answer("reloaded, or already current", ReloadResult),
@@ -495,7 +497,7 @@ def openapi_schema(model, auth: bool = False, key_field: str | None = None, max_
         "/v2": {"get": _operation("Server metadata", _PREDICT,
                                   {"200": _answer("name, version and protocol extensions", ServerMetadata)}, auth)},
         "/v2/health/live": live, "/ping": live, "/v2/health/ready": ready, "/health": ready,
-        "/feedback": {"post": _operation("True labels for earlier predictions", _PREDICT, feedback, auth,
+        "/feedback": {"post": _operation("True labels for earlier predictions", _FEEDBACK, feedback, auth,
                                          requestBody=_body(feedback_request_schema(model.task, model.classes)))},
         "/metrics": {"get": _operation("Prometheus metrics", _OPEN if metrics_public else _OPERATE, metrics, auth)},
         "/openapi.json": {"get": _operation("This document", _OPEN,

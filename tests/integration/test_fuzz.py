@@ -138,7 +138,8 @@ def test_what_fuzzing_found_stays_fixed(server):
 # --- with access control on (and TLS) ---------------------------------------------------------------------------------------------
 OPEN = {"GET /v2/health/live", "GET /v2/health/ready", "GET /ping", "GET /health", "GET /openapi.json"}
 NEEDS = {"GET /metrics": "operate", "GET /admin/model": "operate", "POST /admin/reload": "operate", "GET /admin/rollout": "operate",
-         "POST /admin/rollout/{action}": "operate", "GET /admin/keys": "admin", "POST /admin/keys/reload": "admin"}     # all others need predict
+         "POST /admin/rollout/{action}": "operate", "GET /admin/keys": "admin", "POST /admin/keys/reload": "admin",
+         "POST /feedback": "feedback"}     # all others need predict
 # with a key, a 2xx also makes schemathesis send the same request without a key and with a wrong one: both must be refused
 AUTH_CHECKS = {mode: [*checks, ignored_auth] for mode, checks in CHECKS.items()}
 REFUSED = ["400", "404", "409", "413", "415", "401", "403"]        # schema-breaking requests may be refused by access control first
@@ -237,7 +238,7 @@ def test_secured_document_declares_what_is_enforced(secured_server):
         for method, path in guarded:
             assert s.client.request(method, path).status_code == 401, (method, path)
             status = predict.request(method, path).status_code
-            assert status == 403 if path.startswith("/admin") or path == "/metrics" else status not in (401, 403), (method, path, status)
+            assert status == 403 if path.startswith("/admin") or path in ("/metrics", "/feedback") else status not in (401, 403), (method, path, status)
 
 
 def test_what_fuzzing_found_with_access_control_stays_fixed(secured_server):

@@ -83,7 +83,8 @@ def test_inference_needs_a_predict_key(secured, row):
     pid = c.post("/invocations", json=body, headers={"X-API-Key": keys["app"]}).json()["predictions"][0]["prediction_id"]
     feedback = {"feedback": [{"prediction_id": pid, "actual": "No"}]}
     assert c.post("/feedback", json=feedback).status_code == 401
-    assert c.post("/feedback", json=feedback, headers={"X-API-Key": keys["app"]}).json()["accepted"] == 1
+    assert c.post("/feedback", json=feedback, headers={"X-API-Key": keys["app"]}).status_code == 403   # a predict key does not label
+    assert c.post("/feedback", json=feedback, headers={"X-API-Key": keys["ops"]}).json()["accepted"] == 1   # an operator labels any prediction
     for path in ("/v2", "/v2/models/churn", "/v2/models/churn/ready"):
         assert c.get(path).status_code == 401 and c.get(path, headers={"X-API-Key": keys["app"]}).status_code == 200, path
 
