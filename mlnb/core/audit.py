@@ -207,7 +207,8 @@ class AuditLog:
                 note = f"entry {end_seq} was written but its {name} was not updated (a crash during an append); the next append completes it"
                 if note not in self.notes: self.notes.append(note)
                 continue
-            problems.append(AuditProblem(len(lines), ref["seq"], f"log ends at seq {end_seq} but its {name} records seq {ref['seq']} (entries removed from the end, or the {name} edited)"))
+            if ref["seq"] == end_seq: problems.append(AuditProblem(len(lines), end_seq, f"the last entry is not the one its {name} records (entries rewritten)"))
+            else: problems.append(AuditProblem(len(lines), ref["seq"], f"log ends at seq {end_seq} but its {name} records seq {ref['seq']} (entries removed from the end, or the {name} edited)"))
             break
         if anchor is None and keyed_seen:
             self.notes.append(f"no anchor for this log at {self.anchor_path}: a cut-off end with a rewritten head cannot be told apart here")

@@ -448,8 +448,8 @@ class Registry:
             self.client.create_registered_model(name, tags={"mlnb.claim_of": self.name, "mlnb.claimed_by": self.identity.name},
                                                 description=f"mlnb: alias move {seq} of {self.name} (a compare-and-set record; do not edit)")
             return True
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS": raise
+        except MlflowException as e:   # (the server looks the holder up to word its refusal: gone meanwhile reads as not found)
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"): raise
         try: held = self.client.get_registered_model(name)
         except MlflowException: return False                   # released meanwhile: try again
         if time.time() * 1000 - held.creation_timestamp > self.move_claim_seconds * 1000 and f"mlnb.alias_move.{seq:06d}" not in self._history_tags():
