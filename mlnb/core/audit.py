@@ -136,7 +136,6 @@ class AuditLog:
 
     def _set_end(self, key: bytes, seq: int, hash: str) -> None:
         _replace_file(self.head_path, json.dumps({"seq": seq, "hash": hash}).encode())
-        self.anchor_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _replace_file(self.anchor_path, json.dumps({"log": str(self.path.resolve()), "seq": seq, "hash": hash,
                                                     "mac": self._anchor_mac(key, seq, hash)}).encode(), 0o600)
 
@@ -145,6 +144,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
             key = _audit_key(self.key_file, create=True)
+            self.anchor_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)   # before the line: a place for the anchor first
             end = self._anchor(key) or self._head()
             last = self._last_line()
             if (last and last.get("seq") == end["seq"] + 1 and last.get("prev") == end["hash"]
