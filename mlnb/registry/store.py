@@ -460,7 +460,9 @@ class Registry:
     def _history_tags(self) -> dict:
         from mlflow.exceptions import MlflowException
         try: return {k: v for k, v in (self.client.get_registered_model(self.name).tags or {}).items() if k.startswith("mlnb.alias_move.")}
-        except MlflowException: return {}
+        except MlflowException as e:
+            if not _not_found(e): raise                  # no answer is not an empty history
+            return {}
 
     @contextlib.contextmanager
     def _next_move(self):
