@@ -506,11 +506,12 @@ def registry_card(name: str, version: str, html: Optional[Path] = typer.Option(N
 # %% ../nbs/12_cli/01_cli.ipynb #7c6c4a7a
 @audit_app.command("verify")
 def audit_verify(params: str = PARAMS):
-    "Check the audit log's hash chain; name every edited, deleted or reordered entry."
+    "Check the audit log's keyed hash chain, head and anchor; name every edited, deleted or reordered entry, or a log that is missing."
     from mlnb.core.audit import AuditLog
     cfg = load_config(params)
-    log = AuditLog(cfg.registry.audit_log)
+    log = AuditLog(cfg.registry.audit_log, cfg.registry.audit_key)
     problems = log.verify()
+    for note in log.notes: typer.echo(f"{log.path}: note: {note}")
     if problems:
         for p in problems: typer.echo(f"{log.path}: {p}", err=True)
         raise typer.Exit(1)
@@ -525,8 +526,8 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
     from mlnb.core.access import ROLES, User, Users, hash_secret, identify, os_user_name
     from mlnb.core.audit import AuditLog
     cfg = load_config(params)
-    users = Users.load(cfg.registry.users)
-    audit = AuditLog(cfg.registry.audit_log)
+    users = Users.load(cfg.registry.users, cfg.registry.users_secrets)
+    audit = AuditLog(cfg.registry.audit_log, cfg.registry.audit_key)
     bad = set(role) - set(ROLES)
     if bad: raise ConfigError(f"unknown role(s) {sorted(bad)} (known: {list(ROLES)})")
     actor = identify(users, user)
@@ -538,7 +539,7 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
     secret = os.environ.get("MLNB_NEW_SECRET")
     if not os_user and not secret: raise ConfigError("set MLNB_NEW_SECRET to the new user's secret, or pass --os-user")
     users.users[name] = User(roles=sorted(set(role)), secret_hash=hash_secret(secret) if secret else None, os_user=os_user)
-    users.save(cfg.registry.users)
+    users.save(cfg.registry.users, cfg.registry.users_secrets)      # roles to users.yaml, hashes to the 0600 secrets file
     audit.append(actor.name, "user-set", target=name, roles=sorted(set(role)), first_admin=first_admin)
     typer.echo(f"{name}: {', '.join(sorted(set(role)))}")
 
@@ -548,7 +549,7 @@ def users_list(params: str = PARAMS):
     "List users and their roles (never secrets)."
     from mlnb.core.access import Users
     cfg = load_config(params)
-    users = Users.load(cfg.registry.users)
+    users = Users.load(cfg.registry.users, cfg.registry.users_secrets)
     typer.echo(f"(any other local OS user): {', '.join(users.default_roles)}")
     for n, u in users.users.items(): typer.echo(f"{n}: {', '.join(u.roles)}{' (OS login)' if u.os_user else ''}")
 

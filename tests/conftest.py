@@ -38,6 +38,13 @@ PROJECT_FILES = ["nbs", "mlnb", "schema", "data/raw", "data/feedback", "registry
                  ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "README.md"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _audit_key(tmp_path_factory):
+    "The audit log's HMAC key and anchors in a temporary directory for the whole run (in-process and every command), never ~/.config."
+    os.environ["MLNB_AUDIT_KEY"] = str(tmp_path_factory.mktemp("audit-key") / "audit.key")
+    yield
+
+
 def tool_env() -> dict:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -1,5 +1,6 @@
 """Helpers for the registry tests: a registry whose store, users, audit log and keys all live under one directory, and
 registering real ONNX files in it as one of its four users."""
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -44,3 +45,13 @@ def _register_in_child(args):
     test = pd.read_parquet(test_path)
     v, created = register(params, Path(model), test)
     return v.version, created
+
+
+def _promote_in_child(args):
+    "Promote each of `versions` to champion in turn, as the admin, in another process (own client); start at `barrier`."
+    params, versions, barrier = args
+    reg = registry_as(params, "adam")
+    barrier.wait(120)
+    for v in versions:
+        reg.promote(v, reason=f"promoter {os.getpid()}")
+    return os.getpid()

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/01_core/access.html.md"""
 
 # %% ../../nbs/01_core/04_access.ipynb #8317ba36
 from __future__ import annotations
-import hashlib, hmac, os, pwd, secrets
+import hashlib, hmac, os, pwd, secrets, stat, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,24 +36,52 @@ class User(BaseModel):
     os_user: bool = False
 
 # %% ../../nbs/01_core/04_access.ipynb #787829fd
+def _secrets_path(users: str | Path, secrets: str | Path | None = None) -> Path:
+    "Where the users' secret hashes live: `secrets`, else $MLNB_USERS_SECRETS, else `secrets/<stem>.secrets.yaml` beside `users`."
+    if secrets: return Path(secrets)
+    if os.environ.get("MLNB_USERS_SECRETS"): return Path(os.environ["MLNB_USERS_SECRETS"])
+    return Path(users).parent / "secrets" / f"{Path(users).stem}.secrets.yaml"
+
 class Users(BaseModel):
     model_config = ConfigDict(extra="forbid")
     default_roles: list[str] = ["viewer"]
     users: dict[str, User] = {}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Users":
-        if not Path(path).exists(): return cls()
-        users = cls.model_validate(read_yaml(path))
+    def load(cls, path: str | Path, secrets: str | Path | None = None) -> "Users":
+        "The users file, with the secret hashes from the secrets file (`_secrets_path`) filled in."
+        spath = _secrets_path(path, secrets)
+        if not Path(path).exists() and not spath.exists(): return cls()
+        users = cls.model_validate(read_yaml(path)) if Path(path).exists() else cls()
         for name, u in users.users.items():
             bad = set(u.roles) - set(ROLES)
             if bad: raise ConfigError(f"{path}: user {name!r} has unknown role(s) {sorted(bad)} (known: {list(ROLES)})")
+        inline = sorted(n for n, u in users.users.items() if u.secret_hash)
+        if inline:
+            warnings.warn(f"{path} holds secret hashes for {', '.join(inline)}: it is tracked in git; the next save "
+                          f"(e.g. `mlnb users add`) moves them to {spath} (mode 0600, ignored by git)", stacklevel=2)
+        if spath.exists():
+            if stat.S_IMODE(spath.stat().st_mode) & 0o077: raise ConfigError(f"{spath}: readable by others; chmod 600 {spath}")
+            stored = read_yaml(spath) or {}
+            if not isinstance(stored, dict): raise ConfigError(f"{spath}: expected a mapping of user name to secret hash")
+            for name, h in stored.items():
+                if name in users.users: users.users[name].secret_hash = str(h)
         return users
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, secrets: str | Path | None = None) -> None:
+        "Roles to `path` (for git), secret hashes to the secrets file (0600 from birth, git-ignored)."
+        spath = _secrets_path(path, secrets)
+        hashes = {n: u.secret_hash for n, u in self.users.items() if u.secret_hash}
+        if hashes or spath.exists():
+            if not spath.parent.exists():
+                spath.parent.mkdir(mode=0o700, parents=True)
+                (spath.parent / ".gitignore").write_text("*\n")
+            with staged_outputs(spath, mode=0o600) as tmp:
+                Path(tmp).write_text("# Registry users' secret hashes (salted scrypt; see mlnb.core.access). Never commit this file.\n"
+                                     + dump_yaml(hashes))
         with staged_outputs(path) as tmp:
-            Path(tmp).write_text("# Registry users and roles (see mlnb.core.access). Secrets are stored as salted scrypt hashes.\n"
-                                 + dump_yaml(self.model_dump(exclude_defaults=False)))
+            Path(tmp).write_text("# Registry users and roles (see mlnb.core.access). Secret hashes are kept apart, in a 0600 file git ignores.\n"
+                                 + dump_yaml(self.model_dump(exclude_defaults=False, exclude={"users": {"__all__": {"secret_hash"}}})))
 
 # %% ../../nbs/01_core/04_access.ipynb #43467fc7
 def hash_secret(secret: str, salt: bytes | None = None) -> str:

@@ -6,23 +6,29 @@ Docs: https://mlnb.github.io/mlnb/01_core/audit.html.md"""
 
 # %% ../../nbs/01_core/03_audit.ipynb #350e9baa
 from __future__ import annotations
-import hashlib, json, os
+import hashlib, hmac, json, os, secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from filelock import FileLock
 
+from .errors import AuditError
+
 # %% auto #0
-__all__ = ['GENESIS', 'entry_hash', 'AuditProblem', 'AuditLog']
+__all__ = ['GENESIS', 'KEYED', 'entry_hash', 'AuditProblem', 'default_audit_key', 'AuditLog']
 
 # %% ../../nbs/01_core/03_audit.ipynb #a8fe6f9d
 GENESIS = "0" * 64
+KEYED = "hmac-sha256"                                   # the `alg` of an entry whose hash is keyed
 
-def entry_hash(entry: dict) -> str:
-    "sha256 over the entry's canonical JSON, without its own `hash` field."
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+def _canonical(entry: dict) -> bytes:
+    return json.dumps({k: v for k, v in entry.items() if k != "hash"}, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+def entry_hash(entry: dict, key: bytes | None = None) -> str:
+    "The entry's hash over its canonical JSON, without its own `hash` field: HMAC-SHA256 under `key`, plain sha256 without one."
+    if key is None: return hashlib.sha256(_canonical(entry)).hexdigest()
+    return hmac.new(key, _canonical(entry), hashlib.sha256).hexdigest()
 
 # %% ../../nbs/01_core/03_audit.ipynb #67b846b2
 @dataclass
@@ -33,30 +39,126 @@ class AuditProblem:
 
     def __str__(self): return f"line {self.line} (seq {self.seq}): {self.problem}"
 
+# %% ../../nbs/01_core/03_audit.ipynb #b1a2c3d4
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def _write_excl(path: Path, data: bytes, mode: int) -> None:
+    "Create `path` (O_EXCL, O_NOFOLLOW: never through a planted file or symlink) with `mode` from birth, synced."
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+
+def _tmp_beside(path: Path) -> Path: return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+
+def _replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    "Replace `path` atomically by a fresh, unguessable temp file beside it (created O_EXCL|O_NOFOLLOW)."
+    tmp = _tmp_beside(path)
+    try: _write_excl(tmp, data, mode); os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+def _create_new(path: Path, data: bytes, mode: int) -> bool:
+    "Create `path` atomically with `mode` from birth (temp made O_EXCL, synced, then hard-linked); never replace a file. False if it existed."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(path)
+    try:
+        _write_excl(tmp, data, mode)
+        try: os.link(tmp, path)                      # like a rename, but refuses to replace an existing file
+        except FileExistsError: return False
+    finally: tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+def default_audit_key() -> Path:
+    "Where the audit key lives unless configured: `$MLNB_AUDIT_KEY`, else `$XDG_CONFIG_HOME/mlnb/audit.key` (~/.config), outside any project."
+    if os.environ.get("MLNB_AUDIT_KEY"): return Path(os.environ["MLNB_AUDIT_KEY"]).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mlnb" / "audit.key"
+
+def _read_key(path: Path) -> bytes | None:
+    "The key in `path` (hex), None if there is none; refuse a symlink, a key others can read, or one that is not a key."
+    try: fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError: return None
+    except OSError as e: raise AuditError(f"audit key {path}: cannot open it ({e.strerror}; a symlink is refused)") from None
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(f.fileno()).st_mode & 0o077: raise AuditError(f"audit key {path} is readable by others: chmod 600 {path}")
+        text = f.read().decode(errors="replace").strip()
+    try: key = bytes.fromhex(text)
+    except ValueError: key = b""
+    if len(key) < 32: raise AuditError(f"audit key {path} is not a key (expected 64 hex digits)")
+    return key
+
+def _audit_key(path: Path, create: bool) -> bytes | None:
+    key = _read_key(path)
+    if key is None and create:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _create_new(path, secrets.token_hex(32).encode() + b"\n", 0o600)   # if another process won, its key stands
+        key = _read_key(path)
+    return key
+
 # %% ../../nbs/01_core/03_audit.ipynb #d4605266
 class AuditLog:
-    "A JSON-lines audit log with a hash chain and a head file."
-    def __init__(self, path: str | Path):
+    """A JSON-lines audit log: a hash chain keyed with HMAC-SHA256, a head file beside it and an anchor outside its
+    directory. `key_file`: the HMAC key (None: `default_audit_key()`); the anchor lives in `anchors/` beside it."""
+    def __init__(self, path: str | Path, key_file: str | Path | None = None):
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
         self.lock = FileLock(str(self.path) + ".lock")
+        self.key_file = Path(key_file).expanduser() if key_file else default_audit_key()
+        log_id = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:24]
+        self.anchor_path = self.key_file.parent / "anchors" / f"{log_id}.json"
+        self.notes: list[str] = []                      # what the last `verify` found that is not tampering
 
     def _head(self) -> dict:
         return json.loads(self.head_path.read_text()) if self.head_path.exists() else {"seq": 0, "hash": GENESIS}
 
+    def _anchor_mac(self, key: bytes, seq: int, hash: str) -> str:
+        return hmac.new(key, f"mlnb-audit-anchor|{self.path.resolve()}|{seq}|{hash}".encode(), hashlib.sha256).hexdigest()
+
+    def _anchor(self, key: bytes | None) -> dict | None:
+        "The anchor: the last sequence number and hash, kept with the key; None if this log has none. Raises on a forged one."
+        try: anchor = json.loads(self.anchor_path.read_text())
+        except FileNotFoundError: return None
+        except (OSError, ValueError) as e: raise AuditError(f"audit anchor {self.anchor_path} is unreadable ({e})") from None
+        if key is None or not hmac.compare_digest(str(anchor.get("mac")), self._anchor_mac(key, anchor.get("seq"), anchor.get("hash"))):
+            raise AuditError(f"audit anchor {self.anchor_path} does not match the audit key {self.key_file} (edited, or another key)")
+        return anchor
+
+    def _last_line(self) -> dict | None:
+        "The last entry of the file (read from its end), None if the file is empty or its last line is not JSON."
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END); f.seek(max(0, size - (1 << 20)))
+                lines = f.read().splitlines()
+        except FileNotFoundError: return None
+        try: return json.loads(lines[-1]) if lines else None
+        except ValueError: return None
+
+    def _set_end(self, key: bytes, seq: int, hash: str) -> None:
+        _replace_file(self.head_path, json.dumps({"seq": seq, "hash": hash}).encode())
+        _replace_file(self.anchor_path, json.dumps({"log": str(self.path.resolve()), "seq": seq, "hash": hash,
+                                                    "mac": self._anchor_mac(key, seq, hash)}).encode(), 0o600)
+
     def append(self, actor: str, action: str, **details) -> dict:
-        "Append one entry; return it."
+        "Append one entry, keyed; return it. An entry a crash left without its head is taken as the end first."
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            head = self._head()
-            entry = {"seq": head["seq"] + 1, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                     "actor": actor, "action": action, "details": details, "prev": head["hash"]}
-            entry["hash"] = entry_hash(entry)
-            with open(self.path, "a") as f:
+            key = _audit_key(self.key_file, create=True)
+            self.anchor_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)   # before the line: a place for the anchor first
+            end = self._anchor(key) or self._head()
+            last = self._last_line()
+            if (last and last.get("seq") == end["seq"] + 1 and last.get("prev") == end["hash"]
+                    and last.get("alg") == KEYED and hmac.compare_digest(str(last.get("hash")), entry_hash(last, key))):
+                end = last                                   # written and synced, but the crash came before its head
+            entry = {"seq": end["seq"] + 1, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                     "actor": actor, "action": action, "details": details, "prev": end["hash"], "alg": KEYED}
+            entry["hash"] = entry_hash(entry, key)
+            try: fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e: raise AuditError(f"audit log {self.path}: cannot open it for appending ({e.strerror}; a symlink is refused)") from None
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps(entry, sort_keys=True, default=str) + "\n"); f.flush(); os.fsync(f.fileno())
-            tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-            tmp.write_text(json.dumps({"seq": entry["seq"], "hash": entry["hash"]}))
-            os.replace(tmp, self.head_path)
+            if os.environ.get("MLNB_FAILPOINT") == "audit:after-line": os._exit(86)   # the crash-safety tests
+            self._set_end(key, entry["seq"], entry["hash"])
         return entry
 
     def entries(self) -> list[dict]:
@@ -64,20 +166,54 @@ class AuditLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def verify(self) -> list[AuditProblem]:
-        "Every break in the chain, naming the line and entry; empty when the log is intact."
-        problems, prev, expected_seq = [], GENESIS, 1
+        """Every break in the chain, naming the line and entry; empty when the log is intact. What is not tampering
+        (a crash between an entry and its head, entries written before the log was keyed) goes to `notes`."""
+        self.notes, problems = [], []
+        try:
+            key = _audit_key(self.key_file, create=False)
+            anchor = self._anchor(key) if key is not None else None
+        except AuditError as e: return [AuditProblem(0, None, str(e))]
         lines = self.path.read_text().splitlines() if self.path.exists() else []
+        if not self.path.exists():
+            if anchor and anchor["seq"] > 0:
+                return [AuditProblem(0, None, f"the log is missing: its anchor {self.anchor_path} records {anchor['seq']} entries (deleted)")]
+            if self.head_path.exists() and self._head()["seq"] > 0:
+                return [AuditProblem(0, None, f"the log is missing but its head records seq {self._head()['seq']} (deleted)")]
+        prev, expected_seq, keyed_seen, unkeyed_to, last_ok, last = GENESIS, 1, False, 0, False, None
         for n, line in enumerate(lines, start=1):
             try: e = json.loads(line)
-            except json.JSONDecodeError: problems.append(AuditProblem(n, None, "not valid JSON (edited)")); continue
-            seq = e.get("seq")
-            if e.get("hash") != entry_hash(e): problems.append(AuditProblem(n, seq, "content does not match its hash (edited)"))
+            except json.JSONDecodeError: problems.append(AuditProblem(n, None, "not valid JSON (edited)")); last_ok = False; continue
+            seq, before = e.get("seq"), len(problems)
+            if e.get("alg") == KEYED:
+                if key is None: problems.append(AuditProblem(n, seq, f"keyed entry, but the audit key {self.key_file} is missing (set MLNB_AUDIT_KEY or registry.audit_key)")); key = b""
+                elif not hmac.compare_digest(str(e.get("hash")), entry_hash(e, key)): problems.append(AuditProblem(n, seq, "content does not match its hash (edited)"))
+                keyed_seen = True
+            else:
+                if keyed_seen: problems.append(AuditProblem(n, seq, "an unkeyed entry after keyed ones (forged or edited)"))
+                elif e.get("hash") != entry_hash(e): problems.append(AuditProblem(n, seq, "content does not match its hash (edited)"))
+                unkeyed_to = seq if isinstance(seq, int) else unkeyed_to
             if seq != expected_seq:
                 what = "reordered" if isinstance(seq, int) and seq < expected_seq else f"entries {expected_seq}..{seq - 1} missing (deleted)" if isinstance(seq, int) and seq > expected_seq else "bad sequence number"
                 problems.append(AuditProblem(n, seq, f"expected seq {expected_seq}: {what}"))
             elif e.get("prev") != prev: problems.append(AuditProblem(n, seq, "does not follow the previous entry (chain broken)"))
+            last_ok, last = len(problems) == before, e
             prev, expected_seq = e.get("hash"), (seq + 1 if isinstance(seq, int) else expected_seq + 1)
-        head = self._head()
-        if head["seq"] != expected_seq - 1 or head["hash"] != prev:
-            problems.append(AuditProblem(len(lines), head["seq"], f"log ends at seq {expected_seq - 1} but its head records seq {head['seq']} (entries removed from the end, or the head edited)"))
+        end_seq, head = expected_seq - 1, self._head()
+        ends = [("anchor", anchor)] if anchor else []
+        ends.append(("head", head))
+        for name, ref in ends:
+            if ref["seq"] == end_seq and ref["hash"] == prev: continue
+            if last_ok and last.get("alg") == KEYED and ref["seq"] == end_seq - 1 and last.get("prev") == ref["hash"]:
+                note = f"entry {end_seq} was written but its {name} was not updated (a crash during an append); the next append completes it"
+                if note not in self.notes: self.notes.append(note)
+                continue
+            if ref["seq"] == end_seq: problems.append(AuditProblem(len(lines), end_seq, f"the last entry is not the one its {name} records (entries rewritten)"))
+            else: problems.append(AuditProblem(len(lines), ref["seq"], f"log ends at seq {end_seq} but its {name} records seq {ref['seq']} (entries removed from the end, or the {name} edited)"))
+            break
+        if anchor is None and keyed_seen:
+            self.notes.append(f"no anchor for this log at {self.anchor_path}: a cut-off end with a rewritten head cannot be told apart here")
+        if unkeyed_to:
+            self.notes.append(f"unkeyed entries up to seq {unkeyed_to} (written before the log was keyed): "
+                              + ("the keyed entries after them chain to them, so an edit still shows" if keyed_seen else
+                                 "anyone who can write the file can rewrite them; the next append keys the log"))
         return problems

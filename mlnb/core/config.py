@@ -251,7 +251,9 @@ class RegistryConfig(_Strict):
     tracking_uri: str | None = None        # None: train.tracking_uri
     model_name: str | None = None          # None: project.name
     audit_log: str = "registry/audit.jsonl"
-    users: str = "registry/users.yaml"
+    audit_key: str | None = None           # the audit log's HMAC key, outside its directory; None: env MLNB_AUDIT_KEY, else ~/.config/mlnb/audit.key
+    users: str = "registry/users.yaml"     # names and roles only (tracked in git)
+    users_secrets: str | None = None       # the users' secret hashes (0600, git-ignored); None: env MLNB_USERS_SECRETS, else secrets/<stem>.secrets.yaml beside users
     signing_key: str = "registry/keys/signing.key"   # env MLNB_SIGNING_KEY overrides
     public_key: str = "registry/keys/signing.pub"    # env MLNB_PUBLIC_KEY overrides
     bootstrap_auto_approve: bool = True    # first version of a model: approve and make champion if every gate passes

@@ -11,7 +11,7 @@ from __future__ import annotations
 __all__ = ['MlnbError', 'redact_credentials', 'ConfigError', 'InitRefused', 'DataError', 'AccessDenied', 'SignatureError',
            'SignatureMissing', 'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing', 'ParityError',
            'RegistryError', 'RegistryUnreachable', 'BundleError', 'BatchError', 'StageFailed', 'RetrainError',
-           'ReproCheckError', 'ServerError', 'RequestError', 'RolloutError', 'LogKeyError']
+           'ReproCheckError', 'ServerError', 'RequestError', 'RolloutError', 'LogKeyError', 'AuditError']
 
 # %% ../../nbs/01_core/02_errors.ipynb #cf53716b
 class MlnbError(Exception):
@@ -120,3 +120,7 @@ class RolloutError(MlnbError):
 class LogKeyError(MlnbError):
     "A log file that the configured keys cannot read (or a key that cannot be used)."
     http_status = 500
+
+# %% ../../nbs/01_core/02_errors.ipynb #a7d17e01
+class AuditError(MlnbError):
+    "The audit log, its key or its anchor cannot be used safely (naming the file and why)."

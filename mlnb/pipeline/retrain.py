@@ -187,7 +187,7 @@ def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | N
     from mlnb.registry.store import Registry
     registry = Registry.from_config(cfg, user, secret)
     registry._require("register")
-    audit, actor = AuditLog(cfg.registry.audit_log), registry.identity.name
+    audit, actor = AuditLog(cfg.registry.audit_log, cfg.registry.audit_key), registry.identity.name
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     out_dir = Path(cfg.monitor.output_dir) / "retrain"
     out_dir.mkdir(parents=True, exist_ok=True)

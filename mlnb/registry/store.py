@@ -244,11 +244,13 @@ class Registry:
         self.incomplete_after_seconds = incomplete_after_seconds
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.lock = _local_store_lock(uri)
+        self.on_server = isinstance(self.lock, contextlib.nullcontext)   # no lock across clients: alias moves are claimed instead
+        self.move_claim_seconds = 120.0                                  # a claimed alias move not completed this long after was a crash
 
     @classmethod
     def from_config(cls, cfg: Config, user: str | None = None, secret: str | None = None) -> "Registry":
-        identity = identify(Users.load(cfg.registry.users), user, secret)
-        return cls(cfg.registry_uri, cfg.model_name, AuditLog(cfg.registry.audit_log), identity, cfg.train.experiment,
+        identity = identify(Users.load(cfg.registry.users, cfg.registry.users_secrets), user, secret)
+        return cls(cfg.registry_uri, cfg.model_name, AuditLog(cfg.registry.audit_log, cfg.registry.audit_key), identity, cfg.train.experiment,
                    cfg.registry.incomplete_after_seconds)
 
     def _require(self, action: str, version: str | None = None) -> None:
@@ -310,7 +312,7 @@ class Registry:
         """Delete versions a crashed registration left behind. Under the local-store lock no other registration can be running,
         so every incomplete version is one; on a tracking server another client may be registering right now, so only those
         older than `incomplete_after_seconds` are."""
-        on_server = isinstance(self.lock, contextlib.nullcontext)
+        on_server = self.on_server
         cutoff_ms = (time.time() - self.incomplete_after_seconds) * 1000
         for mv in self._all():
             if mv.tags.get(COMPLETE) != "complete" and (not on_server or mv.creation_timestamp <= cutoff_ms):
@@ -408,12 +410,20 @@ class Registry:
             return self.get(version)
 
     def approve(self, version, reason: str, force: bool = False) -> Version:
-        "Approve a candidate; one marked by `on_approval` then takes that alias in the name of the policy that marked it."
-        v = self._decide(str(version), "approved", reason, force)
-        alias = v.tags.get(ON_APPROVAL)
-        if alias in ALIASES and alias not in v.aliases:
-            self._as_policy(v.tags.get(ON_APPROVAL_POLICY, "mlnb:policy"), lambda: self._move_alias(alias, v.version, "promote", f"approved: {reason}"))
-        return self.get(version)
+        """Approve a candidate; one marked by `on_approval` then takes that alias, moved by the approver in the name of the
+        policy that marked it, under the same lock as the decision."""
+        with self.lock:
+            v = self._decide(str(version), "approved", reason, force)
+            alias = v.tags.get(ON_APPROVAL)
+            if alias in ALIASES and alias not in v.aliases:
+                self._move_alias(alias, v.version, "promote", f"approved: {reason}", policy=v.tags.get(ON_APPROVAL_POLICY, "mlnb:policy"),
+                                 still=lambda: self._approved_for(v.version, alias))
+            return self.get(version)
+
+    def _approved_for(self, version: str, alias: str) -> bool:
+        "Whether `version` may still take `alias` now (re-read inside a claimed move: approved, and not holding it already)."
+        v = self.get(version)
+        return v.status == "approved" and alias not in v.aliases
 
     def reject(self, version, reason: str) -> Version: return self._decide(str(version), "rejected", reason, False)
 
@@ -426,18 +436,82 @@ class Registry:
         moves = sorted((k, v) for k, v in (rm.tags or {}).items() if k.startswith("mlnb.alias_move."))
         return [json.loads(v) for _, v in moves]
 
-    def _move_alias(self, alias: str, version: str, kind: str, reason: str) -> None:
-        previous = self.alias(alias)
-        self.client.set_registered_model_alias(self.name, alias, version)
-        if alias == "champion":
-            challenger = self.alias("challenger")
-            if challenger is not None and challenger.version == version: self.client.delete_registered_model_alias(self.name, "challenger")
-        seq = len(self.alias_history()) + 1
-        move = {"seq": seq, "alias": alias, "version": version, "previous": previous.version if previous else None,
-                "kind": kind, "by": self.identity.name, "at": _now(), "reason": reason}
-        self.client.set_registered_model_tag(self.name, f"mlnb.alias_move.{seq:06d}", json.dumps(move))
-        self.audit.append(self.identity.name, kind, model=self.name, version=version, alias=alias,
-                          previous=move["previous"], reason=reason)
+    def _claim_name(self, seq: int) -> str: return f"{self.name}.mlnb-alias-move.{seq:06d}"
+
+    def _claim(self, seq: int) -> bool:
+        """Compare-and-set on the tracking server: create the registered model that names move `seq`. Its name is the
+        primary key of the server's table, so of any number of clients exactly one succeeds; the others get
+        RESOURCE_ALREADY_EXISTS. Stale claims (a client that crashed mid-move) are taken over after `move_claim_seconds`."""
+        from mlflow.exceptions import MlflowException
+        name = self._claim_name(seq)
+        try:
+            self.client.create_registered_model(name, tags={"mlnb.claim_of": self.name, "mlnb.claimed_by": self.identity.name},
+                                                description=f"mlnb: alias move {seq} of {self.name} (a compare-and-set record; do not edit)")
+            return True
+        except MlflowException as e:   # (the server looks the holder up to word its refusal: gone meanwhile reads as not found)
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"): raise
+        try: held = self.client.get_registered_model(name)
+        except MlflowException: return False                   # released meanwhile: try again
+        if time.time() * 1000 - held.creation_timestamp > self.move_claim_seconds * 1000 and f"mlnb.alias_move.{seq:06d}" not in self._history_tags():
+            with contextlib.suppress(MlflowException): self.client.delete_registered_model(name)   # its holder crashed
+            self.audit.append(self.identity.name, "claim-taken-over", model=self.name, seq=seq, claimed_by=held.tags.get("mlnb.claimed_by"))
+        return False
+
+    def _history_tags(self) -> dict:
+        from mlflow.exceptions import MlflowException
+        try: return {k: v for k, v in (self.client.get_registered_model(self.name).tags or {}).items() if k.startswith("mlnb.alias_move.")}
+        except MlflowException as e:
+            if not _not_found(e): raise                  # no answer is not an empty history
+            return {}
+
+    @contextlib.contextmanager
+    def _next_move(self):
+        """The sequence number of the next alias move, held for the block. Locally the store's file lock holds it; on a
+        tracking server the number is claimed (`_claim`) once the move before it is recorded, with backoff and retry, so
+        moves from any number of clients are serialised and the history has no gap or duplicate. A move that is not made
+        releases its claim."""
+        with self.lock:
+            if not self.on_server:
+                yield max((int(k.rsplit(".", 1)[1]) for k in self._history_tags()), default=0) + 1
+                return
+            deadline, pause = time.monotonic() + self.move_claim_seconds * 2, 0.02
+            while True:
+                seq = max((int(k.rsplit(".", 1)[1]) for k in self._history_tags()), default=0) + 1
+                if self._claim(seq):
+                    if f"mlnb.alias_move.{seq:06d}" not in self._history_tags(): break
+                    continue                                     # a claim released after its move was recorded: not ours
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"{self.name}: alias move {seq} is held by another client ({self._claim_name(seq)}); try again")
+                time.sleep(pause * (1 + os.urandom(1)[0] / 255)); pause = min(pause * 2, 0.5)
+            done = False
+            try:
+                yield seq
+                done = f"mlnb.alias_move.{seq:06d}" in self._history_tags()
+            finally:
+                if not done:                                     # nothing recorded under this number: hand it back
+                    from mlflow.exceptions import MlflowException
+                    with contextlib.suppress(MlflowException): self.client.delete_registered_model(self._claim_name(seq))
+
+    def _move_alias(self, alias: str, version, kind: str, reason: str, policy: str | None = None, still=None) -> str | None:
+        """Move `alias` to `version` (or to what `version(previous)` returns; None: no move) and record the move, as one
+        step of the history. `still()`, re-checked once the move's number is held, can call the move off. The move is made
+        and audited by the acting identity; `policy` names the policy that asked for it. Returns the version moved to."""
+        with self._next_move() as seq:
+            if still is not None and not still(): return None
+            previous = self.alias(alias)
+            target = version(previous) if callable(version) else str(version)
+            if target is None: return None
+            self.client.set_registered_model_alias(self.name, alias, target)
+            if alias == "champion":
+                challenger = self.alias("challenger")
+                if challenger is not None and challenger.version == target: self.client.delete_registered_model_alias(self.name, "challenger")
+            move = {"seq": seq, "alias": alias, "version": target, "previous": previous.version if previous else None,
+                    "kind": kind, "by": self.identity.name, "at": _now(), "reason": reason}
+            if policy: move["policy"] = policy
+            self.client.set_registered_model_tag(self.name, f"mlnb.alias_move.{seq:06d}", json.dumps(move))
+            self.audit.append(self.identity.name, kind, model=self.name, version=target, alias=alias,
+                              previous=move["previous"], reason=reason, **({"policy": policy} if policy else {}))
+            return target
 
     def promote(self, version, alias: str = "champion", reason: str = "") -> Version:
         self._require("promote", str(version))
@@ -447,7 +521,7 @@ class Registry:
             if v.status == "rejected": raise RegistryError(f"{self.name} v{version} was rejected; it can never be {alias}")
             if v.status != "approved": raise RegistryError(f"{self.name} v{version} is {v.status}, not approved: an approver must approve it before it can be {alias}")
             if alias in v.aliases: return v
-            self._move_alias(alias, str(version), "promote", reason)
+            self._move_alias(alias, str(version), "promote", reason, still=lambda: self._approved_for(str(version), alias))
             return self.get(version)
 
     def _champion_stack(self) -> list[str]:
@@ -463,11 +537,15 @@ class Registry:
     def rollback(self, reason: str = "") -> Version:
         "Move `champion` back to the champion before the current one."
         self._require("rollback")
+        def target(current):                                 # read again once the move is held: another may have moved it
+            stack = self._champion_stack()
+            if len(stack) < 2: raise RegistryError(f"{self.name}: no previous champion to roll back to")
+            return stack[-2]
         with self.lock:
             stack = self._champion_stack()
             if len(stack) < 2: raise RegistryError(f"{self.name}: no previous champion to roll back to")
-            self._move_alias("champion", stack[-2], "rollback", reason or f"rollback from v{stack[-1]}")
-            return self.get(stack[-2])
+            moved = self._move_alias("champion", target, "rollback", reason or f"rollback from v{stack[-1]}")
+            return self.get(moved)
 
     # --- policies: bootstrap, retraining
 
@@ -490,20 +568,25 @@ class Registry:
         "Approve and promote `version` as the first champion, when policy allows. True if it did."
         if self.alias("champion") is not None or not version.gates_passed: return False
         with self.lock:
+            if self.alias("champion") is not None: return False          # another registration bootstrapped meanwhile
             self.policy_approve(version.version, "mlnb:bootstrap", "first version of the model; every gate passed (registry.bootstrap_auto_approve)")
-            self._as_policy("mlnb:bootstrap", lambda: self._move_alias("champion", version.version, "promote", "bootstrap: first champion"))
-        return True
+            moved = self._as_policy("mlnb:bootstrap", lambda: self._move_alias(
+                "champion", lambda current: version.version if current is None else None, "promote", "bootstrap: first champion"))
+        return moved is not None
 
     def on_approval(self, version, alias: str, policy: str, reason: str) -> Version:
-        "Mark a candidate so that, once approved, it takes `alias` (in the name of `policy`); if it is approved already, now."
-        self._require("register", str(version))
+        """Mark a candidate so that, once approved, it takes `alias` (in the name of `policy`); if it is approved already, now.
+        Marking for `challenger` needs the register role; for `champion` the promote role, as moving it would. The alias
+        moves only for an approved version; the audit names the acting user, and `policy` as the policy."""
+        self._require("promote" if alias == "champion" else "register", str(version))
         if alias not in ALIASES: raise RegistryError(f"alias must be one of {ALIASES}, not {alias!r}")
         with self.lock:
             v = self.get(version)
+            if v.status == "rejected": raise RegistryError(f"{self.name} v{version} was rejected; it can never be {alias}")
             for k, val in {ON_APPROVAL: alias, ON_APPROVAL_POLICY: policy}.items(): self.client.set_model_version_tag(self.name, str(version), k, val)
             self.audit.append(self.identity.name, "on-approval", model=self.name, version=str(version), alias=alias, policy=policy, reason=reason)
             if v.status == "approved" and alias not in v.aliases:
-                self._as_policy(policy, lambda: self._move_alias(alias, str(version), "promote", reason))
+                self._move_alias(alias, str(version), "promote", reason, policy=policy, still=lambda: self._approved_for(str(version), alias))
         return self.get(version)
 
     # --- what a version carries

@@ -117,7 +117,8 @@ def test_drift_is_flagged_retrained_gated_and_after_approval_rolled_out_as_canar
         env = {**tool_env(), "MLNB_SECRET": APPROVER_SECRET}
         run(["mlnb", "registry", "approve", "churn", "2", "--reason", "retrained on drifted traffic", "--user", "ann"], project, env=env)
         move = [e for e in AuditLog(project / "registry/audit.jsonl").entries() if e["action"] == "promote"][-1]
-        assert move["actor"] == "mlnb:retrain" and move["details"]["alias"] == "challenger" and move["details"]["version"] == "2"
+        assert move["actor"] == "ann" and move["details"]["policy"] == "mlnb:retrain"           # the approver moved it, for the policy
+        assert move["details"]["alias"] == "challenger" and move["details"]["version"] == "2"
         status = wait_for(lambda: (s := server.client.get("/admin/rollout").json())["rollout"] and s, 30, "the canary to start")
         assert status["mode"] == "canary" and status["challenger"]["version"] == "2"
         assert status["rollout"]["state"] == "running" and status["rollout"]["share"] == 0.5
