@@ -509,7 +509,7 @@ def audit_verify(params: str = PARAMS):
     "Check the audit log's keyed hash chain, head and anchor; name every edited, deleted or reordered entry, or a log that is missing."
     from mlnb.core.audit import AuditLog
     cfg = load_config(params)
-    log = AuditLog(cfg.registry.audit_log, cfg.registry.audit_key)
+    log = AuditLog.from_config(cfg)
     problems = log.verify()
     for note in log.notes: typer.echo(f"{log.path}: note: {note}")
     if problems:
@@ -527,7 +527,7 @@ def users_add(name: str, role: list[str] = typer.Option(..., "--role", help="vie
     from mlnb.core.audit import AuditLog
     cfg = load_config(params)
     users = Users.load(cfg.registry.users, cfg.registry.users_secrets)
-    audit = AuditLog(cfg.registry.audit_log, cfg.registry.audit_key)
+    audit = AuditLog.from_config(cfg)
     bad = set(role) - set(ROLES)
     if bad: raise ConfigError(f"unknown role(s) {sorted(bad)} (known: {list(ROLES)})")
     actor = identify(users, user)
@@ -843,7 +843,7 @@ def feedback_purge(key: str = typer.Option(..., "--key", help="The name of the A
     from mlnb.core.audit import AuditLog
     from mlnb.predlog.log import exclude_key
     cfg = load_config(params)
-    audit, folder = AuditLog(cfg.registry.audit_log), cfg.serve.prediction_log.feedback_dir
+    audit, folder = AuditLog.from_config(cfg), cfg.serve.prediction_log.feedback_dir
     actor = identify(Users.load(cfg.registry.users), user)
     try: actor.require("approve")
     except Exception as e:

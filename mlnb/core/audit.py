@@ -109,6 +109,11 @@ class AuditLog:
         self.anchor_path = self.key_file.parent / "anchors" / f"{log_id}.json"
         self.notes: list[str] = []                      # what the last `verify` found that is not tampering
 
+    @classmethod
+    def from_config(cls, cfg) -> "AuditLog":
+        "The registry's audit log as `cfg` configures it (`registry.audit_log`, keyed by `registry.audit_key`)."
+        return cls(cfg.registry.audit_log, cfg.registry.audit_key)
+
     def _head(self) -> dict:
         return json.loads(self.head_path.read_text()) if self.head_path.exists() else {"seq": 0, "hash": GENESIS}
 

@@ -187,7 +187,7 @@ def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | N
     from mlnb.registry.store import Registry
     registry = Registry.from_config(cfg, user, secret)
     registry._require("register")
-    audit, actor = AuditLog(cfg.registry.audit_log, cfg.registry.audit_key), registry.identity.name
+    audit, actor = AuditLog.from_config(cfg), registry.identity.name
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     out_dir = Path(cfg.monitor.output_dir) / "retrain"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ def retrain_trigger(result: MonitorResult, cfg: Config, now: datetime | None = N
     hit = [k for k in cfg.retrain.triggers if k in alert_kinds(result)]
     if hit: return "monitor alert: " + ", ".join(hit)
     if cfg.retrain.every_days:
-        now, last = now or datetime.now(timezone.utc), last_retrain(AuditLog(cfg.registry.audit_log))
+        now, last = now or datetime.now(timezone.utc), last_retrain(AuditLog.from_config(cfg))
         if last is None or now - last >= timedelta(days=cfg.retrain.every_days):
             return f"schedule: every {cfg.retrain.every_days:g} days (last: {last.isoformat() if last else 'never'})"
     return None

@@ -250,7 +250,7 @@ class Registry:
     @classmethod
     def from_config(cls, cfg: Config, user: str | None = None, secret: str | None = None) -> "Registry":
         identity = identify(Users.load(cfg.registry.users, cfg.registry.users_secrets), user, secret)
-        return cls(cfg.registry_uri, cfg.model_name, AuditLog(cfg.registry.audit_log, cfg.registry.audit_key), identity, cfg.train.experiment,
+        return cls(cfg.registry_uri, cfg.model_name, AuditLog.from_config(cfg), identity, cfg.train.experiment,
                    cfg.registry.incomplete_after_seconds)
 
     def _require(self, action: str, version: str | None = None) -> None:

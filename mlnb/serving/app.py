@@ -169,7 +169,7 @@ class ModelServer:
         self._id_key = prediction_id_key(pl.id_key_file or Path(pl.dir) / ".id-key")   # the same key in every worker, across restarts
         self.ids = PredictionIds(self._id_key)
         self.labels: LabelIndex | None = None          # which ids were labelled (opened at start)
-        self.audit = AuditLog(cfg.registry.audit_log)   # label corrections
+        self.audit = AuditLog.from_config(cfg)   # label corrections
         self.prediction_log = self.feedback_log = self.log_keys = None
         self.access = self.tracer_provider = None
         self._reload_lock, self._poller = None, None

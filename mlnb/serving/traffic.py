@@ -64,7 +64,7 @@ class Traffic:
         self.split, self.salt = None, ""
         self.timeout, self.positive = cfg.canary_timeout_ms / 1000, server.cfg.data.positive_class
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="mlnb-challenger")
-        self.audit = AuditLog(server.cfg.registry.audit_log, server.cfg.registry.audit_key)
+        self.audit = AuditLog.from_config(server.cfg)
         self.audit_pool = ThreadPoolExecutor(1, thread_name_prefix="mlnb-audit")
         self.served_by: OrderedDict = OrderedDict()      # recent prediction id -> (variant, label): online accuracy
         self.served_by_max = 200_000
