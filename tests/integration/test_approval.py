@@ -1,6 +1,7 @@
 """Approval is cryptographic and enforced where models load, against a real MLflow SQLite registry with real ONNX files:
 a version an alias was moved to in MLflow directly, a rejected rollout challenger, an edited model cache or cache record,
 an edited champion in the quality gate, a file swapped after verification, a challenger name that is a path."""
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -17,8 +18,9 @@ from serving import Server
 
 
 def keys(env):
-    r = env["registry"]
-    return Path(r["public_key"]), Path(r["approval_public_key"]), Path(env["serve"]["model_cache_key"])
+    r, root = env["registry"], Path(env["registry"]["public_key"]).parent
+    return (Path(r["public_key"]), Path(r.get("approval_public_key", root / "approval.pub")),
+            Path(env["serve"].get("model_cache_key", root / "model-cache.key")))
 
 
 @pytest.fixture
@@ -26,6 +28,7 @@ def versions(onnx_models, telco_split, tmp_path):
     "v1 approved and champion, v2 rejected, v3 a candidate nobody approved."
     test = telco_split[1]["test"]
     env = make_env(tmp_path / "registry")
+    env.setdefault("serve", {}).setdefault("model_cache_dir", str(tmp_path / "registry/cache"))
     for m in ("a", "b", "c"): register(env, onnx_models[m], test)
     registry_as(env, "ann").approve("1", "reviewed"); registry_as(env, "adam").promote("1", reason="first champion")
     registry_as(env, "ann").reject("2", "worse on the holdout")
@@ -37,10 +40,15 @@ def mlflow_alias(env, alias, version):
     MlflowClient(env["train"]["tracking_uri"]).set_registered_model_alias("churn", alias, version)
 
 
+def pinned(function, env) -> dict:
+    "The approval and cache keys, for a loader that takes them (the code before approvals existed took neither)."
+    _, approval, cache_key = keys(env)
+    return {"approval_key": approval, "record_key": cache_key} if "approval_key" in inspect.signature(function).parameters else {}
+
+
 def load(env, ref, **kw):
-    public, approval, cache_key = keys(env)
-    return load_registered(registry_as(env, "vic"), ModelRef.parse(ref), public, env["serve"]["model_cache_dir"],
-                           approval_key=approval, record_key=cache_key, **kw)
+    return load_registered(registry_as(env, "vic"), ModelRef.parse(ref), keys(env)[0], env["serve"]["model_cache_dir"],
+                           **pinned(load_registered, env), **kw)
 
 
 def test_an_alias_moved_in_mlflow_to_a_rejected_or_unapproved_version_is_refused(versions, monkeypatch):
@@ -111,14 +119,14 @@ def test_an_edited_cache_record_cannot_downgrade_a_server_with_the_registry_down
     cache, ref, down = env["serve"]["model_cache_dir"], ModelRef.parse("churn@champion"), ConnectionError("down")
     load(env, "churn/1")                                               # an old approved version, in the cache
     assert load(env, "churn@champion").version == "3"
-    assert load_last_verified(ref, public, cache, down, approval_key=approval, record_key=cache_key).version == "3"
+    assert load_last_verified(ref, public, cache, down, **pinned(load_last_verified, env)).version == "3"
     record_path = Path(cache) / "churn/verified-champion.json"
     record = json.loads(record_path.read_text())
     old = load(env, "churn/1")
     record.update(version="1", file="churn/1/model.onnx", sha256=old.sha256)
     record_path.write_text(json.dumps(record))
     with pytest.raises(SignatureError, match="does not verify under the cache key"):
-        load_last_verified(ref, public, cache, down, approval_key=approval, record_key=cache_key)
+        load_last_verified(ref, public, cache, down, **pinned(load_last_verified, env))
 
 
 def test_the_gate_refuses_an_edited_champion(versions, onnx_models, telco_split):
@@ -141,18 +149,20 @@ def _twin(model: Path, where: Path) -> Path:
 
 
 def test_a_file_swapped_after_verification_is_not_what_is_served(versions, monkeypatch):
-    "Finding 3: the swap lands in the cache between the check and the load; what loads is the private copy's bytes."
+    "Finding 3: the swap lands in the cache right after the signature check; what loads is still the verified bytes."
     import mlnb.serving.runtime as runtime
     env = versions
     registry_as(env, "ann").approve("3", "also fine")
     good = load(env, "churn/1")
     cached = good.path
     other = load(env, "churn/3")
-    real = runtime._load_private
-    def swap_then_load(model_path, *args, **kw):
+    import mlnb.model.signing as signing
+    real = signing.verify_model
+    def verify_then_swap(*args, **kw):
+        real(*args, **kw)                                              # the check passes, then the cache's file is replaced
         shutil.copy(other.path, cached); shutil.copy(f"{other.path}.sig", f"{cached}.sig")   # a signed file, the wrong one
-        return real(model_path, *args, **kw)
-    monkeypatch.setattr(runtime, "_load_private", swap_then_load)
+    monkeypatch.setattr(signing, "verify_model", verify_then_swap)
+    monkeypatch.setattr(runtime, "verify_model", verify_then_swap, raising=False)
     served = load(env, "churn/1")
     assert served.sha256 == good.sha256 != other.sha256
     import hashlib
@@ -168,5 +178,5 @@ def test_a_challenger_name_that_is_a_path_is_refused_and_writes_nothing(versions
             ModelRef.parse(text, default_name="churn")
     with pytest.raises(Exception, match="not a model name|holds model"):
         load_registered(registry_as(env, "vic"), ModelRef(name="../../x", alias="challenger"), public,
-                        env["serve"]["model_cache_dir"], approval_key=approval, record_key=cache_key)
+                        env["serve"]["model_cache_dir"], **pinned(load_registered, env))
     assert {p for p in set(tmp_path.rglob("*")) - before if "x" == p.name} == set()
