@@ -139,6 +139,16 @@ def _attestation_hashing():
     import model_signing
     return model_signing.hashing.Config().set_ignored_paths(paths=[APPROVAL_SIGNATURE], ignore_git_paths=False)
 
+def _changes(directory: Path, record_path: Path) -> str | None:
+    "What differs between a directory and the files its approval record lists, in words (None when nothing can be said)."
+    try: approved, actual = json.loads(record_path.read_text())["files"], _bundle_files(directory)
+    except (OSError, ValueError, KeyError, TypeError, ApprovalInvalid): return None
+    if not isinstance(approved, dict): return None
+    changed = sorted(k for k in actual.keys() & approved.keys() if actual[k] != approved[k])
+    kinds = (("changed after approval", changed), ("added", sorted(actual.keys() - approved.keys())),
+             ("removed", sorted(approved.keys() - actual.keys())))
+    return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds if names) or None
+
 # %% ../../nbs/05_model/02_signing.ipynb #3b164c50
 @contextlib.contextmanager
 def private_copy(*sources: str | Path):
@@ -201,7 +211,7 @@ def verify_approval(directory: str | Path, approval_public_key: str | Path, *, n
     except Exception as e:
         hint, ours = _signed(signature)[0], _key_hint(approval_public_key)
         why = ("it was signed with a key other than the configured approval key" if hint and ours and hint != ours
-               else (str(e).splitlines() or [type(e).__name__])[0])
+               else _changes(directory, record_path) or (str(e).splitlines() or [type(e).__name__])[0][:300])
         raise ApprovalInvalid(f"{label}: approval attestation does not verify: {why}") from None
     record = json.loads(record_path.read_text())
     expected = {"model": name, "version": str(version)} | ({"onnx_sha256": onnx_sha256} if onnx_sha256 else {})
