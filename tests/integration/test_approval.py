@@ -88,6 +88,9 @@ def test_rollout_start_with_a_rejected_or_unapproved_version_is_409_and_changes_
         for version, why in (("2", "was rejected"), ("3", "not approved")):
             r = s.client.post("/admin/rollout/start", json={"challenger": f"churn/{version}", "mode": "canary"})
             assert r.status_code == 409 and f"v{version}" in r.text and why in r.text, r.text
+        rejected_file = Path(registry_as(env, "vic").get("2").source.removeprefix("file://")) / "model.onnx"
+        r = s.client.post("/admin/rollout/start", json={"challenger": str(rejected_file)})   # build-signed, but rejected
+        assert r.status_code == 409 and "carries no approval" in r.text, r.text
         r = s.client.post("/admin/rollout/start", json={"challenger": "../../x@challenger"})
         assert r.status_code == 409 and "not a model name" in r.text, r.text
         status = s.client.get("/admin/rollout").json()

@@ -80,7 +80,7 @@ def test_admin_reload_and_a_failed_reload_keeps_serving(onnx_models, telco_split
         r = s.client.post("/admin/reload")
         assert r.status_code == 503 and "changed after approval: model.onnx" in r.json()["error"] and f"still serving version {v1.version}" in r.json()["error"]
         assert s.client.post("/invocations", json={"dataframe_records": records[:1]}).json()["model_version"] == v1.version
-        assert "signature" in s.client.get("/admin/model").json()["last_reload_error"]
+        assert "approval attestation does not verify" in s.client.get("/admin/model").json()["last_reload_error"]
         assert metric(s, "mlnb_model_reloads_total", outcome="failed") == 1
         # with the bad copy gone, the same endpoint loads the new version
         for f in cached.iterdir(): f.unlink()
