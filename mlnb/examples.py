@@ -67,9 +67,10 @@ class ToyModel:
 
     def config(self, serve: dict | None = None, **sections) -> Config:
         "A `Config` serving this model, trusting its key, logging into the folder; `serve` and other `sections` override fields."
-        serve_section = {"model": str(self.model), "access_log": False,
+        serve_section = {"model": str(self.model), "access_log": False, "model_cache_key": str(self.dir / "model-cache.key"),
                          "prediction_log": {"dir": str(self.dir / "predictions"), "feedback_dir": str(self.dir / "feedback")}}
-        registry = {"public_key": str(self.public_key)} | sections.pop("registry", {})
+        registry = {"public_key": str(self.public_key), "approval_key": str(self.dir / "approval.key"),
+                    "approval_public_key": str(self.dir / "approval.pub")} | sections.pop("registry", {})
         return config_from_dict({"registry": registry, "serve": serve_section | (serve or {}), **sections})
 
     def remove(self) -> None:

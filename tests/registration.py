@@ -20,8 +20,10 @@ def make_env(root: Path) -> dict:
     users = Users(default_roles=["viewer"], users={n: User(roles=ROLES[n], secret_hash=hash_secret(s)) for n, s in SECRETS.items()})
     users.save(root / "users.yaml")
     return {"data": {"sensitive": ["female"]}, "train": {"tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "reg-tests"},
+            "serve": {"model_cache_dir": str(root / "cache"), "model_cache_key": str(root / "keys/model-cache.key")},
             "registry": {"audit_log": str(root / "audit.jsonl"), "users": str(root / "users.yaml"),
                          "signing_key": str(root / "keys/signing.key"), "public_key": str(root / "keys/signing.pub"),
+                         "approval_key": str(root / "keys/approval.key"), "approval_public_key": str(root / "keys/approval.pub"),
                          "gates": {"fairness_attributes": ["female"]}}}
 
 

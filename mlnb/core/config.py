@@ -256,6 +256,8 @@ class RegistryConfig(_Strict):
     users_secrets: str | None = None       # the users' secret hashes (0600, git-ignored); None: env MLNB_USERS_SECRETS, else secrets/<stem>.secrets.yaml beside users
     signing_key: str = "registry/keys/signing.key"   # env MLNB_SIGNING_KEY overrides
     public_key: str = "registry/keys/signing.pub"    # env MLNB_PUBLIC_KEY overrides
+    approval_key: str = "registry/keys/approval.key"         # the approver's private key; env MLNB_APPROVAL_KEY overrides
+    approval_public_key: str = "registry/keys/approval.pub"  # what loaders pin; env MLNB_APPROVAL_PUBLIC_KEY overrides
     bootstrap_auto_approve: bool = True    # first version of a model: approve and make champion if every gate passes
     incomplete_after_seconds: float = Field(600, ge=0)   # tracking server: a version still incomplete this long after its creation was a crashed registration
     gates: GatesConfig = GatesConfig()
@@ -406,6 +408,7 @@ class ServeConfig(_Strict):
     prefer_quantized: bool = False                  # serve model.int8.onnx when the version has one
     reload_poll_seconds: float = Field(30.0, ge=0)  # how often to check the alias; 0: only POST /admin/reload
     model_cache_dir: str = "serving/models"
+    model_cache_key: str = "registry/keys/model-cache.key"   # HMAC key of the cache's verified-*.json records, kept outside the cache; env MLNB_MODEL_CACHE_KEY
     access_log: bool = True
     cache: CacheConfig = CacheConfig()
     prediction_log: PredictionLogConfig = PredictionLogConfig()

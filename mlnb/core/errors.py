@@ -10,8 +10,9 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['MlnbError', 'redact_credentials', 'ConfigError', 'InitRefused', 'DataError', 'AccessDenied', 'SignatureError',
            'SignatureMissing', 'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing', 'ParityError',
-           'RegistryError', 'RegistryUnreachable', 'BundleError', 'BatchError', 'StageFailed', 'RetrainError',
-           'ReproCheckError', 'ServerError', 'RequestError', 'RolloutError', 'LogKeyError', 'AuditError']
+           'RegistryError', 'RegistryUnreachable', 'NotApproved', 'ApprovalInvalid', 'BundleError', 'BatchError',
+           'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError', 'RequestError', 'RolloutError',
+           'LogKeyError', 'AuditError']
 
 # %% ../../nbs/01_core/02_errors.ipynb #cf53716b
 class MlnbError(Exception):
@@ -77,6 +78,15 @@ class RegistryError(MlnbError):
 # %% ../../nbs/01_core/02_errors.ipynb #33dcee85
 class RegistryUnreachable(RegistryError):
     "The registry could not be asked at all (down, unreachable, timed out): no answer, as opposed to an answer of no."
+
+# %% ../../nbs/01_core/02_errors.ipynb #d4de644b
+class NotApproved(RegistryError):
+    "A version that is not approved (candidate, rejected) or carries no approval attestation: it is not loaded."
+    http_status = 409
+
+# %% ../../nbs/01_core/02_errors.ipynb #0994383f
+class ApprovalInvalid(NotApproved, SignatureError):
+    "An approval attestation that does not verify: files edited, added or removed after approval, another key, or a record of another version."
 
 # %% ../../nbs/01_core/02_errors.ipynb #6c6d8be1
 class BundleError(MlnbError, ValueError):

@@ -6,15 +6,17 @@ Docs: https://mlnb.github.io/mlnb/05_model/signing.html.md"""
 
 # %% ../../nbs/05_model/02_signing.ipynb #b65a7ca0
 from __future__ import annotations
-import base64, hashlib, json, os
+import base64, contextlib, hashlib, json, os, shutil, tempfile, time
 from pathlib import Path
 
 from ..core.config import staged_outputs
-from ..core.errors import ModifiedAfterSigning, SignatureError, SignatureMissing, SignedWithOtherKey, SigningKeyMissing
+from ..core.errors import (ApprovalInvalid, ModifiedAfterSigning, NotApproved, SignatureError, SignatureMissing, SignedWithOtherKey,
+                              SigningKeyMissing)
 from .onnx import OnnxModel
 
 # %% auto #0
-__all__ = ['ensure_signing_key', 'key_fingerprint', 'signature_path', 'sign_model', 'verify_model', 'load_verified', 'unverified']
+__all__ = ['APPROVAL', 'APPROVAL_SIGNATURE', 'ensure_signing_key', 'key_fingerprint', 'signature_path', 'sign_model',
+           'verify_model', 'load_verified', 'unverified', 'private_copy', 'attest_approval', 'verify_approval']
 
 # %% ../../nbs/05_model/02_signing.ipynb #e58076f3
 def _create_new(path: Path, data: bytes, mode: int) -> None:
@@ -117,3 +119,102 @@ def unverified(model_path: Path, public_key: str | Path, signature: Path, error:
     if digests and actual and actual not in digests:
         return ModifiedAfterSigning(f"{failed}: the file was modified after signing")
     return SignatureError(f"{failed}: {(str(error).splitlines() or [type(error).__name__])[0]}")
+
+# %% ../../nbs/05_model/02_signing.ipynb #4e835c4e
+APPROVAL, APPROVAL_SIGNATURE = "approval.json", "approval.sig"   # in a version's directory, beside its files
+
+def _sha256(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
+
+def _bundle_files(directory: Path) -> dict[str, str]:
+    "Every file of a version's directory (relative POSIX name → SHA-256), the approval's own two left out; a symlink is refused."
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_symlink(): raise ApprovalInvalid(f"{directory}: {p.relative_to(directory)} is a symbolic link; a bundle holds regular files only")
+        if p.is_file() and p.relative_to(directory).as_posix() not in (APPROVAL, APPROVAL_SIGNATURE):
+            out[p.relative_to(directory).as_posix()] = _sha256(p.read_bytes())
+    return out
+
+def _attestation_hashing():
+    "How the approval hashes a directory: every file, git's files included, only the signature itself left out."
+    import model_signing
+    return model_signing.hashing.Config().set_ignored_paths(paths=[APPROVAL_SIGNATURE], ignore_git_paths=False)
+
+def _changes(directory: Path, record_path: Path) -> str | None:
+    "What differs between a directory and the files its approval record lists, in words (None when nothing can be said)."
+    try: approved, actual = json.loads(record_path.read_text())["files"], _bundle_files(directory)
+    except (OSError, ValueError, KeyError, TypeError, ApprovalInvalid): return None
+    if not isinstance(approved, dict): return None
+    changed = sorted(k for k in actual.keys() & approved.keys() if actual[k] != approved[k])
+    kinds = (("changed after approval", changed), ("added", sorted(actual.keys() - approved.keys())),
+             ("removed", sorted(approved.keys() - actual.keys())))
+    return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds if names) or None
+
+# %% ../../nbs/05_model/02_signing.ipynb #3b164c50
+@contextlib.contextmanager
+def private_copy(*sources: str | Path):
+    """A private directory (mode 0700, removed after) holding a copy of `sources`: one directory's files, or single files
+    (missing ones skipped). What is verified and what is loaded are then the same bytes: nobody else can change them
+    between the check and the load."""
+    root = Path(tempfile.mkdtemp(prefix="mlnb-verified-"))        # mkdtemp: 0700, a name no one can guess
+    try:
+        if len(sources) == 1 and Path(sources[0]).is_dir():
+            target = root / "bundle"
+            shutil.copytree(sources[0], target, symlinks=True)       # a link stays a link, and the check refuses it
+        else:
+            target = root
+            for s in map(Path, sources):
+                if s.is_file() and not s.is_symlink(): shutil.copyfile(s, root / s.name)
+        yield target
+    finally: shutil.rmtree(root, ignore_errors=True)
+
+# %% ../../nbs/05_model/02_signing.ipynb #f4e0125c
+def attest_approval(directory: str | Path, approval_key: str | Path, *, name: str, version: str, run_id: str | None,
+                    onnx_sha256: str, approver: str, reason: str, policy: str | None = None) -> tuple[Path, Path]:
+    """Record an approval of the version in `directory` (`approval.json`: who approved which model, version and ONNX
+    SHA-256, when, why, under which policy, and every file's digest) and sign the whole directory with the approver's
+    key (`approval.sig`, OpenSSF model-signing). Returns both paths."""
+    import model_signing
+    directory = Path(directory)
+    onnx = directory / "model.onnx"
+    if not onnx.is_file(): raise SignatureMissing(f"{directory}: no model.onnx to approve")
+    actual = _sha256(onnx.read_bytes())
+    if actual != onnx_sha256:
+        raise ModifiedAfterSigning(f"{directory}/model.onnx: SHA-256 {actual[:12]}… is not the registered {onnx_sha256[:12]}…; not approving it")
+    for stale in (APPROVAL, APPROVAL_SIGNATURE): (directory / stale).unlink(missing_ok=True)
+    record = {"kind": "mlnb.approval/v1", "model": name, "version": str(version), "run_id": run_id, "onnx_sha256": onnx_sha256,
+              "approved_by": approver, "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason,
+              "policy": policy, "files": _bundle_files(directory)}
+    (directory / APPROVAL).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    with tempfile.TemporaryDirectory() as d:                       # the signature is written outside the tree it hashes
+        signature = Path(d) / APPROVAL_SIGNATURE
+        (model_signing.signing.Config().use_elliptic_key_signer(private_key=Path(approval_key))
+         .set_hashing_config(_attestation_hashing()).sign(directory, signature))
+        shutil.move(signature, directory / APPROVAL_SIGNATURE)
+    return directory / APPROVAL, directory / APPROVAL_SIGNATURE
+
+# %% ../../nbs/05_model/02_signing.ipynb #f8494739
+def verify_approval(directory: str | Path, approval_public_key: str | Path, *, name: str, version: str,
+                    onnx_sha256: str | None = None) -> dict:
+    """The approval record of the version in `directory`, once its attestation verifies against the pinned
+    `approval_public_key` over the whole directory (an edited, added or removed file fails) and names this model, this
+    version and the ONNX SHA-256 (`onnx_sha256`: the registry's `mlnb.onnx_sha256` tag, when known). Raises
+    `NotApproved` when there is no attestation, `ApprovalInvalid` when it does not verify. Call it on a `private_copy`."""
+    import model_signing
+    directory, label = Path(directory), f"{name} v{version}"
+    record_path, signature = directory / APPROVAL, directory / APPROVAL_SIGNATURE
+    if not record_path.is_file() or not signature.is_file():
+        raise NotApproved(f"{label}: no approval attestation ({APPROVAL}, {APPROVAL_SIGNATURE}): it was never approved by an approver's key")
+    if not Path(approval_public_key).is_file(): raise ApprovalInvalid(f"{label}: approval public key {approval_public_key} not found")
+    try:
+        (model_signing.verifying.Config().use_elliptic_key_verifier(public_key=Path(approval_public_key))
+         .set_hashing_config(_attestation_hashing()).verify(directory, signature))
+    except Exception as e:
+        hint, ours = _signed(signature)[0], _key_hint(approval_public_key)
+        why = ("it was signed with a key other than the configured approval key" if hint and ours and hint != ours
+               else _changes(directory, record_path) or (str(e).splitlines() or [type(e).__name__])[0][:300])
+        raise ApprovalInvalid(f"{label}: approval attestation does not verify: {why}") from None
+    record = json.loads(record_path.read_text())
+    expected = {"model": name, "version": str(version)} | ({"onnx_sha256": onnx_sha256} if onnx_sha256 else {})
+    wrong = {k: record.get(k) for k, v in expected.items() if record.get(k) != v}
+    if wrong: raise ApprovalInvalid(f"{label}: the approval attestation is for {wrong}, not { {k: expected[k] for k in wrong}}")
+    return record

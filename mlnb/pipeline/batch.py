@@ -293,18 +293,20 @@ def summarize(output: Path, pieces: list[Piece], batch_id: str, model: str, ran:
 # %% ../../nbs/11_pipeline/02_batch.ipynb #6e77a242
 def load_model(cfg, reference: str | None = None, threads: int = 1, user: str | None = None):
     "The model a reference names (default: `serve.model` or `<name>@champion`), verified against the configured public key."
-    from mlnb.registry.store import Registry, signing_keys
+    from mlnb.registry.store import Registry, approval_keys, signing_keys
     from mlnb.serving.runtime import ModelRef, load_registered, load_served_model
     ref = ModelRef.parse(reference or cfg.serve.model or f"{cfg.model_name}@champion", default_name=cfg.model_name)
     public_key = signing_keys(cfg)[1]
     if ref.is_file:
         if not ref.path.exists(): raise BatchError(f"model file {ref.path} not found")
         return load_served_model(ref.path, public_key, threads=threads)
-    return load_registered(Registry.from_config(cfg, user), ref, public_key, cfg.serve.model_cache_dir, threads=threads)
+    return load_registered(Registry.from_config(cfg, user), ref, public_key, cfg.serve.model_cache_dir, threads=threads,
+                           approval_key=approval_keys(cfg)[1])
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #27ae771e
 def verified_bytes(model) -> bytes:
-    "The model file's bytes, checked against the SHA-256 of the file whose signature was verified."
+    "The model's verified bytes (the ones ONNX Runtime loaded); for a model without them, the file's, checked against their SHA-256."
+    if getattr(model, "data", None) is not None: return model.data
     data = Path(model.path).read_bytes()
     if hashlib.sha256(data).hexdigest() != model.sha256: raise BatchError(f"{model.path} changed after its signature was verified")
     return data

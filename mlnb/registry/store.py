@@ -17,7 +17,7 @@ import pandas as pd
 from ..core.access import AccessDenied, Identity, Users, identify
 from ..core.audit import AuditLog
 from ..core.config import Config, Paths, default_metric, file_md5, params_hash, write_json
-from ..core.errors import ConfigError, RegistryError, RegistryUnreachable
+from ..core.errors import ConfigError, NotApproved, RegistryError, RegistryUnreachable
 from ..model.bundle import (ARTIFACT_DIR, FILES, Evaluation, Lineage, Registration, VersionBundle, VersionFacts,
                                artifact_path, output_scores, save_scores)
 
@@ -25,7 +25,7 @@ from ..model.bundle import (ARTIFACT_DIR, FILES, Evaluation, Lineage, Registrati
 __all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'FAIRNESS_NOT_MEASURED',
            'LINEAGE_CHAIN', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates', 'fairness_attributes',
            'fairness_gates', 'run_gates', 'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys',
-           'pipeline_bundle', 'register_outputs']
+           'approval_keys', 'pipeline_bundle', 'register_outputs']
 
 # %% ../../nbs/07_registry/01_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
@@ -236,7 +236,8 @@ def _not_found(error) -> bool:
 # %% ../../nbs/07_registry/01_registry.ipynb #93190c3b
 class Registry:
     "One registered model on an MLflow registry, acted on by one identity, every action audited."
-    def __init__(self, uri: str, name: str, audit: AuditLog, identity: Identity, experiment: str = "mlnb", incomplete_after_seconds: float = 600):
+    def __init__(self, uri: str, name: str, audit: AuditLog, identity: Identity, experiment: str = "mlnb", incomplete_after_seconds: float = 600,
+                 approval_keys: tuple[Path, Path] | None = None):
         from mlflow import MlflowClient
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -246,12 +247,13 @@ class Registry:
         self.lock = _local_store_lock(uri)
         self.on_server = isinstance(self.lock, contextlib.nullcontext)   # no lock across clients: alias moves are claimed instead
         self.move_claim_seconds = 120.0                                  # a claimed alias move not completed this long after was a crash
+        self.approval_keys = approval_keys or _default_approval_keys()   # (private, public): approving signs with the first
 
     @classmethod
     def from_config(cls, cfg: Config, user: str | None = None, secret: str | None = None) -> "Registry":
         identity = identify(Users.load(cfg.registry.users, cfg.registry.users_secrets), user, secret)
         return cls(cfg.registry_uri, cfg.model_name, AuditLog.from_config(cfg), identity, cfg.train.experiment,
-                   cfg.registry.incomplete_after_seconds)
+                   cfg.registry.incomplete_after_seconds, approval_keys(cfg))
 
     def _require(self, action: str, version: str | None = None) -> None:
         try: self.identity.require(action)
@@ -351,10 +353,7 @@ class Registry:
                 except SignatureError as e: signature_error = str(e)
                 champion = self.alias("champion")
                 champ = None
-                if champion is not None:
-                    champ_dir = Path(staging) / "champion"; champ_dir.mkdir()
-                    champ_onnx = self.client.download_artifacts(champion.run_id, artifact_path("onnx"), str(champ_dir))
-                    champ = (champion.version, OnnxModel(champ_onnx))
+                if champion is not None: champ = (champion.version, self._verified_champion(champion, public_key))
                 gates = gates_fn(OnnxModel(staged.path("onnx")), champ, signature_error)
                 run = self.client.create_run(self._experiment_id(), run_name=f"register-{self.name}",
                                              tags={"mlnb.stage": "register", "mlnb.model": self.name, "mlnb.onnx_sha256": sha})
@@ -387,7 +386,49 @@ class Registry:
             self.client.set_model_version_tag(self.name, version, COMPLETE, "complete")
             return self.get(version), True
 
+    def _verified_champion(self, champion: Version, public_key: Path) -> OnnxModel:
+        """The champion's graph for the quality gate, loaded like a server loads it: approval attestation over its whole
+        directory and build signature verified on one private copy, whose bytes are what ONNX Runtime gets. A champion
+        that does not verify stops the registration: no gate is judged against an unverified reference."""
+        from mlnb.model.onnx import OnnxModel
+        from mlnb.model.signing import SignatureError, private_copy, verify_approval, verify_model
+        try:
+            sha = champion.tags.get("mlnb.onnx_sha256")
+            if champion.status != "approved": raise NotApproved(f"{self.name} v{champion.version} is {champion.status}, not approved")
+            with tempfile.TemporaryDirectory() as d, private_copy(self.download(champion.version, d)) as private:
+                approval = verify_approval(private, self.approval_keys[1], name=self.name, version=champion.version, onnx_sha256=sha)
+                verify_model(private / FILES["onnx"], public_key)
+                data = (private / FILES["onnx"]).read_bytes()
+                if hashlib.sha256(data).hexdigest() != approval["onnx_sha256"]: raise NotApproved(f"{self.name} v{champion.version}: model.onnx is not the approved file")
+                return OnnxModel(data)
+        except (NotApproved, SignatureError) as e:
+            raise NotApproved(f"the champion {self.name} v{champion.version} does not verify, so the quality gate has no trustworthy "
+                              f"reference; nothing was registered: {e}") from None
+
     # --- approval, promotion, rollback
+
+    def _attestation(self, v: Version) -> bool:
+        "Whether the version's run holds an approval attestation (`model/approval.sig`)."
+        from mlnb.model.signing import APPROVAL_SIGNATURE
+        return any(Path(f.path).name == APPROVAL_SIGNATURE for f in self.client.list_artifacts(v.run_id, ARTIFACT_DIR))
+
+    def _attest(self, v: Version, approver: str, reason: str, policy: str | None = None) -> None:
+        """Sign the approval of `v` with the approver key over its whole model directory (`attest_approval`) and log
+        `approval.json` and `approval.sig` beside its files; the key pair is made on first use, never over a public key."""
+        from mlnb.model.signing import APPROVAL, APPROVAL_SIGNATURE, attest_approval, ensure_signing_key, key_fingerprint
+        private, public = self.approval_keys
+        if ensure_signing_key(private, public):
+            self.audit.append(self.identity.name, "approval-key-created", fingerprint=key_fingerprint(public), path=str(public))
+        sha = v.tags.get("mlnb.onnx_sha256")
+        if not sha: raise RegistryError(f"{self.name} v{v.version} has no mlnb.onnx_sha256 tag; it cannot be approved")
+        with tempfile.TemporaryDirectory() as d:
+            model_dir = self.download(v.version, d)
+            record, signature = attest_approval(model_dir, private, name=self.name, version=v.version, run_id=v.run_id,
+                                                onnx_sha256=sha, approver=approver, reason=reason, policy=policy)
+            with tempfile.TemporaryDirectory() as up:
+                for f in (record, signature): shutil.copy(f, Path(up) / f.name)
+                self.client.log_artifacts(v.run_id, up, ARTIFACT_DIR)
+        self.client.set_model_version_tag(self.name, v.version, "mlnb.approval_key", key_fingerprint(public))
 
     def _decide(self, version: str, status: str, reason: str, force: bool) -> Version:
         action = "approve" if status == "approved" else "reject"
@@ -396,12 +437,15 @@ class Registry:
         with self.lock:
             v = self.get(version)
             if v.status == "rejected": raise RegistryError(f"{self.name} v{version} was rejected ({v.tags.get('mlnb.decision_reason')}); that is final")
-            if v.status == "approved" and status == "approved": return v
+            if v.status == "approved" and status == "approved":
+                if not self._attestation(v): self._attest(v, self.identity.name, reason)   # approved before attestations existed
+                return self.get(version)
             if status == "approved" and not v.gates_passed and not force:
                 failed = "; ".join(f"{g['name']}: {g['detail']}" for g in v.gates if not g["passed"])
                 raise RegistryError(f"{self.name} v{version} failed its gates ({failed}); approve with --force to override")
             if status == "rejected" and v.aliases:
                 raise RegistryError(f"{self.name} v{version} holds alias(es) {v.aliases}; roll back or move them first")
+            if status == "approved": self._attest(v, self.identity.name, reason)   # signed first: no approved status without it
             for k, val in {STATUS: status, "mlnb.decided_by": self.identity.name, "mlnb.decision_reason": reason,
                            "mlnb.decided_at": _now(), "mlnb.gates_overridden": str(force and not v.gates_passed).lower()}.items():
                 self.client.set_model_version_tag(self.name, str(version), k, val)
@@ -560,6 +604,7 @@ class Registry:
         with self.lock:
             v = self.get(version)
             if not v.gates_passed: raise RegistryError(f"{self.name} v{version} failed its gates; the {policy} policy cannot approve it")
+            self._attest(v, policy, reason, policy)     # the pipeline holds the approval key when a policy auto-approves
             for k, val in {STATUS: "approved", "mlnb.decided_by": policy, "mlnb.decided_at": _now(), "mlnb.decision_reason": reason}.items():
                 self.client.set_model_version_tag(self.name, str(version), k, val)
             self.audit.append(policy, "approve", model=self.name, version=str(version), on_behalf_of=self.identity.name, reason=reason)
@@ -619,14 +664,24 @@ class Registry:
         return Path(self.client.download_artifacts(v.run_id, ARTIFACT_DIR, str(dst)))
 
     def fetch(self, version, cache_dir: str | Path) -> Path:
-        "The version's directory in the local cache (`cache_dir/<model>/<version>`), downloaded whole first if absent."
-        final = Path(cache_dir) / self.name / str(version)
-        if (final / FILES["onnx"]).exists():
+        """The version's directory in the local cache (`cache_dir/<model>/<version>`), downloaded whole first if absent, or
+        again if the copy there predates its approval (no `approval.sig`). The model name and version are checked to be
+        plain names and the directory to lie inside the cache: no path is built from a name."""
+        from mlnb.model.signing import APPROVAL_SIGNATURE
+        version = str(version)
+        if not version.isdigit(): raise RegistryError(f"model {self.name!r}: version {version!r} is not a number")
+        root = Path(cache_dir).resolve()
+        final = Path(cache_dir) / self.name / version
+        if final.resolve().parent.parent != root or ".." in self.name or "/" in self.name:
+            raise RegistryError(f"model name {self.name!r}: its cache directory {final} would lie outside the cache {root}")
+        if (final / FILES["onnx"]).exists() and (final / APPROVAL_SIGNATURE).exists():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
         try:
             model_dir = self.download(version, tmp)
+            if final.exists() and not (final / APPROVAL_SIGNATURE).exists():   # fetched before it was approved: replace it
+                os.replace(final, tmp / "stale")
             try: os.replace(model_dir, final)
             except OSError:                       # another process fetched it first
                 if not (final / FILES["onnx"]).exists():
@@ -643,6 +698,15 @@ class Registry:
 # %% ../../nbs/07_registry/01_registry.ipynb #bcd40c13
 def signing_keys(cfg: Config) -> tuple[Path, Path]:
     return (Path(os.environ.get("MLNB_SIGNING_KEY", cfg.registry.signing_key)), Path(os.environ.get("MLNB_PUBLIC_KEY", cfg.registry.public_key)))
+
+def approval_keys(cfg: Config | None = None) -> tuple[Path, Path]:
+    """The approver's key pair (private, public): `registry.approval_key` / `approval_public_key`, or MLNB_APPROVAL_KEY /
+    MLNB_APPROVAL_PUBLIC_KEY. A different pair from the build signing key: the pipeline signs builds, approvers approve."""
+    from mlnb.core.config import RegistryConfig
+    r = cfg.registry if cfg is not None else RegistryConfig()
+    return (Path(os.environ.get("MLNB_APPROVAL_KEY", r.approval_key)), Path(os.environ.get("MLNB_APPROVAL_PUBLIC_KEY", r.approval_public_key)))
+
+def _default_approval_keys() -> tuple[Path, Path]: return approval_keys(None)
 
 # %% ../../nbs/07_registry/01_registry.ipynb #000b994f
 def _records(path: Path) -> list[dict]:

@@ -152,12 +152,21 @@ def denial_reply(denial: Denial) -> Reply:
     return status, body, content_type, [(b"www-authenticate", b'Bearer realm="mlnb"')] if status == 401 else []
 
 # %% ../../nbs/08_serving/08_app.ipynb #bf15e7c3
+def _approval_public_key(cfg: Config) -> Path:
+    "The approval public key every registered version must be attested by (`registry.approval_public_key`, env MLNB_APPROVAL_PUBLIC_KEY)."
+    return Path(os.environ.get("MLNB_APPROVAL_PUBLIC_KEY", cfg.registry.approval_public_key))
+
+def _model_cache_key(cfg: Config) -> Path:
+    "The HMAC key of the model cache's records (`serve.model_cache_key`, env MLNB_MODEL_CACHE_KEY), outside the cache."
+    return Path(os.environ.get("MLNB_MODEL_CACHE_KEY", cfg.serve.model_cache_key))
+
 class ModelServer:
     """One served model and everything around it: the cache, the micro-batcher, the logs, the metrics, the rollout's
     `Traffic` and access control. Handlers only parse a request, call it, and shape the answer."""
     def __init__(self, cfg: Config, ref: ModelRef, public_key: str | Path, model: ServedModel | None = None,
                  registry=None):
         self.cfg, self.serve, self.ref, self.public_key = cfg, cfg.serve, ref, Path(public_key)
+        self.approval_key, self.cache_key = _approval_public_key(cfg), _model_cache_key(cfg)   # pinned here, never from the artifact
         self.model, self.registry = model, registry
         self.metrics = ServeMetrics()
         self.metrics.add_collector(MonitorCollector(Path(cfg.monitor.output_dir) / "latest.json"))  # `mlnb monitor`'s
@@ -254,7 +263,7 @@ class ModelServer:
             from mlnb.registry.store import Registry
             self.registry = Registry.from_config(self.cfg)
         return load_registered(self.registry, ref, self.public_key, s.model_cache_dir, s.prefer_quantized,
-                               s.onnx_threads, s.max_rows, version)
+                               s.onnx_threads, s.max_rows, version, approval_key=self.approval_key, record_key=self.cache_key)
 
     def load_at_start(self) -> ServedModel:
         "The reference's model; if the registry cannot be reached, the version last verified here, verified again."
@@ -263,7 +272,8 @@ class ModelServer:
         try: model = self.load()
         except RegistryUnreachable as e:
             s = self.serve
-            model = load_last_verified(self.ref, self.public_key, s.model_cache_dir, e, s.onnx_threads, s.max_rows)
+            model = load_last_verified(self.ref, self.public_key, s.model_cache_dir, e, s.onnx_threads, s.max_rows,
+                                       approval_key=self.approval_key, record_key=self.cache_key)
             self._registry_answered(e)
             log.warning("%s; serving version %s of %s, last verified in %s, until it answers",
                         e, model.version, self.ref, s.model_cache_dir)

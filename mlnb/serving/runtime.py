@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/08_serving/runtime.html.md"""
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #ec9a572e
 from __future__ import annotations
-import asyncio, contextlib, hashlib, itertools, json, marshal, os, shutil, struct, tempfile, time
+import asyncio, contextlib, hashlib, hmac, itertools, json, marshal, os, re, shutil, struct, tempfile, time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,9 +15,9 @@ import numpy as np
 from cachetools import LRUCache
 
 from ..model.bundle import FILES, VersionBundle, file_version
-from ..core.errors import ConfigError
+from ..core.errors import ApprovalInvalid, ConfigError, NotApproved, SignatureError
 from ..model.onnx import OnnxModel
-from ..model.signing import load_verified
+from ..model.signing import private_copy, signature_path, verify_approval, verify_model
 from .protocol import Contract, columns_from_rows, contract_from
 
 # %% auto #0
@@ -26,6 +26,18 @@ __all__ = ['ModelRef', 'file_sha256', 'ServedModel', 'warm_up_row', 'warm_up', '
            'PredictionCache', 'stack_rows', 'MicroBatcher']
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #64417d32
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")    # no '/', no '\\', no '..': never a path
+_ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+def _checked(text: str, name: str | None, alias: str | None = None) -> tuple[str | None, str | None]:
+    "`name` and `alias` of reference `text`, if each is a valid name; a `ConfigError` naming the part otherwise."
+    if name is not None and (not _MODEL_NAME.fullmatch(name) or ".." in name):
+        raise ConfigError(f"model reference {text!r}: {name!r} is not a model name (letters, digits, '_', '-' and '.', "
+                          "no '..' and no path separator)")
+    if alias is not None and not _ALIAS.fullmatch(alias):
+        raise ConfigError(f"model reference {text!r}: {alias!r} is not an alias (a letter, then letters, digits, '_' or '-')")
+    return name, alias
+
 @dataclass(frozen=True)
 class ModelRef:
     "A registered model by alias or version, or an ONNX file."
@@ -36,19 +48,20 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str, default_name: str | None = None) -> "ModelRef":
+        "A reference from its text; a registered model's name and alias must be plain names: a path is never built from them."
         text = text.strip()
         if not text.startswith("models:/") and (text.endswith(".onnx") or Path(text).is_file()): return cls(path=Path(text))
-        text = text.removeprefix("models:/")
+        original, text = text, text.removeprefix("models:/")
         if "@" in text:
             name, alias = text.split("@", 1)
             if not alias: raise ConfigError(f"model reference {text!r}: nothing after '@' (expected an alias such as champion)")
-            return cls(name=name or default_name, alias=alias)
+            return cls(*_checked(original, name or default_name, alias))
         if "/" in text:
-            name, version = text.split("/", 1)
+            name, version = text.rsplit("/", 1)
             if not version.isdigit(): raise ConfigError(f"model reference {text!r}: version {version!r} is not a number")
-            return cls(name=name or default_name, version=version)
+            return cls(name=_checked(original, name or default_name)[0], version=version)
         if not text: raise ConfigError("empty model reference")
-        return cls(name=text, alias="champion")
+        return cls(*_checked(original, text, "champion"))
 
     @property
     def is_file(self) -> bool: return self.path is not None
@@ -74,7 +87,9 @@ class ServedModel:
     sha256: str
     load_seconds: float = 0.0
     classes: list[str] | None = None
-    path: Path | None = None         # the verified ONNX file
+    path: Path | None = None         # where the verified ONNX file was read from (the bytes are `data`)
+    data: bytes | None = field(default=None, repr=False)   # the verified bytes ONNX Runtime loaded (batch workers get these)
+    approval: dict | None = field(default=None, repr=False)   # the verified approval record (a registered version)
 
     @property
     def task(self) -> str: return "classification" if "probabilities" in self.onnx.outputs else "regression"
@@ -114,23 +129,42 @@ def warm_up(model: ServedModel, batch_sizes=(1, 2, 8, 32, 256), repeats: int = 2
         for _ in range(repeats if rows == 1 else 2): model.infer(columns)
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #36140f67
-def load_served_model(model_path: str | Path, public_key: str | Path, name: str | None = None, version: str | None = None,
-                      source: str | None = None, schema_path: str | Path | None = None, threads: int = 1, max_rows: int = 1000) -> ServedModel:
-    "Verify, load and warm up an ONNX file; the schema defaults to the bundle's schema file beside it (`schema.yaml`)."
+def _load_private(model_path: Path, public_key: str | Path, name: str | None, version: str | None, source: str | None,
+                  schema_path: Path | None, threads: int, max_rows: int, sha256: str | None = None,
+                  origin: Path | None = None, approval: dict | None = None) -> ServedModel:
+    """Load an ONNX file from a private copy: its build signature verified there, its bytes read once, hashed (and
+    compared with `sha256`, an approval's digest) and handed to ONNX Runtime as bytes."""
     from mlnb.data.schema import load_schema
     start = time.perf_counter()
-    model_path = Path(model_path)
-    onnx = load_verified(model_path, public_key, threads=threads)
-    schema_path = Path(schema_path) if schema_path else model_path.parent / FILES["schema"]
-    schema = load_schema(schema_path) if schema_path.exists() else None
-    sha = file_sha256(model_path)
-    name = name or onnx.metadata.get("model_name") or model_path.stem
+    try: verify_model(model_path, public_key)
+    except SignatureError as e:               # name the file the caller gave, not the private copy
+        raise type(e)(str(e).replace(str(model_path.parent), str((origin or model_path).parent))) from None
+    data = model_path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and sha != sha256:
+        raise ApprovalInvalid(f"{origin or model_path}: SHA-256 {sha[:12]}… is not the approved {sha256[:12]}…; not loading it")
+    onnx = OnnxModel(data, threads=threads)
+    schema = load_schema(schema_path) if schema_path is not None and schema_path.exists() else None
+    origin = origin or model_path
+    name = name or onnx.metadata.get("model_name") or origin.stem
     classes = json.loads(onnx.metadata["classes"]) if "classes" in onnx.metadata else None
-    served = ServedModel(name, version or file_version(model_path, sha), source or str(model_path), onnx,
-                         contract_from(onnx.inputs, schema, name, max_rows), sha, classes=[str(c) for c in classes] if classes else None, path=model_path)
+    served = ServedModel(name, version or file_version(origin, sha), source or str(origin), onnx,
+                         contract_from(onnx.inputs, schema, name, max_rows), sha, classes=[str(c) for c in classes] if classes else None,
+                         path=origin, data=data, approval=approval)
     warm_up(served)
     served.load_seconds = time.perf_counter() - start
     return served
+
+def load_served_model(model_path: str | Path, public_key: str | Path, name: str | None = None, version: str | None = None,
+                      source: str | None = None, schema_path: str | Path | None = None, threads: int = 1, max_rows: int = 1000) -> ServedModel:
+    """Verify, load and warm up an ONNX file; the schema defaults to the bundle's schema file beside it (`schema.yaml`).
+    The file, its signature and the schema are copied into a private directory first: what is verified is what loads."""
+    model_path = Path(model_path)
+    schema_path = Path(schema_path) if schema_path else model_path.parent / FILES["schema"]
+    with private_copy(model_path, signature_path(model_path)) as private:
+        if schema_path.is_file(): shutil.copyfile(schema_path, private / ".schema.yaml")
+        return _load_private(private / model_path.name, public_key, name, version, source, private / ".schema.yaml",
+                             threads, max_rows, origin=model_path)
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #5a06efcd
 @contextlib.contextmanager
@@ -152,57 +186,104 @@ def fetch_version(registry, version: str, cache_dir: str | Path) -> Path:
     with asking(registry): return registry.fetch(version, cache_dir)
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #a1023dcc
-def resolve_version(registry, ref: ModelRef) -> str:
-    "The version number an alias or version reference points at now."
+def _resolve(registry, ref: ModelRef, version: str | None = None):
+    "The registry's `Version` that `ref` (or `version`) names now."
     from mlnb.registry.store import RegistryError
     with asking(registry):
-        if ref.version: return registry.get(ref.version).version
+        if version or ref.version: return registry.get(version or ref.version)
         held = registry.alias(ref.alias)
     if held is None: raise RegistryError(f"model {registry.name!r} has no version with alias {ref.alias!r}")
-    return held.version
+    return held
+
+def resolve_version(registry, ref: ModelRef) -> str:
+    "The version number an alias or version reference points at now."
+    return _resolve(registry, ref).version
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #46b1634f
+def _approved_status(v, name: str) -> str:
+    "The version's ONNX SHA-256 tag, once its registry status says approved; `NotApproved` naming the status otherwise."
+    status = getattr(v, "status", None)
+    if status == "rejected":
+        raise NotApproved(f"{name} v{v.version} was rejected ({v.tags.get('mlnb.decision_reason', 'no reason recorded')}); it is never loaded")
+    if status != "approved":
+        raise NotApproved(f"{name} v{v.version} is {status}, not approved: an approver must approve it before it is served, rolled out or used as a reference")
+    sha = (v.tags or {}).get("mlnb.onnx_sha256")
+    if not sha: raise NotApproved(f"{name} v{v.version} has no mlnb.onnx_sha256 tag: not a completely registered version")
+    return sha
+
 def load_registered(registry, ref: ModelRef, public_key: str | Path, cache_dir: str | Path, prefer_quantized: bool = False,
-                    threads: int = 1, max_rows: int = 1000, version: str | None = None) -> ServedModel:
-    "Resolve `ref` (or take `version`), fetch it and load it verified."
-    version = version or resolve_version(registry, ref)
-    bundle = VersionBundle.load(fetch_version(registry, version, cache_dir), name=registry.name, version=str(version))
-    model = load_served_model(bundle.onnx_path(prefer_quantized), public_key, registry.name, str(version),
-                              f"{registry.name}/{version} ({ref})",
-                              bundle.schema_path, threads=threads, max_rows=max_rows)
-    remember_verified(model, ref, cache_dir)
+                    threads: int = 1, max_rows: int = 1000, version: str | None = None, *, approval_key: str | Path,
+                    record_key: str | Path | None = None) -> ServedModel:
+    """Resolve `ref` (or take `version`), check the registry calls it approved, fetch it, and load it only if its approval
+    attestation verifies against `approval_key` over the whole directory, names this version and the registry's SHA-256 tag,
+    and the graph's build signature verifies against `public_key`: all on one private copy, whose bytes are what loads.
+    `record_key`: the HMAC key of the cache's record of it (for `load_last_verified`); None keeps no record."""
+    if ref.name is not None and ref.name != registry.name:
+        raise ConfigError(f"model reference {ref}: this registry holds model {registry.name!r}, not {ref.name!r}")
+    v = _resolve(registry, ref, version)
+    sha = _approved_status(v, registry.name)
+    directory = fetch_version(registry, v.version, cache_dir)
+    graph = FILES["onnx_int8"] if prefer_quantized and (directory / FILES["onnx_int8"]).exists() else FILES["onnx"]
+    with private_copy(directory) as private:
+        approval = verify_approval(private, approval_key, name=registry.name, version=str(v.version), onnx_sha256=sha)
+        model = _load_private(private / graph, public_key, registry.name, str(v.version), f"{registry.name}/{v.version} ({ref})",
+                              private / FILES["schema"], threads, max_rows, approval["files"].get(graph), directory / graph, approval)
+    if record_key is not None: remember_verified(model, ref, cache_dir, record_key)
     return model
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #906f1779
 def verified_record(cache_dir: str | Path, ref: ModelRef) -> Path:
-    "Where the version of `ref` last verified on this machine is recorded."
+    "Where the version of `ref` last verified on this machine is recorded (the name checked: it never leaves the cache)."
+    _checked(str(ref), ref.name, ref.alias)
     return Path(cache_dir) / ref.name / f"verified-{ref.alias or ref.version}.json"
 
+def _record_key(path: str | Path) -> bytes:
+    "The server-local HMAC key of the cache's records, made (32 random bytes, 0600) on first use; it lives outside the cache."
+    from mlnb.model.signing import _create_new
+    path = Path(path)
+    if not path.exists():
+        try: _create_new(path, os.urandom(32), 0o600)
+        except FileExistsError: pass
+    return path.read_bytes()
+
+def _record_mac(record: dict, key: bytes) -> str:
+    body = json.dumps({k: v for k, v in record.items() if k != "hmac"}, sort_keys=True).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
 # %% ../../nbs/08_serving/02_runtime.ipynb #59bbbdf4
-def remember_verified(model: ServedModel, ref: ModelRef, cache_dir: str | Path) -> Path:
-    "Record `model` as the last verified version of `ref` (atomically)."
+def remember_verified(model: ServedModel, ref: ModelRef, cache_dir: str | Path, record_key: str | Path) -> Path:
+    """Record `model` as the last verified version of `ref` (atomically), authenticated by an HMAC under `record_key`, so
+    that whoever can write the cache cannot point the record at another (older) version."""
     from mlnb.core.config import write_json
     record = {"reference": str(ref), "name": model.name, "version": model.version, "sha256": model.sha256,
               "file": os.path.relpath(model.path, cache_dir), "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return write_json(record, verified_record(cache_dir, ref))
+    return write_json(record | {"hmac": _record_mac(record, _record_key(record_key))}, verified_record(cache_dir, ref))
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #c8ff99fc
 def load_last_verified(ref: ModelRef, public_key: str | Path, cache_dir: str | Path, unreachable: Exception,
-                       threads: int = 1, max_rows: int = 1000) -> ServedModel:
-    "The version of `ref` last verified here, verified again (signature, then SHA-256 against the record); for when the registry is unreachable."
-    from mlnb.model.signing import SignatureError
+                       threads: int = 1, max_rows: int = 1000, *, approval_key: str | Path, record_key: str | Path) -> ServedModel:
+    """The version of `ref` last verified here, for when the registry is unreachable: the record's HMAC checked, then the
+    version verified again like `load_registered` does (approval attestation, build signature, SHA-256 of the recorded bytes)."""
     from mlnb.registry.store import RegistryUnreachable
     record_path = verified_record(cache_dir, ref)
     if not record_path.exists():
         raise RegistryUnreachable(f"{unreachable}; and no verified copy of {ref} in the model cache {Path(cache_dir).resolve()} to serve instead")
-    record = json.loads(record_path.read_text())
-    path = Path(cache_dir) / record["file"]
-    model = load_served_model(path, public_key, record["name"], record["version"],
-                              f"{record['name']}/{record['version']} ({ref}; last verified {record['verified_at']}, registry unreachable)",
-                              threads=threads, max_rows=max_rows)
-    if model.sha256 != record["sha256"]:
-        raise SignatureError(f"{path}: SHA-256 {model.sha256[:12]}… is not the {record['sha256'][:12]}… verified at {record['verified_at']} ({record_path}); not serving it")
-    return model
+    try: record = json.loads(record_path.read_text())
+    except ValueError: record = {}
+    if not isinstance(record, dict) or not hmac.compare_digest(str(record.get("hmac", "")), _record_mac(record, _record_key(record_key))):
+        raise ApprovalInvalid(f"{record_path}: the record of the last verified version does not verify under the cache key "
+                              f"{record_key} (edited, or written with another key); not serving from the cache")
+    name, version = record["name"], str(record["version"])
+    _checked(str(ref), name)
+    root, path = Path(cache_dir).resolve(), (Path(cache_dir) / record["file"]).resolve()
+    if root not in path.parents: raise ApprovalInvalid(f"{record_path}: file {record['file']!r} is outside the model cache {root}")
+    with private_copy(path.parent) as private:
+        approval = verify_approval(private, approval_key, name=name, version=version)
+        if approval["files"].get(path.name) != record["sha256"]:
+            raise ApprovalInvalid(f"{path}: the approval of {name} v{version} does not cover SHA-256 {record['sha256'][:12]}…; not serving it")
+        return _load_private(private / path.name, public_key, name, version,
+                             f"{name}/{version} ({ref}; last verified {record['verified_at']}, registry unreachable)",
+                             private / FILES["schema"], threads, max_rows, record["sha256"], path, approval)
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #705ef9ee
 class PredictionCache:

@@ -101,10 +101,16 @@ class Traffic:
 
     # --- starting ----------------------------------------------------------------------------------------------------
     def _reference(self, text: str | None) -> ModelRef:
-        if not text: return self.ref
-        try: return ModelRef.parse(text, default_name=self.server.cfg.model_name)
-        except ValueError as e: raise RolloutError(str(e)) from None
-        except OSError as e: raise RolloutError(f"challenger {text[:60]!r}: {e.strerror}") from None     # too long to be a path, say
+        "The challenger a command names; a server following the registry takes registered versions only (a file carries no approval)."
+        if not text: ref = self.ref
+        else:
+            try: ref = ModelRef.parse(text, default_name=self.server.cfg.model_name)
+            except ValueError as e: raise RolloutError(str(e)) from None
+            except OSError as e: raise RolloutError(f"challenger {text[:60]!r}: {e.strerror}") from None     # too long to be a path, say
+        if ref.is_file and not self.server.ref.is_file:
+            raise RolloutError(f"challenger {ref}: a server serving a registered model rolls out registered versions only "
+                               "(NAME/VERSION or NAME@ALIAS, approved): an ONNX file carries no approval")
+        return ref
 
     async def start(self, ref: str | None = None, mode: str | None = None,
                     reason: str = "started by an operator") -> dict:

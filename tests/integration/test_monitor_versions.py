@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import deep_update, run, set_params, small_project
+from mlnb.core.access import os_user_name
 from mlnb.core.config import load_config
 from mlnb.features.spec import FeatureSpec, model_frame
 from mlnb.monitoring.check import check_window, window_frame
@@ -42,6 +43,9 @@ def test_the_champion_is_checked_against_its_own_reference_and_a_split_window_pe
     set_params(project, {"data": {"source": "data/raw/shifted.csv"}})
     run(["dvc", "repro"], project)                                             # v2: a candidate with its own reference
     assert json.loads((project / "models/registration.json").read_text())["version"] == "2"
+    # only an approved version can be a challenger: the local OS user, as the first admin and an approver, approves v2
+    run(["mlnb", "users", "add", os_user_name(), "--role", "admin", "--role", "approver", "--os-user"], project)
+    run(["mlnb", "registry", "approve", "churn", "2", "--reason", "reviewed; split test next"], project)
 
     params = deep_update(yaml.safe_load((project / "params.yaml").read_text()), {
         "serve": {"prediction_log": {"flush_seconds": 0.2},
@@ -79,7 +83,7 @@ def test_the_champion_is_checked_against_its_own_reference_and_a_split_window_pe
         cfg = load_config("params.yaml")
         registry = Registry.from_config(cfg)
         champion, candidate = (registry.bundle(v, cfg.serve.model_cache_dir) for v in ("1", "2"))
-        assert "champion" in registry.get("1").aliases and registry.get("2").status == "candidate"
+        assert "champion" in registry.get("1").aliases and registry.get("2").status == "approved"
         predictions, feedback = read_log("serving/predictions"), read_log("serving/feedback")
     finally:
         os.chdir(cwd)

@@ -78,9 +78,9 @@ def test_admin_reload_and_a_failed_reload_keeps_serving(onnx_models, telco_split
         for f in (tmp_path / "dl" / "model").iterdir(): (cached / f.name).write_bytes(f.read_bytes())
         (cached / "model.onnx").write_bytes((cached / "model.onnx").read_bytes() + b"\0")
         r = s.client.post("/admin/reload", headers={"content-type": "application/json"})
-        assert r.status_code == 503 and "signature verification failed" in r.json()["error"] and f"still serving version {v1.version}" in r.json()["error"]
+        assert r.status_code == 503 and "changed after approval: model.onnx" in r.json()["error"] and f"still serving version {v1.version}" in r.json()["error"]
         assert s.client.post("/invocations", json={"dataframe_records": records[:1]}).json()["model_version"] == v1.version
-        assert "signature" in s.client.get("/admin/model").json()["last_reload_error"]
+        assert "approval attestation does not verify" in s.client.get("/admin/model").json()["last_reload_error"]
         assert metric(s, "mlnb_model_reloads_total", outcome="failed") == 1
         # with the bad copy gone, the same endpoint loads the new version
         for f in cached.iterdir(): f.unlink()
