@@ -13,6 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .config import create_new
 from .errors import AuditError
 
 # %% auto #0
@@ -58,18 +59,6 @@ def _replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     try: _write_excl(tmp, data, mode); os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)
 
-def _create_new(path: Path, data: bytes, mode: int) -> bool:
-    "Create `path` atomically with `mode` from birth (temp made O_EXCL, synced, then hard-linked); never replace a file. False if it existed."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    try:
-        _write_excl(tmp, data, mode)
-        try: os.link(tmp, path)                      # like a rename, but refuses to replace an existing file
-        except FileExistsError: return False
-    finally: tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return True
-
 def default_audit_key() -> Path:
     "Where the audit key lives unless configured: `$MLNB_AUDIT_KEY`, else `$XDG_CONFIG_HOME/mlnb/audit.key` (~/.config), outside any project."
     if os.environ.get("MLNB_AUDIT_KEY"): return Path(os.environ["MLNB_AUDIT_KEY"]).expanduser()
@@ -92,7 +81,7 @@ def _audit_key(path: Path, create: bool) -> bytes | None:
     key = _read_key(path)
     if key is None and create:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _create_new(path, secrets.token_hex(32).encode() + b"\n", 0o600)   # if another process won, its key stands
+        create_new(path, secrets.token_hex(32).encode() + b"\n", 0o600)   # if another process won, its key stands
         key = _read_key(path)
     return key
 

@@ -24,7 +24,7 @@ __all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigg
            'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'RolloutPlan', 'RolloutConfig',
            'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'ABConfig', 'RetrainConfig',
            'Config', 'config_from_dict', 'parse_yaml', 'read_yaml', 'dump_yaml', 'load_config', 'load_paths',
-           'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'write_json']
+           'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'create_new', 'write_json']
 
 # %% ../../nbs/01_core/01_config.ipynb #46603c3d
 class _Strict(BaseModel):
@@ -595,6 +595,28 @@ def staged_outputs(*paths: str | Path, mode: int | None = None):
             os.chmod(tmp, mode); os.replace(tmp, p)
     finally:
         for tmp in temps: tmp.unlink(missing_ok=True)
+
+# %% ../../nbs/01_core/01_config.ipynb #c7e0a1b3
+def create_new(path: str | Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create `path` holding `data`, with `mode` from birth, atomically; never replace a file. False if `path` existed
+    already (another process made it first: theirs stands)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try: os.link(tmp, path)                         # like a rename, but refuses to replace an existing name
+        except FileExistsError: return False
+    finally: tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try: os.fsync(dir_fd)
+    finally: os.close(dir_fd)
+    return True
+
 
 # %% ../../nbs/01_core/01_config.ipynb #fb93bb15
 def write_json(obj, path: str | Path) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64, contextlib, hashlib, json, os, shutil, tempfile, time
 from pathlib import Path
 
-from ..core.config import staged_outputs
+from ..core.config import create_new, staged_outputs
 from ..core.errors import (ApprovalInvalid, ModifiedAfterSigning, NotApproved, SignatureError, SignatureMissing, SignedWithOtherKey,
                               SigningKeyMissing)
 from .onnx import OnnxModel
@@ -19,19 +19,6 @@ __all__ = ['APPROVAL', 'APPROVAL_SIGNATURE', 'ensure_signing_key', 'key_fingerpr
            'verify_model', 'load_verified', 'unverified', 'private_copy', 'attest_approval', 'verify_approval']
 
 # %% ../../nbs/05_model/02_signing.ipynb #e58076f3
-def _create_new(path: Path, data: bytes, mode: int) -> None:
-    "Write `path` atomically with `mode` from birth (a temp file made O_EXCL beside it, synced, then linked); never replace a file."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        with os.fdopen(fd, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
-        os.link(tmp, path)                               # like a rename, but refuses to replace an existing file
-    finally: tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try: os.fsync(dir_fd)
-    finally: os.close(dir_fd)
-
 def ensure_signing_key(private_key: str | Path, public_key: str | Path) -> bool:
     """Create an EC P-256 key pair at the given paths if neither exists; True if created. A public key without its
     private key raises `SigningKeyMissing`: no new pair is made over a key that servers trust."""
@@ -43,12 +30,12 @@ def ensure_signing_key(private_key: str | Path, public_key: str | Path) -> bool:
         raise SigningKeyMissing(f"private key {private_key} not found, but its public key {public_key} exists: restore the private key, "
                                 f"or remove {public_key} on purpose to make a new pair (servers will then refuse models signed with the old one)")
     key = ec.generate_private_key(ec.SECP256R1())
-    try: _create_new(private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
-    except FileExistsError: return False                 # another process made the pair at the same time: theirs stands
-    try: _create_new(public_key, key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
-    except FileExistsError:                              # another process made a pair at the same time: keep theirs intact
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    if not create_new(private_key, private, 0o600): return False       # another process made the pair at the same time: theirs stands
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not create_new(public_key, public, 0o644):                       # another process made a pair at the same time: keep theirs intact
         private_key.unlink(missing_ok=True)
-        raise SigningKeyMissing(f"public key {public_key} appeared while creating {private_key}: created concurrently, try again") from None
+        raise SigningKeyMissing(f"public key {public_key} appeared while creating {private_key}: created concurrently, try again")
     return True
 
 

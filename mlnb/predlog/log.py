@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..core.config import staged_outputs
+from ..core.config import create_new, staged_outputs
 from ..core.errors import LogKeyError
 
 # %% auto #0
@@ -420,14 +420,7 @@ def prediction_id_key(path: str | Path) -> bytes:
             except (binascii.Error, ValueError): key = b""
             if len(key) != 32: raise LogKeyError(f"{path}: not a base64 256-bit prediction id key (delete it to make a new one; ids issued before then cannot be labelled)")
             return key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        try:
-            with os.fdopen(fd, "w") as f: f.write(base64.b64encode(os.urandom(32)).decode() + "\n"); f.flush(); os.fsync(f.fileno())
-            try: os.link(tmp, path)                       # never replaces a key another worker made first
-            except FileExistsError: pass
-        finally: tmp.unlink(missing_ok=True)
+        create_new(path, base64.b64encode(os.urandom(32)) + b"\n", 0o600)   # never replaces a key another worker made first
     raise LogKeyError(f"{path}: the prediction id key could not be made")
 
 

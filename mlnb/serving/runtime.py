@@ -239,11 +239,9 @@ def verified_record(cache_dir: str | Path, ref: ModelRef) -> Path:
 
 def _record_key(path: str | Path) -> bytes:
     "The server-local HMAC key of the cache's records, made (32 random bytes, 0600) on first use; it lives outside the cache."
-    from mlnb.model.signing import _create_new
+    from mlnb.core.config import create_new
     path = Path(path)
-    if not path.exists():
-        try: _create_new(path, os.urandom(32), 0o600)
-        except FileExistsError: pass
+    if not path.exists(): create_new(path, os.urandom(32), 0o600)      # if another process made it first, theirs stands
     return path.read_bytes()
 
 def _record_mac(record: dict, key: bytes) -> str:
