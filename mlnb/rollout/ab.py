@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..core.config import ABConfig
 from ..core.errors import ConfigError, DataError
-from ..predlog.log import LogColumns, LogKeys, join_feedback, read_log
+from ..predlog.log import LogColumns, LogKeys, join_feedback, read_feedback, read_log
 from ..stats.decisions import proportion_test
 
 # %% auto #0
@@ -153,7 +153,8 @@ def ab_report(predictions_dir: str | Path, feedback_dir: str | Path, control: st
     predictions = read_log(predictions_dir, keys=keys)
     if predictions.empty or C.VARIANT not in predictions.columns:
         raise DataError(f"{predictions_dir}: no predictions logged")
-    feedback = read_log(feedback_dir, columns=[C.PREDICTION_ID, C.ACTUAL, C.TIMESTAMP], keys=keys)
+    feedback, _ = read_feedback(feedback_dir, keys=keys)                 # purged keys' labels left out (`mlnb feedback purge`)
+    feedback = feedback[[C.PREDICTION_ID, C.ACTUAL, C.TIMESTAMP]]
     labelled, metric = labelled_outcomes(predictions, feedback)
     variants = variant_stats(predictions, labelled, metric)
     names = [v.variant for v in variants]

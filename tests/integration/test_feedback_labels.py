@@ -179,7 +179,7 @@ def test_feedback_rows_record_the_key_name_never_the_key(secured, records):
         assert not any(k.encode() in f.read_bytes() for k in keys.values())
 
 
-def test_purged_keys_are_left_out_of_retraining_and_monitoring(onnx_models, spec, tmp_path):
+def test_purged_keys_are_left_out_of_retraining_monitoring_and_ab_reports(onnx_models, spec, tmp_path):
     "A vandal key labels its predictions wrongly: monitoring sees accuracy decay; after `mlnb feedback purge` it does not."
     model_dir = workspace(tmp_path, spec, onnx_models, None)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
@@ -225,6 +225,8 @@ def test_purged_keys_are_left_out_of_retraining_and_monitoring(onnx_models, spec
     assert after["feedback_excluded"] == 200
     rows = labelled_traffic(logs / "predictions", logs / "feedback", features, "churn")
     assert len(rows) == 400 and rows.attrs["excluded_labels"] == 200
+    from mlnb.rollout.ab import ab_report                       # the A/B report leaves them out too
+    assert [(v.variant, v.labelled) for v in ab_report(logs / "predictions", logs / "feedback").variants] == [("champion", 400)]
     assert [e["action"] for e in AuditLog(tmp_path / "registry/audit.jsonl").entries()] == ["denied", "feedback-purge"]
 
 
