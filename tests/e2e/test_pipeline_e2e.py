@@ -133,4 +133,4 @@ def test_repro_registers_a_servable_champion(repro):
     audit = run(["mlnb", "audit", "verify"], project).stdout
     assert "chain intact" in audit
     actions = [json.loads(line)["action"] for line in (project / "registry/audit.jsonl").read_text().splitlines()]
-    assert actions[:5] == ["signing-key-created", "register", "gates", "approve", "promote"]
+    assert actions[:6] == ["signing-key-created", "register", "gates", "approval-key-created", "approve", "promote"]

@@ -14,7 +14,8 @@ from starlette.testclient import TestClient
 from conftest import BIN, tool_env
 from mlnb.examples import toy_model
 from mlnb.serving.app import ModelServer, create_app
-from mlnb.serving.runtime import ModelRef, load_served_model, remember_verified
+from mlnb.model.signing import attest_approval, ensure_signing_key
+from mlnb.serving.runtime import ModelRef, file_sha256, load_served_model, remember_verified
 from serving import CHALLENGE, Server, create_key, free_port, secured_params, serve_params, signed_model_dir
 
 PASSWORD = "pw-8c1f0e2d9b"
@@ -25,9 +26,14 @@ def test_a_registry_password_reaches_neither_the_log_nor_an_answer(model_dir, tm
     directory, keys = model_dir
     cache, ref = tmp_path / "cache", ModelRef.parse("churn@champion")
     copy = signed_model_dir(directory / "model.onnx", cache / "churn" / "3", keys)
-    remember_verified(load_served_model(copy / "model.onnx", keys / "signing.pub", "churn", "3", "churn/3"), ref, cache)
+    ensure_signing_key(tmp_path / "approval.key", tmp_path / "approval.pub")       # the copy was approved when it was cached
+    attest_approval(copy, tmp_path / "approval.key", name="churn", version="3", run_id=None, onnx_sha256=file_sha256(copy / "model.onnx"),
+                    approver="ann", reason="approved before the registry went down")
+    remember_verified(load_served_model(copy / "model.onnx", keys / "signing.pub", "churn", "3", "churn/3"), ref, cache, tmp_path / "cache.key")
     port = free_port()                                            # nothing listens there
-    params = serve_params(directory, keys, tmp_path / "logs", model="churn@champion", model_cache_dir=str(cache))
+    params = serve_params(directory, keys, tmp_path / "logs", model="churn@champion", model_cache_dir=str(cache),
+                          model_cache_key=str(tmp_path / "cache.key"))
+    params["registry"]["approval_public_key"] = str(tmp_path / "approval.pub")
     params["registry"].update(tracking_uri=f"http://mlnb-user:{PASSWORD}@127.0.0.1:{port}", users=str(tmp_path / "users.yaml"),
                               audit_log=str(tmp_path / "audit.jsonl"))
     s = Server(tmp_path / "work", params, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}).wait_ready()
