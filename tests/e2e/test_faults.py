@@ -190,7 +190,7 @@ def ready_body(s: Server) -> dict:
 
 def registry_params(env: dict, url: str, cache: Path, work: Path) -> dict:
     return {**env, "train": {**env["train"], "tracking_uri": url},
-            "serve": {"model": "churn@champion", "reload_poll_seconds": 0.5, "model_cache_dir": str(cache),
+            "serve": {**env.get("serve", {}), "model": "churn@champion", "reload_poll_seconds": 0.5, "model_cache_dir": str(cache),
                       "prediction_log": {"dir": str(work / "logs/p"), "feedback_dir": str(work / "logs/f")}}}
 
 
@@ -261,12 +261,25 @@ def test_a_registry_unreachable_at_start_never_serves_an_unverified_file(onnx_mo
     signed_model_dir(onnx_models["a"], model.parent, Path(env["registry"]["public_key"]).parent)
     record = {"reference": "churn@champion", "name": "churn", "version": "1", "sha256": "0" * 64, "file": "churn/1/model.onnx",
               "verified_at": "2026-01-01T00:00:00Z"}
-    (cache / "churn/verified-champion.json").write_text(json.dumps(record))
-    s = Server(tmp_path / "swapped", params)
-    assert s.proc.wait(120) != 0 and "is not the 000000000000" in s.stderr()
-    model.write_bytes(model.read_bytes() + b"\0")                            # and a file whose signature no longer matches
+    (cache / "churn/verified-champion.json").write_text(json.dumps(record))   # a record written without the cache key
+    s = Server(tmp_path / "forged", params)
+    assert s.proc.wait(120) != 0 and "does not verify under the cache key" in s.stderr()
+    from mlnb.model.signing import attest_approval, ensure_signing_key
+    from mlnb.serving.runtime import _record_key, _record_mac, file_sha256
+    keyed = lambda r: json.dumps(r | {"hmac": _record_mac(r, _record_key(env["serve"]["model_cache_key"]))})
+    (cache / "churn/verified-champion.json").write_text(keyed(record))      # keyed, but the copy was never approved
+    s = Server(tmp_path / "unapproved", params)
+    assert s.proc.wait(120) != 0 and "approv" in s.stderr().lower(), s.stderr()
+    approval_key, approval_pub = Path(env["registry"]["approval_key"]), Path(env["registry"]["approval_public_key"])
+    ensure_signing_key(approval_key, approval_pub)
+    attest_approval(model.parent, approval_key, name="churn", version="1", run_id=None, onnx_sha256=file_sha256(model),
+                    approver="ann", reason="reviewed")
+    s = Server(tmp_path / "swapped", params)                                 # approved, but not the bytes the record names
+    assert s.proc.wait(120) != 0 and "does not cover SHA-256 000000000000" in s.stderr(), s.stderr()
+    (cache / "churn/verified-champion.json").write_text(keyed(record | {"sha256": file_sha256(model)}))
+    model.write_bytes(model.read_bytes() + b"\0")                            # and a file changed after its approval
     s = Server(tmp_path / "tampered", params)
-    assert s.proc.wait(120) != 0 and "signature" in s.stderr().lower()
+    assert s.proc.wait(120) != 0 and "changed after approval" in s.stderr(), s.stderr()
 
 
 def make_env_for_faults(tmp_path: Path) -> dict:
