@@ -88,6 +88,21 @@ class Server:
         return self.proc.returncode
 
 
+def signed_logreg(telco_split, root: Path) -> tuple[Path, Path]:
+    "One real exported logistic regression of the Telco split, signed: (its model directory, the keys directory)."
+    import json
+    from mlnb.core.config import config_from_dict
+    from mlnb.features.spec import feature_spec, model_frame
+    from mlnb.training.export import to_onnx
+    from mlnb.training.train import candidate_pipeline
+    schema, s = telco_split
+    spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
+    model = candidate_pipeline("logreg", spec, 0).fit(model_frame(s["train"], spec), s["train"]["churn"])
+    meta = {"model_name": "churn", "classes": json.dumps([str(c) for c in model.classes_])}
+    (root / "a.onnx").write_bytes(to_onnx(model, spec, metadata=meta).SerializeToString())
+    return signed_model_dir(root / "a.onnx", root / "model", root / "keys"), root / "keys"
+
+
 def serve_params(model_dir: Path, keys: Path, logs: Path, **serve) -> dict:
     "Params serving the ONNX file in `model_dir`, logs under `logs`, fast flushes; `serve` overrides."
     base = {"model": str(model_dir / "model.onnx"), "reload_poll_seconds": 0, "max_rows": 50, "max_body_bytes": 65536,

@@ -23,9 +23,7 @@ from mlnb.data.ingest import synthesize
 from mlnb.features.spec import feature_spec, model_frame
 from mlnb.predlog.log import LogKeyError, LogKeys, join_feedback, log_files, read_log
 from mlnb.pipeline.retrain import labelled_traffic, retrain
-from mlnb.training.export import to_onnx
-from mlnb.training.train import candidate_pipeline
-from serving import Server, create_key, metric, serve_params, signed_model_dir, workspace
+from serving import signed_logreg, Server, create_key, metric, serve_params, signed_model_dir, workspace
 
 ROLES = {"app": "predict", "crm": "feedback", "crm2": "feedback", "ops": "operate"}
 
@@ -33,13 +31,7 @@ ROLES = {"app": "predict", "crm": "feedback", "crm2": "feedback", "ops": "operat
 @pytest.fixture(scope="module")
 def model_dir(telco_split, tmp_path_factory):
     "One real exported logistic regression, signed."
-    schema, s = telco_split
-    spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
-    model = candidate_pipeline("logreg", spec, 0).fit(model_frame(s["train"], spec), s["train"]["churn"])
-    root = tmp_path_factory.mktemp("labels-model")
-    meta = {"model_name": "churn", "classes": json.dumps([str(c) for c in model.classes_])}
-    (root / "a.onnx").write_bytes(to_onnx(model, spec, metadata=meta).SerializeToString())
-    return signed_model_dir(root / "a.onnx", root / "model", root / "keys"), root / "keys"
+    return signed_logreg(telco_split, tmp_path_factory.mktemp("labels-model"))
 
 
 @pytest.fixture(scope="module")

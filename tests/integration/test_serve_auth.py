@@ -11,10 +11,8 @@ import pytest
 
 from conftest import run, tool_env
 from mlnb.core.config import config_from_dict
-from mlnb.training.export import to_onnx
 from mlnb.features.spec import feature_spec, model_frame
-from mlnb.training.train import candidate_pipeline
-from serving import CHALLENGE, Server, create_key, metric, secured_params, serve_params, signed_model_dir, tls_params
+from serving import signed_logreg, CHALLENGE, Server, create_key, metric, secured_params, serve_params, signed_model_dir, tls_params
 
 ROLES = {"app": "predict", "ops": "operate", "root": "admin", "temp": "predict"}
 
@@ -22,13 +20,7 @@ ROLES = {"app": "predict", "ops": "operate", "root": "admin", "temp": "predict"}
 @pytest.fixture(scope="module")
 def model_dir(telco_split, tmp_path_factory):
     "One real exported logistic regression, signed."
-    schema, s = telco_split
-    spec = feature_spec(schema, config_from_dict({}).features, "churn", "binary")
-    model = candidate_pipeline("logreg", spec, 0).fit(model_frame(s["train"], spec), s["train"]["churn"])
-    root = tmp_path_factory.mktemp("auth-model")
-    meta = {"model_name": "churn", "classes": json.dumps([str(c) for c in model.classes_])}
-    (root / "a.onnx").write_bytes(to_onnx(model, spec, metadata=meta).SerializeToString())
-    return signed_model_dir(root / "a.onnx", root / "model", root / "keys"), root / "keys"
+    return signed_logreg(telco_split, tmp_path_factory.mktemp("auth-model"))
 
 
 @pytest.fixture(scope="module")
