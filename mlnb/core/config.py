@@ -121,13 +121,16 @@ class Paths(_Strict):
     onnx: Path = Path("models/onnx/model.onnx")
     onnx_int8: Path = Path("models/onnx/model.int8.onnx")
     export_report: Path = Path("models/onnx/export_report.json")
+    estimator: Path = Path("models/onnx/estimator.json")          # label-free performance estimation (mlnb.stats.estimate)
+    loss_model: Path = Path("models/onnx/loss_model.onnx")        # ... and, for regression, its direct loss estimation model
+    multivariate: Path = Path("models/onnx/multivariate.json")    # multivariate drift's reference (mlnb.stats.multivariate)
     export_metrics: Path = Path("metrics/export.json")
     registration: Path = Path("models/registration.json")        # register
     reports: Path = Path("reports")                              # every stage: its executed notebook and the HTML copy
 
     INSIDE: ClassVar[dict[str, tuple[str, ...]]] = {             # directory output -> the catalog files written into it
         "processed": ("train", "valid", "test", "cleaning_log"), "features": ("feature_spec", "reference_profile"),
-        "onnx_dir": ("onnx", "onnx_int8", "export_report")}
+        "onnx_dir": ("onnx", "onnx_int8", "export_report", "estimator", "loss_model", "multivariate")}
 
     @field_validator("*")
     @classmethod

@@ -29,6 +29,9 @@ FILES: dict[str, str] = {
     "feature_spec": "feature_spec.json",           # which columns, in which role
     "reference_profile": "reference_profile.json", # the training data's distributions: data drift's reference
     "reference_scores": "reference_scores.npy",    # the model's scores on its own test split: output drift's reference
+    "estimator": "estimator.json",                 # label-free performance estimation: calibration, reference metrics
+    "loss_model": "loss_model.onnx",               # ... for regression, the direct loss estimation model
+    "multivariate": "multivariate.json",           # multivariate drift's reference (PCA reconstruction)
     "evaluation": "evaluate.json",                 # test metrics, fairness, robustness
     "export": "export.json",                       # ONNX parity and size
     "export_report": "export_report.json",         # variants, latency, quantization, inputs
