@@ -14,11 +14,13 @@ worktree and put first on PYTHONPATH), in the same run, so a refactoring can be 
 servers run side by side on core 0 and are loaded in turn, --rounds times, alternating which goes first; each one's
 median counts (a shared machine drifts by tens of percent over minutes, which one measurement after the other would
 mistake for a difference between the two codes). With --auth as well, the pair is measured a second time with access
-control on (a keys file, every request carrying a predict key), as `baseline+auth` and `current+auth`.
+control on (a keys file, every request carrying a predict key), as `baseline+auth` and `current+auth`. The pair's
+server CPU time per request (user + system, from /proc) is measured too: on a machine shared with other work, throughput
+follows what the neighbours leave free, while the CPU a request costs stays the code's own figure.
 
 Figures go to benchmarks/results/serve.{json,md}, which the docs include.
 
-Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow] [--rollout] [--baseline REV [--auth]]   (after `make run`; needs wrk: apt-get install wrk)
+Usage: python benchmarks/serve_bench.py [--duration 10] [--skip-mlflow] [--rollout] [--baseline REV [--auth | --auth-only]]   (after `make run`; needs wrk: apt-get install wrk)
 """
 from __future__ import annotations
 import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
@@ -100,6 +102,12 @@ def wrk(url: str, script: Path, connections: int, duration: int) -> dict:
             "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "requests": int(re.search(r"(\d+) requests in", out).group(1))}
 
 
+def cpu_seconds(pid: int) -> float:
+    "User + system CPU seconds of a process so far (its own and its waited-for children's), from /proc."
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def metric_sum(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([\d.e+-]+)$", text, re.M))
 
@@ -133,7 +141,7 @@ def paired(args, tmp: Path, params: dict, script: Path, results: list, auth: Pat
     With `auth` (a keys file), both run with access control on, named `baseline+auth` and `current+auth`."""
     base = tmp / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base), args.baseline], check=True)
-    procs, urls, suffix = [], {}, "+auth" if auth else ""
+    procs, urls, pids, suffix = [], {}, {}, "+auth" if auth else ""
     try:
         for name, env in ((f"baseline{suffix}", {"PYTHONPATH": str(base)}), (f"current{suffix}", {})):
             logs = {"dir": str(tmp / f"{name}-predictions"), "feedback_dir": str(tmp / f"{name}-feedback")}
@@ -145,23 +153,25 @@ def paired(args, tmp: Path, params: dict, script: Path, results: list, auth: Pat
             procs.append(run_server(name, [str(BIN / "mlnb"), "serve", "--params", str(tmp / f"{name}.yaml"),
                                            "--port", str(port)], f"http://127.0.0.1:{port}/v2/health/ready", env,
                                     tmp / f"{name}.log"))
-            urls[name] = f"http://127.0.0.1:{port}/invocations"
+            urls[name], pids[name] = f"http://127.0.0.1:{port}/invocations", procs[-1].pid
         runs: dict[tuple[str, int], list[dict]] = {}
         for round_ in range(args.rounds):
             for c in CONCURRENCY:
                 order = list(urls) if round_ % 2 == 0 else list(urls)[::-1]
                 for name in order:
                     wrk(urls[name], script, c, 2)                        # warm-up, not measured
+                    before = cpu_seconds(pids[name])
                     r = wrk(urls[name], script, c, args.duration)
+                    r["cpu_us"] = (cpu_seconds(pids[name]) - before) * 1e6 / max(r["requests"], 1)   # the server's CPU per request
                     runs.setdefault((name, c), []).append(r)
-                    print(f"  round {round_ + 1} {name:8s} c={c:<3d} {r['rps']:8.0f} req/s  p99 {r['p99_ms']:8.3f} ms",
-                          flush=True)
+                    print(f"  round {round_ + 1} {name:8s} c={c:<3d} {r['rps']:8.0f} req/s  p99 {r['p99_ms']:8.3f} ms  "
+                          f"{r['cpu_us']:6.1f} CPU us/request", flush=True)
     finally:
         for proc in procs:
             stop(proc)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
     for (name, c), rs in runs.items():
-        median = {k: float(pd.Series([r[k] for r in rs]).median()) for k in ("rps", "p50_ms", "p99_ms")}
+        median = {k: float(pd.Series([r[k] for r in rs]).median()) for k in ("rps", "p50_ms", "p99_ms", "cpu_us")}
         results.append({"server": name, "concurrency": c, **median, "errors": sum(r["errors"] for r in rs),
                         "requests": sum(r["requests"] for r in rs)})
 
@@ -174,6 +184,7 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV", help="also serve with the mlnb code of this git revision")
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds; the median counts")
     ap.add_argument("--auth", action="store_true", help="with --baseline: measure the pair again with access control on")
+    ap.add_argument("--auth-only", action="store_true", help="with --baseline: measure the pair with access control on only")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
@@ -200,8 +211,8 @@ def main() -> None:
         finally: stop(proc)
 
         if args.baseline:
-            paired(args, tmp, params, script, results)
-            if args.auth:
+            if not args.auth_only: paired(args, tmp, params, script, results)
+            if args.auth or args.auth_only:
                 key = keys_file(tmp / "keys.yaml")
                 paired(args, tmp, params, lua_script(rows, tmp / "rows-auth.lua", key), results, auth=tmp / "keys.yaml")
 
@@ -267,7 +278,8 @@ def main() -> None:
         for suffix in ("", "+auth"):
             if (f"baseline{suffix}", c) in by:
                 now, before = by[f"current{suffix}", c], by[f"baseline{suffix}", c]
-                line += f"   current{suffix}/baseline{suffix} throughput {now['rps'] / before['rps']:.3f} p99 {now['p99_ms'] / before['p99_ms']:.3f}"
+                line += (f"   current{suffix}/baseline{suffix} throughput {now['rps'] / before['rps']:.3f} p99 {now['p99_ms'] / before['p99_ms']:.3f}"
+                         f" CPU/request {now['cpu_us'] / before['cpu_us']:.3f}")
         for mode in ("split5", "split50", "shadow"):
             if (f"mlnb-{mode}", c) in by: line += f"   {mode}/mlnb {by[f'mlnb-{mode}', c]['rps'] / by['mlnb', c]['rps']:.2f}"
         print(line); ratios.append(" ".join(line.split()))
@@ -281,11 +293,13 @@ def main() -> None:
         access = ", access control on" if suffix else ""
         goals += [(f"c={c} throughput >= 95% of {args.baseline}{access} (medians of {args.rounds} alternating rounds)",
                    by[f"current{suffix}", c]["rps"] >= 0.95 * by[f"baseline{suffix}", c]["rps"]) for c in CONCURRENCY]
+        goals += [(f"c={c} server CPU per request <= 105% of {args.baseline}{access} (medians of {args.rounds} alternating rounds)",
+                   by[f"current{suffix}", c]["cpu_us"] <= 1.05 * by[f"baseline{suffix}", c]["cpu_us"]) for c in CONCURRENCY]
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
-    write_results("serve", table.assign(rps=table["rps"].round().astype(int)).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"}),
+    write_results("serve", table.assign(rps=table["rps"].round().astype(int)).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms", "cpu_us": "CPU us/request"}),
                   [f"ratios (same run): {r}" for r in ratios] + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals],
-                  {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "auth": args.auth, "results": table.to_dict("records"),
+                  {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "auth": args.auth or args.auth_only, "results": table.to_dict("records"),
                    "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]}, libraries=("uvicorn", "starlette", "mlflow"), floatfmt=".3f")
 
 
