@@ -22,9 +22,9 @@ __all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigg
            'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
            'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
            'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'RolloutPlan', 'RolloutConfig',
-           'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'ABConfig', 'RetrainConfig',
-           'Config', 'config_from_dict', 'parse_yaml', 'read_yaml', 'dump_yaml', 'load_config', 'load_paths',
-           'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'create_new', 'write_json']
+           'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'EstimationConfig', 'MonitorConfig', 'ABConfig',
+           'RetrainConfig', 'Config', 'config_from_dict', 'parse_yaml', 'read_yaml', 'dump_yaml', 'load_config',
+           'load_paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'create_new', 'write_json']
 
 # %% ../../nbs/01_core/01_config.ipynb #46603c3d
 class _Strict(BaseModel):
@@ -439,6 +439,17 @@ class DriftOverride(_Strict):
     test: Literal["ks", "chisquare", "z", "wasserstein", "jensenshannon", "psi"] | None = None
     threshold: float | None = Field(None, ge=0)
 
+# %% ../../nbs/01_core/01_config.ipynb #cada7597
+class EstimationConfig(_Strict):
+    "Estimated performance, drift impact and multivariate drift per monitoring window (see `mlnb.stats.estimate`)."
+    enabled: bool = True
+    level: float = Field(0.95, gt=0.5, lt=1)        # the band's confidence level
+    max_drop: float = Field(0.03, ge=0, le=1)       # a score (ROC-AUC, accuracy …) estimated this far below the evaluation's ...
+    max_increase: float = Field(0.10, ge=0)         # ... or an error (MAE, RMSE) this share above it, beyond the band: a drop
+    min_rows: int = Field(1000, ge=50)              # fewer rows in a version's window: estimated, never a drop
+    top_features: int = Field(5, ge=0)              # drift impact: the features that explain most of the estimated change
+    multivariate_z: float = Field(3.0, gt=0)        # multivariate drift: reconstruction error beyond mean ± z·sd of the reference
+
 # %% ../../nbs/01_core/01_config.ipynb #7d2ac610
 class MonitorConfig(_Strict):
     window_hours: float = Field(24.0, gt=0)         # the current window: this many hours of the prediction log, up to now
@@ -452,6 +463,7 @@ class MonitorConfig(_Strict):
     output_dir: str = "monitoring"                  # latest.json, feature_history.parquet, reports
     webhook: str | None = None                      # alerts are POSTed here as JSON
     pushgateway: str | None = None                  # the gauges are also pushed here (job mlnb_monitor)
+    estimation: EstimationConfig = EstimationConfig()   # label-free estimated performance, drift impact, multivariate drift
 
     @property
     def accuracy_rule(self) -> AccuracyRule:
@@ -475,12 +487,14 @@ class ABConfig(_Strict):
         return AccuracyRule(max_drop=0.0, p_value=self.level(comparisons) / 2, min_labelled=self.min_labelled)
 
 # %% ../../nbs/01_core/01_config.ipynb #17794757
-RetrainTrigger = Literal["dataset_drift", "feature_drift", "prediction_drift", "accuracy_decay"]
+RetrainTrigger = Literal["dataset_drift", "feature_drift", "prediction_drift", "accuracy_decay", "estimated_performance_drop",
+                         "multivariate_drift"]
 
 class RetrainConfig(_Strict):
     triggers: list[RetrainTrigger] = []                # `mlnb monitor` retrains when one of these alerts is raised ...
     every_days: float | None = Field(None, gt=0)    # ... or when the last retraining is this old (a schedule)
-    min_new_labels: int = Field(200, ge=1)          # labelled predictions not yet in the training data, needed to retrain
+    min_new_labels: int = Field(200, ge=1)          # labelled predictions not yet in the training data, needed to retrain ...
+    without_labels: list[RetrainTrigger] = ["estimated_performance_drop"]   # ... except for these: retrain on the data there is now
     auto_approve: bool = False                      # a retrained version that passes every gate is approved by policy
     challenger_on_approval: bool = True             # an approved retrained version becomes the challenger (the rollout takes over)
 
