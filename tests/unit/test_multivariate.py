@@ -53,6 +53,27 @@ def test_the_causal_feature_ranks_first_in_nine_of_ten_seeds():
     assert harmless_drift_larger == 10
 
 
+def test_with_the_performance_estimator_the_causal_feature_ranks_first():
+    "The real estimator (stats.estimate): fitted on a labelled test split, its fast headline re-estimated per feature."
+    from sklearn.linear_model import LogisticRegression
+    from mlnb.stats.estimate import PerformanceEstimator
+    firsts = []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        profile, window, _ = shifted_world(seed, 10_000)
+        train = pd.DataFrame({f"x{i}": rng.normal(size=10_000) for i in range(5)})
+        test = pd.DataFrame({f"x{i}": rng.normal(size=10_000) for i in range(5)})
+        labels = lambda X: (rng.random(len(X)) < 1 / (1 + np.exp(-(2.5 * X.x0 + 0.8 * X.x1 + 0.5 * X.x2)))).astype(int)
+        model = LogisticRegression().fit(train, labels(train))
+        estimator = PerformanceEstimator.fit(model.predict_proba(test)[:, 1], labels(test), "binary", classes=["0", "1"], positive="1")
+        scores = model.predict_proba(window[train.columns])[:, 1]
+        impact = drift_impact(profile, window, estimator.point(scores), estimator.headline(), estimator.higher_is_better())
+        assert impact[0].metric == "roc_auc" and impact[0].estimate < estimator.reference["roc_auc"] - 0.05   # a real drop
+        assert impact[0].estimate == pytest.approx(estimator.estimate(scores, band=False).value("roc_auc"))
+        firsts.append(impact[0].column)
+    assert firsts.count("x0") >= 9, firsts
+
+
 def test_contribution_is_signed_so_that_larger_is_more_harmful():
     profile, window, estimate = shifted_world(0, 5000)
     loss = lambda w: 1 - estimate(w)                                    # a metric where lower is better
@@ -197,3 +218,16 @@ def test_drift_impact_weights_for_a_million_rows_by_twenty_features_are_cheap(bi
     estimate = lambda w: float(np.average(confidence, weights=w))
     seconds = best_of(2, lambda: drift_impact(profile, window, estimate, "accuracy"))
     assert seconds < 0.9, f"drift impact took {seconds:.2f} s besides the estimates"   # 1.5 s less 20 estimates of ~30 ms
+
+
+@pytest.mark.slow
+def test_drift_impact_with_the_estimator_for_a_million_rows_by_twenty_features_is_fast(big):
+    from mlnb.stats.estimate import PerformanceEstimator
+    reference, window = big
+    profile = Profile.from_frame(reference)
+    rng = np.random.default_rng(0)
+    p = rng.random(50_000)
+    estimator = PerformanceEstimator.fit(p, (rng.random(50_000) < p).astype(int), "binary", classes=["0", "1"], positive="1")
+    scores = rng.beta(2, 2, len(window))
+    seconds = best_of(2, lambda: drift_impact(profile, window, estimator.point(scores), "roc_auc"))
+    assert seconds < 1.5, f"drift impact with 20 re-estimates took {seconds:.2f} s"
