@@ -255,7 +255,7 @@ class Rollout:
         if breaches:
             where = "fixed split" if self.fixed_share is not None else f"step {self.step + 1} ({self.share:.0%})"
             return self._decide("rollback", "rolled_back", f"{where}: " + "; ".join(breaches))
-        judged = self._judge_estimate(look)
+        judged = self.judge_estimate(look)
         if judged is not None: return judged
         waited = self.clock() - self.step_started
         if self.state != "running" or self.fixed_share is not None: return Decision("hold", self.share, self.reason)
@@ -266,7 +266,7 @@ class Rollout:
         self.step += 1; self._new_windows()
         return self._decide("advance", "running", f"healthy at step {self.step} with {canary.requests} requests: now {self.share:.0%}")
 
-    def _judge_estimate(self, look: bool) -> Decision | None:
+    def judge_estimate(self, look: bool) -> Decision | None:
         """The estimated rule at a look, or once its pause has lasted `pause_seconds`: worse pauses, still worse rolls
         back, back within the band resumes (only a pause it made itself)."""
         rule = self.plan.estimated_rule
