@@ -264,6 +264,7 @@ class ServedModelInfo(BaseModel):
     last_reload_error: str | None
     registry_error: str | None = Field(description="why the registry could not be asked last time")
     cache: CacheStats | None
+    estimator: bool = Field(False, description="whether its bundle carried a performance estimator (the rollout's estimated rule)")
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #d125100f
 class ApiKeyInfo(BaseModel):
