@@ -176,3 +176,37 @@ def test_a_version_registered_without_an_estimator_is_served_and_the_rule_says_w
         s.stop()
     assert status["rollout"]["state"] == "running" and not status["rollout"]["estimated"]["judged"]
     assert "the control has no estimator" in status["rollout"]["estimated"]["note"]
+
+
+def test_the_served_estimator_is_the_approved_one_read_from_the_verified_copy(onnx_models, estimators, frames, tmp_path):
+    """Registered: loaded from the private copy the approval verified (an edited estimator.json in the cache is refused);
+    a bare ONNX file in development mode: the estimator.json beside it, when there is one."""
+    from mlnb.core.errors import SignatureError
+    from mlnb.serving.runtime import ModelRef, load_last_verified, load_registered, load_served_model
+    from mlnb.stats.estimate import PerformanceEstimator
+    from serving import signed_model_dir
+    env = make_env(tmp_path / "registry")
+    v1 = register_with_estimator(env, onnx_models["a"], estimators["a"], frames[3])
+    registry_as(env, "ann").approve(v1, "reviewed"); registry_as(env, "adam").promote(v1, reason="first")
+    r, cache = env["registry"], env["serve"]["model_cache_dir"]
+    keys = dict(approval_key=r["approval_public_key"], record_key=env["serve"]["model_cache_key"])
+    ref = ModelRef.parse("churn@champion")
+    model = load_registered(registry_as(env, "vic"), ref, r["public_key"], cache, **keys)
+    expected = PerformanceEstimator.load(estimators["a"].parent)
+    assert model.estimator is not None and model.estimator.model_dump() == expected.model_dump() and model.estimator_note is None
+    again = load_last_verified(ref, r["public_key"], cache, ConnectionError("down"), **keys)
+    assert again.estimator.model_dump() == expected.model_dump()
+    cached = Path(cache) / "churn" / v1 / "estimator.json"
+    edited = json.loads(cached.read_text()); edited["reference"]["roc_auc"] = 0.99
+    cached.write_text(json.dumps(edited))
+    with pytest.raises(SignatureError, match="estimator.json"):
+        load_registered(registry_as(env, "vic"), ref, r["public_key"], cache, **keys)
+
+    dev = signed_model_dir(onnx_models["b"], tmp_path / "dev", tmp_path / "keys")
+    assert load_served_model(dev / "model.onnx", tmp_path / "keys/signing.pub").estimator is None      # none beside it: None
+    shutil.copy(estimators["b"], dev / "estimator.json")
+    served = load_served_model(dev / "model.onnx", tmp_path / "keys/signing.pub")
+    assert served.estimator.model_dump() == PerformanceEstimator.load(estimators["b"].parent).model_dump()
+    (dev / "estimator.json").write_text("{not json")
+    broken = load_served_model(dev / "model.onnx", tmp_path / "keys/signing.pub")
+    assert broken.estimator is None and "estimator.json not loaded" in broken.estimator_note             # served, and says why
