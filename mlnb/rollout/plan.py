@@ -117,17 +117,10 @@ def health_breaches(plan: RolloutPlan, control: VariantWindow, canary: VariantWi
     return out
 
 # %% ../../nbs/09_rollout/02_plan.ipynb #5f0d9a31
-def _binned_auc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    "AUC by rows of expected positives and negatives per bin (bins in score order): P(positive's score > negative's), ties half."
-    P, N = pos.sum(-1), neg.sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (pos * (np.cumsum(neg, -1) - 0.5 * neg)).sum(-1) / (P * N)
-
-def estimated_metric(counts, calibrated, metric: str = "roc_auc", threshold: float | None = None, draws: int = 200,
-                     seed: int = 0) -> tuple[float, float]:
+def estimated_metric(counts, calibrated, metric: str = "roc_auc", threshold: float | None = None) -> tuple[float, float]:
     """A binary model's estimated `metric` (roc_auc or accuracy) and its sampling error, from the histogram `counts` of its
     raw positive-class scores (equal-width bins over [0, 1]) and its calibrated probability at each bin's centre; the
-    sampling error of roc_auc from `draws` bootstrap redraws of the window's rows (multinomial over the bins)."""
+    sampling error by the delta method (each bin's influence on the estimate)."""
     counts, p = np.asarray(counts, float), np.clip(np.asarray(calibrated, float), 0, 1)
     if counts.shape != p.shape or counts.ndim != 1:
         raise ValueError(f"counts {counts.shape} and calibrated {p.shape} must be one probability per bin")
@@ -138,10 +131,11 @@ def estimated_metric(counts, calibrated, metric: str = "roc_auc", threshold: flo
     P, N = pos.sum(), neg.sum()
     if metric == "roc_auc":
         if min(P, N) <= 0: return float("nan"), float("nan")     # one class expected only: AUC undefined
-        kept = counts > 0                                         # the empty bins add nothing
-        redrawn = np.random.default_rng(seed).multinomial(int(round(n)), counts[kept] / n, size=draws)
-        spread = _binned_auc(redrawn * p[kept], redrawn * (1 - p[kept]))
-        return float(_binned_auc(pos, neg)), float(np.nanstd(spread))
+        below, above = np.cumsum(neg) - neg, P - np.cumsum(pos)  # expected negatives below each bin, positives above it
+        a = float((pos * (below + 0.5 * neg)).sum() / (P * N))    # P(positive's score > negative's), ties half
+        psi = (p * (below + 0.5 * neg) + (1 - p) * (above + 0.5 * pos)) / (P * N) - a * (p / P + (1 - p) / N)
+        var = float((counts * psi ** 2).sum() - (counts * psi).sum() ** 2 / n)
+        return a, math.sqrt(max(var, 0.0))
     if metric == "accuracy":
         centres = (np.arange(len(counts)) + 0.5) / len(counts)
         v = np.where(centres >= (0.5 if threshold is None else threshold), p, 1 - p)   # each bin's chance of a right answer
