@@ -140,7 +140,8 @@ def _load_estimator(private: Path, origin: Path) -> tuple[object | None, str | N
     try:
         from mlnb.stats.estimate import PerformanceEstimator
         return PerformanceEstimator.load(private), None
-    except Exception as e: return None, f"{origin / FILES['estimator']} not loaded: {type(e).__name__}: {e}"
+    except Exception as e:                   # name the file the caller gave, not the private copy
+        return None, f"{origin / FILES['estimator']} not loaded: {type(e).__name__}: {str(e).replace(str(private), str(origin))}"
 
 def _load_private(model_path: Path, public_key: str | Path, name: str | None, version: str | None, source: str | None,
                   schema_path: Path | None, threads: int, max_rows: int, sha256: str | None = None,
