@@ -21,10 +21,11 @@ __all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigg
            'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'Paths', 'DecisionCosts', 'CostThreshold',
            'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
            'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
-           'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'RolloutPlan', 'RolloutConfig',
-           'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'EstimationConfig', 'MonitorConfig', 'ABConfig',
-           'RetrainConfig', 'Config', 'config_from_dict', 'parse_yaml', 'read_yaml', 'dump_yaml', 'load_config',
-           'load_paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'create_new', 'write_json']
+           'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'EstimatedRule', 'RolloutPlan',
+           'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'EstimationConfig',
+           'MonitorConfig', 'ABConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'parse_yaml', 'read_yaml',
+           'dump_yaml', 'load_config', 'load_paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs',
+           'create_new', 'write_json']
 
 # %% ../../nbs/01_core/01_config.ipynb #46603c3d
 class _Strict(BaseModel):
@@ -320,6 +321,16 @@ class OutputDriftRule(_Strict):
     max_distance: float = Field(ge=0, le=1)
     p_value: float = Field(gt=0, lt=1)
 
+# %% ../../nbs/01_core/01_config.ipynb #3a9c1e52
+class EstimatedRule(_Strict):
+    """When a challenger's estimated performance (no labels) counts as worse than the champion's on the same traffic."""
+    enabled: bool = True                                 # off, or a variant without an estimator: the rule is skipped (and says so)
+    metric: Literal["roc_auc", "accuracy"] | None = None # None: the estimator's headline metric (binary: roc_auc)
+    max_drop: float = Field(0.02, ge=0, le=1)            # allowed drop of the estimate, beyond the band
+    z: float = Field(1.96, gt=0)                         # the band of the difference: z * sqrt(sd_champion² + sd_challenger²)
+    min_rows: int = Field(500, ge=10)                    # scored rows each variant needs in the window before it is judged
+    pause_seconds: float = Field(300.0, ge=0)            # paused this long and still worse: rolled back
+
 # %% ../../nbs/01_core/01_config.ipynb #4c78e60c
 class RolloutPlan(_Strict):
     "How a canary grows and what rolls it back (see `mlnb.rollout.plan`)."
@@ -335,6 +346,7 @@ class RolloutPlan(_Strict):
     max_accuracy_drop: float = Field(0.02, ge=0, le=1)
     accuracy_p_value: float = Field(0.001, gt=0, lt=1)   # one-sided two-proportion z-test
     min_labelled: int = Field(200, ge=2)
+    estimated_rule: EstimatedRule = EstimatedRule()      # before labels: the challenger's estimated performance vs the champion's
 
     @field_validator("steps")
     @classmethod
