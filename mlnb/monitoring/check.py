@@ -399,6 +399,21 @@ def _estimation_reference(estimator: Path | None, multivariate: Path | None, wha
     return (None if estimator is None else PerformanceEstimator.load(Path(estimator).parent),
             None if multivariate is None else ReconstructionDrift.load(multivariate))
 
+# %% ../../nbs/10_monitoring/05_check.ipynb #cf00823a
+def _verified_reference(registry, version: str, cfg: Config, paths: Paths) -> Reference:
+    """A registered version's reference, read from a private copy of its cached directory once its approval attestation
+    verifies there (as the server loads it): an edited profile, estimator or multivariate reference in the cache is refused,
+    never used to hide a drift or fake a drop."""
+    from mlnb.model.signing import private_copy, verify_approval
+    from mlnb.registry.store import approval_keys
+    v, cached = registry.get(version), registry.bundle(version, cfg.serve.model_cache_dir)
+    with private_copy(cached.path("onnx").parent) as private:
+        verify_approval(private, approval_keys(cfg)[1], name=registry.name, version=str(v.version),
+                        onnx_sha256=v.tags.get("mlnb.onnx_sha256"))          # NotApproved / ApprovalInvalid: not checked, and why
+        reference = bundle_reference(VersionBundle.load(private, v.tags, registry.name, str(v.version)), cfg, paths)
+    reference.profile_path = str(cached.path("reference_profile"))      # for the report: the cache's copy, the same bytes
+    return reference
+
 # %% ../../nbs/10_monitoring/05_check.ipynb #7edf8b78
 def bundle_reference(bundle: VersionBundle, cfg: Config, paths: Paths) -> Reference:
     "A registered version's reference: its bundle's profile, evaluation and reference scores."
@@ -447,9 +462,10 @@ def file_reference(version: str, cfg: Config, paths: Paths, model_path: str | Pa
 # %% ../../nbs/10_monitoring/05_check.ipynb #df5ad68c
 def version_references(window: pd.DataFrame, cfg: Config, paths: Paths, model_path: str | Path | None = None,
                        user: str | None = None) -> dict[str, Reference]:
-    """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does
-    not have, or whose bundle lacks its reference profile, is not checked (`Reference.problem` says why); a registry
-    that cannot be asked is an error (`RegistryUnreachable`)."""
+    """The reference of each version that served rows of `window` (a `window_frame`), read from an approval-verified
+    copy of its bundle. A version the registry does not have, whose approval does not verify, or whose bundle lacks its
+    reference profile, is not checked (`Reference.problem` says why); a registry that cannot be asked is an error
+    (`RegistryUnreachable`)."""
     from mlnb.registry.store import Registry, RegistryError, RegistryUnreachable
     registry, out = None, {}
     if "model_version" not in window:
@@ -463,7 +479,7 @@ def version_references(window: pd.DataFrame, cfg: Config, paths: Paths, model_pa
             out[version] = Reference(version, "unknown", problem=problem)
         else:
             registry = registry or Registry.from_config(cfg, user)
-            try: out[version] = bundle_reference(registry.bundle(version, cfg.serve.model_cache_dir), cfg, paths)
+            try: out[version] = _verified_reference(registry, version, cfg, paths)
             except RegistryUnreachable: raise
             except RegistryError as e: out[version] = Reference(version, "unknown", problem=str(e))
             except BundleError as e: out[version] = Reference(version, f"registry: {name} v{version}", problem=str(e))
