@@ -19,7 +19,7 @@ from ..core.errors import DataError
 from ..features.spec import OTHER_CATEGORY, ColumnProfile, Profile, _key, column_kind, value_counts
 
 # %% auto #0
-__all__ = ['MAX_WEIGHT', 'CHUNK_ROWS', 'MULTIVARIATE_FILE', 'marginal_weights', 'FeatureImpact', 'drift_impact',
+__all__ = ['MAX_WEIGHT', 'CHUNK_ROWS', 'MULTIVARIATE_FILE', 'FOLDS', 'marginal_weights', 'FeatureImpact', 'drift_impact',
            'MultivariateResult', 'ReconstructionDrift']
 
 # %% ../../nbs/10_monitoring/04_multivariate.ipynb #542f39ca
@@ -170,13 +170,14 @@ class ReconstructionDrift(BaseModel):
     @classmethod
     def fit(cls, reference: pd.DataFrame, columns: list[str] | None = None, variance: float = 0.65, seed: int = 0,
             max_rows: int = 200_000, max_categories: int = 20) -> "ReconstructionDrift":
-        "Fit on the reference (at most `max_rows` rows drawn with `seed` for the PCA; every row for the error's mean and sd)."
-        return _fit(cls, reference, columns, variance, seed, max_rows, max_categories)
+        "Fit on the reference (at most `max_rows` rows, drawn with `seed`); the band's mean and sd from held-out errors."
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(1): return _fit(cls, reference, columns, variance, seed, max_rows, max_categories)
 
     def errors(self, frame: pd.DataFrame) -> np.ndarray:
         "Each row's Euclidean distance from its reconstruction (in the standardised encoding)."
         _check_frame(frame, self.columns)
-        from threadpoolctl import threadpool_limits       # skinny products: BLAS threads only contend (2.5x slower on a busy 2-core host)
+        from threadpoolctl import threadpool_limits       # products this size gain nothing from BLAS threads and lose to contention
         numeric, tables = _projection(self)
         out = np.empty(len(frame))
         with threadpool_limits(1): _errors_into(self, frame, numeric, tables, out)
@@ -212,10 +213,37 @@ def _check_frame(frame: pd.DataFrame, columns: list[str]) -> None:
     if missing: raise DataError(f"multivariate drift: the data lacks column(s) {missing}")
     if len(frame) == 0: raise DataError("multivariate drift: the data has no rows")
 
+FOLDS = 10   # the band's mean and sd come from errors on rows each fold's PCA did not see
+
+def _axes(scatter: np.ndarray, total: np.ndarray, rows: int, k: int | None = None, variance: float = 1.0):
+    "Leading principal axes (k x d, sign fixed) of rows given by their scatter X'X and sum; k=None: enough for `variance`."
+    mean = total / rows
+    values, vectors = np.linalg.eigh(scatter / rows - np.outer(mean, mean))
+    values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
+    share = np.cumsum(values) / values.sum() if values.sum() > 0 else np.ones(len(values))
+    k = k or int(min(np.searchsorted(share, variance - 1e-12) + 1, len(values)))
+    axes = vectors[:, :k].T
+    axes *= np.where(axes[np.arange(k), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]   # a fixed sign per axis
+    return axes, mean, float(share[k - 1])
+
+def _held_out_errors(X: np.ndarray, k: int, seed: int) -> np.ndarray:
+    "Each row's error under a PCA fitted without its fold: the in-sample error is too small when rows are few."
+    fold = np.random.default_rng(seed).permutation(len(X)) % min(FOLDS, len(X))
+    scatter, total, out = X.T @ X, X.sum(axis=0), np.empty(len(X))
+    for f in range(fold.max() + 1):
+        held = fold == f
+        Xf = X[held]
+        axes, mean, _ = _axes(scatter - Xf.T @ Xf, total - Xf.sum(axis=0), len(X) - len(Xf), k)
+        R = Xf - mean
+        Z = R @ axes.T
+        out[held] = np.sqrt(np.maximum(np.einsum("ij,ij->i", R, R) - np.einsum("ij,ij->i", Z, Z), 0.0))
+    return out
+
 def _fit(cls, reference, columns, variance, seed, max_rows, max_categories):
     columns = list(columns) if columns is not None else list(reference.columns) if isinstance(reference, pd.DataFrame) else []
     if not columns: raise DataError("multivariate drift: no columns to fit on")
     _check_frame(reference, columns)
+    if len(reference) < 2: raise DataError(f"multivariate drift needs at least 2 reference rows, not {len(reference)}")
     if not 0 < variance <= 1: raise DataError(f"multivariate drift: variance must be in (0, 1], not {variance}")
     numeric = [c for c in columns if column_kind(reference[c]) == "numeric"]
     categorical = [c for c in columns if c not in numeric]
@@ -230,15 +258,9 @@ def _fit(cls, reference, columns, variance, seed, max_rows, max_categories):
     mean, sd = X.mean(axis=0), X.std(axis=0)
     scale = np.where(sd > 1e-12, sd, 1.0)
     X = (X - mean) / scale
-    pca_mean = X.mean(axis=0)
-    values, vectors = np.linalg.eigh(np.cov(X - pca_mean, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1]))
-    values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
-    share = np.cumsum(values) / values.sum() if values.sum() > 0 else np.ones(len(values))
-    k = int(min(np.searchsorted(share, variance - 1e-12) + 1, len(values)))
-    axes = vectors[:, :k].T
-    axes *= np.where(axes[np.arange(k), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]   # a fixed sign per axis
-    model = cls(columns=columns, numeric=numeric, categorical=categorical, impute=impute, categories=categories,
-                mean=mean.tolist(), scale=scale.tolist(), components=axes.tolist(), pca_mean=pca_mean.tolist(),
-                variance=variance, explained=float(share[k - 1]), reference_rows=len(reference), reference_mean=0.0, reference_sd=0.0)
-    e = model.errors(reference)
-    return model.model_copy(update={"reference_mean": float(e.mean()), "reference_sd": float(e.std())})
+    axes, pca_mean, explained = _axes(X.T @ X, X.sum(axis=0), len(X), variance=variance)
+    held_out = _held_out_errors(X, len(axes), seed)
+    return cls(columns=columns, numeric=numeric, categorical=categorical, impute=impute, categories=categories,
+               mean=mean.tolist(), scale=scale.tolist(), components=axes.tolist(), pca_mean=pca_mean.tolist(),
+               variance=variance, explained=explained, reference_rows=len(reference),
+               reference_mean=float(held_out.mean()), reference_sd=float(held_out.std()))

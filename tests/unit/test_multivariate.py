@@ -130,6 +130,14 @@ def test_an_unshifted_sample_is_not_drifted():
     assert sum(verdicts) <= 1, verdicts
 
 
+def test_a_small_wide_reference_does_not_alarm_on_new_rows_from_it():
+    "Band from held-out errors: in-sample, 1,000 rows of 30 columns put every window of new rows above the band."
+    pool = pd.DataFrame(np.random.default_rng(7).normal(size=(21_000, 30)), columns=[f"n{i}" for i in range(30)])
+    model = ReconstructionDrift.fit(pool.iloc[:1000])
+    verdicts = [model.check(pool.iloc[start:start + 1000]).drifted for start in range(1000, 21_000, 1000)]
+    assert sum(verdicts) <= 1, verdicts
+
+
 def test_categories_missing_values_and_constant_columns():
     rng = np.random.default_rng(2)
     frame = pd.DataFrame({"tenure": rng.normal(size=3000), "charges": rng.normal(size=3000), "constant": 3.0,
