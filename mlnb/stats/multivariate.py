@@ -100,7 +100,7 @@ class MultivariateResult(BaseModel):
     rows: int
     value: float             # the window's mean per-row reconstruction error
     lower: float
-    upper: float             # band: reference mean ± z · reference sd / sqrt(rows)
+    upper: float             # band: reference mean ± z · reference sd · sqrt(1/rows + 1/band_rows)
     drifted: bool            # value outside the band
     components: int
 
@@ -164,8 +164,9 @@ class ReconstructionDrift(BaseModel):
     variance: float                      # share of the variance the axes keep
     explained: float                     # ... and what they do keep
     reference_rows: int
-    reference_mean: float                # per-row reconstruction error on the reference
+    reference_mean: float                # per-row reconstruction error on the reference (held out)
     reference_sd: float
+    band_rows: int = 0                   # reference rows the mean and sd come from (0: as many as reference_rows)
 
     @classmethod
     def fit(cls, reference: pd.DataFrame, columns: list[str] | None = None, variance: float = 0.65, seed: int = 0,
@@ -184,9 +185,9 @@ class ReconstructionDrift(BaseModel):
         return np.sqrt(np.maximum(out, 0.0))
 
     def check(self, frame: pd.DataFrame, z: float = 3.0) -> MultivariateResult:
-        "The window's mean error against the band mean ± z·sd/√n of the reference (rows taken as independent)."
+        "The window's mean error against the band mean ± z·sd·√(1/n + 1/m) of the reference's m rows (rows taken as independent)."
         value = float(self.errors(frame).mean())
-        half = z * self.reference_sd / math.sqrt(len(frame))
+        half = z * self.reference_sd * math.sqrt(1 / len(frame) + 1 / (self.band_rows or self.reference_rows))
         lower, upper = self.reference_mean - half, self.reference_mean + half
         return MultivariateResult(rows=len(frame), value=value, lower=lower, upper=upper,
                                   drifted=not (lower <= value <= upper), components=len(self.components))
@@ -263,4 +264,4 @@ def _fit(cls, reference, columns, variance, seed, max_rows, max_categories):
     return cls(columns=columns, numeric=numeric, categorical=categorical, impute=impute, categories=categories,
                mean=mean.tolist(), scale=scale.tolist(), components=axes.tolist(), pca_mean=pca_mean.tolist(),
                variance=variance, explained=explained, reference_rows=len(reference),
-               reference_mean=float(held_out.mean()), reference_sd=float(held_out.std()))
+               reference_mean=float(held_out.mean()), reference_sd=float(held_out.std()), band_rows=len(held_out))

@@ -138,6 +138,14 @@ def test_a_small_wide_reference_does_not_alarm_on_new_rows_from_it():
     assert sum(verdicts) <= 1, verdicts
 
 
+def test_a_large_window_is_not_held_to_more_than_the_reference_knows():
+    "The band includes the reference mean's own error: 3,000 reference rows cannot place a window of 200,000 to ±3σ/√200,000."
+    model = ReconstructionDrift.fit(correlated(3000, 0.8, 0))
+    verdicts = [model.check(correlated(200_000, 0.8, seed)).drifted for seed in range(40, 50)]
+    assert sum(verdicts) <= 1, verdicts
+    assert model.check(correlated(200_000, -0.8, 1)).drifted
+
+
 def test_categories_missing_values_and_constant_columns():
     rng = np.random.default_rng(2)
     frame = pd.DataFrame({"tenure": rng.normal(size=3000), "charges": rng.normal(size=3000), "constant": 3.0,
