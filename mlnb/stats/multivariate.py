@@ -19,8 +19,8 @@ from ..core.errors import DataError
 from ..features.spec import OTHER_CATEGORY, ColumnProfile, Profile, _key, column_kind, value_counts
 
 # %% auto #0
-__all__ = ['MAX_WEIGHT', 'CHUNK_ROWS', 'MULTIVARIATE_FILE', 'FOLDS', 'marginal_weights', 'FeatureImpact', 'drift_impact',
-           'MultivariateResult', 'ReconstructionDrift']
+__all__ = ['MAX_WEIGHT', 'CHUNK_ROWS', 'MULTIVARIATE_FILE', 'FOLDS', 'MIN_CATEGORY_SHARE', 'marginal_weights', 'FeatureImpact',
+           'drift_impact', 'MultivariateResult', 'ReconstructionDrift']
 
 # %% ../../nbs/10_monitoring/04_multivariate.ipynb #58075d1d
 def _category_bins(values: pd.Series, names: list[str]) -> np.ndarray:
@@ -215,6 +215,7 @@ def _check_frame(frame: pd.DataFrame, columns: list[str]) -> None:
     if len(frame) == 0: raise DataError("multivariate drift: the data has no rows")
 
 FOLDS = 10   # the band's mean and sd come from errors on rows each fold's PCA did not see
+MIN_CATEGORY_SHARE = 0.01   # a value rarer than this joins "other": standardised, a rare value's one-hot would dominate its row's error
 
 def _axes(scatter: np.ndarray, total: np.ndarray, rows: int, k: int | None = None, variance: float = 1.0):
     "Leading principal axes (k x d, sign fixed) of rows given by their scatter X'X and sum; k=None: enough for `variance`."
@@ -252,7 +253,8 @@ def _fit(cls, reference, columns, variance, seed, max_rows, max_categories):
     categories = {}
     for c in categorical:
         counts = value_counts(reference[c].dropna())          # counted first, then only the distinct values made text
-        categories[c] = [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_categories]]
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_categories]
+        categories[c] = [v for v, n in ranked if n >= MIN_CATEGORY_SHARE * len(reference)]
     model = cls.model_construct(columns=columns, numeric=numeric, categorical=categorical, impute=impute, categories=categories)
     rows = np.sort(np.random.default_rng(seed).choice(len(reference), max_rows, replace=False)) if len(reference) > max_rows else None
     X = _encoded(model, reference[columns] if rows is None else reference[columns].iloc[rows])

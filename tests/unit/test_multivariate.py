@@ -161,6 +161,18 @@ def test_categories_missing_values_and_constant_columns():
     assert model.check(frame.assign(charges=frame.tenure.fillna(0) * 3)).drifted        # a new dependence between two columns
 
 
+def test_id_and_date_columns_do_not_make_every_window_drift():
+    rng = np.random.default_rng(3)
+    frame = correlated(5000, 0.8, 3).assign(customer=[f"c{i}" for i in range(5000)],
+                                            day=pd.date_range("2026-01-01", periods=5000, freq="h").strftime("%Y-%m-%d %H"))
+    model = ReconstructionDrift.fit(frame)
+    assert model.categories["customer"] == [] and model.categories["day"] == []
+    later = correlated(2000, 0.8, 4).assign(customer=[f"n{i}" for i in range(2000)],
+                                            day=pd.date_range("2027-01-01", periods=2000, freq="h").strftime("%Y-%m-%d %H"))
+    assert not model.check(later).drifted
+    assert model.check(later.assign(b=-later.b)).drifted
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda f: f.drop(columns="b"), r"lacks column\(s\) \['b'\]"),
     (lambda f: f.iloc[:0], "no rows"),
