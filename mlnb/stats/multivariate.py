@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from ..core.config import write_json
 from ..core.errors import DataError
@@ -167,6 +167,22 @@ class ReconstructionDrift(BaseModel):
     reference_mean: float                # per-row reconstruction error on the reference (held out)
     reference_sd: float
     band_rows: int = 0                   # reference rows the mean and sd come from (0: as many as reference_rows)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ReconstructionDrift":
+        "A loaded file must describe one encoding: widths agree, scales positive, the axes span the encoded columns."
+        width = len(self.numeric) + sum(len(self.categories.get(c, [])) + 1 for c in self.categorical)
+        problems = [what for what, bad in [
+            ("numeric and categorical are not the columns", sorted(self.numeric + self.categorical) != sorted(self.columns)),
+            ("categories do not name the categorical columns", set(self.categories) != set(self.categorical)),
+            ("one median per numeric column", len(self.impute) != len(self.numeric)),
+            (f"mean, scale and pca_mean of {width} encoded columns", {len(self.mean), len(self.scale), len(self.pca_mean)} != {width}),
+            ("positive scales", any(not v > 0 for v in self.scale)),
+            (f"1 to {width} components of {width} values", not 1 <= len(self.components) <= max(width, 1)
+             or any(len(a) != width for a in self.components)),
+            ("a non-negative reference sd", not self.reference_sd >= 0)] if bad]
+        if problems: raise ValueError("inconsistent multivariate drift reference: expected " + "; ".join(problems))
+        return self
 
     @classmethod
     def fit(cls, reference: pd.DataFrame, columns: list[str] | None = None, variance: float = 0.65, seed: int = 0,

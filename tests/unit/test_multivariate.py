@@ -2,7 +2,7 @@
 first, a flipped correlation that no univariate test sees is caught by the PCA reconstruction error, and both are fast
 enough for a window of a million rows."""
 from __future__ import annotations
-import time, tracemalloc
+import json, time, tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -201,6 +201,10 @@ def test_save_is_byte_identical_between_runs_and_loads_back(tmp_path):
     (tmp_path / "bad.json").write_text('{"columns": ["a"]}')
     with pytest.raises(DataError, match="not a multivariate drift reference"): ReconstructionDrift.load(tmp_path / "bad.json")
     with pytest.raises(DataError, match="no multivariate drift reference"): ReconstructionDrift.load(tmp_path / "none.json")
+    data = json.loads(second.read_text())
+    data["components"][0] = data["components"][0][:-1]                  # an axis one value short
+    (tmp_path / "short.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="components of"): ReconstructionDrift.load(tmp_path / "short.json")
 
 
 def million(seed: int = 0, rows: int = 1_000_000, shift: float = 0.0) -> pd.DataFrame:
