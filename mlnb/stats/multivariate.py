@@ -149,6 +149,19 @@ def _errors_into(model, frame, numeric, tables, out) -> None:
             Z += T[bins]; square += S[bins]
         out[start:start + len(chunk)] = square - np.einsum("ij,ij->i", Z, Z)   # |x - reconstruction|^2 = |x|^2 - |z|^2
 
+def _inconsistencies(model: "ReconstructionDrift") -> list[str]:
+    "What does not fit together: widths agree, scales are positive, the axes span the encoded columns."
+    width = len(model.numeric) + sum(len(model.categories.get(c, [])) + 1 for c in model.categorical)
+    return [what for what, bad in [
+        ("numeric and categorical to be the columns", sorted(model.numeric + model.categorical) != sorted(model.columns)),
+        ("categories for exactly the categorical columns", set(model.categories) != set(model.categorical)),
+        ("one median per numeric column", len(model.impute) != len(model.numeric)),
+        (f"mean, scale and pca_mean of {width} encoded columns", {len(model.mean), len(model.scale), len(model.pca_mean)} != {width}),
+        ("positive scales", any(not v > 0 for v in model.scale)),
+        (f"1 to {width} components of {width} values", not 1 <= len(model.components) <= max(width, 1)
+         or any(len(a) != width for a in model.components)),
+        ("a non-negative reference sd", not model.reference_sd >= 0)] if bad]
+
 # %% ../../nbs/10_monitoring/04_multivariate.ipynb #c27f8dc4
 class ReconstructionDrift(BaseModel):
     "PCA of the reference's preprocessed rows; a window drifts when its rows are reconstructed worse than the reference's."
@@ -170,17 +183,8 @@ class ReconstructionDrift(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ReconstructionDrift":
-        "A loaded file must describe one encoding: widths agree, scales positive, the axes span the encoded columns."
-        width = len(self.numeric) + sum(len(self.categories.get(c, [])) + 1 for c in self.categorical)
-        problems = [what for what, bad in [
-            ("numeric and categorical are not the columns", sorted(self.numeric + self.categorical) != sorted(self.columns)),
-            ("categories do not name the categorical columns", set(self.categories) != set(self.categorical)),
-            ("one median per numeric column", len(self.impute) != len(self.numeric)),
-            (f"mean, scale and pca_mean of {width} encoded columns", {len(self.mean), len(self.scale), len(self.pca_mean)} != {width}),
-            ("positive scales", any(not v > 0 for v in self.scale)),
-            (f"1 to {width} components of {width} values", not 1 <= len(self.components) <= max(width, 1)
-             or any(len(a) != width for a in self.components)),
-            ("a non-negative reference sd", not self.reference_sd >= 0)] if bad]
+        "A loaded file must describe one encoding."
+        problems = _inconsistencies(self)
         if problems: raise ValueError("inconsistent multivariate drift reference: expected " + "; ".join(problems))
         return self
 
