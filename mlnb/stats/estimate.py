@@ -197,7 +197,7 @@ def _loss_onnx(models: list, columns: int) -> bytes:
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
-# %% ../../nbs/10_monitoring/03_estimate.ipynb #b5404edf
+# %% ../../nbs/10_monitoring/03_estimate.ipynb #d8cc0f4f
 def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
@@ -263,7 +263,10 @@ class PerformanceEstimator(BaseModel):
             if not np.isfinite(y).all(): raise EstimationError("y holds NaN or infinite values")
             return y
         index = {c: i for i, c in enumerate(self.classes)}
-        labels = pd.Series(y).astype(str)
+        labels = pd.Series(y)
+        if pd.api.types.is_float_dtype(labels) and labels.notna().all() and (labels == labels.round()).all():
+            labels = labels.astype(np.int64)          # 0.0 / 1.0 read from a file are the classes 0 and 1
+        labels = labels.astype(str)
         codes = labels.map(index)
         if codes.isna().any():
             raise EstimationError(f"y holds labels that are not among the classes {self.classes}: {sorted(labels[codes.isna()].unique())[:5]}")

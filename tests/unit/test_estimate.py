@@ -76,6 +76,7 @@ def test_binary_realized_metrics_are_scikit_learns_weighted_or_not(binary):
         assert r["precision"] == pytest.approx(precision_score(y, pred, sample_weight=weights), abs=1e-12)
         assert r["recall"] == pytest.approx(recall_score(y, pred, sample_weight=weights), abs=1e-12)
         assert r["f1"] == pytest.approx(f1_score(y, pred, sample_weight=weights), abs=1e-12)
+    assert est.realized(s, y.astype(float)) == est.realized(s, y.astype(str)) == est.realized(s, y)   # 0.0/1.0 are classes 0/1
 
 
 def test_a_covariate_shift_that_hurts_is_estimated_within_002(binary):
