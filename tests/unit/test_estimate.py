@@ -247,3 +247,24 @@ def test_a_million_rows_are_estimated_within_the_time_budget(binary):
     f(w)
     start = time.perf_counter(); [f(w) for _ in range(5)]; per_call = (time.perf_counter() - start) / 5
     assert per_call < 0.06, per_call
+
+
+def test_importance_weights_that_undo_a_shift_bring_the_estimate_back(binary):
+    "What drift impact relies on: weighting a squeezed window back to the reference's x1 recovers an unshifted window's AUC."
+    model, est = binary
+    x, _ = binary_data(20_000, 40, scale=0.6)
+    s = model.predict_proba(x)[:, 1]
+    density = lambda v, sd: np.exp(-0.5 * (v / sd) ** 2) / sd
+    w = np.minimum(density(x[:, 0], 1.0) / density(x[:, 0], 0.6), 100.0)
+    unshifted = est.point(model.predict_proba(binary_data(20_000, 42)[0])[:, 1])(None)
+    unweighted, undone = est.point(s)(None), est.point(s)(w / w.mean())
+    assert unweighted < unshifted - 0.03
+    assert undone == pytest.approx(unshifted, abs=0.01), (unweighted, undone, unshifted)
+
+
+def test_a_small_reference_is_calibrated_by_a_sigmoid(binary):
+    model, _ = binary
+    x, y = binary_data(600, 41)
+    est = PerformanceEstimator.fit(model.predict_proba(x)[:, 1] ** 3, y, "binary")
+    assert est.calibration.method == "sigmoid" and est.calibration.rows == 600, est.calibration
+    assert est.calibrators[0].a is not None and est.calibrators[0].x == []
