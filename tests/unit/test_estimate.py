@@ -268,3 +268,17 @@ def test_a_small_reference_is_calibrated_by_a_sigmoid(binary):
     est = PerformanceEstimator.fit(model.predict_proba(x)[:, 1] ** 3, y, "binary")
     assert est.calibration.method == "sigmoid" and est.calibration.rows == 600, est.calibration
     assert est.calibrators[0].a is not None and est.calibrators[0].x == []
+
+
+def test_an_overconfident_multiclass_model_is_calibrated_per_class():
+    model = LogisticRegression().fit(*multiclass_data(5000, 0))
+    def sharpened(x):
+        p = model.predict_proba(x) ** 3
+        return p / p.sum(1, keepdims=True)
+    x, y = multiclass_data(4000, 1)
+    est = PerformanceEstimator.fit(sharpened(x), y, "multiclass", classes=list(model.classes_))
+    assert est.calibration.method != "identity" and est.calibration.ece_after < est.calibration.ece_before / 2, est.calibration
+    xw, yw = multiclass_data(5000, 43, shift=0.5)
+    estimate, realized = est.estimate(sharpened(xw), band=False), est.realized(sharpened(xw), yw)
+    for name in ("accuracy", "f1", "roc_auc"):
+        assert abs(estimate.value(name) - realized[name]) < 0.025, (name, estimate.value(name), realized[name])
