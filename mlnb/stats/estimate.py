@@ -89,7 +89,7 @@ class CalibrationCheck(BaseModel):
     ece_after: float
     bins: int = 10
 
-# %% ../../nbs/10_monitoring/03_estimate.ipynb #6e1b37da
+# %% ../../nbs/10_monitoring/03_estimate.ipynb #2303e078
 class MetricEstimate(BaseModel):
     "One metric's estimate and its band (value ± z·sd); `realized` once labels are known."
     metric: str
@@ -116,6 +116,10 @@ class Estimate(BaseModel):
         "The estimate of `metric`."
         if metric not in self.metrics: raise EstimationError(f"no estimate of {metric!r}: this estimate has {sorted(self.metrics)}")
         return self.metrics[metric].value
+
+    def with_realized(self, realized: dict[str, float]) -> "Estimate":
+        "A copy with each metric's `realized` filled from `realized` (as `PerformanceEstimator.realized` returns it, once labels came)."
+        return self.model_copy(update={"metrics": {k: m.model_copy(update={"realized": realized.get(k)}) for k, m in self.metrics.items()}})
 
 # %% ../../nbs/10_monitoring/03_estimate.ipynb #82d3e27a
 _EXACT_ROWS, _BINS = 200_000, 65_536
