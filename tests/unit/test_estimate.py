@@ -76,6 +76,7 @@ def test_binary_realized_metrics_are_scikit_learns_weighted_or_not(binary):
         assert r["precision"] == pytest.approx(precision_score(y, pred, sample_weight=weights), abs=1e-12)
         assert r["recall"] == pytest.approx(recall_score(y, pred, sample_weight=weights), abs=1e-12)
         assert r["f1"] == pytest.approx(f1_score(y, pred, sample_weight=weights), abs=1e-12)
+    assert est.realized(s, y.astype(float)) == est.realized(s, y.astype(str)) == est.realized(s, y)   # 0.0/1.0 are classes 0/1
 
 
 def test_a_covariate_shift_that_hurts_is_estimated_within_002(binary):
@@ -90,7 +91,7 @@ def test_a_covariate_shift_that_hurts_is_estimated_within_002(binary):
             estimate, realized = est.estimate(s), est.realized(s, y)
             assert realized["roc_auc"] < est.reference["roc_auc"] - 0.05
             assert estimate.value("roc_auc") < est.reference["roc_auc"] - 0.05
-            errors.append(abs(estimate.value("roc_auc") - realized["roc_auc"]))
+            errors.append(abs(estimate.with_realized(realized).metrics["roc_auc"].error))
             assert errors[-1] <= 3 * estimate.metrics["roc_auc"].sd, (rows, seed, errors[-1], estimate.metrics["roc_auc"])
     assert np.mean(errors) <= 0.02, errors
 
@@ -182,6 +183,8 @@ def test_weights_and_the_fast_headline_agree_with_estimate(binary, regression):
     assert f(None) == pytest.approx(est.estimate(s).value("roc_auc"), abs=1e-12)
     assert f(w) == pytest.approx(est.estimate(s, weights=w, band=False).value("roc_auc"), abs=1e-12)
     assert f(np.ones(3000)) == pytest.approx(f(None), abs=1e-12)
+    m = est.estimate(s).metrics["roc_auc"]
+    assert m.sd == pytest.approx(m.sampling_sd * np.sqrt(1 + 3000 / est.reference_rows))          # the reference's error too
     reg_model, reg, _ = regression
     frame, _ = regression_data(3000, 9)
     pred = reg_model.predict(design(frame))
@@ -246,3 +249,38 @@ def test_a_million_rows_are_estimated_within_the_time_budget(binary):
     f(w)
     start = time.perf_counter(); [f(w) for _ in range(5)]; per_call = (time.perf_counter() - start) / 5
     assert per_call < 0.06, per_call
+
+
+def test_importance_weights_that_undo_a_shift_bring_the_estimate_back(binary):
+    "What drift impact relies on: weighting a squeezed window back to the reference's x1 recovers an unshifted window's AUC."
+    model, est = binary
+    x, _ = binary_data(20_000, 40, scale=0.6)
+    s = model.predict_proba(x)[:, 1]
+    density = lambda v, sd: np.exp(-0.5 * (v / sd) ** 2) / sd
+    w = np.minimum(density(x[:, 0], 1.0) / density(x[:, 0], 0.6), 100.0)
+    unshifted = est.point(model.predict_proba(binary_data(20_000, 42)[0])[:, 1])(None)
+    unweighted, undone = est.point(s)(None), est.point(s)(w / w.mean())
+    assert unweighted < unshifted - 0.03
+    assert undone == pytest.approx(unshifted, abs=0.01), (unweighted, undone, unshifted)
+
+
+def test_a_small_reference_is_calibrated_by_a_sigmoid(binary):
+    model, _ = binary
+    x, y = binary_data(600, 41)
+    est = PerformanceEstimator.fit(model.predict_proba(x)[:, 1] ** 3, y, "binary")
+    assert est.calibration.method == "sigmoid" and est.calibration.rows == 600, est.calibration
+    assert est.calibrators[0].a is not None and est.calibrators[0].x == []
+
+
+def test_an_overconfident_multiclass_model_is_calibrated_per_class():
+    model = LogisticRegression().fit(*multiclass_data(5000, 0))
+    def sharpened(x):
+        p = model.predict_proba(x) ** 3
+        return p / p.sum(1, keepdims=True)
+    x, y = multiclass_data(4000, 1)
+    est = PerformanceEstimator.fit(sharpened(x), y, "multiclass", classes=list(model.classes_))
+    assert est.calibration.method != "identity" and est.calibration.ece_after < est.calibration.ece_before / 2, est.calibration
+    xw, yw = multiclass_data(5000, 43, shift=0.5)
+    estimate, realized = est.estimate(sharpened(xw), band=False), est.realized(sharpened(xw), yw)
+    for name in ("accuracy", "f1", "roc_auc"):
+        assert abs(estimate.value(name) - realized[name]) < 0.025, (name, estimate.value(name), realized[name])
