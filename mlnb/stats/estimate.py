@@ -89,7 +89,7 @@ class CalibrationCheck(BaseModel):
     ece_after: float
     bins: int = 10
 
-# %% ../../nbs/10_monitoring/03_estimate.ipynb #2303e078
+# %% ../../nbs/10_monitoring/03_estimate.ipynb #dc683f82
 class MetricEstimate(BaseModel):
     "One metric's estimate and its band (value ± z·sd); `realized` once labels are known."
     metric: str
@@ -98,6 +98,7 @@ class MetricEstimate(BaseModel):
     upper: float
     sd: float
     realized: float | None = None
+    sampling_sd: float | None = None   # the window's sampling error alone (sd also holds the reference's; see `estimate`)
 
     @property
     def error(self) -> float | None:
@@ -201,7 +202,7 @@ def _loss_onnx(models: list, columns: int) -> bytes:
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
-# %% ../../nbs/10_monitoring/03_estimate.ipynb #d8cc0f4f
+# %% ../../nbs/10_monitoring/03_estimate.ipynb #5856f0a0
 def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
@@ -491,23 +492,27 @@ class PerformanceEstimator(BaseModel):
     def estimate(self, scores, features: pd.DataFrame | None = None, weights=None, level: float = 0.95, seed: int = 0,
                  band: bool = True) -> Estimate:
         """The estimated metrics of one window with a band at `level` (band=False: value only, sd 0), from scores (and features)
-        alone. sd: the window's sampling error (bootstrap; regression: the loss model's moments), widened by the reference's."""
+        alone. `sampling_sd`: the window's sampling error (bootstrap; regression: the loss model's moments); `sd`: that
+        widened by the reference's own (`_reference_factor`)."""
         s = self._check_scores(scores)
         w = self._check_weights(weights, len(s))
-        z = _z(level)
+        z, factor = _z(level), self._reference_factor(w, len(s))
         if self.task == "regression":
             absolute, squared = self._losses(features, s)
-            values, sd = _regression_values(absolute, squared, w, self.kurtosis or 3.0)
-            sd = {k: v * self._reference_factor(w, len(s)) if band else 0.0 for k, v in sd.items()}
-            return Estimate(rows=len(s), level=level, metrics={k: MetricEstimate(metric=k, value=v, sd=sd[k], lower=max(v - z * sd[k], 0.0),
-                                                                                  upper=v + z * sd[k]) for k, v in values.items()})
-        prep = self._prepare(s)
-        values, confusion = self._expected(prep, w)
-        factor = self._reference_factor(w, len(s))
-        sd = {k: v * factor for k, v in self._bootstrap_sd(s, w, seed).items()} if band else {k: 0.0 for k in values}
-        metrics = {k: MetricEstimate(metric=k, value=v, sd=sd[k], lower=max(v - z * sd[k], 0.0), upper=min(v + z * sd[k], 1.0))
-                   for k, v in values.items()}
-        return Estimate(rows=len(s), level=level, metrics=metrics, confusion=confusion.tolist(), labels=list(self.classes))
+            values, sampling = _regression_values(absolute, squared, w, self.kurtosis or 3.0)
+            top, confusion, labels = math.inf, None, None
+        else:
+            prep = self._prepare(s)
+            values, matrix = self._expected(prep, w)
+            sampling = self._bootstrap_sd(s, w, seed) if band else {}
+            top, confusion, labels = 1.0, matrix.tolist(), list(self.classes)
+        metrics = {}
+        for k, v in values.items():
+            sampling_sd = sampling[k] if band else 0.0
+            sd = sampling_sd * factor
+            metrics[k] = MetricEstimate(metric=k, value=v, sd=sd, sampling_sd=sampling_sd, lower=max(v - z * sd, 0.0),
+                                        upper=min(v + z * sd, top))
+        return Estimate(rows=len(s), level=level, metrics=metrics, confusion=confusion, labels=labels)
 
     def _reference_factor(self, w: np.ndarray | None, n: int) -> float:
         """√(1 + n_eff / reference_rows): the window's sampling sd widened by the reference's. The calibrators (or the loss
