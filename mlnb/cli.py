@@ -768,9 +768,9 @@ def monitor(hours: Optional[float] = typer.Option(None, min=0.001, help="The win
     if report:
         typer.echo(f"wrote {run_stage('07_monitor', params, reports_dir=Path(cfg.monitor.output_dir))}")
     if retrain:
-        from mlnb.pipeline.retrain import retrain_trigger
+        from mlnb.pipeline.retrain import label_free, retrain_trigger
         trigger = retrain_trigger(result, cfg)
-        if trigger: _retrain(cfg, trigger, user)
+        if trigger: _retrain(cfg, trigger, user, label_free(result, cfg))
     if fail_on_alert and result.alerts: raise typer.Exit(2)
 
 # %% ../nbs/12_cli/01_cli.ipynb #1c7aa925
@@ -791,13 +791,26 @@ def _monitor_section(s: dict, min_rows: int) -> None:
         typer.echo(f"  online accuracy {perf['accuracy']:.3f} on {perf['labelled']} labels "
                    f"(evaluation {perf['reference_accuracy']})"
                    + (" DECAYED" if perf["decayed"] else ""))
+    e, j = s.get("estimation"), s.get("multivariate")
+    if e:
+        m = e["metrics"][e["headline"]]
+        typer.echo(f"  estimated {e['headline']} {m['value']:.3f} [{m['lower']:.3f}, {m['upper']:.3f}] without labels "
+                   f"(evaluation {e['reference']:.3f}, allowed {e['allowed']:.3f})" + (" DROPPED" if e["dropped"] else ""))
+        if e["realized"]["metrics"]:
+            r = e["realized"]["metrics"].get(e["headline"])
+            if r: typer.echo(f"  on the {e['realized']['rows']} labelled rows: estimated {r['estimated']:.3f}, realized {r['realized']:.3f}")
+        if e["drift_impact"]:
+            typer.echo("  drift impact: " + ", ".join(f"{i['column']} {i['contribution']:+.3f}" for i in e["drift_impact"]))
+    if j:
+        typer.echo(f"  multivariate drift: reconstruction error {j['value']:.3g}, reference band [{j['lower']:.3g}, {j['upper']:.3g}]"
+                   + (" DRIFTED" if j["drifted"] else ""))
     for note in ref["notes"]:
         typer.echo(f"  note: {note}")
 
-def _retrain(cfg, trigger: str, user: str | None) -> None:
+def _retrain(cfg, trigger: str, user: str | None, without_labels: bool = False) -> None:
     from mlnb.pipeline.retrain import retrain as run_retrain
     typer.echo(f"retraining ({trigger}) ...")
-    r = run_retrain(cfg, trigger, cfg.paths, user)
+    r = run_retrain(cfg, trigger, cfg.paths, user, without_labels=without_labels)
     typer.echo(f"retrain {r.run}: {r.status}" + (f", {r.new_rows} new labelled rows (data md5 {r.data_md5})" if r.data_md5 else "") + f": {r.detail}")
 
 @app.command("retrain")

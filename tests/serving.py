@@ -149,6 +149,12 @@ def workspace(root, spec, onnx_models, webhook):
     test.to_parquet(root / "data/processed/test.parquet", index=False)
     label = OnnxModel(onnx_models["a"]).predict(model_frame(test, spec))
     (root / "metrics/evaluate.json").write_text(json.dumps({"rows": len(test), "accuracy": float((label == test["churn"]).mean())}))
+    from mlnb.stats.estimate import PerformanceEstimator          # label-free monitoring's reference, as the export stage writes it
+    from mlnb.stats.multivariate import ReconstructionDrift
+    (root / "models/onnx").mkdir(parents=True)
+    scores = OnnxModel(onnx_models["a"]).run(model_frame(test, spec))["probabilities"][:, 1]
+    PerformanceEstimator.fit(scores, test["churn"], "binary", ["No", "Yes"], "Yes", features=model_frame(test, spec)).save(root / "models/onnx")
+    ReconstructionDrift.fit(model_frame(train, spec)).save(root / "models/onnx/multivariate.json")
     model_dir = signed_model_dir(onnx_models["a"], root / "served", root / "keys")
     params = serve_params(model_dir, root / "keys", root / "logs")
     params["monitor"] = {"min_rows": 300, "min_labelled": 300, "webhook": webhook, "output_dir": str(root / "monitoring")}

@@ -21,10 +21,11 @@ __all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigg
            'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'Paths', 'DecisionCosts', 'CostThreshold',
            'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
            'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
-           'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'RolloutPlan', 'RolloutConfig',
-           'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'MonitorConfig', 'ABConfig', 'RetrainConfig',
-           'Config', 'config_from_dict', 'parse_yaml', 'read_yaml', 'dump_yaml', 'load_config', 'load_paths',
-           'seed_everything', 'file_md5', 'params_hash', 'staged_outputs', 'create_new', 'write_json']
+           'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'EstimatedRule', 'RolloutPlan',
+           'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'EstimationConfig',
+           'MonitorConfig', 'ABConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'parse_yaml', 'read_yaml',
+           'dump_yaml', 'load_config', 'load_paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs',
+           'create_new', 'write_json']
 
 # %% ../../nbs/01_core/01_config.ipynb #46603c3d
 class _Strict(BaseModel):
@@ -320,6 +321,16 @@ class OutputDriftRule(_Strict):
     max_distance: float = Field(ge=0, le=1)
     p_value: float = Field(gt=0, lt=1)
 
+# %% ../../nbs/01_core/01_config.ipynb #3a9c1e52
+class EstimatedRule(_Strict):
+    """When a challenger's estimated performance (no labels) counts as worse than the champion's on the same traffic."""
+    enabled: bool = True                                 # off, or a variant without an estimator: the rule is skipped (and says so)
+    metric: Literal["roc_auc", "accuracy"] | None = None # None: the estimator's headline metric (binary: roc_auc)
+    max_drop: float = Field(0.02, ge=0, le=1)            # allowed drop of the estimate, beyond the band
+    z: float = Field(1.96, gt=0)                         # the band of the difference: z * sqrt(sd_champion² + sd_challenger²)
+    min_rows: int = Field(500, ge=10)                    # scored rows each variant needs in the window before it is judged
+    pause_seconds: float = Field(300.0, ge=0)            # paused this long and still worse: rolled back
+
 # %% ../../nbs/01_core/01_config.ipynb #4c78e60c
 class RolloutPlan(_Strict):
     "How a canary grows and what rolls it back (see `mlnb.rollout.plan`)."
@@ -335,6 +346,7 @@ class RolloutPlan(_Strict):
     max_accuracy_drop: float = Field(0.02, ge=0, le=1)
     accuracy_p_value: float = Field(0.001, gt=0, lt=1)   # one-sided two-proportion z-test
     min_labelled: int = Field(200, ge=2)
+    estimated_rule: EstimatedRule = EstimatedRule()      # before labels: the challenger's estimated performance vs the champion's
 
     @field_validator("steps")
     @classmethod
@@ -439,6 +451,17 @@ class DriftOverride(_Strict):
     test: Literal["ks", "chisquare", "z", "wasserstein", "jensenshannon", "psi"] | None = None
     threshold: float | None = Field(None, ge=0)
 
+# %% ../../nbs/01_core/01_config.ipynb #cada7597
+class EstimationConfig(_Strict):
+    "Estimated performance, drift impact and multivariate drift per monitoring window (see `mlnb.stats.estimate`)."
+    enabled: bool = True
+    level: float = Field(0.95, gt=0.5, lt=1)        # the band's confidence level
+    max_drop: float = Field(0.03, ge=0, le=1)       # a score (ROC-AUC, accuracy …) estimated this far below the evaluation's ...
+    max_increase: float = Field(0.10, ge=0)         # ... or an error (MAE, RMSE) this share above it, beyond the band: a drop
+    min_rows: int = Field(1000, ge=50)              # fewer rows in a version's window: estimated, never a drop
+    top_features: int = Field(5, ge=0)              # drift impact: the features that explain most of the estimated change
+    multivariate_z: float = Field(3.0, gt=0)        # multivariate drift: reconstruction error beyond mean ± z·sd of the reference
+
 # %% ../../nbs/01_core/01_config.ipynb #7d2ac610
 class MonitorConfig(_Strict):
     window_hours: float = Field(24.0, gt=0)         # the current window: this many hours of the prediction log, up to now
@@ -452,6 +475,7 @@ class MonitorConfig(_Strict):
     output_dir: str = "monitoring"                  # latest.json, feature_history.parquet, reports
     webhook: str | None = None                      # alerts are POSTed here as JSON
     pushgateway: str | None = None                  # the gauges are also pushed here (job mlnb_monitor)
+    estimation: EstimationConfig = EstimationConfig()   # label-free estimated performance, drift impact, multivariate drift
 
     @property
     def accuracy_rule(self) -> AccuracyRule:
@@ -475,12 +499,14 @@ class ABConfig(_Strict):
         return AccuracyRule(max_drop=0.0, p_value=self.level(comparisons) / 2, min_labelled=self.min_labelled)
 
 # %% ../../nbs/01_core/01_config.ipynb #17794757
-RetrainTrigger = Literal["dataset_drift", "feature_drift", "prediction_drift", "accuracy_decay"]
+RetrainTrigger = Literal["dataset_drift", "feature_drift", "prediction_drift", "accuracy_decay", "estimated_performance_drop",
+                         "multivariate_drift"]
 
 class RetrainConfig(_Strict):
     triggers: list[RetrainTrigger] = []                # `mlnb monitor` retrains when one of these alerts is raised ...
     every_days: float | None = Field(None, gt=0)    # ... or when the last retraining is this old (a schedule)
-    min_new_labels: int = Field(200, ge=1)          # labelled predictions not yet in the training data, needed to retrain
+    min_new_labels: int = Field(200, ge=1)          # labelled predictions not yet in the training data, needed to retrain ...
+    without_labels: list[RetrainTrigger] = ["estimated_performance_drop"]   # ... except for these: retrain on the data there is now
     auto_approve: bool = False                      # a retrained version that passes every gate is approved by policy
     challenger_on_approval: bool = True             # an approved retrained version becomes the challenger (the rollout takes over)
 

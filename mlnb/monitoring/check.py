@@ -14,20 +14,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.config import Config, MonitorConfig, Paths, staged_outputs, write_json
+from ..core.config import Config, EstimationConfig, MonitorConfig, Paths, staged_outputs, write_json
 from ..core.errors import ConfigError, DataError
 from ..features.spec import Profile, value_counts
-from ..predlog.log import LogColumns
+from ..predlog.log import LogColumns, join_feedback
 from ..stats.decisions import proportion_test
 from ..model.bundle import (BundleError, Evaluation, VersionBundle, FILE_VERSION, file_version, load_scores,
                                output_scores, save_scores)
 from ..stats.drift import DriftReport, drift_report
+from ..stats.estimate import REGRESSION_METRICS, PerformanceEstimator
+from ..stats.multivariate import ReconstructionDrift, drift_impact
 
 # %% auto #0
-__all__ = ['log', 'window_frame', 'output_column', 'Performance', 'online_performance', 'MonitorResult', 'column_stats',
-           'append_history', 'alerts_for', 'alert_kinds', 'send_alert', 'gauge_families', 'MonitorCollector',
-           'push_gauges', 'check_window', 'reference_scores', 'Reference', 'bundle_reference', 'file_reference',
-           'version_references', 'check_versions', 'run_monitor']
+__all__ = ['log', 'MIN_REALIZED', 'window_frame', 'output_column', 'Performance', 'online_performance', 'window_scores',
+           'estimated_performance', 'MonitorResult', 'column_stats', 'append_history', 'alerts_for', 'alert_kinds',
+           'send_alert', 'gauge_families', 'MonitorCollector', 'push_gauges', 'check_window', 'reference_scores',
+           'Reference', 'bundle_reference', 'file_reference', 'version_references', 'check_versions', 'run_monitor']
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #fbf5c2f1
 log = logging.getLogger("mlnb.monitor")
@@ -78,6 +80,61 @@ def online_performance(window: pd.DataFrame, feedback: pd.DataFrame, reference_a
         p, decayed = (test.p_worse, test.worse) if test.enough else (None, False)
     return Performance(n, accuracy, reference_accuracy, p, bool(decayed), daily.to_dict("records"))
 
+# %% ../../nbs/10_monitoring/05_check.ipynb #57eb26f0
+def window_scores(window: pd.DataFrame, estimator: PerformanceEstimator) -> np.ndarray | None:
+    """The logged scores an estimator reads: the positive class's probability (binary), every class's in the
+    estimator's order (multiclass), the value (regression); None when the log does not have them."""
+    C = LogColumns
+    if estimator.task == "regression":
+        return window[C.VALUE].to_numpy(float) if C.VALUE in window else None
+    columns = [C.proba_column(c) for c in estimator.classes or []]
+    if not columns or any(c not in window for c in columns): return None
+    if estimator.task == "binary": return window[C.proba_column(estimator.positive)].to_numpy(float)
+    return window[columns].to_numpy(float)
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #90bb09fd
+MIN_REALIZED = 100              # labelled rows in a window before the realized figures are set beside the estimate
+
+def _realized(window: pd.DataFrame, feedback: pd.DataFrame | None, estimator: PerformanceEstimator, scores: np.ndarray,
+              level: float) -> dict:
+    "Estimated and realized metrics on the window's labelled rows, and the estimator's error on them."
+    C = LogColumns
+    if feedback is None or not len(feedback) or C.PREDICTION_ID not in window: return {"rows": 0, "metrics": {}}
+    actual = join_feedback(window[[C.PREDICTION_ID]], feedback)[C.ACTUAL].to_numpy()
+    known = pd.notna(actual)
+    if known.sum() < MIN_REALIZED: return {"rows": int(known.sum()), "metrics": {}}
+    estimated = estimator.estimate(scores[known], features=window[known], level=level, band=False)
+    realized = estimator.realized(scores[known], actual[known])
+    return {"rows": int(known.sum()), "metrics": {k: {"estimated": estimated.metrics[k].value, "realized": v,
+                                                      "error": estimated.metrics[k].value - v} for k, v in realized.items()
+                                                  if k in estimated.metrics}}
+
+def estimated_performance(window: pd.DataFrame, feedback: pd.DataFrame | None, estimator: PerformanceEstimator,
+                          profile: Profile | None, cfg: EstimationConfig, drifted: list[str] | None = None) -> dict | None:
+    """A window's estimated performance: every metric with its band, the headline against the evaluation's (`dropped`),
+    realized on its labelled rows where labels arrived, and the drift impact of its features. None: the log lacks the
+    scores the estimator reads."""
+    scores = window_scores(window, estimator)
+    if scores is None or not len(window): return None
+    estimate = estimator.estimate(scores, features=window, level=cfg.level)
+    headline = estimator.headline()
+    m, reference, higher = estimate.metrics[headline], estimator.reference.get(headline), headline not in REGRESSION_METRICS
+    allowed = None if reference is None else (reference - cfg.max_drop if higher else reference * (1 + cfg.max_increase))
+    dropped = bool(allowed is not None and len(window) >= cfg.min_rows and (m.upper < allowed if higher else m.lower > allowed))
+    realized = _realized(window, feedback, estimator, scores, cfg.level)
+    for k, r in realized["metrics"].items(): estimate.metrics[k].realized = r["realized"]
+    impact = []
+    if cfg.top_features and profile is not None:
+        columns = [c for c in profile.columns if c != profile.target and c in window]
+        impact = drift_impact(profile, window, estimator.point(scores, features=window), headline, higher, columns,
+                              set(drifted or []))[:cfg.top_features]
+    return {"headline": headline, "higher_is_better": higher, "rows": len(window), "level": cfg.level,
+            "reference": reference, "allowed": allowed, "dropped": dropped,
+            "metrics": {k: v.model_dump() for k, v in estimate.metrics.items()},
+            "confusion": estimate.confusion, "labels": estimate.labels, "realized": realized,
+            "calibration": estimator.calibration.model_dump() if estimator.calibration else None,
+            "drift_impact": [i.model_dump() for i in impact]}
+
 # %% ../../nbs/10_monitoring/05_check.ipynb #19c05795
 @dataclass
 class MonitorResult:
@@ -92,6 +149,8 @@ class MonitorResult:
     versions: list[dict] = field(default_factory=list)   # a section per version that served the window
     primary_version: str | None = None      # the checked version with the most rows, whose figures the three above are
     feedback_excluded: int = 0              # labels of purged keys left out (mlnb feedback purge)
+    estimation: dict | None = None          # the primary version's estimated performance (`estimated_performance`)
+    multivariate: dict | None = None        # ... and its multivariate drift (`ReconstructionDrift.check`)
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -128,6 +187,14 @@ def alerts_for(result: MonitorResult) -> list[str]:
     if pd_ and pd_["drifted"]: out.append(f"prediction drift: {pd_['test']} {pd_['statistic']:.3g} (threshold {pd_['threshold']:g})")
     perf = result.performance
     if perf["decayed"]: out.append(f"accuracy decay: {perf['accuracy']:.3f} online vs {perf['reference_accuracy']:.3f} at evaluation ({perf['labelled']} labels, p = {perf['p_value']:.2g})")
+    e = result.estimation
+    if e and e["dropped"]:
+        m, top = e["metrics"][e["headline"]], ", ".join(f"{i['column']} ({i['contribution']:+.3f})" for i in e["drift_impact"][:3])
+        out.append(f"estimated {e['headline']} drop: {m['value']:.3f} [{m['lower']:.3f}, {m['upper']:.3f}] vs {e['reference']:.3f} at "
+                   f"evaluation (allowed {e['allowed']:.3f}), {e['rows']} rows, no labels needed" + (f"; explained most by {top}" if top else ""))
+    mv = result.multivariate
+    if mv and mv["drifted"]:
+        out.append(f"multivariate drift: reconstruction error {mv['value']:.3g} outside the reference band [{mv['lower']:.3g}, {mv['upper']:.3g}]")
     return out
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #d117ae09
@@ -136,8 +203,10 @@ def alert_kinds(result: MonitorResult) -> set[str]:
     out = set()
     for s in result.versions or [result.to_dict()]:
         d, p, perf = s.get("drift") or {}, s.get("prediction_drift") or {}, s.get("performance") or {}
+        e, mv = s.get("estimation") or {}, s.get("multivariate") or {}
         kinds = {"dataset_drift": bool(d.get("dataset_drift")), "feature_drift": bool(d.get("drifted_columns")),
-                 "prediction_drift": bool(p.get("drifted")), "accuracy_decay": bool(perf.get("decayed"))}
+                 "prediction_drift": bool(p.get("drifted")), "accuracy_decay": bool(perf.get("decayed")),
+                 "estimated_performance_drop": bool(e.get("dropped")), "multivariate_drift": bool(mv.get("drifted"))}
         out |= {k for k, hit in kinds.items() if hit}
     return out
 
@@ -187,7 +256,37 @@ def gauge_families(result: dict) -> list:
         for s in result["versions"]:
             rows.add_metric([s["version"]], s["rows"]); alerts.add_metric([s["version"]], len(s["alerts"]))
         out += [rows, alerts]
-    return out
+    return out + _estimation_families(result)
+
+def _estimation_families(result: dict) -> list:
+    "Estimated performance (with its band, realized and reference beside it), drift impact and multivariate drift, per version."
+    from prometheus_client.core import GaugeMetricFamily as G
+    sections = result.get("versions") or [{**result, "version": result.get("primary_version") or ""}]
+    mv_, ver = ["metric", "version"], ["version"]
+    est = G("mlnb_estimated_performance", "Performance estimated without labels, per metric and version", labels=mv_)
+    lower = G("mlnb_estimated_performance_lower", "Lower bound of the estimate's band (monitor.estimation.level)", labels=mv_)
+    upper = G("mlnb_estimated_performance_upper", "Upper bound of the estimate's band (monitor.estimation.level)", labels=mv_)
+    realized = G("mlnb_realized_performance", "Performance realized on the window's labelled rows", labels=mv_)
+    reference = G("mlnb_reference_performance", "The headline metric at evaluation (test split)", labels=mv_)
+    dropped = G("mlnb_estimated_performance_dropped", "1 when the headline estimate, band and all, lies beyond the allowed drop", labels=ver)
+    impact = G("mlnb_drift_impact", "How much of the estimated change undoing a feature's shift recovers (larger: more harmful)", labels=["column", "version"])
+    joint = G("mlnb_multivariate_drift", "Multivariate drift: the window's mean PCA reconstruction error", labels=ver)
+    joint_lower = G("mlnb_multivariate_drift_lower", "Lower bound of the reference's reconstruction error band", labels=ver)
+    joint_upper = G("mlnb_multivariate_drift_upper", "Upper bound of the reference's reconstruction error band", labels=ver)
+    joint_drifted = G("mlnb_multivariate_drifted", "1 when the reconstruction error left the reference's band", labels=ver)
+    for s in sections:
+        v, e, j = str(s["version"]), s.get("estimation"), s.get("multivariate")
+        if e:
+            for metric, m in e["metrics"].items():
+                est.add_metric([metric, v], m["value"]); lower.add_metric([metric, v], m["lower"]); upper.add_metric([metric, v], m["upper"])
+                if m.get("realized") is not None: realized.add_metric([metric, v], m["realized"])
+            if e["reference"] is not None: reference.add_metric([e["headline"], v], e["reference"])
+            dropped.add_metric([v], float(e["dropped"]))
+            for i in e["drift_impact"]: impact.add_metric([i["column"], v], i["contribution"])
+        if j:
+            joint.add_metric([v], j["value"]); joint_lower.add_metric([v], j["lower"]); joint_upper.add_metric([v], j["upper"])
+            joint_drifted.add_metric([v], float(j["drifted"]))
+    return [est, lower, upper, realized, reference, dropped, impact, joint, joint_lower, joint_upper, joint_drifted]
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #d8a39e5b
 class MonitorCollector:
@@ -216,12 +315,14 @@ def push_gauges(url: str, result: MonitorResult, job: str = "mlnb_monitor", time
 # %% ../../nbs/10_monitoring/05_check.ipynb #7ac6cfbf
 def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: Profile, cfg: MonitorConfig, start: str, end: str,
                  reference_scores: np.ndarray | None = None, evaluation: Evaluation | dict | None = None,
-                 positive: str | None = None) -> tuple[MonitorResult, pd.DataFrame | None]:
-    """Drift, prediction drift and online accuracy of one window against one reference; the result and the per-feature
-        statistics (None without a verdict)."""
+                 positive: str | None = None, estimator: PerformanceEstimator | None = None,
+                 multivariate: ReconstructionDrift | None = None) -> tuple[MonitorResult, pd.DataFrame | None]:
+    """Drift, prediction drift, online accuracy, and (with an estimator and a multivariate reference) estimated
+    performance and multivariate drift of one window against one reference; the result and the per-feature statistics
+    (None without a verdict)."""
     window = window_frame(window)
     verdict = len(window) >= cfg.min_rows
-    drift = stats = prediction = None
+    drift = stats = prediction = estimation = joint = None
     if verdict:
         features = Profile({c: p for c, p in profile.columns.items() if c != profile.target and c in window}, profile.rows)
         overrides = {c: o.model_dump(exclude_none=True) for c, o in cfg.columns.items() if c in features.columns}
@@ -231,9 +332,14 @@ def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: P
         if reference_scores is not None and score is not None:
             ref = Profile.from_frame(pd.DataFrame({"prediction": reference_scores}))
             prediction = asdict(drift_report(ref, pd.DataFrame({"prediction": window[score].to_numpy(float)}), psi_all=cfg.psi).columns[0])
+        if cfg.estimation.enabled and estimator is not None:
+            estimation = estimated_performance(window, feedback, estimator, features, cfg.estimation, report.drifted_columns)
+        if cfg.estimation.enabled and multivariate is not None:
+            joint = multivariate.check(window, cfg.estimation.multivariate_z).model_dump()
     evaluation = evaluation if isinstance(evaluation, Evaluation) else Evaluation.model_validate(evaluation or {})
     perf = online_performance(window, feedback, evaluation.accuracy, evaluation.rows, cfg)
-    result = MonitorResult(start, end, len(window), verdict, drift, prediction, asdict(perf), [])
+    result = MonitorResult(start, end, len(window), verdict, drift, prediction, asdict(perf), [],
+                           estimation=estimation, multivariate=joint)
     result.alerts = alerts_for(result)
     return result, stats
 
@@ -260,6 +366,8 @@ class Reference:
     profile_path: str | None = None
     problem: str | None = None                # why it is not checked
     notes: list[str] = field(default_factory=list)
+    estimator: PerformanceEstimator | None = None      # label-free estimation (None: registered before it, or not exported)
+    multivariate: ReconstructionDrift | None = None    # multivariate drift's reference
 
     def describe(self) -> dict:
         ev = self.evaluation
@@ -267,6 +375,8 @@ class Reference:
                 "profile_rows": self.profile.rows if self.profile else None,
                 "reference_accuracy": ev.accuracy if ev else None, "evaluation_rows": ev.rows if ev else None,
                 "reference_scores": None if self.scores is None else len(self.scores),
+                "estimator": None if self.estimator is None else self.estimator.calibration.method if self.estimator.calibration else "present",
+                "multivariate": self.multivariate is not None,
                 "problem": self.problem, "notes": self.notes}
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #dd020ed0
@@ -279,6 +389,30 @@ def _cached_scores(cache: Path, compute, what: str) -> tuple[np.ndarray | None, 
         return None, f"no reference scores for {what}: no test split here to compute them on (no prediction drift)"
     save_scores(scores, cache)
     return scores, f"reference scores of {what} computed once on the working tree's test split, cached in {cache}"
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #c02476e7
+def _estimation_reference(estimator: Path | None, multivariate: Path | None, what: str,
+                          notes: list[str]) -> tuple[PerformanceEstimator | None, ReconstructionDrift | None]:
+    "The estimator and the multivariate reference beside a version's files, or None and a note saying what is not checked."
+    if estimator is None: notes.append(f"no estimator for {what} (exported before label-free estimation): performance not estimated")
+    if multivariate is None: notes.append(f"no multivariate reference for {what}: no multivariate drift")
+    return (None if estimator is None else PerformanceEstimator.load(Path(estimator).parent),
+            None if multivariate is None else ReconstructionDrift.load(multivariate))
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #cf00823a
+def _verified_reference(registry, version: str, cfg: Config, paths: Paths) -> Reference:
+    """A registered version's reference, read from a private copy of its cached directory once its approval attestation
+    verifies there (as the server loads it): an edited profile, estimator or multivariate reference in the cache is refused,
+    never used to hide a drift or fake a drop."""
+    from mlnb.model.signing import private_copy, verify_approval
+    from mlnb.registry.store import approval_keys
+    v, cached = registry.get(version), registry.bundle(version, cfg.serve.model_cache_dir)
+    with private_copy(cached.path("onnx").parent) as private:
+        verify_approval(private, approval_keys(cfg)[1], name=registry.name, version=str(v.version),
+                        onnx_sha256=v.tags.get("mlnb.onnx_sha256"))          # NotApproved / ApprovalInvalid: not checked, and why
+        reference = bundle_reference(VersionBundle.load(private, v.tags, registry.name, str(v.version)), cfg, paths)
+    reference.profile_path = str(cached.path("reference_profile"))      # for the report: the cache's copy, the same bytes
+    return reference
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #7edf8b78
 def bundle_reference(bundle: VersionBundle, cfg: Config, paths: Paths) -> Reference:
@@ -293,8 +427,11 @@ def bundle_reference(bundle: VersionBundle, cfg: Config, paths: Paths) -> Refere
         scores, note = _cached_scores(cache, compute, f"{bundle.label} (its bundle has none)")
         notes.append(note)
     evaluation = bundle.evaluation() if bundle.has("evaluation") else None
+    estimator, multivariate = _estimation_reference(bundle.path("estimator") if bundle.has("estimator") else None,
+                                                    bundle.path("multivariate") if bundle.has("multivariate") else None,
+                                                    bundle.label, notes)
     return Reference(str(bundle.facts.version), f"registry: {bundle.label}", bundle.profile(), evaluation, scores,
-                     positive, str(bundle.path("reference_profile")), notes=notes)
+                     positive, str(bundle.path("reference_profile")), notes=notes, estimator=estimator, multivariate=multivariate)
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #ad287c5b
 def file_reference(version: str, cfg: Config, paths: Paths, model_path: str | Path | None = None) -> Reference:
@@ -314,16 +451,21 @@ def file_reference(version: str, cfg: Config, paths: Paths, model_path: str | Pa
     compute = lambda: reference_scores(paths, model_path, positive) if paths.split("test").exists() else None
     cache = Path(cfg.monitor.output_dir) / "reference_scores" / f"{version}.npy"
     scores, note = _cached_scores(cache, compute, str(model_path))
+    notes = [note]
+    estimator, multivariate = _estimation_reference(paths.estimator if paths.estimator.exists() else None,
+                                                    paths.multivariate if paths.multivariate.exists() else None,
+                                                    str(model_path), notes)
     return Reference(version, f"working tree: {model_path}", Profile.load(paths.reference_profile),
                      Evaluation.load(evaluation_path) if evaluation_path.exists() else None, scores, positive,
-                     str(paths.reference_profile), notes=[note])
+                     str(paths.reference_profile), notes=notes, estimator=estimator, multivariate=multivariate)
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #df5ad68c
 def version_references(window: pd.DataFrame, cfg: Config, paths: Paths, model_path: str | Path | None = None,
                        user: str | None = None) -> dict[str, Reference]:
-    """The reference of each version that served rows of `window` (a `window_frame`). A version the registry does
-    not have, or whose bundle lacks its reference profile, is not checked (`Reference.problem` says why); a registry
-    that cannot be asked is an error (`RegistryUnreachable`)."""
+    """The reference of each version that served rows of `window` (a `window_frame`), read from an approval-verified
+    copy of its bundle. A version the registry does not have, whose approval does not verify, or whose bundle lacks its
+    reference profile, is not checked (`Reference.problem` says why); a registry that cannot be asked is an error
+    (`RegistryUnreachable`)."""
     from mlnb.registry.store import Registry, RegistryError, RegistryUnreachable
     registry, out = None, {}
     if "model_version" not in window:
@@ -337,7 +479,7 @@ def version_references(window: pd.DataFrame, cfg: Config, paths: Paths, model_pa
             out[version] = Reference(version, "unknown", problem=problem)
         else:
             registry = registry or Registry.from_config(cfg, user)
-            try: out[version] = bundle_reference(registry.bundle(version, cfg.serve.model_cache_dir), cfg, paths)
+            try: out[version] = _verified_reference(registry, version, cfg, paths)
             except RegistryUnreachable: raise
             except RegistryError as e: out[version] = Reference(version, "unknown", problem=str(e))
             except BundleError as e: out[version] = Reference(version, f"registry: {name} v{version}", problem=str(e))
@@ -348,7 +490,7 @@ def _not_checked(version: str, ref: Reference, rows: int) -> dict:
     kind = "unknown version" if ref.source == "unknown" else "version"
     return {"version": version, "reference": ref.describe(), "rows": rows, "verdict": False, "drift": None,
             "prediction_drift": None, "performance": asdict(Performance(0, None, None, None, False)),
-            "alerts": [f"{kind} {version}: {rows} rows not checked ({ref.problem})"]}
+            "estimation": None, "multivariate": None, "alerts": [f"{kind} {version}: {rows} rows not checked ({ref.problem})"]}
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #3c172e7a
 def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, references: dict[str, Reference],
@@ -363,9 +505,11 @@ def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, ref
         if ref.profile is None:
             sections.append(_not_checked(version, ref, len(rows)))
             continue
-        r, s = check_window(rows, feedback, ref.profile, cfg, start, end, ref.scores, ref.evaluation, ref.positive)
+        r, s = check_window(rows, feedback, ref.profile, cfg, start, end, ref.scores, ref.evaluation, ref.positive,
+                            ref.estimator, ref.multivariate)
         section = {"version": version, "reference": ref.describe(), "rows": r.rows, "verdict": r.verdict,
                    "drift": r.drift, "prediction_drift": r.prediction_drift, "performance": r.performance,
+                   "estimation": r.estimation, "multivariate": r.multivariate,
                    "alerts": [f"{a} [version {version}]" for a in r.alerts]}
         sections.append(section)
         primary = primary or section
@@ -374,7 +518,8 @@ def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, ref
     lead = primary or _not_checked("", Reference("", "unknown"), 0)
     result = MonitorResult(start, end, len(window), any(s["verdict"] for s in sections), lead["drift"],
                            lead["prediction_drift"], lead["performance"], [a for s in sections for a in s["alerts"]],
-                           sections, primary["version"] if primary else None)
+                           sections, primary["version"] if primary else None,
+                           estimation=lead["estimation"], multivariate=lead["multivariate"])
     return result, pd.concat(stats, ignore_index=True) if stats else None
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #9413d414

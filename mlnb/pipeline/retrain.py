@@ -25,7 +25,7 @@ from ..predlog.log import LogColumns, LogKeys, log_keys, read_feedback
 # %% auto #0
 __all__ = ['log', 'POLICY', 'RetrainResult', 'labelled_traffic', 'log_columns', 'unseen', 'dvc_add', 'add_data_version',
            'split_out_of_contract', 'quarantine', 'quarantined_ids', 'run_pipeline', 'decide', 'retrain',
-           'last_retrain', 'retrain_trigger']
+           'last_retrain', 'fired_triggers', 'label_free', 'retrain_trigger']
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #0b2bdd7e
 log = logging.getLogger("mlnb.retrain")
@@ -180,9 +180,11 @@ def decide(cfg: Config, registry, registration: Registration) -> tuple[str, str]
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #947b8149
 def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | None = None,
-            secret: str | None = None) -> RetrainResult:
+            secret: str | None = None, without_labels: bool = False) -> RetrainResult:
     """Labelled traffic → new data version → dvc repro → registered candidate → challenger (by the gates and approval rules). Audited.
-    The registration record is read from the catalog (`cfg.paths` unless given)."""
+    The registration record is read from the catalog (`cfg.paths` unless given). `without_labels`: a label-free trigger
+    fired (`retrain.without_labels`), so the pipeline runs on the data there is even with fewer than
+    `retrain.min_new_labels` new labels."""
     from filelock import FileLock, Timeout
     from mlnb.registry.store import Registry
     registry = Registry.from_config(cfg, user, secret)
@@ -211,14 +213,16 @@ def retrain(cfg: Config, trigger: str, paths: Paths | None = None, user: str | N
                          prediction_ids=list(bad["prediction_id"][:100]))
             log.warning("%d labelled row(s) outside the data schema set aside in %s", len(bad), set_aside)
         counts = dict(quarantined=len(bad), excluded_labels=excluded)
-        if len(rows) < cfg.retrain.min_new_labels:
+        if len(rows) < cfg.retrain.min_new_labels and not without_labels:
             detail = f"{len(rows)} new labelled rows, fewer than retrain.min_new_labels ({cfg.retrain.min_new_labels})"
             audit.append(actor, "retrain-skipped", run=run, trigger=trigger, new_rows=len(rows), reason=detail, **counts)
             return RetrainResult(run, trigger, "skipped", len(rows), 0 if existing is None else len(existing), detail=detail, **counts)
-        audit.append(actor, "retrain-start", run=run, trigger=trigger, new_rows=len(rows), **counts)
+        audit.append(actor, "retrain-start", run=run, trigger=trigger, new_rows=len(rows), without_labels=without_labels, **counts)
         try:
-            total, md5 = add_data_version(rows, data_path, cfg.data.schema_path, cfg.data.target)
-            audit.append(actor, "retrain-data", run=run, path=str(data_path), new_rows=len(rows), rows=total, md5=md5)
+            if len(rows):
+                total, md5 = add_data_version(rows, data_path, cfg.data.schema_path, cfg.data.target)
+                audit.append(actor, "retrain-data", run=run, path=str(data_path), new_rows=len(rows), rows=total, md5=md5)
+            else: total, md5 = (0 if existing is None else len(existing)), None
             seconds = run_pipeline(out_dir / f"{run}.log")
             registration = Registration.load((cfg.paths if paths is None else paths).registration)
             audit.append(actor, "retrain-pipeline", run=run, seconds=round(seconds, 1), log=str(out_dir / f"{run}.log"))
@@ -243,10 +247,22 @@ def last_retrain(audit: AuditLog) -> datetime | None:
     return datetime.fromisoformat(done[-1]) if done else None
 
 # %% ../../nbs/11_pipeline/01_retrain.ipynb #7f2ff970
+def fired_triggers(result: MonitorResult, cfg: Config) -> list[str]:
+    "The `retrain.triggers` this check's alerts raised."
+    return [k for k in cfg.retrain.triggers if k in alert_kinds(result)]
+
+def label_free(result: MonitorResult, cfg: Config) -> bool:
+    "Whether a label-free trigger fired (`retrain.without_labels`): retrain without waiting for new labels."
+    return any(k in cfg.retrain.without_labels for k in fired_triggers(result, cfg))
+
+_ALERT_OF = {"estimated_performance_drop": "estimated ", "multivariate_drift": "multivariate drift"}
+
 def retrain_trigger(result: MonitorResult, cfg: Config, now: datetime | None = None) -> str | None:
-    "Why this check should retrain, or None."
-    hit = [k for k in cfg.retrain.triggers if k in alert_kinds(result)]
-    if hit: return "monitor alert: " + ", ".join(hit)
+    "Why this check should retrain, or None; a label-free trigger's alert is quoted, so the audit entry says what fired."
+    hit = fired_triggers(result, cfg)
+    if hit:
+        quoted = [a for a in result.alerts if any(k in _ALERT_OF and a.startswith(_ALERT_OF[k]) for k in hit)]
+        return "monitor alert: " + ", ".join(hit) + "".join(f" | {a}" for a in quoted)
     if cfg.retrain.every_days:
         now, last = now or datetime.now(timezone.utc), last_retrain(AuditLog.from_config(cfg))
         if last is None or now - last >= timedelta(days=cfg.retrain.every_days):

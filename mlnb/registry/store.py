@@ -732,6 +732,8 @@ def pipeline_bundle(cfg: Config, scratch: str | Path, paths: Paths | None = None
              "export": paths.export_metrics, "export_report": paths.export_report}
     if paths.onnx_int8.exists():
         files["onnx_int8"] = paths.onnx_int8
+    for role in ("estimator", "loss_model", "multivariate"):      # label-free monitoring's reference, when export wrote it
+        if getattr(paths, role).exists(): files[role] = getattr(paths, role)
     if Path(cfg.data.schema_path).exists():   # the data contract, for serving
         files["schema"] = Path(cfg.data.schema_path)
     if _records(paths.plots / "fairness.csv"):

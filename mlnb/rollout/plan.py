@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # %% auto #0
-__all__ = ['BINS', 'OUTPUT_BINS', 'ACTIVE', 'key_point', 'Split', 'VariantWindow', 'health_breaches', 'Decision', 'Rollout']
+__all__ = ['BINS', 'OUTPUT_BINS', 'SCORE_BINS', 'ACTIVE', 'key_point', 'Split', 'VariantWindow', 'health_breaches',
+           'estimated_metric', 'EstimatedComparison', 'estimated_comparison', 'Decision', 'Rollout']
 
 # %% ../../nbs/09_rollout/02_plan.ipynb #29f86c79
 def key_point(key: str, salt: str = "") -> float:
@@ -53,6 +54,7 @@ from ..stats.decisions import load_statistics, output_drift, proportion_test   #
 
 BINS = 20
 OUTPUT_BINS = np.linspace(0, 1, BINS + 1)            # equal-width bins of a score in [0, 1]
+SCORE_BINS = 1000                                    # the estimated rule's fine histogram of the same score (see `estimated_metric`)
 
 @dataclass
 class VariantWindow:
@@ -63,14 +65,21 @@ class VariantWindow:
     labelled: int = 0
     correct: int = 0
     output_counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    score_counts: np.ndarray = field(default_factory=lambda: np.zeros(SCORE_BINS))
 
     def record(self, latency_s: float, error: bool = False, scores=None) -> None:
         "One request: its latency, whether it failed, and its output score(s) in [0, 1]."
         self.requests += 1; self.errors += error
         self.latencies.append(latency_s)
         if scores is None: return
-        if len(scores) == 1: self.output_counts[min(max(int(scores[0] * BINS), 0), BINS - 1)] += 1      # the usual one-row request, without NumPy's per-call cost
-        else: self.output_counts += np.bincount(np.clip((np.asarray(scores) * BINS).astype(int), 0, BINS - 1), minlength=BINS)
+        if len(scores) == 1:                             # the usual one-row request, without NumPy's per-call cost
+            s = scores[0]
+            self.output_counts[min(max(int(s * BINS), 0), BINS - 1)] += 1
+            self.score_counts[min(max(int(s * SCORE_BINS), 0), SCORE_BINS - 1)] += 1
+        else:
+            s = np.asarray(scores)
+            self.output_counts += np.bincount(np.clip((s * BINS).astype(int), 0, BINS - 1), minlength=BINS)
+            self.score_counts += np.bincount(np.clip((s * SCORE_BINS).astype(int), 0, SCORE_BINS - 1), minlength=SCORE_BINS)
 
     def record_label(self, correct: bool) -> None: self.labelled += 1; self.correct += correct
 
@@ -80,6 +89,8 @@ class VariantWindow:
     def p99_ms(self) -> float: return float(np.percentile(self.latencies, 99)) * 1000 if self.latencies else 0.0
     @property
     def accuracy(self) -> float: return self.correct / self.labelled if self.labelled else float("nan")
+    @property
+    def scored(self) -> int: return int(self.score_counts.sum())
 
 
 # %% ../../nbs/09_rollout/02_plan.ipynb #a8282908
@@ -105,6 +116,79 @@ def health_breaches(plan: RolloutPlan, control: VariantWindow, canary: VariantWi
                        f"(allowed -{rule.max_drop:g}; one-sided p = {acc.p_worse:.2g})")
     return out
 
+# %% ../../nbs/09_rollout/02_plan.ipynb #5f0d9a31
+def estimated_metric(counts, calibrated, metric: str = "roc_auc", threshold: float | None = None) -> tuple[float, float]:
+    """A binary model's estimated `metric` (roc_auc or accuracy) and its sampling error, from the histogram `counts` of its
+    raw positive-class scores (equal-width bins over [0, 1]) and its calibrated probability at each bin's centre; the
+    sampling error by the delta method (each bin's influence on the estimate)."""
+    counts, p = np.asarray(counts, float), np.clip(np.asarray(calibrated, float), 0, 1)
+    if counts.shape != p.shape or counts.ndim != 1:
+        raise ValueError(f"counts {counts.shape} and calibrated {p.shape} must be one probability per bin")
+    n = counts.sum()
+    if n <= 0: raise ValueError("no scored rows to estimate from")
+    pos = counts * p
+    neg = counts - pos
+    P, N = pos.sum(), neg.sum()
+    if metric == "roc_auc":
+        if min(P, N) <= 0: return float("nan"), float("nan")     # one class expected only: AUC undefined
+        below, above = np.cumsum(neg) - neg, P - np.cumsum(pos)  # expected negatives below each bin, positives above it
+        a = float((pos * (below + 0.5 * neg)).sum() / (P * N))    # P(positive's score > negative's), ties half
+        psi = (p * (below + 0.5 * neg) + (1 - p) * (above + 0.5 * pos)) / (P * N) - a * (p / P + (1 - p) / N)
+        var = float((counts * psi ** 2).sum() - (counts * psi).sum() ** 2 / n)
+        return a, math.sqrt(max(var, 0.0))
+    if metric == "accuracy":
+        centres = (np.arange(len(counts)) + 0.5) / len(counts)
+        v = np.where(centres >= (0.5 if threshold is None else threshold), p, 1 - p)   # each bin's chance of a right answer
+        a = float((counts * v).sum() / n)
+        return a, math.sqrt(float((counts * (v - a) ** 2).sum() / n) / n)
+    raise ValueError(f"the estimated rule compares roc_auc or accuracy, not {metric!r}")
+
+# %% ../../nbs/09_rollout/02_plan.ipynb #d47a1f68
+@dataclass
+class EstimatedComparison:
+    "The challenger's estimated metric against the control's on the same traffic, at one look (no labels)."
+    metric: str
+    control: float
+    control_sd: float
+    canary: float
+    canary_sd: float
+    rows: tuple[int, int]          # scored rows: control, canary
+    band: float                    # z * sqrt(control_sd² + canary_sd²)
+    max_drop: float
+    control_name: str = "control"
+
+    @property
+    def difference(self) -> float: return self.canary - self.control
+    @property
+    def worse(self) -> bool: return bool(self.difference < -(self.max_drop + self.band))
+
+    def describe(self) -> str:
+        return (f"estimated {self.metric} {self.canary:.3f} (sd {self.canary_sd:.3f}, {self.rows[1]} rows) vs {self.control_name} "
+                f"{self.control:.3f} (sd {self.control_sd:.3f}, {self.rows[0]} rows): difference {self.difference:+.3f}, "
+                f"allowed -{self.max_drop:g} beyond the band ±{self.band:.3f}, no labels")
+
+    def as_dict(self) -> dict:
+        r = lambda v: round(float(v), 5)
+        return {"judged": True, "metric": self.metric, "control": r(self.control), "control_sd": r(self.control_sd),
+                "canary": r(self.canary), "canary_sd": r(self.canary_sd), "difference": r(self.difference), "band": r(self.band),
+                "max_drop": self.max_drop, "rows": list(self.rows), "worse": self.worse}
+
+def estimated_comparison(rule, control: VariantWindow, canary: VariantWindow, control_estimator, canary_estimator,
+                         control_name: str = "control") -> EstimatedComparison | str:
+    """The estimated rule (`RolloutPlan.estimated_rule`) at a look: the canary's estimate against the control's, each from
+    its own window and estimator; a string saying why not when it cannot judge."""
+    for who, e in (("control", control_estimator), ("canary", canary_estimator)):
+        if e is None: return f"not judged: the {who} has no estimator (its bundle holds no estimator.json)"
+        if e.task != "binary": return f"not judged: the {who} is {e.task}; the rollout estimates binary models only (the monitor estimates the others)"
+    rows = (control.scored, canary.scored)
+    if min(rows) < rule.min_rows: return f"not judged yet: {rows[0]} and {rows[1]} scored rows, {rule.min_rows} needed on each side"
+    metric = rule.metric or canary_estimator.headline()
+    centres = (np.arange(SCORE_BINS) + 0.5) / SCORE_BINS
+    (c, c_sd), (k, k_sd) = (estimated_metric(w.score_counts, e.calibrated(centres), metric, e.threshold)
+                            for w, e in ((control, control_estimator), (canary, canary_estimator)))
+    if not all(map(math.isfinite, (c, c_sd, k, k_sd))): return f"not judged: estimated {metric} undefined (one class expected only)"
+    return EstimatedComparison(metric, c, c_sd, k, k_sd, rows, rule.z * math.hypot(c_sd, k_sd), rule.max_drop, control_name)
+
 # %% ../../nbs/09_rollout/02_plan.ipynb #11ca93b4
 @dataclass
 class Decision:
@@ -117,9 +201,13 @@ ACTIVE = ("running", "paused", "promoting", "awaiting_approval")
 
 class Rollout:
     "A canary walking the plan's steps, rolled back on the first breach."
-    def __init__(self, plan: RolloutPlan, control: str = "champion", canary: str = "challenger", clock=time.monotonic, fixed_share: float | None = None):
+    def __init__(self, plan: RolloutPlan, control: str = "champion", canary: str = "challenger", clock=time.monotonic, fixed_share: float | None = None,
+                 estimators: dict | None = None):
         self.plan, self.control, self.canary, self.clock, self.fixed_share = plan, control, canary, clock, fixed_share
         self.step, self.state, self.reason = 0, "running", "started"
+        self.estimators = estimators or {}          # variant -> its PerformanceEstimator (or None): the estimated rule
+        self.estimated: dict | None = None          # the estimated rule's last look: the comparison, or why it did not judge
+        self.estimate_paused_at: float | None = None   # when the estimated rule paused the rollout (None: it did not)
         self._new_windows()
 
     def _new_windows(self) -> None:
@@ -161,6 +249,8 @@ class Rollout:
         if breaches:
             where = "fixed split" if self.fixed_share is not None else f"step {self.step + 1} ({self.share:.0%})"
             return self._decide("rollback", "rolled_back", f"{where}: " + "; ".join(breaches))
+        judged = self.judge_estimate(look)
+        if judged is not None: return judged
         waited = self.clock() - self.step_started
         if self.state != "running" or self.fixed_share is not None: return Decision("hold", self.share, self.reason)
         if measured < self.plan.min_requests or waited < self.plan.min_seconds:
@@ -169,6 +259,32 @@ class Rollout:
             return self._decide("promote", "promoting", f"healthy through every step ({canary.requests} requests at 100%)")
         self.step += 1; self._new_windows()
         return self._decide("advance", "running", f"healthy at step {self.step} with {canary.requests} requests: now {self.share:.0%}")
+
+    def judge_estimate(self, look: bool) -> Decision | None:
+        """The estimated rule at a look, or once its pause has lasted `pause_seconds`: worse pauses, still worse rolls
+        back, back within the band resumes (only a pause it made itself)."""
+        rule = self.plan.estimated_rule
+        if not rule.enabled or self.state not in ("running", "paused") or self.share >= 1.0: return None   # at 100%: no shared traffic
+        paused_at = self.estimate_paused_at
+        overdue = paused_at is not None and self.clock() - paused_at >= rule.pause_seconds
+        if not (look or overdue): return None
+        c = estimated_comparison(rule, self.windows[self.control], self.windows[self.canary], self.estimators.get(self.control),
+                                 self.estimators.get(self.canary), self.control)
+        if isinstance(c, str):
+            self.estimated = {"judged": False, "note": c}
+            if overdue: self.estimate_paused_at = self.clock()        # wait another pause for rows to judge by
+            return None
+        self.estimated = c.as_dict()
+        where = "fixed split" if self.fixed_share is not None else f"step {self.step + 1} ({self.share:.0%})"
+        if c.worse and paused_at is None:
+            self.estimate_paused_at = self.clock()
+            return self._decide("pause", "paused", f"{where}: {c.describe()}; paused: rolled back if still worse at the next look "
+                                                   f"or after {rule.pause_seconds:g} s")
+        if c.worse: return self._decide("rollback", "rolled_back", f"{where}: still worse after the pause: {c.describe()}")
+        if paused_at is not None:
+            self.estimate_paused_at, self.step_started = None, self.clock()
+            return self._decide("resume", "running", f"{where}: back within the band: {c.describe()}")
+        return None
 
     def promoted(self, note: str = "") -> Decision: return self._decide("promoted", "promoted", f"{self.canary} is now {self.control}{note}")
 
@@ -191,12 +307,14 @@ class Rollout:
     def resume(self, reason: str = "resumed by an operator") -> Decision:
         if self.state != "paused": raise ValueError(f"only a paused rollout can be resumed; it is {self.state.replace('_', ' ')}")
         self.step_started = self.clock()                   # the paused time does not count towards the step
+        self.estimate_paused_at = None                     # an operator's resume overrides the estimated rule's pause
         return self._decide("resume", "running", reason)
 
     def status(self) -> dict:
         c, k = self.windows[self.control], self.windows[self.canary]
         def window(w): return {"requests": w.requests, "errors": w.errors, "error_rate": round(w.error_rate, 5), "p99_ms": round(w.p99_ms, 3),
-                               "labelled": w.labelled, "accuracy": None if not w.labelled else round(w.accuracy, 4)}
+                               "labelled": w.labelled, "accuracy": None if not w.labelled else round(w.accuracy, 4), "scored": w.scored}
         return {"state": self.state, "share": self.share, "step": None if self.fixed_share is not None else self.step + 1,
                 "steps": list(self.plan.steps), "fixed_share": self.fixed_share, "reason": self.reason,
-                "step_seconds": round(self.clock() - self.step_started, 1), self.control: window(c), self.canary: window(k)}
+                "step_seconds": round(self.clock() - self.step_started, 1), self.control: window(c), self.canary: window(k),
+                "estimated": self.estimated}

@@ -18,11 +18,12 @@ from .protocol import V2_NUMERIC, Contract, Column, RequestError
 # %% auto #0
 __all__ = ['V2_RESPONSE', 'RolloutAction', 'REQUEST_MODELS', 'RESPONSE_MODELS', 'REF', 'column_schema', 'row_schema',
            'mlflow_request_schema', 'tensor_schema', 'v2_request_schema', 'mlflow_response_schema', 'FeedbackItem',
-           'FeedbackRequest', 'FeedbackItems', 'FeedbackResult', 'RolloutCommand', 'VariantWindow', 'RolloutProgress',
-           'ChallengerInfo', 'RoutingKey', 'RolloutState', 'ReloadResult', 'CacheStats', 'ServedModelInfo',
-           'ApiKeyInfo', 'KeyListing', 'Error', 'Liveness', 'RegistryReadiness', 'Readiness', 'ServerMetadata',
-           'ModelReadiness', 'TensorMetadata', 'ModelParameters', 'ModelMetadata', 'field_path', 'validation_message',
-           'validated', 'openapi30', 'component_schemas', 'feedback_request_schema', 'openapi_schema']
+           'FeedbackRequest', 'FeedbackItems', 'FeedbackResult', 'RolloutCommand', 'VariantWindow', 'EstimatedLook',
+           'ShadowWatch', 'RolloutProgress', 'ChallengerInfo', 'RoutingKey', 'RolloutState', 'ReloadResult',
+           'CacheStats', 'ServedModelInfo', 'ApiKeyInfo', 'KeyListing', 'Error', 'Liveness', 'RegistryReadiness',
+           'Readiness', 'ServerMetadata', 'ModelReadiness', 'TensorMetadata', 'ModelParameters', 'ModelMetadata',
+           'field_path', 'validation_message', 'validated', 'openapi30', 'component_schemas', 'feedback_request_schema',
+           'openapi_schema']
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #42878bed
 def _nullable(schema: dict, column: Column) -> dict:
@@ -169,6 +170,29 @@ class VariantWindow(BaseModel):
     p99_ms: float
     labelled: int
     accuracy: float | None = Field(description="on the feedback labels; null before the first")
+    scored: int = Field(0, description="rows whose score the estimated rule has (the positive-class probability)")
+
+# %% ../../nbs/08_serving/06_openapi.ipynb #a3e91c57
+class EstimatedLook(BaseModel):
+    "The estimated rule's last look (`mlnb.rollout.plan.estimated_comparison`): no labels, each variant's own estimator."
+    judged: bool
+    note: str | None = Field(None, description="why it did not judge (no estimator, not binary, too few rows)")
+    metric: str | None = None
+    control: float | None = Field(None, description="the champion's estimate")
+    control_sd: float | None = None
+    canary: float | None = Field(None, description="the challenger's estimate")
+    canary_sd: float | None = None
+    difference: float | None = Field(None, description="challenger - champion")
+    band: float | None = Field(None, description="z * sqrt(control_sd² + canary_sd²)")
+    max_drop: float | None = None
+    rows: list[int] | None = Field(None, description="scored rows: champion, challenger")
+    worse: bool | None = Field(None, description="difference below -(max_drop + band): paused, then rolled back")
+
+class ShadowWatch(BaseModel):
+    "In shadow mode: the estimated rule on the rows both variants scored."
+    state: Literal["running", "paused", "rolled_back"]
+    reason: str
+    estimated: EstimatedLook | None
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #44e3357c
 class RolloutProgress(BaseModel):
@@ -182,6 +206,7 @@ class RolloutProgress(BaseModel):
     step_seconds: float
     champion: VariantWindow
     challenger: VariantWindow
+    estimated: EstimatedLook | None = None
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #edcf2b03
 class ChallengerInfo(BaseModel):
@@ -206,6 +231,7 @@ class RolloutState(BaseModel):
     rollout: RolloutProgress | None
     shadow_in_flight: int
     last_error: str | None
+    shadow: ShadowWatch | None = None
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #e54188b2
 class ReloadResult(BaseModel):
@@ -238,6 +264,7 @@ class ServedModelInfo(BaseModel):
     last_reload_error: str | None
     registry_error: str | None = Field(description="why the registry could not be asked last time")
     cache: CacheStats | None
+    estimator: bool = Field(False, description="whether its bundle carried a performance estimator (the rollout's estimated rule)")
 
 # %% ../../nbs/08_serving/06_openapi.ipynb #d125100f
 class ApiKeyInfo(BaseModel):

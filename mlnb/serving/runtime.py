@@ -90,6 +90,8 @@ class ServedModel:
     path: Path | None = None         # where the verified ONNX file was read from (the bytes are `data`)
     data: bytes | None = field(default=None, repr=False)   # the verified bytes ONNX Runtime loaded (batch workers get these)
     approval: dict | None = field(default=None, repr=False)   # the verified approval record (a registered version)
+    estimator: object | None = field(default=None, repr=False)  # its `mlnb.stats.estimate.PerformanceEstimator`, from the same verified copy (None: its bundle has none)
+    estimator_note: str | None = None                          # why it has none, when its bundle holds one that did not load
 
     @property
     def task(self) -> str: return "classification" if "probabilities" in self.onnx.outputs else "regression"
@@ -113,7 +115,8 @@ class ServedModel:
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "source": self.source, "sha256": self.sha256,
                 "task": self.task, "classes": self.classes, "threshold": self.threshold, "positive_class": self.positive_class,
-                "load_seconds": round(self.load_seconds, 4), "inputs": self.onnx.inputs, "outputs": self.onnx.outputs}
+                "load_seconds": round(self.load_seconds, 4), "inputs": self.onnx.inputs, "outputs": self.onnx.outputs,
+                "estimator": self.estimator is not None}
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #ec29154d
 def warm_up_row(contract: Contract) -> tuple:
@@ -129,11 +132,22 @@ def warm_up(model: ServedModel, batch_sizes=(1, 2, 8, 32, 256), repeats: int = 2
         for _ in range(repeats if rows == 1 else 2): model.infer(columns)
 
 # %% ../../nbs/08_serving/02_runtime.ipynb #36140f67
+def _load_estimator(private: Path, origin: Path) -> tuple[object | None, str | None]:
+    """The version's `PerformanceEstimator` from its private copy `private` (the directory verified with the graph), and
+    a note when its bundle holds one that does not load (served without it; the rollout's estimated rule then says so)."""
+    from mlnb.model.bundle import FILES
+    if not (private / FILES["estimator"]).is_file(): return None, None            # registered before estimators: none
+    try:
+        from mlnb.stats.estimate import PerformanceEstimator
+        return PerformanceEstimator.load(private), None
+    except Exception as e:                   # name the file the caller gave, not the private copy
+        return None, f"{origin / FILES['estimator']} not loaded: {type(e).__name__}: {str(e).replace(str(private), str(origin))}"
+
 def _load_private(model_path: Path, public_key: str | Path, name: str | None, version: str | None, source: str | None,
                   schema_path: Path | None, threads: int, max_rows: int, sha256: str | None = None,
                   origin: Path | None = None, approval: dict | None = None) -> ServedModel:
     """Load an ONNX file from a private copy: its build signature verified there, its bytes read once, hashed (and
-    compared with `sha256`, an approval's digest) and handed to ONNX Runtime as bytes."""
+    compared with `sha256`, an approval's digest) and handed to ONNX Runtime as bytes; its estimator from the same copy."""
     from mlnb.data.schema import load_schema
     start = time.perf_counter()
     try: verify_model(model_path, public_key)
@@ -151,17 +165,20 @@ def _load_private(model_path: Path, public_key: str | Path, name: str | None, ve
     served = ServedModel(name, version or file_version(origin, sha), source or str(origin), onnx,
                          contract_from(onnx.inputs, schema, name, max_rows), sha, classes=[str(c) for c in classes] if classes else None,
                          path=origin, data=data, approval=approval)
+    served.estimator, served.estimator_note = _load_estimator(model_path.parent, origin.parent)
     warm_up(served)
     served.load_seconds = time.perf_counter() - start
     return served
 
 def load_served_model(model_path: str | Path, public_key: str | Path, name: str | None = None, version: str | None = None,
                       source: str | None = None, schema_path: str | Path | None = None, threads: int = 1, max_rows: int = 1000) -> ServedModel:
-    """Verify, load and warm up an ONNX file; the schema defaults to the bundle's schema file beside it (`schema.yaml`).
-    The file, its signature and the schema are copied into a private directory first: what is verified is what loads."""
+    """Verify, load and warm up an ONNX file; the schema defaults to the bundle's schema file beside it (`schema.yaml`),
+    the estimator to `estimator.json` (and `loss_model.onnx`) beside it, if there. The file, its signature, the schema and
+    the estimator are copied into a private directory first: what is verified is what loads. Only the graph carries a
+    signature here; a bare file has no approval to cover its schema or estimator (development mode)."""
     model_path = Path(model_path)
     schema_path = Path(schema_path) if schema_path else model_path.parent / FILES["schema"]
-    with private_copy(model_path, signature_path(model_path)) as private:
+    with private_copy(model_path, signature_path(model_path), *(model_path.parent / FILES[r] for r in ("estimator", "loss_model"))) as private:
         if schema_path.is_file(): shutil.copyfile(schema_path, private / ".schema.yaml")
         return _load_private(private / model_path.name, public_key, name, version, source, private / ".schema.yaml",
                              threads, max_rows, origin=model_path)

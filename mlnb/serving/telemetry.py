@@ -45,6 +45,8 @@ class ServeMetrics:
         self.rollout_state = Gauge("mlnb_rollout_state", "The rollout's state (value 1 for the current one)", ["state"], registry=r, multiprocess_mode="max")
         self.rollout_step = Gauge("mlnb_rollout_step", "The rollout plan's current step (1-based; 0: none)", registry=r, multiprocess_mode="max")
         self.rollout_decisions = Counter("mlnb_rollout_decisions_total", "Rollout decisions (advance, rollback, promote, ...)", ["action"], registry=r)
+        self.rollout_estimated = Gauge("mlnb_rollout_estimated_performance", "The estimated rule's last look: each variant's estimated metric (no labels) and its band bounds (bound: value, lower, upper = value ± z·sd)", ["variant", "metric", "bound"], registry=r, multiprocess_mode="max")
+        self.rollout_estimated_difference = Gauge("mlnb_rollout_estimated_difference", "The estimated rule's last look: challenger - champion, and the band of the difference", ["metric", "bound"], registry=r, multiprocess_mode="max")
         self.canary_fallbacks = Counter("mlnb_canary_fallbacks_total", "Canary answers replaced by the champion's, by reason (error, timeout)", ["reason"], registry=r)
         self.shadow_requests = Counter("mlnb_shadow_requests_total", "Shadow copies by outcome (ok, error, dropped)", ["outcome"], registry=r)
         self.auth_failures = Counter("mlnb_auth_failures_total", "Requests refused by access control, by reason (missing, unknown, forbidden)", ["reason"], registry=r)

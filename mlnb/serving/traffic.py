@@ -60,6 +60,7 @@ class Traffic:
         self.ref = ModelRef.parse(cfg.challenger or f"{names}@challenger", default_name=names)
         self.challenger: ServedModel | None = None
         self.rollout: Rollout | None = None
+        self.watch: Rollout | None = None                # shadow mode: the estimated rule on the rows both variants scored
         self.routing = self.shadowing = False            # what the request path checks
         self.split, self.salt = None, ""
         self.timeout, self.positive = cfg.canary_timeout_ms / 1000, server.cfg.data.positive_class
@@ -132,10 +133,12 @@ class Traffic:
         if mode != "shadow": await asyncio.to_thread(load_statistics)   # the first look would stall the loop on imports
         self.ref, self.mode, self.challenger, self.last_error = ref, mode, model, None
         self.tried.add(model.version)
-        if mode == "shadow": self.rollout = None
+        estimators = {"champion": champion.estimator, "challenger": model.estimator}   # each from its own verified bundle
+        if mode == "shadow":
+            self.rollout, self.watch = None, Rollout(self.cfg.plan, fixed_share=0.0, estimators=estimators)
         else:
             fixed = self.cfg.weights["challenger"] if mode == "split" else None
-            self.rollout = Rollout(self.cfg.plan, fixed_share=fixed)
+            self.rollout, self.watch = Rollout(self.cfg.plan, fixed_share=fixed, estimators=estimators), None
         self.served_by.clear()
         share = self.rollout.share if self.rollout else 0.0
         why = f"{mode} of v{model.version} against champion v{champion.version}: {reason}"
@@ -177,6 +180,8 @@ class Traffic:
                      share=decision.share, state=state, reason=decision.reason)
         if r is not None and decision.action != "start":
             entry["windows"] = {k: v for k, v in r.status().items() if k in (r.control, r.canary)}
+        judged = r if r is not None else self.watch
+        if judged is not None and judged.estimated is not None and decision.action != "start": entry["estimated"] = judged.estimated
         done = self.audit_pool.submit(self.audit.append, self.actor, f"rollout.{decision.action}", **entry)
         done.add_done_callback(lambda f: f.exception() and log.error("audit log write failed: %s", f.exception()))
         if decision.action == "promote": self._promotion = asyncio.get_running_loop().create_task(self.promote())
@@ -234,8 +239,22 @@ class Traffic:
         return champion, r.control, outputs, cached
 
     def evaluate(self) -> None:
-        decision = self.rollout.evaluate()
+        r = self.rollout
+        seen = r.estimated
+        decision = r.evaluate()
+        if r.estimated is not seen: self._show_estimate(r.estimated)      # a look of the estimated rule: to the metrics
         if decision.action != "hold": self._changed(decision)
+
+    def _show_estimate(self, look: dict | None) -> None:
+        "The estimated rule's look in the metrics: each variant's estimate with its band, and the difference with its band."
+        if not look or not look.get("judged"): return
+        m, z, metric = self.server.metrics, self.cfg.plan.estimated_rule.z, look["metric"]
+        for variant, side in (("champion", "control"), ("challenger", "canary")):
+            value, sd = look[side], look[f"{side}_sd"]
+            for bound, x in (("value", value), ("lower", value - z * sd), ("upper", value + z * sd)):
+                m.child(m.rollout_estimated, variant, metric, bound).set(x)
+        d, band = look["difference"], look["band"]
+        for bound, x in (("value", d), ("lower", d - band), ("upper", d + band)): m.child(m.rollout_estimated_difference, metric, bound).set(x)
 
     def after(self, variant: str, ids: list[str], outputs: dict, keys: list[tuple], arrived: float, protocol: str,
               request_id: str) -> None:
@@ -244,7 +263,9 @@ class Traffic:
             served = self.served_by
             for pid, label in zip(ids, outputs["label"]): served[pid] = (variant, label)
             while len(served) > self.served_by_max: served.popitem(last=False)
-        if self.shadowing: self.shadow(ids, keys, arrived, protocol, request_id)
+        if self.shadowing:
+            scores = output_scores(self.server.model, outputs, self.positive) if self.watch is not None else None
+            self.shadow(ids, keys, arrived, protocol, request_id, scores)
 
     def on_feedback(self, ids: list[str], labels: list) -> None:
         "Feedback labels for predictions made during the rollout count towards each variant's online accuracy."
@@ -256,13 +277,13 @@ class Traffic:
         self.evaluate()
 
     # --- shadow copies -----------------------------------------------------------------------------------------------
-    def shadow(self, ids, keys, arrived, protocol, request_id) -> None:
+    def shadow(self, ids, keys, arrived, protocol, request_id, scores=None) -> None:
         """Queue a copy for the challenger; it runs with the copies queued beside it once the current shadow batch is
-        done."""
+        done. `scores`: the champion's, counted for the estimated rule only once the challenger has scored the same rows."""
         if self.shadow_waiting >= self.cfg.shadow_max_in_flight:
             self.server.metrics.child(self.server.metrics.shadow_requests, "dropped").inc()
             return
-        self.shadow_queue.append((ids, keys, arrived, protocol, request_id))
+        self.shadow_queue.append((ids, keys, arrived, protocol, request_id, scores))
         self.shadow_waiting += 1
         if self.shadow_task is None: self._next_shadow_batch()
 
@@ -281,12 +302,17 @@ class Traffic:
             outputs = await self.in_pool(model, [row for _, rows, *_ in batch for row in rows])
             seconds, offset = time.perf_counter() - started, 0
             m.child(m.shadow_requests, "ok").inc(len(batch))
-            for ids, rows, arrived, protocol, request_id in batch:
+            watch = self.watch
+            for ids, rows, arrived, protocol, request_id, scores in batch:
                 part = {k: v[offset:offset + len(rows)] for k, v in outputs.items()}
                 offset += len(rows)
                 server.record(PredictionEntry(ids, arrived, model.name, model.version, "shadow", protocol, seconds,
                                               model.input_names, model.input_kinds, rows, part, model.classes, 0,
                                               request_id))
+                if watch is not None and scores is not None:          # the same rows on both sides
+                    watch.record(watch.control, 0.0, False, scores)
+                    watch.record(watch.canary, seconds, False, output_scores(model, part, self.positive))
+            self._judge_shadow()
         except Exception as e:
             m.child(m.shadow_requests, "error").inc(len(batch))
             log.warning("shadow v%s failed on %d copies: %s", model.version, len(batch), f"{type(e).__name__}: {e}")
@@ -298,6 +324,25 @@ class Traffic:
                 self.shadow_waiting -= len(self.shadow_queue)
                 self.shadow_queue = []
 
+    def _judge_shadow(self) -> None:
+        """The estimated rule in shadow mode, at a look (or once its pause has lasted `pause_seconds`): worse pauses (the
+        copies go on, to judge again), still worse stops the shadow, as an operator's rollback does."""
+        w = self.watch
+        if w is None or not self.shadowing or w.state == "rolled_back": return
+        look = min(x.requests for x in w.windows.values()) >= w.next_look
+        if look: w.next_look *= 2
+        seen = w.estimated
+        decision = w.judge_estimate(look)
+        if w.estimated is not seen: self._show_estimate(w.estimated)
+        if decision is None: return
+        if decision.action != "rollback":
+            self._changed(Decision(decision.action, 0.0, f"shadow: {decision.reason}"))
+            return
+        self.mode = "off"
+        self._changed(Decision("rollback", 0.0, f"shadow stopped: {decision.reason}"))
+        self.challenger = None
+        self._changed(None)
+
     # --- operators and the poller ------------------------------------------------------------------------------------
     async def command(self, action: str, reason: str | None = None, challenger: str | None = None,
                       mode: str | None = None) -> dict:
@@ -307,7 +352,7 @@ class Traffic:
             raise RolloutError(f"unknown rollout command {action!r}; use start, pause, resume or rollback")
         reason = reason or f"{action} by an operator"
         if self.shadowing and action == "rollback":
-            self.mode = "off"
+            self.mode, self.watch = "off", None
             self._changed(Decision("rollback", 0.0, f"shadow stopped: {reason}"))
             self.challenger = None
             self._changed(None)
@@ -342,7 +387,9 @@ class Traffic:
                 "challenger": None if c is None else {"version": c.version, "source": c.source, "sha256": c.sha256},
                 "routing_key": {"header": self.cfg.key_header, "field": self.cfg.key_field},
                 "rollout": None if r is None else r.status(), "shadow_in_flight": self.shadow_waiting,
-                "last_error": self.last_error}
+                "last_error": self.last_error,
+                "shadow": None if self.watch is None else {"state": self.watch.state, "reason": self.watch.reason,
+                                                           "estimated": self.watch.estimated}}
 
     async def close(self) -> None:
         deadline = time.monotonic() + 10

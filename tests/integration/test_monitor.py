@@ -101,7 +101,11 @@ def test_drifted_traffic_with_decayed_accuracy_is_flagged_and_alerted(onnx_model
     history = pd.read_parquet(tmp_path / "monitoring/feature_history.parquet")
     assert len(history) == 38 and history.loc[history["column"] == "tenure", "drifted"].all()
     html = (tmp_path / "monitoring/07_monitor.html").read_text()
-    assert "07_monitor.ipynb" in reported.stdout and html.count("image/png") >= 3 and "ALERT feature drift" in html
+    assert "07_monitor.ipynb" in reported.stdout and html.count("image/png") >= 5 and "ALERT feature drift" in html
+    # estimated without labels, realized beside it: here the same customers churn more (a concept shift), which only the labels show
+    e = result["estimation"]
+    assert e["realized"]["rows"] == 800 and {"roc_auc", "accuracy"} <= set(e["metrics"]) and e["drift_impact"]
+    assert "Performance without labels" in html and "drift impact" in html.lower()
     assert len(list((tmp_path / "monitoring/windows").glob("*.json"))) >= 1
 
 

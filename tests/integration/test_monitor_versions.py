@@ -119,3 +119,19 @@ def test_the_champion_is_checked_against_its_own_reference_and_a_split_window_pe
     assert all(a in result["alerts"] for a in v2["alerts"] + v1["alerts"])
     history = pd.read_parquet(project / "monitoring/feature_history.parquet")
     assert set(history["model_version"]) == {"1", "2"}
+
+    # each version is estimated with its own estimator, without labels, beside what its labelled rows realized
+    for s in sections.values():
+        e = s["estimation"]
+        assert e["headline"] == "roc_auc" and e["realized"]["rows"] == s["rows"] and "roc_auc" in e["realized"]["metrics"], e
+        assert s["multivariate"] is not None
+    # an edited estimator in the model cache is refused (the version's approval covers it), never used to fake or hide a drop
+    cached = project / cfg.serve.model_cache_dir / "churn" / "1" / "estimator.json"
+    edited = json.loads(cached.read_text())
+    edited["reference"]["roc_auc"] = 0.999
+    cached.write_text(json.dumps(edited))
+    run(["mlnb", "monitor", "--hours", "1", "--no-retrain"], project)
+    again = {s["version"]: s for s in json.loads((project / "monitoring/latest.json").read_text())["versions"]}
+    assert again["1"]["estimation"] is None and again["1"]["drift"] is None
+    assert "approv" in again["1"]["reference"]["problem"].lower() and again["1"]["alerts"], again["1"]
+    assert again["2"]["estimation"] is not None                                # the other version is still checked

@@ -27,6 +27,8 @@ LAYOUT = {"processed": "data/processed", "train": "data/processed/train.parquet"
           "evaluate_metrics": "metrics/evaluate.json", "plots": "plots/evaluate",
           "onnx_dir": "models/onnx", "onnx": "models/onnx/model.onnx", "onnx_int8": "models/onnx/model.int8.onnx",
           "export_report": "models/onnx/export_report.json", "export_metrics": "metrics/export.json",
+          "estimator": "models/onnx/estimator.json", "loss_model": "models/onnx/loss_model.onnx",
+          "multivariate": "models/onnx/multivariate.json",
           "registration": "models/registration.json", "reports": "reports"}
 # The stage that writes each catalog entry that is a DVC output of its own (the others lie inside one: Paths.INSIDE).
 WRITER = {"processed": "ingest", "features": "featurize", "model": "train", "leaderboard": "train",

@@ -28,18 +28,23 @@ def monitor_gauge_names() -> set[str]:
               "drift": {"columns": [{"column": "tenure", "test": "ks", "statistic": 0.01, "threshold": 0.05, "drifted": True}],
                         "drifted_columns": ["tenure"], "dataset_drift": True},
               "prediction_drift": {"test": "ks", "statistic": 0.2, "threshold": 0.05, "drifted": False},
-              "performance": {"labelled": 300, "accuracy": 0.7, "reference_accuracy": 0.8, "decayed": True}}
+              "performance": {"labelled": 300, "accuracy": 0.7, "reference_accuracy": 0.8, "decayed": True},
+              "estimation": {"headline": "roc_auc", "reference": 0.84, "dropped": True,
+                             "metrics": {"roc_auc": {"value": 0.75, "lower": 0.73, "upper": 0.77, "realized": 0.74}},
+                             "drift_impact": [{"column": "tenure", "contribution": 0.05}]},
+              "multivariate": {"value": 2.1, "lower": 1.2, "upper": 1.4, "drifted": True}}
     return {f.name for f in gauge_families(result)}
 
 
 MONITOR_GAUGES = monitor_gauge_names()
-assert len(MONITOR_GAUGES) == 15, sorted(MONITOR_GAUGES)
+assert len(MONITOR_GAUGES) == 26, sorted(MONITOR_GAUGES)
 
 
 EXPECTED_ALERTS = {
     "MlnbDatasetDrift", "MlnbFeatureDrift", "MlnbPredictionDrift", "MlnbAccuracyDecayed", "MlnbOnlineAccuracyBelowReference",
     "MlnbMonitorStale", "MlnbServerDown", "MlnbHighLatencyP99", "MlnbHighErrorRate", "MlnbPredictionLogDropping",
     "MlnbCanaryFallbacks", "MlnbRolloutRolledBack", "MlnbRegistryUnreachable", "MlnbAuthFailures",
+    "MlnbEstimatedPerformanceDrop", "MlnbEstimatedBelowReference", "MlnbMultivariateDrift",
 }
 
 # Grafana's variables, replaced by durations so promtool can parse the expressions.
