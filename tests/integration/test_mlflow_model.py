@@ -220,7 +220,7 @@ def old_style_version(env: dict, model: Path, root: Path) -> str:
     (d / "model.onnx").write_bytes(model.read_bytes()); sign_model(d / "model.onnx", key)
     (d / "schema.yaml").write_bytes(SCHEMA.read_bytes())
     client = MlflowClient(cfg.registry_uri, cfg.registry_uri)
-    experiment = client.create_experiment("old-style")
+    experiment = client.create_experiment("old-style", artifact_location=(root / "old-artifacts").as_uri())
     run_ = client.create_run(experiment, run_name="register-churn")
     client.log_artifacts(run_.info.run_id, str(d), "model")
     client.set_terminated(run_.info.run_id)
