@@ -438,9 +438,13 @@ def registry_list(name: str = typer.Argument(None, help="Registered model (defau
 # %% ../nbs/12_cli/01_cli.ipynb #a00df74c
 @registry_app.command("show")
 def registry_show(name: str, version: str, params: str = PARAMS, user: Optional[str] = USER):
-    "Show one version: status, aliases, gates, lineage tags."
-    v = _registry(params, user, name).get(version)
+    "Show one version: status, aliases, gates, whether it is an MLflow model (pyfunc-loadable), lineage tags."
+    reg = _registry(params, user, name)
+    v = reg.get(version)
     typer.echo(f"{v.name} v{v.version}: {v.status}" + (f" [{', '.join(v.aliases)}]" if v.aliases else "") + f", created {v.created}")
+    uri = reg.mlflow_model(v.version)
+    typer.echo(f"  {'pyfunc':<24} " + (f"pyfunc-loadable: MLflow model {uri} (mlflow.pyfunc.load_model('models:/{v.name}/{v.version}'))" if uri else
+                                       "not pyfunc-loadable: registered before versions were MLflow models; mlnb serve serves it"))
     for g in v.gates: typer.echo(f"  gate {g['name']:<24} {'pass' if g['passed'] else 'FAIL'}  {g['detail']}")
     for k in sorted(v.tags):
         if k.startswith("mlnb.") and k not in ("mlnb.gates",): typer.echo(f"  {k[5:]:<24} {v.tags[k]}")

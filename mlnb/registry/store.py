@@ -22,13 +22,15 @@ from ..model.bundle import (ARTIFACT_DIR, FILES, Evaluation, Lineage, Registrati
                                artifact_path, output_scores, save_scores)
 
 # %% auto #0
-__all__ = ['STATUS', 'COMPLETE', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER', 'FAIRNESS_NOT_MEASURED',
-           'LINEAGE_CHAIN', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates', 'fairness_attributes',
-           'fairness_gates', 'run_gates', 'lineage_from_lock', 'working_tree_lineage', 'Registry', 'signing_keys',
-           'approval_keys', 'pipeline_bundle', 'register_outputs']
+__all__ = ['STATUS', 'COMPLETE', 'BUNDLE_URI', 'MLFLOW_MODEL', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER',
+           'FAIRNESS_NOT_MEASURED', 'LINEAGE_CHAIN', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates',
+           'fairness_attributes', 'fairness_gates', 'run_gates', 'lineage_from_lock', 'working_tree_lineage',
+           'Registry', 'signing_keys', 'approval_keys', 'pipeline_bundle', 'register_outputs']
 
 # %% ../../nbs/07_registry/01_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
+BUNDLE_URI = "mlnb.bundle_uri"       # where the version's directory is among its run's artifacts (the MLflow source is its LoggedModel)
+MLFLOW_MODEL = "mlflow_model"        # the LoggedModel's name: never `model` (ARTIFACT_DIR), or MLflow would merge its files into the bundle's download
 ON_APPROVAL, ON_APPROVAL_POLICY = "mlnb.on_approval", "mlnb.on_approval_policy"   # an alias an approval hands over, and the policy that asked
 ALIASES = ("champion", "challenger")
 
@@ -40,8 +42,14 @@ class Version:
     aliases: list[str]
     tags: dict
     run_id: str
-    source: str
+    source: str                      # the version directory's artifact URI (the bundle)
     created: str
+    model_uri: str | None = None     # `models:/<model_id>`: the MLflow 3 LoggedModel the version was registered from
+
+    @property
+    def model_id(self) -> str | None:
+        "The id of the MLflow LoggedModel the version was registered from; None for a version registered as a bundle only."
+        return self.model_uri.removeprefix("models:/") if self.model_uri and self.model_uri.startswith("models:/m-") else None
 
     @property
     def gates(self) -> list[dict]: return json.loads(self.tags.get("mlnb.gates", "[]"))
@@ -229,6 +237,17 @@ def _failpoint(name: str) -> None:
 
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    "MLflow's default tracking URI set to `uri` for the block (a local registry store resolves `models:/<model_id>` through it)."
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    with _use_tracking_uri(uri): yield
+
+def _model_metrics(bundle: VersionBundle, facts: dict) -> dict[str, float]:
+    "The evaluation metrics a version's LoggedModel carries: the model card's (`facts['metrics']`), else the bundle's evaluation; finite numbers only."
+    metrics = facts.get("metrics") or (bundle.evaluation().metrics if bundle.has("evaluation") else {})
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+
 def _not_found(error) -> bool:
     "The store answered that the model, version or alias does not exist (rather than failing to answer: down, timed out)."
     return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -274,8 +293,10 @@ class Registry:
 
     def _version(self, mv, aliases: dict | None = None) -> Version:
         held = (aliases if aliases is not None else self._aliases()).get(str(mv.version), [])
+        model_uri = mv.source if str(mv.source).startswith("models:/") else None
         return Version(self.name, str(mv.version), mv.tags.get(STATUS, "?"), sorted(held), dict(mv.tags),
-                       mv.run_id, mv.source, datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"))
+                       mv.run_id, mv.tags.get(BUNDLE_URI) or mv.source,
+                       datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"), model_uri)
 
     def _all(self) -> list:
         from mlflow.exceptions import MlflowException
@@ -314,11 +335,14 @@ class Registry:
         """Delete versions a crashed registration left behind. Under the local-store lock no other registration can be running,
         so every incomplete version is one; on a tracking server another client may be registering right now, so only those
         older than `incomplete_after_seconds` are."""
+        from mlflow.exceptions import MlflowException
         on_server = self.on_server
         cutoff_ms = (time.time() - self.incomplete_after_seconds) * 1000
         for mv in self._all():
             if mv.tags.get(COMPLETE) != "complete" and (not on_server or mv.creation_timestamp <= cutoff_ms):
                 self.client.delete_model_version(self.name, mv.version)
+                if str(mv.source).startswith("models:/m-"):
+                    with contextlib.suppress(MlflowException): self.client.delete_logged_model(mv.source.removeprefix("models:/"))
                 self.audit.append(self.identity.name, "cleanup", model=self.name, version=str(mv.version), reason="incomplete registration removed")
 
     def _experiment_id(self) -> str:
@@ -326,10 +350,12 @@ class Registry:
         return experiment_id(self.client, self.experiment, self.uri)
 
     def register(self, bundle: VersionBundle | dict[str, Path], tags: dict, facts: dict, gates_fn, signing_key: Path,
-                 public_key: Path) -> tuple[Version, bool]:
+                 public_key: Path, example: pd.DataFrame | None = None) -> tuple[Version, bool]:
         """Register `bundle` as a new candidate version: a `VersionBundle`, or its files by name (`{"model.onnx": p}`,
         the facts then read from `tags`). `tags` are set beside the bundle's facts; `facts` are the model card's.
-        `gates_fn(candidate_onnx, champion, signature_error) -> list[Gate]`. Returns (version, created)."""
+        `gates_fn(candidate_onnx, champion, signature_error) -> list[Gate]`. The version is registered from an MLflow 3
+        LoggedModel of the signed graph (`_log_mlflow_model`; `example`: a few raw rows, its input example), and its
+        bundle goes to its run's `model/` directory. Returns (version, created)."""
         from mlflow.exceptions import MlflowException
         from mlnb.evaluation.card import card_html, model_card
         from mlnb.model.onnx import OnnxModel
@@ -355,9 +381,11 @@ class Registry:
                 champ = None
                 if champion is not None: champ = (champion.version, self._verified_champion(champion, public_key))
                 gates = gates_fn(OnnxModel(staged.path("onnx")), champ, signature_error)
-                run = self.client.create_run(self._experiment_id(), run_name=f"register-{self.name}",
+                experiment = self._experiment_id()
+                run = self.client.create_run(experiment, run_name=f"register-{self.name}",
                                              tags={"mlnb.stage": "register", "mlnb.model": self.name, "mlnb.onnx_sha256": sha})
                 self.client.log_artifacts(run.info.run_id, str(Path(staging) / ARTIFACT_DIR), ARTIFACT_DIR)
+                model_id = self._log_mlflow_model(experiment, run.info.run_id, staged, sha, _model_metrics(staged, facts), example)
                 self.client.set_terminated(run.info.run_id)
             try: self.client.create_registered_model(self.name, tags={"mlnb.managed": "true"})
             except MlflowException: pass
@@ -365,11 +393,14 @@ class Registry:
             version_tags = {**bundle.facts.tags(), **{k: str(v) for k, v in tags.items()},
                             STATUS: "candidate", "mlnb.onnx_sha256": sha,
                             "mlnb.gates": json.dumps([g.__dict__ for g in gates], default=str), "mlnb.gates_passed": str(passed).lower(),
-                            "mlnb.signing_key": key_fingerprint(public_key), "mlnb.registered_by": self.identity.name}
-            mv = self.client.create_model_version(self.name, f"{run.info.artifact_uri}/{ARTIFACT_DIR}",
-                                                  run_id=run.info.run_id, tags=version_tags)
+                            "mlnb.signing_key": key_fingerprint(public_key), "mlnb.registered_by": self.identity.name,
+                            BUNDLE_URI: f"{run.info.artifact_uri}/{ARTIFACT_DIR}", "mlnb.model_id": model_id}
+            with _tracking_uri(self.uri):        # a local store looks the LoggedModel up through the default tracking URI
+                mv = self.client.create_model_version(self.name, f"models:/{model_id}", run_id=run.info.run_id,
+                                                      tags=version_tags, model_id=model_id)
             _failpoint("register:after-version")
             version = str(mv.version)
+            self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([{"name": self.name, "version": version}])})
             card = model_card({**facts, "name": self.name, "version": version, "status": "candidate", "registered_by": self.identity.name,
                                "registered_at": _now(), "gates": [g.__dict__ for g in gates], "signing_key": version_tags["mlnb.signing_key"]})
             with tempfile.TemporaryDirectory() as d:
@@ -385,6 +416,42 @@ class Registry:
             _failpoint("register:before-complete")
             self.client.set_model_version_tag(self.name, version, COMPLETE, "complete")
             return self.get(version), True
+
+    def _log_mlflow_model(self, experiment: str, run_id: str, staged: VersionBundle, sha: str, metrics: dict,
+                          example: pd.DataFrame | None) -> str:
+        """Log the staged, signed graph as an MLflow 3 LoggedModel of the registering run (`mlnb.model.pyfunc.save_mlflow_model`:
+        `onnx` and `python_function` flavors, signature, input example, pinned requirements) with the evaluation `metrics`
+        logged to it; returns its model id. Its directory holds a copy of `model.onnx` and its signature, which the pyfunc
+        verifies before it loads; the approval attestation covers the version's own directory, not this one."""
+        from mlflow.entities import LoggedModelStatus, Metric
+        from mlnb.data.schema import load_schema
+        from mlnb.model.pyfunc import save_mlflow_model
+        from mlnb.model.signing import signature_path
+        logged = self.client.create_logged_model(experiment, name=MLFLOW_MODEL, source_run_id=run_id, model_type="onnx",
+                                                 tags={"mlnb.model": self.name, "mlnb.onnx_sha256": sha})
+        with tempfile.TemporaryDirectory() as d:
+            for f in (staged.path("onnx"), signature_path(staged.path("onnx"))): shutil.copy2(f, Path(d) / f.name)
+            schema = load_schema(staged.schema_path) if staged.schema_path is not None else None
+            save_mlflow_model(d, example, schema, model_id=logged.model_id, run_id=run_id, artifact_path=logged.artifact_location)
+            self.client.log_model_artifacts(logged.model_id, d)
+        now = int(time.time() * 1000)
+        if metrics:
+            self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=logged.model_id, run_id=run_id) for k, v in metrics.items()])
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        return logged.model_id
+
+    def mlflow_model(self, version) -> str | None:
+        """The MLflow model URI (`models:/<model_id>`) of a version registered from a LoggedModel with an `MLmodel` file, which
+        `mlflow.pyfunc.load_model` and `mlflow models serve` load; None for a version registered before (a bundle only,
+        which `mlnb serve` serves as ever)."""
+        from mlflow.exceptions import MlflowException
+        v = self.get(version)
+        if v.model_id is None: return None
+        try: names = {Path(f.path).name for f in self.client.list_logged_model_artifacts(v.model_id)}
+        except MlflowException as e:
+            if not _not_found(e): raise
+            return None
+        return v.model_uri if "MLmodel" in names else None
 
     def _verified_champion(self, champion: Version, public_key: Path) -> OnnxModel:
         """The champion's graph for the quality gate, loaded like a server loads it: approval attestation over its whole
@@ -781,6 +848,6 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths | None = None
             registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
         gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, f.parity, sig_err,
                                                           evaluation.robustness)
-        version, created = registry.register(bundle, {}, facts, gates_fn, signing_key, public_key)
+        version, created = registry.register(bundle, {}, facts, gates_fn, signing_key, public_key, example=test.head(5))
     booted = created and cfg.registry.bootstrap_auto_approve and registry.bootstrap(version)
     return registry.get(version.version), created, booted
