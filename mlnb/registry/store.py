@@ -18,6 +18,7 @@ from ..core.access import AccessDenied, Identity, Users, identify
 from ..core.audit import AuditLog
 from ..core.config import Config, Paths, default_metric, file_md5, params_hash, write_json
 from ..core.errors import ConfigError, NotApproved, RegistryError, RegistryUnreachable
+from ..features.spec import Profile
 from ..model.bundle import (ARTIFACT_DIR, FILES, Evaluation, Lineage, Registration, VersionBundle, VersionFacts,
                                artifact_path, output_scores, save_scores)
 
@@ -25,7 +26,7 @@ from ..model.bundle import (ARTIFACT_DIR, FILES, Evaluation, Lineage, Registrati
 __all__ = ['STATUS', 'COMPLETE', 'BUNDLE_URI', 'MLFLOW_MODEL', 'ON_APPROVAL', 'ON_APPROVAL_POLICY', 'ALIASES', 'HIGHER_IS_BETTER',
            'FAIRNESS_NOT_MEASURED', 'LINEAGE_CHAIN', 'Version', 'gate_metric', 'onnx_score', 'Gate', 'robustness_gates',
            'fairness_attributes', 'fairness_gates', 'run_gates', 'lineage_from_lock', 'working_tree_lineage',
-           'Registry', 'signing_keys', 'approval_keys', 'pipeline_bundle', 'register_outputs']
+           'Registry', 'signing_keys', 'approval_keys', 'pipeline_bundle', 'typical_rows', 'register_outputs']
 
 # %% ../../nbs/07_registry/01_registry.ipynb #59faf1ff
 STATUS, COMPLETE = "mlnb.status", "mlnb.registration"
@@ -820,6 +821,24 @@ def pipeline_bundle(cfg: Config, scratch: str | Path, paths: Paths | None = None
     scores = save_scores(output_scores(onnx.run(test), classes, positive), Path(scratch) / FILES["reference_scores"])
     return VersionBundle(files={**files, "reference_scores": scores}, facts=facts)
 
+# %% ../../nbs/07_registry/01_registry.ipynb #689bcfe0
+def typical_rows(profile: Profile, frame: pd.DataFrame) -> pd.DataFrame:
+    """One row in `frame`'s columns and dtypes holding nobody's data: the reference mean of a numeric column, the most
+    frequent value of a categorical one, and a neutral placeholder (0, "") for a column the profile does not describe."""
+    row = {}
+    for c in frame.columns:
+        p, kind = profile.columns.get(c), frame[c].dtype
+        if p is not None and p.kind == "numeric" and p.mean is not None:
+            row[c] = round(p.mean) if pd.api.types.is_integer_dtype(kind) else p.mean
+        elif p is not None and p.categories:
+            row[c] = max(p.categories.items(), key=lambda kv: kv[1])[0]
+        else: row[c] = 0 if pd.api.types.is_numeric_dtype(kind) else ""
+    out = pd.DataFrame([row])
+    for c in frame.columns:
+        try: out[c] = out[c].astype(frame[c].dtype)
+        except (TypeError, ValueError): pass             # a category the column's dtype cannot hold: left as it is
+    return out
+
 # %% ../../nbs/07_registry/01_registry.ipynb #6cca9f73
 def register_outputs(cfg: Config, registry: Registry, paths: Paths | None = None,
                      lock_path: str | Path = "dvc.lock") -> tuple[Version, bool, bool]:
@@ -848,6 +867,6 @@ def register_outputs(cfg: Config, registry: Registry, paths: Paths | None = None
             registry.audit.append(registry.identity.name, "signing-key-created", fingerprint=key_fingerprint(public_key), path=str(public_key))
         gates_fn = lambda cand, champ, sig_err: run_gates(cand, champ, test, cfg, fairness, f.parity, sig_err,
                                                           evaluation.robustness)
-        version, created = registry.register(bundle, {}, facts, gates_fn, signing_key, public_key, example=test.head(5))
+        version, created = registry.register(bundle, {}, facts, gates_fn, signing_key, public_key, example=typical_rows(bundle.profile(), test))
     booted = created and cfg.registry.bootstrap_auto_approve and registry.bootstrap(version)
     return registry.get(version.version), created, booted
