@@ -132,11 +132,14 @@ def _log_cells(p: np.ndarray) -> np.ndarray:
     """Each probability's cell, in score order, among `_CELLS` log-scale cells: 2,048 per octave of the distance to the
     nearer end, q = min(p, 1 − p), read off the float's exponent and leading 11 mantissa bits (cells 0.05% of q wide, in
     the tails as in the middle; q below 2^-32 shares the end cell)."""
-    low = p <= 0.5
-    q = np.where(low, p, 1.0 - p)                # exact: 1 − p has no rounding error for p ≥ 1/2
+    q = p - 0.5                                  # in place from here: a few passes over the window, no temporaries
+    high = q > 0
+    np.abs(q, out=q); np.subtract(0.5, q, out=q)  # q = 1/2 − |p − 1/2| (rounding keeps it monotone in p)
     np.maximum(q, 2.0 ** -_OCTAVES, out=q)
-    c = (q.view(np.int64) >> (52 - _MANTISSA)) - _FLOOR_BITS
-    return np.where(low, c, _CELLS - 1 - c)
+    c = q.view(np.int64)
+    np.right_shift(c, 52 - _MANTISSA, out=c); c -= _FLOOR_BITS
+    c *= 1 - 2 * high.astype(np.int64); c += high * (_CELLS - 1)   # p > 1/2: mirrored into the upper half
+    return c
 
 def _cells(score: np.ndarray, exact: bool = False) -> tuple[np.ndarray, int]:
     """Each row's cell in score order and the number of cells: the distinct scores (ties share one) when `exact` (the
@@ -309,7 +312,12 @@ class PerformanceEstimator(BaseModel):
         if self.task == "binary":   # the most probable class; a tie goes to the first class, as scikit-learn's predict does
             pi = self._positive_index()
             return np.where(s > 0.5, 1, 0) if pi == 1 else np.where(s >= 0.5, 0, 1)
-        return np.argmax(s, axis=1)
+        best, pred = s[:, 0].copy(), np.zeros(len(s), dtype=np.intp)   # np.argmax(s, 1), column by column: the first
+        for c in range(1, s.shape[1]):                                   # maximum wins, and no strided pass over rows
+            more = s[:, c] > best
+            pred[more] = c
+            np.maximum(best, s[:, c], out=best)
+        return pred
 
     def _answers_positive(self, s: np.ndarray) -> np.ndarray:
         "Binary: whether the version answers the positive class (`_predicted` as a mask)."
