@@ -414,10 +414,12 @@ class PerformanceEstimator(BaseModel):
         total = np.ones(m) if w is None else w
         mass = np.broadcast_to(total, (draws, m))
         offsets = np.arange(draws)[:, None]
-        confusion = np.bincount(((offsets * k + y) * k + pred).ravel(), mass.ravel(), draws * k * k).reshape(draws, k, k)
+        confusion = np.bincount(((offsets * k + y) * k + pred).ravel(), None if w is None else mass.ravel(),
+                                draws * k * k).astype(float).reshape(draws, k, k)
         aucs = []
         for c, (inv, cells) in zip(prep["auc_classes"], prep["cells"]):
-            pos = np.bincount((offsets * cells + inv).ravel(), (mass * (y == c)).ravel(), draws * cells).reshape(draws, cells)
+            hit = (y == c) if w is None else mass * (y == c)
+            pos = np.bincount((offsets * cells + inv).ravel(), hit.ravel(), draws * cells).reshape(draws, cells)
             aucs.append(_auc(pos, np.bincount(inv, total, cells) - pos))
         return self._summary(prep, confusion, aucs)
 
@@ -444,7 +446,8 @@ class PerformanceEstimator(BaseModel):
         values = {name: [] for name in CLASSIFICATION_METRICS}
         for start in range(0, _DRAWS, _DRAW_CHUNK):
             u = rng.random((min(_DRAW_CHUNK, _DRAWS - start), m))
-            y = (cumulative[None, :, :] < u[:, :, None]).sum(-1)
+            y = np.zeros(u.shape, dtype=np.intp)
+            for j in range(cumulative.shape[1]): y += u > cumulative[:, j]
             for name, v in self._with_labels(sub, y, w).items(): values[name].append(v)
         with np.errstate(all="ignore"):
             return {name: float(np.nanstd(np.concatenate(v), ddof=1)) * scale for name, v in values.items()}
