@@ -546,7 +546,8 @@ class PerformanceEstimator(BaseModel):
 
     def _fit_calibration(self, s: np.ndarray, labels: np.ndarray, seed: int) -> None:
         """ECE before; cross-fitted ECE of each candidate method; keep the best if the ECE before is over twice what sampling
-        alone gives a calibrated model of this size and the best lowers it by `_ECE_MARGIN`; else identity."""
+        alone gives a calibrated model of this size and the best lowers it by `_ECE_MARGIN`, or (multiclass) if it is
+        isotonic and no worse than the ECE before plus its sampling noise; else identity."""
         from sklearn.model_selection import KFold
         raw, k = self._raw(s), 2 if self.task == "binary" else self._k()
         onehot = labels[:, None] == np.arange(k)[None, :]
@@ -565,6 +566,9 @@ class PerformanceEstimator(BaseModel):
             after[method] = ece(out_of_fold)
         best = min(after, key=after.get) if after else "identity"
         pays = after and before > 2 * noise and after[best] < before - _ECE_MARGIN   # within sampling noise: no evidence to act on
+        # multiclass: the ECE averaged over classes and the whole reference hides a class miscalibrated in one region,
+        # which a shifted window then lands in; with rows enough for isotonic, calibrate each class unless that is worse
+        pays = pays or (self.task == "multiclass" and best == "isotonic" and after[best] <= before + noise)
         chosen = best if pays else "identity"
         self.calibrators = [_fit_calibrator(raw[:, c], onehot[:, c], chosen, seed) for c in columns]
         self.calibration = CalibrationCheck(method=chosen, rows=len(s), ece_before=_round(before),
