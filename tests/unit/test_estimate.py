@@ -238,17 +238,75 @@ def test_importing_the_module_loads_no_training_toolchain():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def cpu_seconds(call, repeats=5) -> float:
+    "The median process CPU time of `call` (the machine is shared: wall time measures the neighbours too)."
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time(); call(); times.append(time.process_time() - start)
+    return float(np.median(times))
+
+
 @pytest.mark.slow
 def test_a_million_rows_are_estimated_within_the_time_budget(binary):
-    "estimate with band ≲ 1.5 s, point(w) ≲ 30 ms (here with slack for a shared machine: 3 s and 60 ms)."
+    """10x faster than NannyML 0.13.1 at 1M rows (CBPE 2.2 s binary, 8.5 s multiclass): estimate with band ≲ 0.2 s binary,
+    ≲ 0.8 s multiclass, point(w) ≲ 30 ms; asserted in CPU time with slack for a shared machine."""
     model, est = binary
     s = model.predict_proba(binary_data(1_000_000, 4)[0])[:, 1]
-    start = time.perf_counter(); estimate = est.estimate(s); took = time.perf_counter() - start
-    assert isinstance(estimate, Estimate) and took < 3.0, took
+    assert isinstance(est.estimate(s), Estimate)
+    with_band, without = cpu_seconds(lambda: est.estimate(s), 3), cpu_seconds(lambda: est.estimate(s, band=False), 3)
+    assert with_band < 0.2 and with_band - without < 0.03, (with_band, without)    # the band: O(cells), not O(rows)
     f, w = est.point(s), np.random.default_rng(0).random(1_000_000)
-    f(w)
-    start = time.perf_counter(); [f(w) for _ in range(5)]; per_call = (time.perf_counter() - start) / 5
-    assert per_call < 0.06, per_call
+    assert cpu_seconds(lambda: f(w)) < 0.03
+    mc_model = LogisticRegression().fit(*multiclass_data(5000, 0))
+    mc = PerformanceEstimator.fit(mc_model.predict_proba(multiclass_data(4000, 1)[0]), multiclass_data(4000, 1)[1], "multiclass")
+    p = mc_model.predict_proba(multiclass_data(1_000_000, 2)[0])
+    assert cpu_seconds(lambda: mc.estimate(p), 3) < 0.8
+
+
+def test_the_band_costs_little_at_any_size(binary):
+    """The binary band is a bootstrap on the window's cell table, not its rows: 10,000 and 200,000 rows each estimated with
+    band in a few tens of ms of CPU (it was 0.2 s at 200,000 rows: 200 row-level draws on a 20,000-row subsample)."""
+    model, est = binary
+    for rows, budget in ((200_000, 0.1), (10_000, 0.03)):
+        s = model.predict_proba(binary_data(rows, 5)[0])[:, 1]
+        took = cpu_seconds(lambda: est.estimate(s))
+        assert took < budget, (rows, took)
+
+
+def exact_values(est, s, w=None):
+    "Today's row-by-row arithmetic: every distinct score its own cell, every row's probability calibrated on its own."
+    values, confusion = est._expected(est._prepare(s, exact=True), w)
+    return values, confusion
+
+
+def test_binned_and_exact_estimates_agree(binary):
+    """The cell table (log-scale cells, the calibrator at each cell's mean score) moves no estimate by 1e-4 from the
+    row-by-row values: identity, isotonic and sigmoid calibration, weighted or not, small and large windows."""
+    model, est = binary
+    x, y = binary_data(4000, 1)
+    raw = model.predict_proba(x)[:, 1]
+    estimators = {"as fitted": est, "isotonic": PerformanceEstimator.fit(raw ** 2, y, "binary", classes=[0, 1], threshold=0.3),
+                  "sigmoid": PerformanceEstimator.fit(raw[:600] ** 3, y[:600], "binary"),
+                  "identity": PerformanceEstimator.fit(raw, (np.random.default_rng(3).random(4000) < raw).astype(int), "binary")}
+    assert [e.calibration.method for e in estimators.values()][1:] == ["isotonic", "sigmoid", "identity"]
+    for rows in (3000, 300_000):
+        xw, _ = binary_data(rows, 50, shift=-0.5)
+        w = np.where(xw[:, 1] > 0, 3.0, 1.0)
+        for name, e in estimators.items():
+            s = model.predict_proba(xw)[:, 1] ** {"as fitted": 1, "isotonic": 2, "sigmoid": 3, "identity": 1}[name]
+            for weights in (None, w):
+                binned = e.estimate(s, weights=weights, band=False)
+                exact, confusion = exact_values(e, s, weights)
+                for metric, value in exact.items():
+                    assert abs(binned.value(metric) - value) < 1e-4, (name, rows, metric, binned.value(metric), value)
+                np.testing.assert_allclose(binned.confusion, confusion, rtol=1e-4)
+                assert e.point(s)(weights) == pytest.approx(binned.value("roc_auc"), abs=1e-12)
+    mc_model = LogisticRegression().fit(*multiclass_data(5000, 0))
+    mc = PerformanceEstimator.fit(mc_model.predict_proba(multiclass_data(4000, 1)[0]) ** 3, multiclass_data(4000, 1)[1], "multiclass")
+    p = mc_model.predict_proba(multiclass_data(300_000, 2, shift=0.5)[0]) ** 3
+    for metric, value in exact_values(mc, p)[0].items():
+        assert abs(mc.estimate(p, band=False).value(metric) - value) < 1e-4, (metric, value)
 
 
 def test_importance_weights_that_undo_a_shift_bring_the_estimate_back(binary):
