@@ -919,12 +919,16 @@ def ci_cmd(base: str = typer.Option("main", help="Branch whose committed metrics
 def repro_check_cmd(tolerance_metrics: float = typer.Option(1e-9, min=0, help="Largest |difference| of any metric value, committed vs re-run"),
                     tolerance_proba: float = typer.Option(1e-6, min=0, help="Largest |difference| of a probability (regression: of a prediction), committed vs re-run model"),
                     keep: bool = typer.Option(False, help="Keep the temporary clone (its path is printed)"),
-                    report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)")):
+                    report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)"),
+                    update_lock: bool = typer.Option(False, "--update-lock", help="Then copy the clean run's dvc.lock, metrics and plot tables into this working tree (its outputs into the DVC cache), to commit")):
     "Re-run the committed pipeline in a fresh clone; compare dvc.lock outputs, metrics and predictions; exit 1 when out of tolerance."
     from mlnb.pipeline.ci import repro_check, repro_report, write_summary
-    check = repro_check(".", tolerance_metrics, tolerance_proba, keep)
+    check = repro_check(".", tolerance_metrics, tolerance_proba, keep, update_lock=update_lock)
     text = repro_report(check)
     typer.echo(text)
     for written in write_summary(text, report): typer.echo(f"wrote {written}", err=True)
     if keep: typer.echo(f"clone kept in {check.workdir}", err=True)
+    if check.adopted:
+        typer.echo(f"updated from the clean run: {', '.join(check.adopted)}; commit them (git add dvc.lock metrics plots), and `dvc checkout` puts the outputs in place", err=True)
+        raise typer.Exit(0)
     raise typer.Exit(0 if check.passed else 1)
