@@ -13,21 +13,21 @@ from typing import Optional
 
 import typer
 
-from .core.config import Paths, load_config, load_paths, staged_outputs, write_json
+from .core.config import Paths, load_config, load_paths, read_run_facts, staged_outputs, write_json
 from .core.errors import ConfigError, InitRefused, MlnbError, ServerError, StageFailed
 
 # %% auto #0
 __all__ = ['app', 'schema_app', 'registry_app', 'audit_app', 'users_app', 'STAGES_DIR', 'KERNEL', 'MAX_CLASS_LEVELS',
            'NO_SWAP_GATE', 'PARAMS', 'USER', 'api_key_app', 'KEYS_FILE', 'ab_app', 'rollout_app', 'URL', 'REASON',
-           'API_KEY', 'CACERT', 'log_key_app', 'feedback_app', 'exit_on_error', 'Commands', 'stage_notebook', 'to_html',
-           'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel', 'run_stage', 'stage', 'run_summary',
-           'summary', 'schema_infer', 'infer_task', 'choose_positive', 'InitPlan', 'init_params', 'plan_init',
-           'write_init', 'init_report', 'init', 'registry_list', 'registry_show', 'registry_approve', 'registry_reject',
-           'registry_promote', 'registry_rollback', 'registry_history', 'registry_lineage', 'registry_card',
-           'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create', 'api_key_list', 'api_key_revoke',
-           'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status', 'rollout_start', 'synth', 'monitor',
-           'retrain_cmd', 'log_key_new', 'log_key_reseal', 'feedback_purge', 'batch_predict_cmd', 'ci_cmd',
-           'repro_check_cmd']
+           'API_KEY', 'CACERT', 'log_key_app', 'feedback_app', 'exit_on_error', 'Commands', 'stage_notebook',
+           'strip_run_facts', 'to_html', 'local_kernel_manager', 'remember_kernel', 'stop_orphaned_kernel', 'run_stage',
+           'stage', 'run_summary', 'summary', 'schema_infer', 'infer_task', 'choose_positive', 'InitPlan',
+           'init_params', 'plan_init', 'write_init', 'init_report', 'init', 'registry_list', 'registry_show',
+           'registry_approve', 'registry_reject', 'registry_promote', 'registry_rollback', 'registry_history',
+           'registry_lineage', 'registry_card', 'audit_verify', 'users_add', 'users_list', 'serve', 'api_key_create',
+           'api_key_list', 'api_key_revoke', 'ab_report_command', 'admin_call', 'rollout_summary', 'rollout_status',
+           'rollout_start', 'synth', 'monitor', 'retrain_cmd', 'log_key_new', 'log_key_reseal', 'feedback_purge',
+           'batch_predict_cmd', 'ci_cmd', 'repro_check_cmd']
 
 # %% ../nbs/12_cli/01_cli.ipynb #04af584d
 def exit_on_error(command):
@@ -69,6 +69,19 @@ def stage_notebook(name: str) -> Path:
         known = ", ".join(p.stem for p in sorted(STAGES_DIR.glob("*.ipynb")))
         raise typer.BadParameter(f"no single stage notebook named {name!r} in {STAGES_DIR} (known: {known})")
     return matches[0]
+
+# %% ../nbs/12_cli/01_cli.ipynb #8a559613
+_TIMING = ("start_time", "end_time", "duration")
+
+def strip_run_facts(notebook: dict) -> dict:
+    "An executed notebook (nbformat JSON) without its run's timestamps, durations and random cell id, in place; returned."
+    for key in _TIMING: notebook.get("metadata", {}).get("papermill", {}).pop(key, None)
+    for cell in notebook.get("cells", []):
+        meta = cell.get("metadata", {})
+        meta.pop("execution", None)
+        for key in _TIMING: meta.get("papermill", {}).pop(key, None)
+        if "injected-parameters" in meta.get("tags", []): cell["id"] = "injected-parameters"
+    return notebook
 
 # %% ../nbs/12_cli/01_cli.ipynb #5a5689e6
 def to_html(notebook: Path, html: Path) -> None:
@@ -116,7 +129,7 @@ def stop_orphaned_kernel(record: Path) -> int:
 def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, reports_dir: Path | None = None,
               parameters: dict | None = None) -> Path:
     "Execute a stage notebook with papermill; write NAME.ipynb and .html atomically to `reports_dir` or paths.reports."
-    import papermill as pm
+    import nbformat, papermill as pm
     from jupyter_client.utils import run_sync
     from nbclient.exceptions import DeadKernelError
     nb = stage_notebook(name)
@@ -128,9 +141,11 @@ def run_stage(name: str, params: str = "params.yaml", kernel: str = KERNEL, repo
     record = reports_dir / f".{nb.stem}.kernel.json"
     if stopped := stop_orphaned_kernel(record): typer.echo(f"stopped {stopped} processes a killed run of {nb.stem} left running", err=True)
     km = local_kernel_manager(kernel, record)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # the kernel's MLflow: no timestamped INFO lines in the report
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"params_path": params, **(parameters or {})}, kernel_name=kernel, km=km,
                             cwd=str(Path.cwd()), progress_bar=sys.stderr.isatty(), log_output=False)
+        nbformat.write(strip_run_facts(nbformat.read(tmp, as_version=4)), tmp)
         to_html(tmp, html_tmp)
         os.replace(tmp, final); os.replace(html_tmp, html)
     except pm.PapermillExecutionError as e:
@@ -182,7 +197,9 @@ def run_summary(paths: Paths = Paths()) -> str:
         lines.append(f"registry       : {reg.name} v{reg.version} ({reg.status}{held}; "
                      f"gates {'passed' if reg.gates_passed else 'FAILED'}) "
                                   f"— mlnb registry show {reg.name} {reg.version}")
-    lines.append(f"latency (1 row): onnx {report['variants']['onnx']['single_row_us']:.0f} µs, scikit-learn {report['variants']['sklearn']['single_row_us']:.0f} µs")
+    latency = read_run_facts(paths, "export").get("single_row_us") or {v: d["single_row_us"] for v, d in report["variants"].items() if "single_row_us" in d}
+    if latency:       # a run fact (runs/export.json; an older export report held it)
+        lines.append(f"latency (1 row): onnx {latency['onnx']:.0f} µs, scikit-learn {latency['sklearn']:.0f} µs")
     return "\n".join(lines)
 
 # %% ../nbs/12_cli/01_cli.ipynb #429991f5
@@ -919,12 +936,16 @@ def ci_cmd(base: str = typer.Option("main", help="Branch whose committed metrics
 def repro_check_cmd(tolerance_metrics: float = typer.Option(1e-9, min=0, help="Largest |difference| of any metric value, committed vs re-run"),
                     tolerance_proba: float = typer.Option(1e-6, min=0, help="Largest |difference| of a probability (regression: of a prediction), committed vs re-run model"),
                     keep: bool = typer.Option(False, help="Keep the temporary clone (its path is printed)"),
-                    report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)")):
+                    report: Optional[Path] = typer.Option(None, help="Also write the report (Markdown) here (it is also appended to $GITHUB_STEP_SUMMARY when set)"),
+                    update_lock: bool = typer.Option(False, "--update-lock", help="Then copy the clean run's dvc.lock, metrics and plot tables into this working tree (its outputs into the DVC cache), to commit")):
     "Re-run the committed pipeline in a fresh clone; compare dvc.lock outputs, metrics and predictions; exit 1 when out of tolerance."
     from mlnb.pipeline.ci import repro_check, repro_report, write_summary
-    check = repro_check(".", tolerance_metrics, tolerance_proba, keep)
+    check = repro_check(".", tolerance_metrics, tolerance_proba, keep, update_lock=update_lock)
     text = repro_report(check)
     typer.echo(text)
     for written in write_summary(text, report): typer.echo(f"wrote {written}", err=True)
     if keep: typer.echo(f"clone kept in {check.workdir}", err=True)
+    if check.adopted:
+        typer.echo(f"updated from the clean run: {', '.join(check.adopted)}; commit them (git add dvc.lock metrics plots), and `dvc checkout` puts the outputs in place", err=True)
+        raise typer.Exit(0)
     raise typer.Exit(0 if check.passed else 1)

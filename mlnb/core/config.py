@@ -25,7 +25,7 @@ __all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigg
            'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'EstimationConfig',
            'MonitorConfig', 'ABConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'parse_yaml', 'read_yaml',
            'dump_yaml', 'load_config', 'load_paths', 'seed_everything', 'file_md5', 'params_hash', 'staged_outputs',
-           'create_new', 'write_json']
+           'create_new', 'write_json', 'write_run_facts', 'read_run_facts']
 
 # %% ../../nbs/01_core/01_config.ipynb #46603c3d
 class _Strict(BaseModel):
@@ -128,6 +128,7 @@ class Paths(_Strict):
     export_metrics: Path = Path("metrics/export.json")
     registration: Path = Path("models/registration.json")        # register
     reports: Path = Path("reports")                              # every stage: its executed notebook and the HTML copy
+    run_facts: Path = Path("runs")                               # what a run measured (timings, MLflow run ids): not a DVC output
 
     INSIDE: ClassVar[dict[str, tuple[str, ...]]] = {             # directory output -> the catalog files written into it
         "processed": ("train", "valid", "test", "cleaning_log"), "features": ("feature_spec", "reference_profile"),
@@ -156,6 +157,10 @@ class Paths(_Strict):
                 raise ValueError(f"paths.{name} and paths.{seen[path]} are the same path ({path})")
             seen[path] = name
         return self
+
+    def run_facts_file(self, stage: str) -> Path:
+        "Where stage `stage` records its run facts (`runs/train.json`): beside the outputs, never one of them."
+        return self.run_facts / f"{stage}.json"
 
     def split(self, name: str) -> Path:
         "The Parquet file of the split `name` (train, valid or test)."
@@ -652,3 +657,15 @@ def write_json(obj, path: str | Path) -> Path:
     "Write `obj` as indented JSON, atomically."
     with staged_outputs(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     return Path(path)
+
+# %% ../../nbs/01_core/01_config.ipynb #3a779aa1
+def write_run_facts(paths: Paths, stage: str, facts: dict) -> Path:
+    "Record stage `stage`'s run facts (timings, run ids) where no DVC output hash sees them."
+    return write_json(facts, paths.run_facts_file(stage))
+
+def read_run_facts(paths: Paths, stage: str) -> dict:
+    "Stage `stage`'s last run facts; {} when it has recorded none (an older run, or outputs copied from elsewhere)."
+    path = paths.run_facts_file(stage)
+    try: return json.loads(path.read_text())
+    except FileNotFoundError: return {}
+    except ValueError as e: raise ConfigError(f"{path}: unreadable run facts ({e}); delete it, or run the stage again") from None

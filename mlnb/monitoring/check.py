@@ -237,7 +237,7 @@ def gauge_families(result: dict) -> list:
         if value is None: return
         g = G(name, doc, labels=list(labels or {})); g.add_metric(list((labels or {}).values()), float(value)); out.append(g)
     if d:
-        single("mlnb_monitor_drifted_share", "Share of features that drifted", len(d["drifted_columns"]) / max(len(d["columns"]), 1))
+        single("mlnb_monitor_drifted_ratio", "Share of features that drifted, a ratio from 0 to 1", len(d["drifted_columns"]) / max(len(d["columns"]), 1))
         single("mlnb_monitor_dataset_drift", "1 when the data set drifted (drifted share reached monitor.drift_share)", d["dataset_drift"])
     if p:
         single("mlnb_monitor_prediction_drift_score", "Drift statistic of the model's output distribution", p["statistic"], {"test": p["test"]})

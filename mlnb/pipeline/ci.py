@@ -22,7 +22,7 @@ __all__ = ['RUNNING', 'FAILED', 'LOCAL_STORES', 'ESCAPING_ENV', 'tool', 'Pipelin
            'git', 'resolve_base', 'parse_metrics_diff', 'metrics_diff', 'regressions', 'md_table', 'run_link',
            'CiResult', 'ci_summary', 'verdict_rule', 'run_ci', 'write_summary', 'flatten', 'compare_metrics',
            'lock_outputs', 'compare_outputs', 'isolate_stores', 'dvc_cache_dir', 'cached_file', 'clone_committed',
-           'prepare_clone', 'compare_predictions', 'ReproCheck', 'repro_check', 'repro_report']
+           'prepare_clone', 'compare_predictions', 'ReproCheck', 'adopt_rerun', 'repro_check', 'repro_report']
 
 # %% ../../nbs/11_pipeline/03_ci.ipynb #9d3a9919
 def tool(name: str) -> str:
@@ -451,10 +451,12 @@ class ReproCheck:
     metrics: list[dict] = field(default_factory=list)
     predictions: dict | None = None
     problems: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)   # --update-lock: the files copied from the clean run into the project
 
     @property
     def out_of_tolerance(self) -> list[str]:
         bad = list(self.problems)
+        bad += [f"{o['path']} ({o['stage']}): md5 committed {o['committed']}, re-run {o['rerun']}" for o in self.outputs if not o["equal"]]
         bad += [f"{m['file']}: {m['metric']} committed {_cell(m['committed'])}, re-run {_cell(m['rerun'])}" + (f" (|Δ| {m['abs_diff']:.3g} > {self.tolerance_metrics:g})" if m["abs_diff"] is not None else "")
                 for m in self.metrics if not m["ok"]]
         p = self.predictions
@@ -466,12 +468,37 @@ class ReproCheck:
     @property
     def passed(self) -> bool: return not self.out_of_tolerance
 
+# %% ../../nbs/11_pipeline/03_ci.ipynb #d6045ca0
+def _tracked_outputs(clone: Path) -> list[str]:
+    "The files git tracks under any output, metric or plot file of the clone's dvc.yaml."
+    tracked = [f for f in git("ls-files", "-z", cwd=clone).stdout.split("\0") if f]
+    outs = [o.rstrip("/") for s in pipeline_stages(clone / "dvc.yaml").values() for kind in ("outs", "metrics") for o in _out_paths(s, kind)]
+    return sorted(f for f in tracked if any(f == o or f.startswith(o + "/") for o in outs))
+
+def adopt_rerun(clone: str | Path, project: str | Path) -> list[str]:
+    "Copy a clean re-run's dvc.lock and git-tracked outputs from `clone` into `project`, its cached outputs into `project`'s DVC cache; the files copied."
+    clone, project = Path(clone), Path(project)
+    if not (clone / "dvc.lock").exists(): raise ReproCheckError(f"{clone} has no dvc.lock: the re-run did not finish")
+    copied = []
+    for rel in ["dvc.lock", *_tracked_outputs(clone)]:
+        if not (clone / rel).exists(): continue
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(clone / rel, project / rel); copied.append(rel)
+    if (clone / ".dvc").is_dir():
+        p = subprocess.run([tool("dvc"), "push", "--quiet", "-r", "original-cache"], cwd=clone, capture_output=True, text=True)
+        if p.returncode != 0: raise ReproCheckError(f"dvc push of the re-run's outputs into {project}'s cache failed: {p.stderr.strip()[-500:]}")
+    return copied
+
 # %% ../../nbs/11_pipeline/03_ci.ipynb #fc3b3b95
 def repro_check(project: str | Path = ".", tolerance_metrics: float = 1e-9, tolerance_proba: float = 1e-6, keep: bool = False,
-                echo: bool = True) -> ReproCheck:
-    "Re-run the committed pipeline in a fresh clone and compare it with the committed dvc.lock, metrics and model."
+                echo: bool = True, update_lock: bool = False) -> ReproCheck:
+    """Re-run the committed pipeline in a fresh clone and compare it with the committed dvc.lock, metrics and model;
+    `update_lock`: then adopt the clean run (`adopt_rerun`) into `project`, to be committed."""
     workdir = Path(tempfile.mkdtemp(prefix="mlnb-repro-"))
-    try: return _repro_check(Path(project).resolve(), workdir / "project", tolerance_metrics, tolerance_proba, echo)
+    try:
+        check = _repro_check(Path(project).resolve(), workdir / "project", tolerance_metrics, tolerance_proba, echo)
+        if update_lock and check.pipeline is not None and check.pipeline.ok: check.adopted = adopt_rerun(check.workdir, Path(project).resolve())
+        return check
     except (OSError, subprocess.CalledProcessError) as e:
         raise ReproCheckError(f"the re-run could not be prepared or read: {e}") from None
     finally:
@@ -526,6 +553,6 @@ def repro_report(c: ReproCheck) -> str:
                 md_table([[p["rows"], f"{p['max_abs_diff']:.3g}", "–" if p["label_agreement"] is None else f"{p['label_agreement']:.4%}"]],
                          ["rows", "largest abs. difference of a probability", "label agreement"]), ""]
     if c.outputs:
-        out += ["### Outputs in dvc.lock (md5; reports, leaderboard, ONNX file and registration record embed run facts and are expected to differ)", "",
+        out += ["### Outputs in dvc.lock (md5: a clean run of the same commit writes the same bytes; run facts are in `runs/`, not in outputs)", "",
                 md_table([[o["stage"], o["path"], "equal" if o["equal"] else "differs"] for o in c.outputs], ["stage", "output", "md5"]), ""]
     return "\n".join(out).rstrip() + "\n"

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..core.access import AccessDenied, Identity, Users, identify
 from ..core.audit import AuditLog
-from ..core.config import Config, Paths, default_metric, file_md5, params_hash, write_json
+from ..core.config import Config, Paths, default_metric, file_md5, params_hash, read_run_facts, write_json
 from ..core.errors import ConfigError, NotApproved, RegistryError, RegistryUnreachable
 from ..features.spec import Profile
 from ..model.bundle import (ARTIFACT_DIR, FILES, Evaluation, Lineage, Registration, VersionBundle, VersionFacts,
@@ -200,6 +200,7 @@ def lineage_from_lock(cfg: Config, paths: Paths | None = None, lock_path: str | 
     paths = cfg.paths if paths is None else paths
     locked = lambda stage, kind, path: dvc_locked_md5(str(path), lock_path, stage, kind)
     board = json.loads(paths.leaderboard.read_text()) if paths.leaderboard.exists() else {}
+    runs = read_run_facts(paths, "train") or board     # the run ids are run facts (an older leaderboard held them)
     raw = locked("ingest", "deps", cfg.data.source) or (file_md5(cfg.data.source) if Path(cfg.data.source).exists() else None)
     return {"data_source": cfg.data.source, "raw_md5": raw,
             "processed_md5": locked("ingest", "outs", paths.processed),
@@ -207,7 +208,7 @@ def lineage_from_lock(cfg: Config, paths: Paths | None = None, lock_path: str | 
             "model_md5": locked("train", "outs", paths.model) or (file_md5(paths.model) if paths.model.exists() else None),
             "onnx_md5": locked("export", "outs", paths.onnx_dir),
             "params_hash": params_hash(cfg), "git_commit": _git_commit(),
-            "train_run_id": board.get("parent_run_id"), "selected_run_id": board.get("selected_run_id")}
+            "train_run_id": runs.get("parent_run_id"), "selected_run_id": runs.get("selected_run_id")}
 
 # %% ../../nbs/07_registry/01_registry.ipynb #153103d2
 def working_tree_lineage(cfg: Config, paths: Paths | None = None, lock_path: str | Path = "dvc.lock") -> dict:

@@ -41,7 +41,7 @@ class ServeMetrics:
         self.reloads = Counter("mlnb_model_reloads_total", "Model reloads by outcome", ["outcome"], registry=r)
         self.registry_reachable = Gauge("mlnb_registry_reachable", "1 if the registry answered when last asked, 0 if it could not be reached (registered models only)", ["model"], registry=r, multiprocess_mode="livemin")
         self.feedback = Counter("mlnb_feedback_total", "Feedback labels by outcome (accepted, unknown_id)", ["outcome"], registry=r)
-        self.rollout_share = Gauge("mlnb_rollout_canary_share", "The challenger's share of traffic (0 when there is no rollout)", registry=r, multiprocess_mode="max")
+        self.rollout_share = Gauge("mlnb_rollout_canary_ratio", "The challenger's share of traffic, a ratio from 0 to 1 (0 when there is no rollout)", registry=r, multiprocess_mode="max")
         self.rollout_state = Gauge("mlnb_rollout_state", "The rollout's state (value 1 for the current one)", ["state"], registry=r, multiprocess_mode="max")
         self.rollout_step = Gauge("mlnb_rollout_step", "The rollout plan's current step (1-based; 0: none)", registry=r, multiprocess_mode="max")
         self.rollout_decisions = Counter("mlnb_rollout_decisions_total", "Rollout decisions (advance, rollback, promote, ...)", ["action"], registry=r)

@@ -63,6 +63,8 @@ def to_onnx(model, spec: FeatureSpec, opset: int = 17, metadata: dict | None = N
         metadata = {**threshold_metadata(model), **(metadata or {})}
     for k, v in (metadata or {}).items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    opsets = sorted(proto.opset_import, key=lambda o: (o.domain, o.version))   # the converter's order follows string hashing:
+    del proto.opset_import[:]; proto.opset_import.extend(opsets)                 # it changes from one process to the next
     return proto
 
 # %% ../../nbs/04_training/02_export.ipynb #e5b0a002
@@ -159,7 +161,7 @@ def dvc_locked_md5(path: str, lock: str | Path = "dvc.lock", stage: str | None =
 def provenance(cfg: Config, paths: Paths, metric_name: str, metric_value: float) -> dict:
     source = cfg.data.source
     data_md5 = dvc_locked_md5(source) or (file_md5(source) if Path(source).exists() else None)
-    return {"model_name": cfg.project.name, "mlnb_version": mlnb.__version__, "git_commit": git_commit(),
+    return {"model_name": cfg.project.name, "mlnb_version": mlnb.__version__,
             "data_source": source, "data_md5": data_md5 or "n/a", "train_md5": file_md5(paths.split("train")),
             "params_hash": params_hash(cfg), "task": cfg.data.task, "target": cfg.data.target,
             "metric": metric_name, "metric_value": f"{metric_value:.6f}"}
@@ -186,21 +188,25 @@ class ExportResult:
     parity: Parity
     report: dict
     quantized: bytes | None = None
+    run_facts: dict = field(default_factory=dict)  # what this run measured: single-row latency per variant (µs)
 
-    def table(self) -> pd.DataFrame:
-        "Size, single-row latency and test score of each variant."
-        return pd.DataFrame(self.report["variants"]).T
+    def table(self, run_facts: bool = False) -> pd.DataFrame:
+        "Size and test score of each variant; `run_facts`: with this run's single-row latency."
+        table = pd.DataFrame(self.report["variants"]).T
+        if run_facts: table["single_row_us"] = pd.Series(self.run_facts.get("single_row_us", {}))
+        return table
 
     def save(self, paths: Paths = Paths()) -> None:
         "The ONNX model (and the int8 one, when kept), the export report and the DVC metrics file, all or nothing."
-        finals = [paths.onnx, paths.export_report, paths.export_metrics] + ([paths.onnx_int8] if self.quantized else [])
+        finals = [paths.onnx, paths.export_report, paths.export_metrics, paths.run_facts_file("export")] + ([paths.onnx_int8] if self.quantized else [])
         with staged_outputs(*finals) as temps:
             Path(temps[0]).write_bytes(self.proto.SerializeToString())
             write_json(self.report, temps[1])
             write_json({"parity": self.report["parity"], "quantized_kept": self.quantized is not None,
                         "onnx_bytes": self.report["variants"]["onnx"]["bytes"],
                         "test_score": self.report["variants"]["onnx"]["test_score"]}, temps[2])
-            if self.quantized: Path(temps[3]).write_bytes(self.quantized)
+            write_json(self.run_facts, temps[3])     # beside the DVC outputs, not in them: latencies differ on every run
+            if self.quantized: Path(temps[4]).write_bytes(self.quantized)
         if not self.quantized: paths.onnx_int8.unlink(missing_ok=True)
 
 # %% ../../nbs/04_training/02_export.ipynb #f3694e9e
@@ -218,9 +224,10 @@ def export(model, test_df: pd.DataFrame, spec: FeatureSpec, cfg: ExportConfig, m
     record = X.iloc[:1].to_dict("records")
     sklearn_row = lambda r: model.predict(pd.DataFrame(r))
     metric, sk_score = _test_score(spec.task, y, model.predict(X))
-    variants = {"sklearn": {"bytes": None, "single_row_us": round(single_row_latency(sklearn_row, record, repeats=50) * 1e6, 1), "test_score": round(sk_score, 6)},
-                "onnx": {"bytes": len(raw), "single_row_us": round(single_row_latency(onnx_model.run_records, record) * 1e6, 1),
-                         "test_score": round(_test_score(spec.task, y, onnx_model.predict(X))[1], 6)}}
+    variants = {"sklearn": {"bytes": None, "test_score": round(sk_score, 6)},
+                "onnx": {"bytes": len(raw), "test_score": round(_test_score(spec.task, y, onnx_model.predict(X))[1], 6)}}
+    latency = {"sklearn": round(single_row_latency(sklearn_row, record, repeats=50) * 1e6, 1),
+               "onnx": round(single_row_latency(onnx_model.run_records, record) * 1e6, 1)}
     quantized, q_note = None, "not applicable: the graph has no MatMul/Gemm (linear or tree model)"
     if cfg.quantize.enabled and quantizable(proto):
         with tempfile.TemporaryDirectory(dir=workdir) as d:
@@ -229,7 +236,8 @@ def export(model, test_df: pd.DataFrame, spec: FeatureSpec, cfg: ExportConfig, m
         q_model = OnnxModel(q_raw)
         q_score = _test_score(spec.task, y, q_model.predict(X))[1]
         drop = variants["onnx"]["test_score"] - q_score
-        variants["int8"] = {"bytes": len(q_raw), "single_row_us": round(single_row_latency(q_model.run_records, record) * 1e6, 1), "test_score": round(q_score, 6)}
+        variants["int8"] = {"bytes": len(q_raw), "test_score": round(q_score, 6)}
+        latency["int8"] = round(single_row_latency(q_model.run_records, record) * 1e6, 1)
         kept = drop <= cfg.quantize.max_metric_drop
         quantized = q_raw if kept else None
         q_note = f"{'kept' if kept else 'discarded'}: test {metric} drop {drop:.4f} (tolerance {cfg.quantize.max_metric_drop})"
@@ -238,4 +246,4 @@ def export(model, test_df: pd.DataFrame, spec: FeatureSpec, cfg: ExportConfig, m
               "max_rel_diff": float(f"{parity.max_rel_diff:.3g}"), "label_agreement": round(parity.label_agreement, 6), "passed": parity.passed},
               "quantization": q_note, "variants": variants, "metadata": metadata,
               "inputs": {n: t for n, t in onnx_model.inputs.items()}, "outputs": onnx_model.outputs}
-    return ExportResult(proto, parity, report, quantized)
+    return ExportResult(proto, parity, report, quantized, {"single_row_us": latency})

@@ -106,9 +106,19 @@ class Candidate:
     def skipped(self) -> bool: return self.pipeline is None
 
     def row(self) -> dict:
+        "The leaderboard's row: what the search found, the same on every run of the same commit and data."
         return {"family": self.family, "cv_mean": self.cv_mean, "cv_std": self.cv_std, "valid_score": self.valid_score,
-                "fit_seconds": round(self.fit_seconds, 2), "fits": self.fits, "search_rows": self.search_rows,
-                "budget_note": self.budget_note, "params": json.dumps(self.params, default=str), "run_id": self.run_id}
+                "fits": self.fits, "search_rows": self.search_rows, "budget": _budget_decision(self.budget_note),
+                "params": json.dumps(self.params, default=str)}
+
+    def run_facts(self) -> dict:
+        "What this run measured: seconds, the budget's figures, the MLflow run (recorded in `paths.run_facts`, not the leaderboard)."
+        return {"family": self.family, "fit_seconds": round(self.fit_seconds, 2), "budget_note": self.budget_note, "run_id": self.run_id}
+
+def _budget_decision(note: str) -> str:
+    "What the time budget decided (a full search, a sample, fewer draws, defaults, skipped), without the timings that decided it."
+    if not note or note.startswith("full search"): return "full search"
+    return note.split(":")[0]
 
 # %% ../../nbs/04_training/01_train.ipynb #ee66f20f
 def _folds(task: str, k: int, seed: int):
@@ -384,14 +394,22 @@ class TrainResult:
     threshold: Threshold | None = None
     budget_seconds: float | None = None
 
-    def leaderboard(self) -> pd.DataFrame:
-        return pd.DataFrame([c.row() for c in self.candidates]).sort_values("valid_score", ascending=False, ignore_index=True)
+    def leaderboard(self, run_facts: bool = False) -> pd.DataFrame:
+        "One row per family, best first; `run_facts`: with this run's seconds, budget figures and MLflow run ids."
+        rows = [{**c.row(), **({k: v for k, v in c.run_facts().items() if k != "family"} if run_facts else {})} for c in self.candidates]
+        return pd.DataFrame(rows).sort_values("valid_score", ascending=False, ignore_index=True)
+
+    def run_facts(self) -> dict:
+        "The run's facts: MLflow parent and selected run, and each family's seconds and budget figures."
+        return {"parent_run_id": self.parent_run_id, "selected_run_id": self.best.run_id, "time_budget_seconds": self.budget_seconds,
+                "candidates": [c.run_facts() for c in self.candidates]}
 
     def save(self, paths: Paths = Paths()) -> None:
-        with staged_outputs(paths.model, paths.leaderboard) as (model_tmp, board_tmp):
+        "The model and the leaderboard (DVC outputs: nothing measured in them), and the run facts beside them, all or nothing."
+        with staged_outputs(paths.model, paths.leaderboard, paths.run_facts_file("train")) as (model_tmp, board_tmp, facts_tmp):
             joblib.dump(self.model, model_tmp)
-            Path(board_tmp).write_text(json.dumps({"metric": self.metric, "selected": self.best.family, "parent_run_id": self.parent_run_id,
-                                                   "selected_run_id": self.best.run_id, "selected_params": self.best.params,
+            Path(facts_tmp).write_text(json.dumps(self.run_facts(), indent=2, default=str) + "\n")
+            Path(board_tmp).write_text(json.dumps({"metric": self.metric, "selected": self.best.family, "selected_params": self.best.params,
                                                    "threshold": self.threshold.to_dict() if self.threshold else None,
                                                    "time_budget_seconds": self.budget_seconds,
                                                    "candidates": self.leaderboard().to_dict("records")}, indent=2, default=str) + "\n")
@@ -429,9 +447,9 @@ def _run_family(name, spec, X, y, Xv, yv, cfg: TrainConfig, metric: str, seed: i
     return c
 
 def _progress(c: Candidate, metric: str) -> str:
-    if c.skipped: return f"train {c.family}: {c.budget_note}"
+    if c.skipped: return f"train {c.family}: {_budget_decision(c.budget_note)}"
     cv = "" if np.isnan(c.cv_mean) else f"cv {metric} {c.cv_mean:.4f}, "
-    return f"train {c.family}: {c.fits} fits in {c.fit_seconds:.1f} s, {cv}valid {c.valid_score:.4f}" + (f" [{c.budget_note}]" if c.budget_note else "")
+    return f"train {c.family}: {c.fits} fits, {cv}valid {c.valid_score:.4f} [{_budget_decision(c.budget_note)}]"
 
 # %% ../../nbs/04_training/01_train.ipynb #5ae9d34f
 def train(train_df: pd.DataFrame, valid_df: pd.DataFrame, spec: FeatureSpec, cfg: TrainConfig, seed: int,

@@ -116,7 +116,7 @@ def test_ten_thousand_keyed_requests_follow_the_weights_and_each_key_sticks(sign
         assert s.client.get(f"/v2/models/churn/versions/{challenger}").json()["versions"] == [challenger]
         status = s.client.get("/admin/rollout").json()
         assert status["rollout"]["state"] == "running" and status["rollout"]["fixed_share"] == 0.2
-        assert metric(s, "mlnb_rollout_canary_share") == 0.2
+        assert metric(s, "mlnb_rollout_canary_ratio") == 0.2
     finally:
         assert s.stop() in (0, -15, 143)
     log = read_log(tmp_path / "logs/predictions", ["variant", "model_version"])
@@ -136,7 +136,7 @@ def test_a_raising_challenger_fails_no_caller_and_is_rolled_back_within_min_erro
         assert status["state"] == "rolled_back" and status["share"] == 0
         assert status["challenger"]["requests"] == 5 == status["challenger"]["errors"]               # out after exactly min_errors canary requests
         assert metric(s, "mlnb_canary_fallbacks_total", reason="error") == 5
-        assert metric(s, "mlnb_rollout_state", state="rolled_back") == 1 and metric(s, "mlnb_rollout_canary_share") == 0
+        assert metric(s, "mlnb_rollout_state", state="rolled_back") == 1 and metric(s, "mlnb_rollout_canary_ratio") == 0
         cli = run(["mlnb", "rollout", "status", "--url", s.url], tmp_path)
         assert "state rolled back" in cli.stdout and "error rate 100.00%" in cli.stdout
     finally:

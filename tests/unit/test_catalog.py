@@ -29,7 +29,7 @@ LAYOUT = {"processed": "data/processed", "train": "data/processed/train.parquet"
           "export_report": "models/onnx/export_report.json", "export_metrics": "metrics/export.json",
           "estimator": "models/onnx/estimator.json", "loss_model": "models/onnx/loss_model.onnx",
           "multivariate": "models/onnx/multivariate.json",
-          "registration": "models/registration.json", "reports": "reports"}
+          "registration": "models/registration.json", "reports": "reports", "run_facts": "runs"}
 # The stage that writes each catalog entry that is a DVC output of its own (the others lie inside one: Paths.INSIDE).
 WRITER = {"processed": "ingest", "features": "featurize", "model": "train", "leaderboard": "train",
           "train_metrics": "train", "evaluate_metrics": "evaluate", "plots": "evaluate", "onnx_dir": "export",
@@ -98,7 +98,9 @@ def test_every_dvc_path_is_a_catalog_entry_and_every_entry_is_in_dvc_yaml(catalo
     for entry, stage in WRITER.items():
         assert written.get(getattr(catalog, entry)) == stage, entry
     inside = {f for files in Paths.INSIDE.values() for f in files}
-    assert set(WRITER) | inside | {"reports"} == set(Paths.model_fields)          # each entry is accounted for
+    assert set(WRITER) | inside | {"reports", "run_facts"} == set(Paths.model_fields)          # each entry is accounted for
+    # run facts (timings, run ids) differ on every run: in no stage's outputs, or the lock would never be reproduced
+    assert not any(p == catalog.run_facts or p.is_relative_to(catalog.run_facts) for p in written), "paths.run_facts is a DVC output"
     for directory, files in Paths.INSIDE.items():
         assert getattr(catalog, directory) in written
         for f in files:

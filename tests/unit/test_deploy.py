@@ -205,7 +205,7 @@ def test_alert_metrics_are_exposed():
 def test_exposed_names_are_the_real_series_names():
     exposed = exposed_names()
     assert {"mlnb_requests_total", "mlnb_request_duration_seconds_bucket", "mlnb_request_duration_seconds_count",
-            "mlnb_cache_hits_total", "mlnb_rollout_canary_share", "mlnb_prediction_log_dropped_total"} <= exposed
+            "mlnb_cache_hits_total", "mlnb_rollout_canary_ratio", "mlnb_prediction_log_dropped_total"} <= exposed
     assert "mlnb_requests" not in exposed and "mlnb_request_duration_seconds" not in exposed
 
 
@@ -236,7 +236,7 @@ def test_dashboard_metrics_are_exposed():
     assert used <= exposed, f"dashboard uses metrics nobody exposes: {sorted(used - exposed)}"
     assert MONITOR_GAUGES <= used, f"monitor gauges missing from the dashboard: {sorted(MONITOR_GAUGES - used)}"
     assert {"mlnb_request_duration_seconds_bucket", "mlnb_inference_batch_rows_bucket", "mlnb_cache_hits_total", "mlnb_model_info",
-            "mlnb_rollout_canary_share", "mlnb_rollout_step", "mlnb_rollout_state", "mlnb_rollout_decisions_total",
+            "mlnb_rollout_canary_ratio", "mlnb_rollout_step", "mlnb_rollout_state", "mlnb_rollout_decisions_total",
             "mlnb_canary_fallbacks_total", "mlnb_shadow_requests_total", "mlnb_prediction_log_queue_depth",
             "mlnb_prediction_log_dropped_total"} <= used
 
