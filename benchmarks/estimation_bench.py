@@ -402,9 +402,10 @@ def report(args, rows_out, impacts, fits, combos, use_nannyml) -> None:
               "(CBPE/DLE, one chunk = the whole window)" if has_nml else
               "NannyML's side not run (make bench-nannyml-env)", *notes]
              + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals])
+    fmt = lambda c: ".0f" if c.endswith(("%", "MB")) else ".3f" if c.endswith(" s") else ".4f"
     write_results("estimation", table, notes, {"fits": fits, "windows": rows_out, "impacts": impacts, "combined": combos,
                                                "goals": [{"goal": g, "met": bool(ok)} for g, ok in goals]},
-                  libraries=("pyarrow",), floatfmt=",.4f")
+                  libraries=("pyarrow",), floatfmt=tuple(fmt(c) for c in table[0]), intfmt=",")
 
 
 if __name__ == "__main__":
