@@ -318,8 +318,9 @@ def main() -> None:
                             r["multivariate_drifted"] = bool(recon.check(df).drifted)
                             if scenario == "harmful" and rows >= 10_000 and seed < args.impact_seeds:
                                 ranked = drift_impact(profile, df, point(est, task, s, df), metric, higher_is_better=task != "regression")
-                                r["impact_first"] = ranked[0].column
-                                impacts.append({"task": task, "rows": rows, "seed": seed, "first": ranked[0].column,
+                                tie = len(ranked) > 1 and ranked[0].contribution <= ranked[1].contribution   # a tie is no ranking
+                                r["impact_first"] = "(tie)" if tie else ranked[0].column
+                                impacts.append({"task": task, "rows": rows, "seed": seed, "first": r["impact_first"],
                                                 "top3": [(f.column, f.contribution) for f in ranked[:3]]})
                             rows_out.append(r)
                             nm = (f"  NannyML {r['nannyml']:.4f} (err {r['nannyml_error']:+.4f}, {r['nannyml_s']:.3f} s)" if "nannyml" in r else
