@@ -8,11 +8,11 @@ Docs: https://mlnb.github.io/mlnb/01_core/errors.html.md"""
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['MlnbError', 'redact_credentials', 'ConfigError', 'InitRefused', 'DataError', 'AccessDenied', 'SignatureError',
-           'SignatureMissing', 'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing', 'ParityError',
-           'RegistryError', 'RegistryUnreachable', 'NotApproved', 'ApprovalInvalid', 'BundleError', 'BatchError',
-           'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError', 'RequestError', 'RolloutError',
-           'LogKeyError', 'AuditError']
+__all__ = ['MlnbError', 'redact_credentials', 'ConfigError', 'InitRefused', 'DataError', 'EstimationError', 'AccessDenied',
+           'SignatureError', 'SignatureMissing', 'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing',
+           'ParityError', 'RegistryError', 'RegistryUnreachable', 'NotApproved', 'ApprovalInvalid', 'BundleError',
+           'BatchError', 'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError', 'RequestError',
+           'RolloutError', 'LogKeyError', 'AuditError']
 
 # %% ../../nbs/01_core/02_errors.ipynb #cf53716b
 class MlnbError(Exception):
@@ -40,6 +40,10 @@ class InitRefused(ConfigError):
 # %% ../../nbs/01_core/02_errors.ipynb #765b204e
 class DataError(MlnbError, ValueError):
     "Input data that cannot be used, with the file, column, check and number of rows at fault."
+
+# %% ../../nbs/01_core/02_errors.ipynb #e6d6183a
+class EstimationError(DataError):
+    "Scores, labels, weights or an estimator file that label-free estimation cannot use, naming what is wrong."
 
 # %% ../../nbs/01_core/02_errors.ipynb #83f4833f
 class AccessDenied(MlnbError, PermissionError):

