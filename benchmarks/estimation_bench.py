@@ -198,10 +198,10 @@ class NannyML:
         self.frame(task, scores, df, y).to_parquet(path, index=False)
         return self.ask({"cmd": "fit", "task": task, "reference": str(path), "classes": CLASSES[task], "features": FEATURES})
 
-    def estimate(self, task: str, scores, df) -> dict:
+    def estimate(self, task: str, scores, df, repeats: int = 1) -> dict:
         path = self.where / "window.parquet"
         self.frame(task, scores, df).to_parquet(path, index=False)
-        try: return self.ask({"cmd": "estimate", "window": str(path)})
+        try: return self.ask({"cmd": "estimate", "window": str(path), "repeats": repeats})
         finally: path.unlink()
 
     def close(self):
@@ -237,7 +237,7 @@ def combined(task: str, where: Path) -> dict:
             "multivariate_drifted": mv.drifted}
 
 
-def run_combined(task: str, model: Model, est, profile, recon, rows: int, tmp: Path) -> dict:
+def run_combined(task: str, model: Model, est, profile, recon, rows: int, tmp: Path, runs_wanted: int = 3) -> dict:
     where = tmp / f"combined-{task}"; where.mkdir()
     est.save(tmp / task)                            # beside the loss model that fit wrote there (regression)
     profile.save(where / "profile.json"); recon.save(where / "multivariate.json")
@@ -246,9 +246,15 @@ def run_combined(task: str, model: Model, est, profile, recon, rows: int, tmp: P
     out = df.copy()
     for i, col in enumerate(np.atleast_2d(s.T)): out[f"score{i}"] = col
     out.to_parquet(where / "window.parquet", index=False); del out, df, s
-    res = subprocess.run([sys.executable, __file__, "--combined", task, str(where)], capture_output=True, text=True)
-    if res.returncode: raise RuntimeError(f"combined run ({task}) failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(max(1, runs_wanted)):
+        res = subprocess.run([sys.executable, __file__, "--combined", task, str(where)], capture_output=True, text=True)
+        if res.returncode: raise RuntimeError(f"combined run ({task}) failed:\n{res.stderr[-3000:]}")
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda r: r["seconds"])
+    out = dict(runs[len(runs) // 2])                 # the median run by total time (each a cold, fresh process)
+    out.update(runs=len(runs), all_seconds=[r["seconds"] for r in runs], peak_mb=max(r["peak_mb"] for r in runs))
+    return out
 
 
 # ---------------------------------------------------------------- the run
@@ -257,6 +263,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
     ap.add_argument("--seeds", type=int, default=20, help="windows per task, scenario and size below 100k rows")
     ap.add_argument("--big-seeds", type=int, default=2, help="... and at 100k rows and more")
+    ap.add_argument("--repeats", type=int, default=3, help="estimate calls per window at 1M rows (both sides; the fastest counts; no more once 20 s are spent)")
+    ap.add_argument("--combined-runs", type=int, default=3, help="fresh processes for the combined run (the median counts)")
     ap.add_argument("--impact-seeds", type=int, default=10, help="harmful windows (>= 10k rows) whose drift impact is ranked")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--no-nannyml", action="store_true", help="mlnb's side only")
@@ -300,15 +308,19 @@ def main() -> None:
                             df, y = window(task, scenario, rows, seed)
                             s = model.scores(df)
                             truth = realized(task, s, y)
-                            before = rss_mb()
+                            repeats = args.repeats if rows >= 1_000_000 else 1
+                            before, times = rss_mb(), []
                             with PeakRss() as peak:
-                                t = time.perf_counter(); e = mlnb_estimate(est, task, s, df); mlnb_s = time.perf_counter() - t
+                                for _ in range(repeats):        # the fastest of a few calls (both sides): the least disturbed
+                                    t = time.perf_counter(); e = mlnb_estimate(est, task, s, df); times.append(time.perf_counter() - t)
+                                    if sum(times) > 20: break   # ... unless they are slow anyway (the same rule as NannyML's runner)
+                            mlnb_s = min(times)
                             m = e.metrics[metric]
                             r = {"task": task, "scenario": scenario, "rows": rows, "seed": seed, "metric": metric, "realized": truth,
                                  "mlnb": m.value, "mlnb_lower": m.lower, "mlnb_upper": m.upper, "mlnb_error": m.value - truth,
                                  "inside": bool(m.lower <= truth <= m.upper), "mlnb_s": mlnb_s, "mlnb_extra_mb": peak.peak - before}
                             if nml:
-                                a = nml.estimate(task, s, df)
+                                a = nml.estimate(task, s, df, repeats)
                                 if "error" in a: r["nannyml_failed"] = a["error"]
                                 else:
                                     r.update(nannyml=a[metric]["value"], nannyml_lower=a[metric]["lower"], nannyml_upper=a[metric]["upper"],
@@ -330,7 +342,7 @@ def main() -> None:
                                   + (f"  impact: {r['impact_first']}" if "impact_first" in r else ""), flush=True)
                             del df, y, s
                 if max(args.sizes) >= 1_000_000:
-                    c = run_combined(task, model, est, profile, recon, max(args.sizes), tmp); combos.append(c)
+                    c = run_combined(task, model, est, profile, recon, max(args.sizes), tmp, args.combined_runs); combos.append(c)
                     print(f"  combined at {c['rows']:,d} rows: {c['seconds']:.2f} s (estimate {c['estimate_s']:.2f}, impact {c['impact_s']:.2f}, "
                           f"multivariate {c['multivariate_s']:.2f}), peak {c['peak_mb']:.0f} MB", flush=True)
         finally:
@@ -382,8 +394,9 @@ def report(args, rows_out, impacts, fits, combos, use_nannyml) -> None:
                           hits >= 0.9 * len(g)))
     for c in combos:
         goals.append((f"{c['rows']:,d} rows x 20 features, {c['task']}: estimate + band + drift impact + multivariate in <= 5 s and "
-                      f"<= 1 GB peak: {c['seconds']:.2f} s (estimate {c['estimate_s']:.2f}, impact {c['impact_s']:.2f}, "
-                      f"multivariate {c['multivariate_s']:.2f}), whole-process peak {c['peak_mb']:.0f} MB",
+                      f"<= 1 GB peak: {c['seconds']:.2f} s, the median of {c['runs']} fresh processes (estimate {c['estimate_s']:.2f}, impact {c['impact_s']:.2f}, "
+                      f"multivariate {c['multivariate_s']:.2f}; all runs {', '.join(f'{x:.2f}' for x in c['all_seconds'])} s), "
+                      f"whole-process peak {c['peak_mb']:.0f} MB (the highest of the runs)",
                       c["seconds"] <= 5 and c["peak_mb"] <= 1000))
     concept = w[w.scenario == "concept"]
     if len(concept):

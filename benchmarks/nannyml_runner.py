@@ -6,7 +6,8 @@ A small server on pipes: one JSON request a line on standard input, one JSON ans
   {"cmd": "fit", "task": "binary" | "multiclass" | "regression", "reference": PATH, "classes": [...], "features": [...]}
       CBPE (binary, multiclass: ROC-AUC and accuracy) or DLE (regression: MAE and RMSE; LightGBM without tuning), one
       chunk = the whole data set (chunk_number=1), fitted on the reference.
-  {"cmd": "estimate", "window": PATH}   -> the estimates, their bounds, seconds and the resident memory above the start
+  {"cmd": "estimate", "window": PATH, "repeats": N}   -> the estimates, their bounds, the fastest of N calls' seconds and
+      the resident memory above the start
   {"cmd": "quit"}
 Columns: binary `p` (positive probability), multiclass `p_<class>`, `y_pred` (the model's decision), `y` (reference only),
 regression `y_pred` and the feature columns.
@@ -67,11 +68,14 @@ def main() -> None:
                 answer = {"seconds": seconds, "extra_mb": peak.peak - before, "version": nml.__version__}
             elif req["cmd"] == "estimate":
                 window = pd.read_parquet(req["window"])
-                before = rss_mb()
+                before, seconds = rss_mb(), []
                 with PeakRss() as peak:
-                    started = time.perf_counter()
-                    result = est.estimate(window)
-                    seconds = time.perf_counter() - started
+                    for _ in range(int(req.get("repeats", 1))):          # the fastest of a few calls: the least disturbed
+                        started = time.perf_counter()
+                        result = est.estimate(window)
+                        seconds.append(time.perf_counter() - started)
+                        if sum(seconds) > 20: break                         # ... unless they are slow anyway
+                seconds = min(seconds)
                 frame = result.filter(period="analysis").to_df()
                 answer = {"seconds": seconds, "extra_mb": peak.peak - before, "rss_mb": peak.peak, "rows": len(window)}
                 for m in metrics:
