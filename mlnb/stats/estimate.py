@@ -89,7 +89,7 @@ class CalibrationCheck(BaseModel):
     ece_after: float
     bins: int = 10
 
-# %% ../../nbs/10_monitoring/03_estimate.ipynb #6e1b37da
+# %% ../../nbs/10_monitoring/03_estimate.ipynb #dc683f82
 class MetricEstimate(BaseModel):
     "One metric's estimate and its band (value ± z·sd); `realized` once labels are known."
     metric: str
@@ -98,6 +98,7 @@ class MetricEstimate(BaseModel):
     upper: float
     sd: float
     realized: float | None = None
+    sampling_sd: float | None = None   # the window's sampling error alone (sd also holds the reference's; see `estimate`)
 
     @property
     def error(self) -> float | None:
@@ -116,6 +117,10 @@ class Estimate(BaseModel):
         "The estimate of `metric`."
         if metric not in self.metrics: raise EstimationError(f"no estimate of {metric!r}: this estimate has {sorted(self.metrics)}")
         return self.metrics[metric].value
+
+    def with_realized(self, realized: dict[str, float]) -> "Estimate":
+        "A copy with each metric's `realized` filled from `realized` (as `PerformanceEstimator.realized` returns it, once labels came)."
+        return self.model_copy(update={"metrics": {k: m.model_copy(update={"realized": realized.get(k)}) for k, m in self.metrics.items()}})
 
 # %% ../../nbs/10_monitoring/03_estimate.ipynb #82d3e27a
 _EXACT_ROWS, _BINS = 200_000, 65_536
@@ -149,15 +154,15 @@ def _confusion_metrics(confusion: np.ndarray, positive: int | None) -> dict[str,
     pick = (lambda v: v[..., positive]) if positive is not None else (lambda v: v.mean(-1))
     return {"accuracy": _ratio(tp.sum(-1), total), "precision": pick(precision), "recall": pick(recall), "f1": pick(f1)}
 
-# %% ../../nbs/10_monitoring/03_estimate.ipynb #0eb663c0
+# %% ../../nbs/10_monitoring/03_estimate.ipynb #45ae55fa
 def _regression_values(absolute, squared, w, kurtosis: float) -> tuple[dict, dict]:
     """Estimated MAE and RMSE and their sd: Var|e| = E e² − (E|e|)² per row; Var e² = (κ − 1)(E e²)², RMSE by the delta method."""
     total = np.ones(len(absolute)) if w is None else w
     W, w2 = total.sum(), total ** 2
-    mae, mse = float(total @ absolute / W), float(total @ squared / W)
+    mae, mse = float(total @ absolute) / float(W), float(total @ squared) / float(W)
     rmse = math.sqrt(mse)
-    sd_mae = math.sqrt(float(w2 @ (squared - absolute ** 2))) / W
-    sd_mse = math.sqrt(float(w2 @ ((kurtosis - 1.0) * squared ** 2))) / W
+    sd_mae = math.sqrt(float(w2 @ (squared - absolute ** 2))) / float(W)
+    sd_mse = math.sqrt(float(w2 @ ((kurtosis - 1.0) * squared ** 2))) / float(W)
     return {"mae": mae, "rmse": rmse}, {"mae": sd_mae, "rmse": sd_mse / (2 * rmse) if rmse > 0 else 0.0}
 
 def _is_numeric(column: pd.Series) -> bool:
@@ -197,7 +202,7 @@ def _loss_onnx(models: list, columns: int) -> bytes:
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
-# %% ../../nbs/10_monitoring/03_estimate.ipynb #6faca5d8
+# %% ../../nbs/10_monitoring/03_estimate.ipynb #5856f0a0
 def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
@@ -263,7 +268,10 @@ class PerformanceEstimator(BaseModel):
             if not np.isfinite(y).all(): raise EstimationError("y holds NaN or infinite values")
             return y
         index = {c: i for i, c in enumerate(self.classes)}
-        labels = pd.Series(y).astype(str)
+        labels = pd.Series(y)
+        if pd.api.types.is_float_dtype(labels) and labels.notna().all() and (labels == labels.round()).all():
+            labels = labels.astype(np.int64)          # 0.0 / 1.0 read from a file are the classes 0 and 1
+        labels = labels.astype(str)
         codes = labels.map(index)
         if codes.isna().any():
             raise EstimationError(f"y holds labels that are not among the classes {self.classes}: {sorted(labels[codes.isna()].unique())[:5]}")
@@ -483,22 +491,35 @@ class PerformanceEstimator(BaseModel):
 
     def estimate(self, scores, features: pd.DataFrame | None = None, weights=None, level: float = 0.95, seed: int = 0,
                  band: bool = True) -> Estimate:
-        "The estimated metrics of one window with a band at `level` (band=False: value only, sd 0), from scores (and features) alone."
+        """The estimated metrics of one window with a band at `level` (band=False: value only, sd 0), from scores (and features)
+        alone. `sampling_sd`: the window's sampling error (bootstrap; regression: the loss model's moments); `sd`: that
+        widened by the reference's own (`_reference_factor`)."""
         s = self._check_scores(scores)
         w = self._check_weights(weights, len(s))
-        z = _z(level)
+        z, factor = _z(level), self._reference_factor(w, len(s))
         if self.task == "regression":
             absolute, squared = self._losses(features, s)
-            values, sd = _regression_values(absolute, squared, w, self.kurtosis or 3.0)
-            if not band: sd = {k: 0.0 for k in sd}
-            return Estimate(rows=len(s), level=level, metrics={k: MetricEstimate(metric=k, value=v, sd=sd[k], lower=max(v - z * sd[k], 0.0),
-                                                                                  upper=v + z * sd[k]) for k, v in values.items()})
-        prep = self._prepare(s)
-        values, confusion = self._expected(prep, w)
-        sd = self._bootstrap_sd(s, w, seed) if band else {k: 0.0 for k in values}
-        metrics = {k: MetricEstimate(metric=k, value=v, sd=sd[k], lower=max(v - z * sd[k], 0.0), upper=min(v + z * sd[k], 1.0))
-                   for k, v in values.items()}
-        return Estimate(rows=len(s), level=level, metrics=metrics, confusion=confusion.tolist(), labels=list(self.classes))
+            values, sampling = _regression_values(absolute, squared, w, self.kurtosis or 3.0)
+            top, confusion, labels = math.inf, None, None
+        else:
+            prep = self._prepare(s)
+            values, matrix = self._expected(prep, w)
+            sampling = self._bootstrap_sd(s, w, seed) if band else {}
+            top, confusion, labels = 1.0, matrix.tolist(), list(self.classes)
+        metrics = {}
+        for k, v in values.items():
+            sampling_sd = sampling[k] if band else 0.0
+            sd = sampling_sd * factor
+            metrics[k] = MetricEstimate(metric=k, value=v, sd=sd, sampling_sd=sampling_sd, lower=max(v - z * sd, 0.0),
+                                        upper=min(v + z * sd, top))
+        return Estimate(rows=len(s), level=level, metrics=metrics, confusion=confusion, labels=labels)
+
+    def _reference_factor(self, w: np.ndarray | None, n: int) -> float:
+        """√(1 + n_eff / reference_rows): the window's sampling sd widened by the reference's. The calibrators (or the loss
+        model) were fitted on `reference_rows` rows, and their error reaches every window's estimate at about the size the
+        metric's sd has at that many rows; without this, a million-row window would get a band far narrower than what the
+        reference can vouch for."""
+        return math.sqrt(1.0 + _n_eff(w, n) / self.reference_rows) if self.reference_rows else 1.0
 
     def point(self, scores, features: pd.DataFrame | None = None) -> Callable[[np.ndarray | None], float]:
         "A fast function row weights → the headline estimate (no band) for these scores: everything else is computed once here."

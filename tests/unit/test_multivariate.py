@@ -2,7 +2,7 @@
 first, a flipped correlation that no univariate test sees is caught by the PCA reconstruction error, and both are fast
 enough for a window of a million rows."""
 from __future__ import annotations
-import time, tracemalloc
+import json, time, tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -130,6 +130,22 @@ def test_an_unshifted_sample_is_not_drifted():
     assert sum(verdicts) <= 1, verdicts
 
 
+def test_a_small_wide_reference_does_not_alarm_on_new_rows_from_it():
+    "Band from held-out errors: in-sample, 1,000 rows of 30 columns put every window of new rows above the band."
+    pool = pd.DataFrame(np.random.default_rng(7).normal(size=(21_000, 30)), columns=[f"n{i}" for i in range(30)])
+    model = ReconstructionDrift.fit(pool.iloc[:1000])
+    verdicts = [model.check(pool.iloc[start:start + 1000]).drifted for start in range(1000, 21_000, 1000)]
+    assert sum(verdicts) <= 1, verdicts
+
+
+def test_a_large_window_is_not_held_to_more_than_the_reference_knows():
+    "The band includes the reference mean's own error: 3,000 reference rows cannot place a window of 200,000 to ±3σ/√200,000."
+    model = ReconstructionDrift.fit(correlated(3000, 0.8, 0))
+    verdicts = [model.check(correlated(200_000, 0.8, seed)).drifted for seed in range(40, 50)]
+    assert sum(verdicts) <= 1, verdicts
+    assert model.check(correlated(200_000, -0.8, 1)).drifted
+
+
 def test_categories_missing_values_and_constant_columns():
     rng = np.random.default_rng(2)
     frame = pd.DataFrame({"tenure": rng.normal(size=3000), "charges": rng.normal(size=3000), "constant": 3.0,
@@ -143,6 +159,18 @@ def test_categories_missing_values_and_constant_columns():
     assert errors.shape == (3000,) and np.isfinite(errors).all()
     assert not model.check(frame.sample(1000, random_state=1)).drifted
     assert model.check(frame.assign(charges=frame.tenure.fillna(0) * 3)).drifted        # a new dependence between two columns
+
+
+def test_id_and_date_columns_do_not_make_every_window_drift():
+    rng = np.random.default_rng(3)
+    frame = correlated(5000, 0.8, 3).assign(customer=[f"c{i}" for i in range(5000)],
+                                            day=pd.date_range("2026-01-01", periods=5000, freq="h").strftime("%Y-%m-%d %H"))
+    model = ReconstructionDrift.fit(frame)
+    assert model.categories["customer"] == [] and model.categories["day"] == []
+    later = correlated(2000, 0.8, 4).assign(customer=[f"n{i}" for i in range(2000)],
+                                            day=pd.date_range("2027-01-01", periods=2000, freq="h").strftime("%Y-%m-%d %H"))
+    assert not model.check(later).drifted
+    assert model.check(later.assign(b=-later.b)).drifted
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -173,6 +201,10 @@ def test_save_is_byte_identical_between_runs_and_loads_back(tmp_path):
     (tmp_path / "bad.json").write_text('{"columns": ["a"]}')
     with pytest.raises(DataError, match="not a multivariate drift reference"): ReconstructionDrift.load(tmp_path / "bad.json")
     with pytest.raises(DataError, match="no multivariate drift reference"): ReconstructionDrift.load(tmp_path / "none.json")
+    data = json.loads(second.read_text())
+    data["components"][0] = data["components"][0][:-1]                  # an axis one value short
+    (tmp_path / "short.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="components of"): ReconstructionDrift.load(tmp_path / "short.json")
 
 
 def million(seed: int = 0, rows: int = 1_000_000, shift: float = 0.0) -> pd.DataFrame:
