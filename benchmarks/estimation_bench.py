@@ -411,7 +411,8 @@ def report(args, rows_out, impacts, fits, combos, use_nannyml) -> None:
     for g, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {g}")
     for n in notes: print("  " + n)
     notes = ([f"windows per task, scenario and size: {args.seeds} below 100k rows, {args.big_seeds} at 100k and more; figures are means "
-              "over them (MAE: mean absolute error against realized; times: medians; +MB: the largest resident set growth during the call)",
+              "over them (MAE: mean absolute error against realized; times: medians over the windows, each window at 1M rows the fastest "
+              f"of up to {args.repeats} calls; +MB: the largest resident set growth during the call)",
               f"reference {REFERENCE_ROWS:,d} rows, training {TRAIN_ROWS:,d} rows; NannyML 0.13.1 in .venv-nannyml "
               "(CBPE/DLE, one chunk = the whole window)" if has_nml else
               "NannyML's side not run (make bench-nannyml-env)", *notes]
