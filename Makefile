@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 UV_VERSION := 0.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: env tools run test test-slow test-all docs lab bench lock clean team-up team-down
+.PHONY: env tools run test test-slow test-all docs lab bench bench-nannyml-env lock lock-nannyml clean team-up team-down
 
 # The environment: pinned versions from requirements.lock, mlnb itself editable, and a
 # Jupyter kernel named `mlnb` inside the venv that papermill and JupyterLab use.
@@ -73,10 +73,25 @@ bench: env
 	python benchmarks/auth_bench.py
 	python benchmarks/log_encryption_bench.py
 	python benchmarks/datasets_bench.py
+	$(MAKE) bench-nannyml-env
+	python benchmarks/estimation_bench.py
+
+# The benchmark-only venv that benchmarks/estimation_bench.py runs NannyML in (Python 3.11: NannyML 0.13.1 needs < 3.13),
+# pinned in benchmarks/requirements-nannyml.txt. Not part of mlnb's environment; nothing else uses it.
+NANNYML_VENV := .venv-nannyml
+$(NANNYML_VENV)/.installed: benchmarks/requirements-nannyml.txt | $(VENV)/.installed
+	test -x $(NANNYML_VENV)/bin/python || $(BIN)/uv venv --quiet --python $(PYTHON) $(NANNYML_VENV)
+	$(BIN)/uv pip install --quiet --python $(NANNYML_VENV)/bin/python -r benchmarks/requirements-nannyml.txt
+	touch $@
+
+bench-nannyml-env: $(NANNYML_VENV)/.installed
 
 # Re-resolve the pins after editing requirements.in.
 lock: env
 	$(BIN)/uv pip compile requirements.in --python-version 3.11 --quiet -o requirements.lock
 
+lock-nannyml: env
+	$(BIN)/uv pip compile benchmarks/requirements-nannyml.in --python-version 3.11 --exclude-newer 2025-08-01 --quiet -o benchmarks/requirements-nannyml.txt
+
 clean:
-	rm -rf $(VENV) data/processed features models reports mlruns.db mlruns mlartifacts
+	rm -rf $(VENV) $(NANNYML_VENV) data/processed features models reports mlruns.db mlruns mlartifacts
