@@ -14,32 +14,14 @@ Usage: python benchmarks/drift_bench.py [--sizes 10000 100000 1000000]
 Goal: 1M rows in <= 2 s with peak memory <= 500 MB.
 """
 from __future__ import annotations
-import argparse, json, subprocess, sys, tempfile, threading, time
+import argparse, json, subprocess, sys, tempfile, time
 from pathlib import Path
 
 from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
-
-PAGE = 4096
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 1e6
+from memory import PeakRss, rss_mb  # the shared memory figures (this script's folder is on sys.path)
 
 
-class PeakRss:
-    "The highest resident set size seen while the block runs."
-    def __enter__(self):
-        self.peak, self._stop = rss_mb(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True); self._thread.start()
-        return self
 
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb()); time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set(); self._thread.join(); self.peak = max(self.peak, rss_mb())
 
 
 def scipy_check(ref, cur) -> list[str]:

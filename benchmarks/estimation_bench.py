@@ -29,17 +29,17 @@ windows; >= 10x faster than NannyML at 1M rows; drift impact ranks the causal fe
 estimate + band + impact + multivariate in <= 5 s and <= 1 GB peak.
 """
 from __future__ import annotations
-import argparse, json, os, resource, subprocess, sys, tempfile, threading, time
+import argparse, json, os, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from results import write_results  # the shared writer of benchmarks/results/ (this script's folder is on sys.path)
+from memory import PeakRss, rss_mb  # the shared memory figures (this script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 NANNYML_PYTHON = HERE.parent / ".venv-nannyml" / "bin" / "python"
-PAGE = 4096
 NUM = [f"x{i}" for i in range(18)]
 CAT = ["c0", "c1"]
 FEATURES = NUM + CAT
@@ -52,25 +52,6 @@ CAUSAL = "x0"
 TRAIN_ROWS, REFERENCE_ROWS = 40_000, 50_000
 
 
-# ---------------------------------------------------------------- memory
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 1e6
-
-
-class PeakRss:
-    "The highest resident set size seen while the block runs (sampled every 2 ms)."
-    def __enter__(self):
-        self.peak, self._stop = rss_mb(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True); self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb()); time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set(); self._thread.join(); self.peak = max(self.peak, rss_mb())
 
 
 # ---------------------------------------------------------------- data with known ground truth

@@ -13,30 +13,12 @@ Columns: binary `p` (positive probability), multiclass `p_<class>`, `y_pred` (th
 regression `y_pred` and the feature columns.
 """
 from __future__ import annotations
-import json, os, sys, threading, time
+import json, os, sys, time
+from memory import PeakRss, rss_mb  # the shared memory figures (this script's folder is on sys.path)
 
 os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"       # no usage analytics (there is no network here anyway)
-PAGE = 4096
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 1e6
-
-
-class PeakRss:
-    "The highest resident set size seen while the block runs (sampled every 2 ms)."
-    def __enter__(self):
-        self.peak, self._stop = rss_mb(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True); self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb()); time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set(); self._thread.join(); self.peak = max(self.peak, rss_mb())
 
 
 def main() -> None:
