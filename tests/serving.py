@@ -23,6 +23,16 @@ from conftest import BIN, ROOT, run, tool_env
 CHALLENGE = 'Bearer realm="mlnb"'          # what a server with access control answers a request without a known key
 
 
+def wait_for(check, timeout: float, what: str):
+    "The first true value `check()` returns, polled every 0.5 s; an AssertionError naming `what` after `timeout` s."
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value: return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,6 @@ feedback labels, `mlnb monitor` flags the drift and retrains (new DVC data versi
 approver's approval makes it the challenger, and the server starts a canary rollout of it on its own."""
 import json
 import os
-import time
 
 import pandas as pd
 import pytest
@@ -18,7 +17,7 @@ from mlnb.data.ingest import synthesize
 from mlnb.features.spec import FeatureSpec, model_frame
 from mlnb.pipeline.retrain import RetrainError, add_data_version, labelled_traffic, retrain
 from mlnb.predlog.log import read_log
-from serving import Server
+from serving import Server, wait_for
 
 APPROVER_SECRET = "approver-secret"
 
@@ -45,15 +44,6 @@ def send(client, frame: pd.DataFrame, spec: FeatureSpec, batch: int = 50) -> lis
         assert r.status_code == 200, r.text
         ids += [p["prediction_id"] for p in r.json()["predictions"]]
     return ids
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value: return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from mlnb.core.audit import AuditLog
 from mlnb.data.ingest import synthesize
 from mlnb.features.spec import FeatureSpec, model_frame
 from mlnb.predlog.log import read_log
-from serving import Server
+from serving import Server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +49,6 @@ def send(client, frame: pd.DataFrame, spec: FeatureSpec, batch: int = 20, key: s
         assert r.status_code == 200, r.text
         out.append(r.json())
     return out
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value: return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_harmful_shift_is_caught_without_labels_retrained_on_and_the_worse_challenger_rolled_back(tmp_path):
