@@ -13,7 +13,8 @@ With --baseline REV, the same `mlnb serve` is also run from the code of git revi
 worktree and put first on PYTHONPATH), in the same run, so a refactoring can be held to "within 5% of before". Both
 servers run side by side on core 0 and are loaded in turn, --rounds times, alternating which goes first; each one's
 median counts (a shared machine drifts by tens of percent over minutes, which one measurement after the other would
-mistake for a difference between the two codes). With --auth as well, the pair is measured a second time with access
+mistake for a difference between the two codes). Each round starts both servers afresh: two processes of the same code
+were measured 20% apart at concurrency 64, so one process per side would measure the processes, not the code. With --auth as well, the pair is measured a second time with access
 control on (a keys file, every request carrying a predict key), as `baseline+auth` and `current+auth`. The pair's
 server CPU time per request (user + system, from /proc) is measured too: on a machine shared with other work, throughput
 follows what the neighbours leave free, while the CPU a request costs stays the code's own figure.
@@ -141,21 +142,30 @@ def paired(args, tmp: Path, params: dict, script: Path, results: list, auth: Pat
     With `auth` (a keys file), both run with access control on, named `baseline+auth` and `current+auth`."""
     base = tmp / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base), args.baseline], check=True)
-    procs, urls, pids, suffix = [], {}, {}, "+auth" if auth else ""
-    try:
-        for name, env in ((f"baseline{suffix}", {"PYTHONPATH": str(base)}), (f"current{suffix}", {})):
+    suffix, procs = "+auth" if auth else "", []
+    names = (f"baseline{suffix}", {"PYTHONPATH": str(base)}), (f"current{suffix}", {})
+
+    def start(round_: int) -> tuple[dict, dict]:
+        "Fresh server processes for this round: one process's own layout and warm-up is no code's figure."
+        urls, pids = {}, {}
+        for name, env in names:
             logs = {"dir": str(tmp / f"{name}-predictions"), "feedback_dir": str(tmp / f"{name}-feedback")}
             serve = {**params["serve"], "prediction_log": logs, **({"auth": {"keys_file": str(auth)}} if auth else {})}
             (tmp / f"{name}.yaml").write_text(json.dumps({**params, "serve": serve}))
             port = free_port()
-            print(f"mlnb serve from {args.baseline if name.startswith('baseline') else 'this tree'} (all features on"
-                  f"{', access control on' if auth else ''})", flush=True)
+            if round_ == 0:
+                print(f"mlnb serve from {args.baseline if name.startswith('baseline') else 'this tree'} (all features on"
+                      f"{', access control on' if auth else ''}; new processes each round)", flush=True)
             procs.append(run_server(name, [str(BIN / "mlnb"), "serve", "--params", str(tmp / f"{name}.yaml"),
                                            "--port", str(port)], f"http://127.0.0.1:{port}/v2/health/ready", env,
                                     tmp / f"{name}.log"))
             urls[name], pids[name] = f"http://127.0.0.1:{port}/invocations", procs[-1].pid
-        runs: dict[tuple[str, int], list[dict]] = {}
+        return urls, pids
+
+    runs: dict[tuple[str, int], list[dict]] = {}
+    try:
         for round_ in range(args.rounds):
+            urls, pids = start(round_)
             for c in CONCURRENCY:
                 order = list(urls) if round_ % 2 == 0 else list(urls)[::-1]
                 for name in order:
@@ -166,9 +176,9 @@ def paired(args, tmp: Path, params: dict, script: Path, results: list, auth: Pat
                     runs.setdefault((name, c), []).append(r)
                     print(f"  round {round_ + 1} {name:8s} c={c:<3d} {r['rps']:8.0f} req/s  p99 {r['p99_ms']:8.3f} ms  "
                           f"{r['cpu_us']:6.1f} CPU us/request", flush=True)
+            while procs: stop(procs.pop())
     finally:
-        for proc in procs:
-            stop(proc)
+        while procs: stop(procs.pop())
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
     for (name, c), rs in runs.items():
         median = {k: float(pd.Series([r[k] for r in rs]).median()) for k in ("rps", "p50_ms", "p99_ms", "cpu_us")}
