@@ -19,10 +19,10 @@ from ..core.errors import ConfigError, DataError
 from ..features.spec import Profile, value_counts
 from ..predlog.log import LogColumns, join_feedback
 from ..stats.decisions import proportion_test
-from ..model.bundle import (BundleError, Evaluation, VersionBundle, FILE_VERSION, file_version, load_scores,
+from ..model.bundle import (BundleError, Evaluation, FILES, VersionBundle, FILE_VERSION, file_version, load_scores,
                                output_scores, save_scores)
 from ..stats.drift import DriftReport, drift_report
-from ..stats.estimate import REGRESSION_METRICS, PerformanceEstimator
+from ..stats.estimate import PerformanceEstimator
 from ..stats.multivariate import ReconstructionDrift, drift_impact
 
 # %% auto #0
@@ -118,7 +118,7 @@ def estimated_performance(window: pd.DataFrame, feedback: pd.DataFrame | None, e
     if scores is None or not len(window): return None
     estimate = estimator.estimate(scores, features=window, level=cfg.level)
     headline = estimator.headline()
-    m, reference, higher = estimate.metrics[headline], estimator.reference.get(headline), headline not in REGRESSION_METRICS
+    m, reference, higher = estimate.metrics[headline], estimator.reference.get(headline), estimator.higher_is_better()
     allowed = None if reference is None else (reference - cfg.max_drop if higher else reference * (1 + cfg.max_increase))
     dropped = bool(allowed is not None and len(window) >= cfg.min_rows and (m.upper < allowed if higher else m.lower > allowed))
     realized = _realized(window, feedback, estimator, scores, cfg.level)
@@ -406,12 +406,13 @@ def _verified_reference(registry, version: str, cfg: Config, paths: Paths) -> Re
     never used to hide a drift or fake a drop."""
     from mlnb.model.signing import private_copy, verify_approval
     from mlnb.registry.store import approval_keys
-    v, cached = registry.get(version), registry.bundle(version, cfg.serve.model_cache_dir)
-    with private_copy(cached.path("onnx").parent) as private:
+    v = registry.get(version)                                            # one registry call: the tags, then the cached files
+    cached = registry.fetch(v.version, cfg.serve.model_cache_dir)
+    with private_copy(cached) as private:
         verify_approval(private, approval_keys(cfg)[1], name=registry.name, version=str(v.version),
                         onnx_sha256=v.tags.get("mlnb.onnx_sha256"))          # NotApproved / ApprovalInvalid: not checked, and why
         reference = bundle_reference(VersionBundle.load(private, v.tags, registry.name, str(v.version)), cfg, paths)
-    reference.profile_path = str(cached.path("reference_profile"))      # for the report: the cache's copy, the same bytes
+    reference.profile_path = str(cached / FILES["reference_profile"])   # for the report: the cache's copy, the same bytes
     return reference
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #7edf8b78
