@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'THRESHOLD_RULES', 'RetrainTrigger', 'TaskMetric', 'default_metric',
-           'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'Paths', 'DecisionCosts', 'CostThreshold',
-           'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig', 'ExportConfig',
-           'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
+__all__ = ['Task', 'TASK_METRICS', 'DerivedOp', 'ClusterSpec', 'THRESHOLD_RULES', 'RetrainTrigger', 'TaskMetric',
+           'default_metric', 'SplitConfig', 'DataConfig', 'DerivedFeature', 'FeaturesConfig', 'Paths', 'DecisionCosts',
+           'CostThreshold', 'TrainConfig', 'RobustnessConfig', 'EvaluateConfig', 'ParityConfig', 'QuantizeConfig',
+           'ExportConfig', 'GatesConfig', 'RegistryConfig', 'ProjectConfig', 'CacheConfig', 'LogEncryptionConfig',
            'PredictionLogConfig', 'MicroBatchConfig', 'AccuracyRule', 'OutputDriftRule', 'EstimatedRule', 'RolloutPlan',
            'RolloutConfig', 'AuthConfig', 'TLSConfig', 'ServeConfig', 'DriftOverride', 'EstimationConfig',
            'MonitorConfig', 'ABConfig', 'RetrainConfig', 'Config', 'config_from_dict', 'parse_yaml', 'read_yaml',
@@ -178,6 +178,20 @@ class DecisionCosts(_Strict):
 class CostThreshold(_Strict):
     cost: DecisionCosts
 
+# %% ../../nbs/01_core/01_config.ipynb #d8c4582d
+import re as _re
+from typing import Annotated
+from pydantic import AfterValidator
+
+_SCHEDULER = _re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$")
+
+def _cluster_spec(v: str | None) -> str | None:
+    if v is None or v == "local" or _SCHEDULER.match(v): return v
+    raise ValueError(f"must be null (this process), 'local' (a local Dask cluster) or a scheduler address such as "
+                     f"tcp://10.0.0.5:8786; got {v!r}")
+
+ClusterSpec = Annotated[str | None, AfterValidator(_cluster_spec)]
+
 # %% ../../nbs/01_core/01_config.ipynb #cdd05265
 THRESHOLD_RULES = ("f1", "youden")
 
@@ -193,6 +207,7 @@ class TrainConfig(_Strict):
     experiment: str = "mlnb"
     time_budget_seconds: float | None = Field(120, gt=0)   # all family searches together (and the final fit); None: no limit
     threshold: float | Literal["f1", "youden"] | CostThreshold = "f1"   # binary: the decision rule chosen on validation
+    cluster: ClusterSpec = None            # where the search's fits run: null (here, n_jobs processes), local, or a scheduler
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -481,6 +496,7 @@ class MonitorConfig(_Strict):
     webhook: str | None = None                      # alerts are POSTed here as JSON
     pushgateway: str | None = None                  # the gauges are also pushed here (job mlnb_monitor)
     estimation: EstimationConfig = EstimationConfig()   # label-free estimated performance, drift impact, multivariate drift
+    cluster: ClusterSpec = None                     # where the per-file log summaries are computed: null, local, or a scheduler
 
     @property
     def accuracy_rule(self) -> AccuracyRule:

@@ -11,8 +11,8 @@ from __future__ import annotations
 __all__ = ['MlnbError', 'redact_credentials', 'ConfigError', 'InitRefused', 'DataError', 'EstimationError', 'AccessDenied',
            'SignatureError', 'SignatureMissing', 'SignedWithOtherKey', 'ModifiedAfterSigning', 'SigningKeyMissing',
            'ParityError', 'RegistryError', 'RegistryUnreachable', 'NotApproved', 'ApprovalInvalid', 'BundleError',
-           'BatchError', 'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError', 'RequestError',
-           'RolloutError', 'LogKeyError', 'AuditError']
+           'BatchError', 'ClusterError', 'StageFailed', 'RetrainError', 'ReproCheckError', 'ServerError',
+           'RequestError', 'RolloutError', 'LogKeyError', 'AuditError']
 
 # %% ../../nbs/01_core/02_errors.ipynb #cf53716b
 class MlnbError(Exception):
@@ -99,6 +99,10 @@ class BundleError(MlnbError, ValueError):
 # %% ../../nbs/01_core/02_errors.ipynb #308358e8
 class BatchError(MlnbError):
     "The batch run cannot start or go on; the message names the file, column or setting."
+
+# %% ../../nbs/01_core/02_errors.ipynb #c59101cf
+class ClusterError(MlnbError):
+    "A Dask cluster that cannot be started or reached, or that has no workers; the message names the address."
 
 # %% ../../nbs/01_core/02_errors.ipynb #3f72bbf1
 class StageFailed(MlnbError):
