@@ -143,6 +143,8 @@ class LogStats:
     last_error: str | None = None
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #f765433b
+_HAND_BACK_SECONDS = 50e-6
+
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -153,8 +155,9 @@ class ParquetLog:
     "A bounded buffer drained by a thread into rotated, atomically written Parquet files."
     def __init__(self, directory: str | Path, to_table, prefix: str, flush_seconds: float = 1.0,
                  max_rows_per_file: int = 100_000, queue_size: int = 50_000, on_write=None,
-                 keys: LogKeys | None = None, queue_rows: int = 200_000):
+                 keys: LogKeys | None = None, queue_rows: int = 200_000, slice_entries: int = 64):
         self.directory, self.to_table, self.prefix = Path(directory), to_table, prefix
+        self.slice_entries = slice_entries
         self.flush_seconds, self.max_rows, self.queue_size = flush_seconds, max_rows_per_file, queue_size
         self.queue_rows = queue_rows
         self.stats, self.on_write, self.keys = LogStats(), on_write, keys
@@ -206,10 +209,19 @@ class ParquetLog:
             self._write_pending()
         self._write_pending()                          # closing: everything still queued
 
+    def table(self, entries: list) -> pa.Table:
+        "`to_table` of `entries`, built `slice_entries` at a time with the GIL handed back between slices."
+        if len(entries) <= self.slice_entries: return self.to_table(entries)
+        parts = []
+        for i in range(0, len(entries), self.slice_entries):
+            parts.append(self.to_table(entries[i:i + self.slice_entries]))
+            time.sleep(_HAND_BACK_SECONDS)          # long enough for a thread waiting on the GIL to wake and take it
+        return pa.concat_tables(parts, promote_options="default")
+
     def _write(self, entries: list) -> None:
         tmp = None
         try:
-            table = self.to_table(entries)
+            table = self.table(entries)
             now = datetime.now(timezone.utc)
             folder = self.directory / f"date={now:%Y-%m-%d}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -312,6 +324,11 @@ def _column(arrays: list[np.ndarray]) -> pa.Array:
     if values.dtype == object or values.dtype.kind in "US": return pa.array(values.astype(object), type=pa.string(), from_pandas=True)
     return pa.array(values, from_pandas=True)
 
+def _first_rows(counts: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+    "Per row of entries with `counts` rows each: whether it is among its entry's first `firsts[i]` rows."
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(int(counts.sum())) - starts < np.repeat(firsts, counts)
+
 def _group_table(entries: list[PredictionEntry]) -> pa.Table:
     first = entries[0]
     counts = np.array([len(e.ids) for e in entries])
@@ -325,7 +342,7 @@ def _group_table(entries: list[PredictionEntry]) -> pa.Table:
             C.REQUEST_ID: strings("request_id"), C.MODEL_NAME: strings("model_name"),
             C.MODEL_VERSION: strings("model_version"), C.VARIANT: strings("variant"), C.PROTOCOL: strings("protocol"),
             C.LATENCY_MS: pa.array(np.repeat(np.array([e.latency_s * 1000 for e in entries]), counts), pa.float64()),
-            C.CACHED: pa.array([i < e.cached for e in entries for i in range(len(e.ids))], pa.bool_())}
+            C.CACHED: pa.array(_first_rows(counts, np.array([e.cached for e in entries])), pa.bool_())}
     rows = list(itertools.chain.from_iterable(e.rows for e in entries))
     for name, kind, values in zip(first.input_names, first.input_kinds, zip(*rows)):
         kind_type = pa.float64() if kind == "number" else pa.string()

@@ -31,7 +31,7 @@ from .protocol import (RequestError, decode_v2_binary, mlflow_response, parse_ml
 from .runtime import (MicroBatcher, ModelRef, PredictionCache, ServedModel, load_last_verified, load_registered,
                                 load_served_model, resolve_version, stack_rows)
 from .auth import ApiKey, Denial, KeyAuth, includes, required_role
-from .telemetry import AccessLog, ServeMetrics, server_logger, with_tracing
+from .telemetry import AccessLog, LoopLag, ServeMetrics, server_logger, with_tracing
 from .traffic import RolloutError, Traffic
 from .openapi import (CacheStats, FeedbackItems, FeedbackRequest, FeedbackResult, KeyListing, Liveness,
                                 ModelMetadata, ModelReadiness, Readiness, RegistryReadiness, ReloadResult, RolloutCommand,
@@ -180,7 +180,7 @@ class ModelServer:
         self.labels: LabelIndex | None = None          # which ids were labelled (opened at start)
         self.audit = AuditLog.from_config(cfg)   # label corrections
         self.prediction_log = self.feedback_log = self.log_keys = None
-        self.access = self.tracer_provider = None
+        self.access = self.tracer_provider = self.loop_lag = None
         self._reload_lock, self._poller = None, None
         self.last_reload_error: str | None = None
         self.registry_error: str | None = None        # why the registry could not be asked last time; None: it answered
@@ -231,6 +231,7 @@ class ModelServer:
                                            self._log_hook("feedback"), self.log_keys, pl.queue_rows)
         self.labels = LabelIndex(Path(s.prediction_log.feedback_dir) / ".labels.sqlite" if s.prediction_log.enabled else None, self._id_key)
         if s.access_log: self.access = AccessLog(asyncio.get_running_loop())
+        self.loop_lag = LoopLag(asyncio.get_running_loop(), self.metrics.loop_lag)
         self.publish(self.model)
         await self.traffic.begin()
         self._reload_lock = asyncio.Lock()
@@ -249,6 +250,7 @@ class ModelServer:
             if writer: await asyncio.to_thread(writer.close)
         if self.labels: self.labels.close()
         if self.access: self.access.close()
+        if self.loop_lag: self.loop_lag.close()
         if self.tracer_provider: self.tracer_provider.shutdown()    # flush the last spans: a SIGTERM skips atexit
 
     def _log_hook(self, name: str):

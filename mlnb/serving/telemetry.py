@@ -14,11 +14,13 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS', 'BATCH_BUCKETS', 'ServeMetrics', 'AccessLog', 'json_formatter', 'server_logger', 'with_tracing']
+__all__ = ['LATENCY_BUCKETS', 'BATCH_BUCKETS', 'LAG_BUCKETS', 'ServeMetrics', 'AccessLog', 'LoopLag', 'json_formatter',
+           'server_logger', 'with_tracing']
 
 # %% ../../nbs/08_serving/04_telemetry.ipynb #35df6e7d
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LAG_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 class ServeMetrics:
     "The server's Prometheus metrics."
@@ -50,6 +52,7 @@ class ServeMetrics:
         self.canary_fallbacks = Counter("mlnb_canary_fallbacks_total", "Canary answers replaced by the champion's, by reason (error, timeout)", ["reason"], registry=r)
         self.shadow_requests = Counter("mlnb_shadow_requests_total", "Shadow copies by outcome (ok, error, dropped)", ["outcome"], registry=r)
         self.auth_failures = Counter("mlnb_auth_failures_total", "Requests refused by access control, by reason (missing, unknown, forbidden)", ["reason"], registry=r)
+        self.loop_lag = Histogram("mlnb_event_loop_lag_seconds", "How late the event loop ran a callback due every 5 ms (a stall every request in flight waited through)", buckets=LAG_BUCKETS, registry=r)
         self._children: dict = {}
         self.collectors: list = []                   # custom collectors (the monitoring gauges), also in multiprocess mode
         self._mirrored: dict = {}
@@ -110,6 +113,23 @@ class AccessLog:
 
     def close(self) -> None:
         self._timer.cancel(); self.flush()
+
+# %% ../../nbs/08_serving/04_telemetry.ipynb #841251a5
+class LoopLag:
+    "Records how late `loop` runs a callback due every `tick` seconds into `histogram` (its `observe`)."
+    def __init__(self, loop, histogram, tick: float = 0.005):
+        self.loop, self.histogram, self.tick = loop, histogram, tick
+        self._due = loop.time() + tick
+        self._handle = loop.call_at(self._due, self._run)
+
+    def _run(self) -> None:
+        now = self.loop.time()
+        self.histogram.observe(max(now - self._due, 0.0))
+        self._due = now + self.tick
+        self._handle = self.loop.call_at(self._due, self._run)
+
+    def close(self) -> None:
+        self._handle.cancel()
 
 # %% ../../nbs/08_serving/04_telemetry.ipynb #67007a08
 def json_formatter():
