@@ -217,6 +217,83 @@ def paired(args, tmp: Path, params: dict, script: Path, results: list, auth: Pat
                         "requests": sum(r["requests"] for r in rs)})
 
 
+def bodies(rows: list[dict], n: int, start: int) -> list[bytes]:
+    "n request bodies, each a row of the test split with its charges nudged, as the wrk script makes them."
+    out = []
+    for k in range(start, start + n):
+        r = rows[k % len(rows)]
+        out.append(json.dumps({"dataframe_records": [{**r, "monthly_charges": round(float(r["monthly_charges"]) + (k % 1000) * 0.01, 2),
+                                                      "total_charges": round(float(r["total_charges"] or 0.0) + (k // 1000 % 100000) * 0.01, 2)}]}).encode())
+    return out
+
+
+def fixed_load(port: int, payloads: list[bytes], concurrency: int, api_key: str | None = None) -> int:
+    "Send every payload once from `concurrency` keep-alive connections and wait for every answer; returns the 200s."
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+
+    def client(part: list[bytes]) -> int:
+        conn, ok = http.client.HTTPConnection("127.0.0.1", port, timeout=600), 0
+        for body in part:
+            conn.request("POST", "/invocations", body, headers)
+            r = conn.getresponse(); r.read(); ok += r.status == 200
+        conn.close()
+        return ok
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return sum(pool.map(client, [payloads[i::concurrency] for i in range(concurrency)]))
+
+
+def instructions(args, tmp: Path, params: dict, rows: list[dict], results: list) -> None:
+    """Instructions per request, counted by valgrind's callgrind: the same count whatever else the machine is doing, so a
+    code change can be held to "within 5%" on a shared machine where times drift by more. Each server (--baseline's code
+    and this code, with access control off and on) runs under callgrind with instrumentation off until it is ready and
+    warmed up; then exactly N requests are sent at concurrency 1 and 16 (every answer awaited), and the instructions the
+    whole process executed meanwhile (event loop, ONNX Runtime, log writer and every other thread) are divided by N."""
+    if not shutil.which("valgrind"): raise SystemExit("valgrind not found: apt-get install valgrind")
+    base = tmp / "baseline-cg"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(base), args.baseline], check=True)
+    key = keys_file(tmp / "keys-cg.yaml")
+    counts = {1: args.instructions, 16: 2 * args.instructions}
+
+    def measure(name: str, env: dict, auth: bool) -> list[dict]:
+        logs = {"dir": str(tmp / f"{name}-cg-predictions"), "feedback_dir": str(tmp / f"{name}-cg-feedback")}
+        serve = {**params["serve"], "prediction_log": logs, **({"auth": {"keys_file": str(tmp / "keys-cg.yaml")}} if auth else {})}
+        (tmp / f"{name}-cg.yaml").write_text(json.dumps({**params, "serve": serve}))
+        port, out = free_port(), tmp / f"{name}.callgrind"
+        proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                                 str(BIN / "python"), str(BIN / "mlnb"), "serve", "--params", str(tmp / f"{name}-cg.yaml"), "--port", str(port)],
+                                env={**os.environ, **env}, stdout=(tmp / f"{name}-cg.log").open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        rows_out = []
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc, timeout=900)
+            fixed_load(port, bodies(rows, 50, 0), 4, key if auth else None)                    # warm-up, not counted
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+            fixed_load(port, bodies(rows, 20, 100), 1, key if auth else None)                  # code retranslated with counting on
+            for c, n in counts.items():
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+                ok = fixed_load(port, bodies(rows, n, 1_000 * c), c, key if auth else None)
+                subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+                dumps = sorted(tmp.glob(f"{out.name}.*"), key=lambda f: int(f.suffix[1:]))
+                total = int(re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(errors="replace"), re.M).group(1))
+                rows_out.append({"server": f"{name} [callgrind]", "concurrency": c, "requests": ok, "instructions_per_request": total / max(ok, 1)})
+                print(f"  {name:13s} c={c:<3d} {total / max(ok, 1) / 1e6:7.3f} M instructions/request ({ok} requests)", flush=True)
+        finally: stop(proc)
+        return rows_out
+
+    try:
+        for auth in (False, True):
+            suffix = "+auth" if auth else ""
+            print(f"instructions per request under callgrind ({args.baseline} and this tree{', access control on' if auth else ''})", flush=True)
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(2) as pool:              # both at once: a count does not depend on the neighbour
+                pair = list(pool.map(lambda ne: measure(*ne, auth), [(f"baseline{suffix}", {"PYTHONPATH": str(base)}), (f"current{suffix}", {})]))
+            results.extend(r for side in pair for r in side)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
@@ -226,6 +303,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds; the median counts")
     ap.add_argument("--auth", action="store_true", help="with --baseline: measure the pair again with access control on")
     ap.add_argument("--auth-only", action="store_true", help="with --baseline: measure the pair with access control on only")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="with --baseline: also count instructions per request under callgrind (N requests at c=1, 2N at c=16)")
     args = ap.parse_args()
     if not shutil.which("wrk"): raise SystemExit("wrk not found: apt-get install wrk")
     onnx_path, joblib_path = ROOT / "models/onnx/model.onnx", ROOT / "models/model.joblib"
@@ -256,6 +335,8 @@ def main() -> None:
             if args.auth or args.auth_only:
                 key = keys_file(tmp / "keys.yaml")
                 paired(args, tmp, params, lua_script(rows, tmp / "rows-auth.lua", key), results, auth=tmp / "keys.yaml")
+
+        if args.baseline and args.instructions: instructions(args, tmp, params, rows, results)
 
         print("mlnb serve (all features on)", flush=True)
         port = free_port()
@@ -336,9 +417,18 @@ def main() -> None:
                    by[f"current{suffix}", c]["rps"] >= 0.95 * by[f"baseline{suffix}", c]["rps"]) for c in CONCURRENCY]
         goals += [(f"c={c} server CPU per request <= 105% of {args.baseline}{access} (medians of {args.rounds} alternating rounds)",
                    by[f"current{suffix}", c]["cpu_us"] <= 1.05 * by[f"baseline{suffix}", c]["cpu_us"]) for c in CONCURRENCY]
+    for suffix in ("", "+auth"):
+        for c in (1, 16):
+            now, before = by.get((f"current{suffix} [callgrind]", c)), by.get((f"baseline{suffix} [callgrind]", c))
+            if now and before:
+                access = ", access control on" if suffix else ""
+                ratio = now["instructions_per_request"] / before["instructions_per_request"]
+                ratios.append(f"c={c} instructions per request current{suffix}/baseline{suffix} {ratio:.3f} (callgrind)")
+                print(f"  {ratios[-1]}")
+                goals.append((f"c={c} instructions per request <= 105% of {args.baseline}{access} (callgrind: {ratio:.3f})", ratio <= 1.05))
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
-    write_results("serve", table.assign(rps=table["rps"].round().astype(int)).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms", "p999_ms": "p99.9 ms", "cpu_us": "CPU us/request",
+    write_results("serve", table.assign(rps=table["rps"].round().astype("Int64")).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms", "p999_ms": "p99.9 ms", "cpu_us": "CPU us/request",
                                                                                                  "stall_ms": "longest stall ms", "stalls_over_1ms": "stalls > 1 ms"}),
                   [f"ratios (same run): {r}" for r in ratios] + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals],
                   {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "auth": args.auth or args.auth_only, "results": table.to_dict("records"),

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/08_serving/predlog.html.md"""
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #ce871e6f
 from __future__ import annotations
-import base64, binascii, hashlib, hmac, itertools, json, logging, os, secrets, sqlite3, struct, threading, time
+import base64, binascii, hashlib, hmac, itertools, json, logging, os, secrets, sqlite3, struct, threading, time, weakref
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +25,7 @@ from ..core.errors import LogKeyError
 
 # %% auto #0
 __all__ = ['SEALED_SUFFIX', 'LOG_KINDS', 'log', 'EXCLUSIONS_FILE', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys',
-           'add_log_key', 'LogStats', 'ParquetLog', 'parquet_bytes', 'LogColumns', 'PredictionEntry',
+           'add_log_key', 'parquet_bytes', 'LogStats', 'ParquetLog', 'LogColumns', 'PredictionEntry',
            'prediction_table', 'FeedbackEntry', 'feedback_table', 'PredictionIds', 'prediction_id_key', 'LabelIndex',
            'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids', 'join_feedback', 'excluded_keys',
            'exclude_key', 'read_feedback', 'reseal_log']
@@ -131,6 +131,13 @@ def add_log_key(path: str | Path) -> int:
     with staged_outputs(path, mode=0o600) as tmp: Path(tmp).write_text("\n".join(lines) + "\n")     # 0600 from the start, renamed into place
     return len(lines)
 
+# %% ../../nbs/08_serving/03_predlog.ipynb #3701fb0b
+def parquet_bytes(table: pa.Table) -> bytes:
+    "A table as the bytes of a Parquet file (zstd, as the plain files are)."
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
 # %% ../../nbs/08_serving/03_predlog.ipynb #8e09b6cf
 log = logging.getLogger("mlnb.serve")
 
@@ -191,8 +198,10 @@ class ParquetLog:
             entries.append(entry); rows += n; self._rows_out += n
         return entries
 
-    def _write_pending(self) -> None:
-        while entries := self._take(): self._write(entries)
+    def _write_pending(self, everything: bool = False) -> None:
+        "One file of what is queued; more only while a whole file's worth waits (or, closing, `everything`)."
+        if entries := self._take(): self._write(entries)
+        while (everything and self._entries) or self.queued_rows() >= self.max_rows: self._write(self._take())
 
     def _remove_dead_temporaries(self) -> None:
         "Temporary files of writers killed mid-write (SIGKILL): readers skip them, but they should not pile up."
@@ -207,7 +216,7 @@ class ParquetLog:
         while not self._stop.is_set():
             self._wake.wait(self.flush_seconds); self._wake.clear()
             self._write_pending()
-        self._write_pending()                          # closing: everything still queued
+        self._write_pending(everything=True)           # closing: everything still queued
 
     def table(self, entries: list) -> pa.Table:
         "`to_table` of `entries`, built `slice_entries` at a time with the GIL handed back between slices."
@@ -227,8 +236,8 @@ class ParquetLog:
             folder.mkdir(parents=True, exist_ok=True)
             name = f"{self.prefix}-{now:%Y%m%dT%H%M%S%f}-{os.getpid()}-{next(self._sequence):06d}" + (SEALED_SUFFIX if self.keys else ".parquet")
             tmp = folder / f".{name}.tmp"
-            if self.keys is None: pq.write_table(table, tmp, compression="zstd")
-            else: tmp.write_bytes(self.keys.seal(parquet_bytes(table), self.prefix, f"{folder.name}/{name}"))
+            data = parquet_bytes(table)               # in memory, then one write: Parquet's writer makes hundreds of small ones
+            tmp.write_bytes(data if self.keys is None else self.keys.seal(data, self.prefix, f"{folder.name}/{name}"))
             os.replace(tmp, folder / name)
             self.stats.rows_written += table.num_rows; self.stats.files_written += 1
         except Exception as e:                        # a full or unwritable disk must not stop serving
@@ -242,13 +251,6 @@ class ParquetLog:
     def close(self, timeout: float = 60.0) -> None:
         "Write everything queued, then stop the writer."
         self._stop.set(); self._wake.set(); self._thread.join(timeout)
-
-# %% ../../nbs/08_serving/03_predlog.ipynb #3701fb0b
-def parquet_bytes(table: pa.Table) -> bytes:
-    "A table as the bytes of a Parquet file (zstd, as the plain files are)."
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #b347cc5d
 class LogColumns:
@@ -395,15 +397,30 @@ class PredictionIds:
     "Issues prediction ids (96 random bits and a 96-bit MAC binding them to an API key's name) and tells whom an id was issued to."
     RANDOM = TAG = 12
 
+    POOL = 4096                                  # random bytes drawn per getrandom(2): one system call per 341 ids, not per request
+    _instances: "weakref.WeakSet[PredictionIds]" = weakref.WeakSet()
+
     def __init__(self, key: bytes):
         if len(key) != 32: raise LogKeyError("a prediction id key is 32 bytes")
         self._mac = hashlib.blake2b(key=key, digest_size=self.TAG, person=b"mlnb-prediction")
+        self._pool, self._used = b"", 0
+        PredictionIds._instances.add(self)
+
+    def _random(self, size: int) -> bytes:
+        if self._used + size > len(self._pool): self._pool, self._used = os.urandom(max(self.POOL, size)), 0
+        self._used += size
+        return self._pool[self._used - size:self._used]
+
+    @classmethod
+    def _forget_pools(cls) -> None:
+        "In a forked child: drop the parent's unused random bytes, or both processes would issue the same ids."
+        for ids in cls._instances: ids._pool, ids._used = b"", 0
 
     def __repr__(self) -> str: return "PredictionIds(...)"                    # never the key
 
     def issue(self, n: int, key_name: str | None = None) -> list[str]:
         "n new ids for the key named `key_name` (None: no access control)."
-        raw, name, mac, encode, size = os.urandom(self.RANDOM * n), (key_name or "").encode(), self._mac, base64.urlsafe_b64encode, self.RANDOM
+        raw, name, mac, encode, size = self._random(self.RANDOM * n), (key_name or "").encode(), self._mac, base64.urlsafe_b64encode, self.RANDOM
         out = []
         for i in range(0, size * n, size):
             random = raw[i:i + size]
@@ -422,6 +439,8 @@ class PredictionIds:
             h = self._mac.copy(); h.update(random + (name or "").encode())
             if hmac.compare_digest(h.digest(), tag): return name or ""
         return None
+
+os.register_at_fork(after_in_child=PredictionIds._forget_pools)
 
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #bde7878c

@@ -41,9 +41,9 @@ from .openapi import (CacheStats, FeedbackItems, FeedbackRequest, FeedbackResult
 __all__ = ['log', 'JSON_TYPE', 'PREFLIGHTED', 'Reply', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'PROTOCOLS', 'FEEDBACK_HINT',
            'LOCAL_ONLY_PREFIXES', 'ROLLOUT_HINT', 'json_response', 'error_response', 'model_response',
            'ClientDisconnected', 'receive_body', 'parse_json', 'require_json', 'Call', 'json_reply', 'error_reply',
-           'send_reply', 'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request', 'respond_v2',
-           'parse_mlflow_request', 'respond_mlflow', 'v2_metadata', 'parse_feedback', 'inference_routes', 'create_app',
-           'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
+           'CorkedTransport', 'send_reply', 'denial_reply', 'ModelServer', 'limit_heap_retention', 'parse_v2_request',
+           'respond_v2', 'parse_mlflow_request', 'respond_mlflow', 'v2_metadata', 'parse_feedback', 'inference_routes',
+           'create_app', 'serve_config', 'model_ref', 'public_key_path', 'registry_client_fails_fast', 'build_server',
            'app_from_environment', 'tls_options', 'is_loopback', 'warn_if_exposed', 'bad_request_message',
            'HttpProtocol', 'run']
 
@@ -139,11 +139,37 @@ def _header_safe(value: str | None) -> bytes:
     "A client-chosen id echoed in a header only if it cannot break the header."
     return value.encode() if value and value.isascii() and value.isprintable() else b""
 
+class CorkedTransport:
+    "A transport whose writes between `cork()` and `uncork()` leave as one write; everything else is the transport's."
+    def __init__(self, transport):
+        self.transport, self._held = transport, None
+        self.is_closing, self.get_extra_info, self.close = transport.is_closing, transport.get_extra_info, transport.close
+
+    def write(self, data) -> None:
+        if self._held is None: self.transport.write(data)
+        else: self._held.append(data)
+
+    def cork(self) -> None: self._held = []
+
+    def uncork(self) -> None:
+        held, self._held = self._held, None
+        if held and not self.transport.is_closing(): self.transport.write(b"".join(held))
+
+    def __getattr__(self, name): return getattr(self.transport, name)     # pause_reading, resume_reading, ...
+
 async def send_reply(send, reply: Reply, request_id: str | None) -> None:
     status, body, content_type, extra = reply
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), (b"x-request-id", _header_safe(request_id)), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    transport = getattr(getattr(send, "__self__", None), "transport", None)     # uvicorn's cycle: its connection's transport
+    if not isinstance(transport, CorkedTransport):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    transport.cork()
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    finally: transport.uncork()
 
 # %% ../../nbs/08_serving/08_app.ipynb #5973366c
 def denial_reply(denial: Denial) -> Reply:
@@ -335,7 +361,8 @@ class ModelServer:
         micro-batcher."""
         rows, infer = len(keys), infer or self.batcher.infer
         if self.cache is None: return await infer(model, keys), 0
-        found = self.cache.lookup(model.version, keys)
+        digests = self.cache.digests(model.version, keys)
+        found = self.cache.lookup(model.version, keys, digests)
         missing = [i for i, f in enumerate(found) if f is None]
         hits = rows - len(missing)
         if hits: self.metrics.cache_hits.inc(hits)
@@ -343,10 +370,10 @@ class ModelServer:
         if not missing: return stack_rows(found, model.onnx.outputs), hits
         if hits == 0:
             outputs = await infer(model, keys)
-            self.cache.store(model.version, keys, outputs)
+            self.cache.store(model.version, keys, outputs, digests)
             return outputs, 0
         fresh = await infer(model, [keys[i] for i in missing])
-        self.cache.store(model.version, [keys[i] for i in missing], fresh)
+        self.cache.store(model.version, [keys[i] for i in missing], fresh, [digests[i] for i in missing])
         for j, i in enumerate(missing): found[i] = tuple(a[j] for a in fresh.values())
         return stack_rows(found, model.onnx.outputs), hits
 
@@ -892,7 +919,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         self._read_timer, self._header_bytes, self._too_large, self._headers_done = None, 0, False, False
-        super().connection_made(transport)
+        super().connection_made(CorkedTransport(transport))      # send_reply's head and body in one write
         self._arm_read_timer()                      # a client that connects and sends nothing is closed too
 
     def _arm_read_timer(self) -> None:

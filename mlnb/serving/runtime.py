@@ -320,15 +320,19 @@ class PredictionCache:
         "128-bit BLAKE2b of the version and the row's exact encoding."
         return hashlib.blake2b(marshal.dumps((version, key), 2), digest_size=16).digest()
 
-    def lookup(self, version: str, keys: list[tuple]) -> list:
+    def digests(self, version: str, keys: list[tuple]) -> list[bytes]:
+        "Each row's digest, to hand to `lookup` and then `store`: a request's rows are hashed once, not twice."
+        digest = self.digest
+        return [digest(version, k) for k in keys]
+
+    def lookup(self, version: str, keys: list[tuple], digests: list[bytes] | None = None) -> list:
         "Cached outputs (a tuple per output) or None, per row."
         layout = self._layouts.get(version)
         if layout is None:                              # nothing of this version stored
             self.misses += len(keys)
             return [None] * len(keys)
         entries, now, found = self.entries, self.clock(), []
-        for k in keys:
-            digest = self.digest(version, k)
+        for digest in digests if digests is not None else self.digests(version, keys):
             value = entries.get(digest)
             if value is not None and _EXPIRY.unpack_from(value)[0] <= now:
                 del entries[digest]                     # expired: never answered, and dropped
@@ -339,15 +343,15 @@ class PredictionCache:
         self.misses += len(found) - hits
         return found
 
-    def store(self, version: str, keys: list[tuple], outputs: dict[str, np.ndarray]) -> None:
+    def store(self, version: str, keys: list[tuple], outputs: dict[str, np.ndarray], digests: list[bytes] | None = None) -> None:
         "Remember each row's outputs (rows whose outputs cannot be packed are left out)."
         layout = self._layout(version, outputs)
         if layout is None: return
         rows = [self._pack_column(a, spec, len(keys)) for a, spec in zip(outputs.values(), layout)]
         entries, expiry = self.entries, _EXPIRY.pack(self.clock() + self.ttl)
-        for k, parts in zip(keys, zip(*rows)):
+        for digest, parts in zip(digests if digests is not None else self.digests(version, keys), zip(*rows)):
             if None not in parts:
-                entries[self.digest(version, k)] = b"".join((expiry, *parts))
+                entries[digest] = b"".join((expiry, *parts))
 
     def _layout(self, version: str, outputs: dict[str, np.ndarray]) -> tuple | None:
         "How this version's outputs are packed, from its first stored outputs; None if they cannot be."
