@@ -299,7 +299,8 @@ def main() -> None:
                             m = e.metrics[metric]
                             r = {"task": task, "scenario": scenario, "rows": rows, "seed": seed, "metric": metric, "realized": truth,
                                  "mlnb": m.value, "mlnb_lower": m.lower, "mlnb_upper": m.upper, "mlnb_error": m.value - truth,
-                                 "inside": bool(m.lower <= truth <= m.upper), "mlnb_s": mlnb_s, "mlnb_extra_mb": peak.peak - before}
+                                 "inside": bool(m.lower <= truth <= m.upper), "mlnb_width": m.upper - m.lower,
+                                 "mlnb_extrapolation": getattr(m, "extrapolation", 0.0), "mlnb_s": mlnb_s, "mlnb_extra_mb": peak.peak - before}
                             if nml:
                                 a = nml.estimate(task, s, df, repeats)
                                 if "error" in a: r["nannyml_failed"] = a["error"]
@@ -338,7 +339,8 @@ def report(args, rows_out, impacts, fits, combos, use_nannyml) -> None:
     for (task, scenario, rows), g in w.groupby(["task", "scenario", "rows"], sort=False):
         row = {"task": task, "window": scenario, "rows": rows, "windows": len(g), "metric": g.metric.iloc[0],
                "realized": g.realized.mean(), "mlnb": g.mlnb.mean(), "mlnb MAE": g.mlnb_error.abs().mean(),
-               "in band %": 100 * g.inside.mean()}
+               "in band %": 100 * g.inside.mean(), "band width": g.mlnb_width.mean(),
+               "band width w/o extrapolation": (g.mlnb_width - 2 * g.mlnb_extrapolation).clip(lower=0).mean()}
         if has_nml:
             row.update({"NannyML": g.nannyml.mean(), "NannyML MAE": g.nannyml_error.abs().mean()})
         row["mlnb s"] = g.mlnb_s.median()

@@ -91,7 +91,7 @@ class CalibrationCheck(BaseModel):
 
 # %% ../../nbs/10_monitoring/03_estimate.ipynb #dc683f82
 class MetricEstimate(BaseModel):
-    "One metric's estimate and its band (value ± z·sd); `realized` once labels are known."
+    "One metric's estimate and its band (value ± (z·sd + extrapolation)); `realized` once labels are known."
     metric: str
     value: float
     lower: float
@@ -99,6 +99,7 @@ class MetricEstimate(BaseModel):
     sd: float
     realized: float | None = None
     sampling_sd: float | None = None   # the window's sampling error alone (sd also holds the reference's; see `estimate`)
+    extrapolation: float = 0.0         # the half-width added for rows beyond the reference's range (regression; see `estimate`)
 
     @property
     def error(self) -> float | None:
@@ -171,15 +172,44 @@ def _confusion_metrics(confusion: np.ndarray, positive: int | None) -> dict[str,
     return {"accuracy": _ratio(tp.sum(-1), total), "precision": pick(precision), "recall": pick(recall), "f1": pick(f1)}
 
 # %% ../../nbs/10_monitoring/03_estimate.ipynb #45ae55fa
-def _regression_values(absolute, squared, w, kurtosis: float) -> tuple[dict, dict]:
-    """Estimated MAE and RMSE and their sd: Var|e| = E e² − (E|e|)² per row; Var e² = (κ − 1)(E e²)², RMSE by the delta method."""
+def _regression_values(absolute, squared, w, kurtosis: float, rows: int | None = None) -> tuple[dict, dict]:
+    """Estimated MAE and RMSE and their sd: Var|e| = E e² − (E|e|)² per row; Var e² = (κ − 1)(E e²)², RMSE by the delta method.
+    `rows` > len(absolute): the losses are a simple random sample (unweighted) of a window of `rows` rows; the sd is then
+    the window's (the mean per-row variance over `rows`) plus the sample mean's own, (1 − m/rows)·Var/m."""
     total = np.ones(len(absolute)) if w is None else w
     W, w2 = total.sum(), total ** 2
     mae, mse = float(total @ absolute) / float(W), float(total @ squared) / float(W)
     rmse = math.sqrt(mse)
-    sd_mae = math.sqrt(float(w2 @ (squared - absolute ** 2))) / float(W)
-    sd_mse = math.sqrt(float(w2 @ ((kurtosis - 1.0) * squared ** 2))) / float(W)
+    var_mae = float(w2 @ (squared - absolute ** 2)) / float(W) ** 2
+    var_mse = float(w2 @ ((kurtosis - 1.0) * squared ** 2)) / float(W) ** 2
+    m = len(absolute)
+    if rows is not None and rows > m > 1 and w is None:
+        share = m / rows
+        var_mae = var_mae * share + (1 - share) * float(np.var(absolute, ddof=1)) / m
+        var_mse = var_mse * share + (1 - share) * float(np.var(squared, ddof=1)) / m
+    sd_mae, sd_mse = math.sqrt(max(var_mae, 0.0)), math.sqrt(max(var_mse, 0.0))
     return {"mae": mae, "rmse": rmse}, {"mae": sd_mae, "rmse": sd_mse / (2 * rmse) if rmse > 0 else 0.0}
+
+def _edge(column: np.ndarray, absolute: np.ndarray, squared: np.ndarray) -> list[float] | None:
+    """One numeric loss input's reference range and the loss trend at its two ends: [lo, hi, |e| slope below lo, above hi,
+    e² slope below lo, above hi]. lo/hi are the `_EDGE` and 1 − `_EDGE` quantiles. A slope compares the mean loss of the
+    outer `_TAIL` of rows with that of the rows between the tail and the median, over the distance of their mean values,
+    after taking off one standard error of the difference (no trend the reference cannot tell from noise counts).
+    None: fewer than 100 finite values."""
+    ok = np.isfinite(column)
+    if ok.sum() < 100: return None
+    v, targets = column[ok].astype(float), (absolute[ok], squared[ok])
+    lo, hi, low_tail, median, high_tail = np.quantile(v, [_EDGE, 1 - _EDGE, _TAIL, 0.5, 1 - _TAIL])
+    out = [float(lo), float(hi)]
+    slopes = []
+    for t in targets:
+        for outer, inner in ((v <= low_tail, (v > low_tail) & (v <= median)), (v >= high_tail, (v < high_tail) & (v >= median))):
+            if outer.sum() < 2 or inner.sum() < 2 or outer.all() or inner.all(): slopes.append(0.0); continue
+            dx = abs(float(v[outer].mean() - v[inner].mean()))
+            diff = abs(float(t[outer].mean() - t[inner].mean()))
+            se = math.sqrt(float(t[outer].var(ddof=1)) / outer.sum() + float(t[inner].var(ddof=1)) / inner.sum())
+            slopes.append(max(diff - se, 0.0) / dx if dx > 0 else 0.0)
+    return [_round(x) for x in out + slopes]
 
 def _is_numeric(column: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(column)
@@ -227,6 +257,8 @@ def _n_eff(w: np.ndarray | None, n: int) -> float:
 
 _BOOTSTRAP_ROWS, _DRAWS, _DRAW_CHUNK, _ECE_MARGIN, _ISOTONIC_ROWS, _FOLDS = 5_000, 200, 25, 0.005, 1000, 5
 _GROUPS, _NORMAL_VARIANCE = 512, 25.0   # binary bootstrap: the window's cells merged into ~512 runs of equal row count
+_LOSS_ROWS = 100_000                    # regression: an unweighted window above this runs the loss model on a sample this size
+_EDGE, _TAIL = 0.01, 0.10               # regression: the reference's range (1%-99% quantiles) and the tails its loss trend comes from
 
 
 class PerformanceEstimator(BaseModel):
@@ -242,6 +274,7 @@ class PerformanceEstimator(BaseModel):
     loss_inputs: list[str] | None = None
     loss_categories: dict[str, list[str]] = {}
     kurtosis: float | None = None
+    loss_edges: list[list[float] | None] = []   # per loss-model input (the prediction last): `_edge`; [] in older files
     _loss_model: object = PrivateAttr(default=None)
     _loss_bytes: bytes | None = PrivateAttr(default=None)
 
@@ -479,24 +512,28 @@ class PerformanceEstimator(BaseModel):
         return {"roc_auc": _auc(pos, neg), **_confusion_metrics(confusion, self._positive_index())}
 
     # ---------------------------------------------------------------- regression internals
-    def _loss_matrix(self, features: pd.DataFrame | None, prediction: np.ndarray) -> np.ndarray:
-        "The loss model's input: the raw columns (categories as ordinal codes, unknown and missing as NaN) and the prediction."
+    def _loss_matrix(self, features: pd.DataFrame | None, prediction: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """The loss model's input: the raw columns (categories as ordinal codes, unknown and missing as NaN) and the
+        prediction; of the rows `rows` only when given (numeric columns are taken before they are converted)."""
         if not isinstance(features, pd.DataFrame):
             raise EstimationError("regression estimation needs `features`, a DataFrame with the columns "
                                   f"{self.loss_inputs}, got {type(features).__name__}")
         missing = [c for c in self.loss_inputs if c not in features.columns]
         if missing: raise EstimationError(f"features lack the loss model's column(s) {missing}")
         if len(features) != len(prediction): raise EstimationError(f"features have {len(features)} rows, scores {len(prediction)}")
-        x = np.empty((len(prediction), len(self.loss_inputs) + 1), dtype=np.float32)
+        x = np.empty((len(prediction) if rows is None else len(rows), len(self.loss_inputs) + 1), dtype=np.float32)
         for j, c in enumerate(self.loss_inputs):
+            column = features[c]
+            if rows is not None and (c in self.loss_categories or _is_numeric(column)): column = column.iloc[rows]
             if c in self.loss_categories:
-                codes = pd.Categorical(features[c], categories=self.loss_categories[c]).codes.astype(np.float32)
+                codes = pd.Categorical(column, categories=self.loss_categories[c]).codes.astype(np.float32)
                 codes[codes < 0] = np.nan
                 x[:, j] = codes
             else:
-                try: x[:, j] = pd.to_numeric(features[c], errors="raise").to_numpy(dtype=np.float32, na_value=np.nan)
+                try: values = pd.to_numeric(column, errors="raise").to_numpy(dtype=np.float32, na_value=np.nan)
                 except (TypeError, ValueError): raise EstimationError(f"features column {c!r} is not numeric, as it was at fit") from None
-        x[:, -1] = prediction
+                x[:, j] = values if rows is None or len(values) == len(rows) else values[rows]
+        x[:, -1] = prediction if rows is None else prediction[rows]
         return x
 
     def _session(self):
@@ -506,12 +543,33 @@ class PerformanceEstimator(BaseModel):
             self._loss_model = OnnxModel(self._loss_bytes)
         return self._loss_model
 
-    def _losses(self, features, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        "Each row's expected |error| and error² from the loss model (clipped so that E e² ≥ (E|e|)² ≥ 0)."
-        x = self._loss_matrix(features, s)
+    def _losses(self, features, s: np.ndarray, rows: np.ndarray | None = None, matrix: bool = False):
+        """Each row's expected |error| and error² from the loss model (clipped so that E e² ≥ (E|e|)² ≥ 0), of the rows
+        `rows` only when given; `matrix`: and the loss model's input as a third item."""
+        x = self._loss_matrix(features, s, rows)
         absolute, squared = self._session().session.run(["abs_error", "squared_error"], {"X": x})
         absolute = np.maximum(absolute.ravel().astype(float), 0.0)
-        return absolute, np.maximum(squared.ravel().astype(float), absolute ** 2)
+        out = absolute, np.maximum(squared.ravel().astype(float), absolute ** 2)
+        return (*out, x) if matrix else out
+
+    def _extrapolation(self, x: np.ndarray, w: np.ndarray | None, values: dict[str, float]) -> dict[str, float]:
+        """What the loss model cannot vouch for: trees carry the loss at the reference's edge on, flat, to any row beyond it.
+        Per numeric input (and the prediction), the window's mean distance beyond the reference's range (`_edge`) times
+        the loss trend the reference shows at that end, summed over the inputs: the MAE's half-width, and the MSE's,
+        turned into RMSE as √(MSE + it) − RMSE. 0 for a window inside the range, or for an estimator fitted without edges."""
+        if not self.loss_edges: return {"mae": 0.0, "rmse": 0.0}
+        total = None if w is None else w / w.sum()
+        mae = mse = 0.0
+        for j, edge in enumerate(self.loss_edges):
+            if edge is None: continue
+            lo, hi, a_lo, a_hi, q_lo, q_hi = edge
+            column = x[:, j]
+            below, above = np.fmax(lo - column, 0.0), np.fmax(column - hi, 0.0)   # NaN (missing): not beyond
+            below, above = (float(below.mean()), float(above.mean())) if total is None else (float(total @ below), float(total @ above))
+            mae += a_lo * below + a_hi * above
+            mse += q_lo * below + q_hi * above
+        rmse = values["rmse"]
+        return {"mae": mae, "rmse": math.sqrt(rmse ** 2 + mse) - rmse}
 
     # ---------------------------------------------------------------- public API
     @classmethod
@@ -600,6 +658,8 @@ class PerformanceEstimator(BaseModel):
             predicted = cross_val_predict(_loss_regressor(seed), x, error ** 2, cv=folds) if folds else models[1].predict(x)
         predicted = np.maximum(predicted, 1e-12 + 1e-9 * float(np.mean(error ** 2)))
         self.kurtosis = _round(max(float(np.mean(error ** 4) / np.mean(predicted ** 2)), 1.0))
+        numeric = [c not in self.loss_categories for c in self.loss_inputs] + [True]
+        self.loss_edges = [_edge(x[:, j], np.abs(error), error ** 2) if keep else None for j, keep in enumerate(numeric)]
 
     def calibrated(self, scores) -> np.ndarray:
         "The calibrated probabilities of `scores` (binary: the positive class's, (rows,); multiclass: (rows, classes)); regression: as given."
@@ -612,13 +672,20 @@ class PerformanceEstimator(BaseModel):
                  band: bool = True) -> Estimate:
         """The estimated metrics of one window with a band at `level` (band=False: value only, sd 0), from scores (and features)
         alone. `sampling_sd`: the window's sampling error (bootstrap; regression: the loss model's moments); `sd`: that
-        widened by the reference's own (`_reference_factor`)."""
+        widened by the reference's own (`_reference_factor`); regression: `extrapolation` for rows beyond the reference's
+        range (`_extrapolation`), and an unweighted window of more than `_LOSS_ROWS` rows runs the loss model on a random
+        sample of that many (drawn with `seed`), whose own error is in `sampling_sd`."""
         s = self._check_scores(scores)
         w = self._check_weights(weights, len(s))
         z, factor = _z(level), self._reference_factor(w, len(s))
+        beyond = {}
         if self.task == "regression":
-            absolute, squared = self._losses(features, s)
-            values, sampling = _regression_values(absolute, squared, w, self.kurtosis or 3.0)
+            n, rows = len(s), None
+            if w is None and n > _LOSS_ROWS:      # a mean of per-row losses: a random sample of rows, its own error in the sd
+                rows = np.sort(np.random.default_rng(seed).choice(n, _LOSS_ROWS, replace=False))
+            absolute, squared, x = self._losses(features, s, rows, matrix=True)
+            values, sampling = _regression_values(absolute, squared, w, self.kurtosis or 3.0, None if rows is None else n)
+            if band: beyond = self._extrapolation(x, w, values)
             top, confusion, labels = math.inf, None, None
         else:
             prep = self._prepare(s)
@@ -628,9 +695,9 @@ class PerformanceEstimator(BaseModel):
         metrics = {}
         for k, v in values.items():
             sampling_sd = sampling[k] if band else 0.0
-            sd = sampling_sd * factor
-            metrics[k] = MetricEstimate(metric=k, value=v, sd=sd, sampling_sd=sampling_sd, lower=max(v - z * sd, 0.0),
-                                        upper=min(v + z * sd, top))
+            sd, extra = sampling_sd * factor, beyond.get(k, 0.0)
+            metrics[k] = MetricEstimate(metric=k, value=v, sd=sd, sampling_sd=sampling_sd, extrapolation=extra,
+                                        lower=max(v - z * sd - extra, 0.0), upper=min(v + z * sd + extra, top))
         return Estimate(rows=len(s), level=level, metrics=metrics, confusion=confusion, labels=labels)
 
     def _reference_factor(self, w: np.ndarray | None, n: int) -> float:
