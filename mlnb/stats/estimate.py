@@ -295,6 +295,12 @@ def _loss_onnx(models: list, columns: int) -> bytes:
 def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
+def _fingerprint(s: np.ndarray) -> int:
+    """A number from every 1,009th score (CRC-32): mixed into the seed of the loss model's row sample, so the sample is the
+    same for the same window but cannot be known in advance by someone who sends only some of its rows."""
+    import zlib
+    return zlib.crc32(np.ascontiguousarray(s[::1009]).tobytes())
+
 def _n_eff(w: np.ndarray | None, n: int) -> float:
     return float(n) if w is None else float(w.sum() ** 2 / max((w ** 2).sum(), 1e-300))
 
@@ -725,7 +731,7 @@ class PerformanceEstimator(BaseModel):
         alone. `sampling_sd`: the window's sampling error (bootstrap; regression: the loss model's moments); `sd`: that
         widened by the reference's own (`_reference_factor`); regression: `extrapolation` for rows beyond the reference's
         range (`_extrapolation`), and an unweighted window of more than `_LOSS_ROWS` rows runs the loss model on a random
-        sample of that many (drawn with `seed`), whose own error is in `sampling_sd`."""
+        sample of that many (drawn with `seed` and `_fingerprint(scores)`), whose own error is in `sampling_sd`."""
         s = self._check_scores(scores)
         w = self._check_weights(weights, len(s))
         z, factor = _z(level), self._reference_factor(w, len(s))
@@ -733,7 +739,7 @@ class PerformanceEstimator(BaseModel):
         if self.task == "regression":
             n, rows = len(s), None
             if w is None and n > _LOSS_ROWS:      # a mean of per-row losses: a random sample of rows, its own error in the sd
-                rows = np.sort(np.random.default_rng(seed).choice(n, _LOSS_ROWS, replace=False))
+                rows = np.sort(np.random.default_rng([seed, _fingerprint(s)]).choice(n, _LOSS_ROWS, replace=False))
             absolute, squared, x = self._losses(features, s, rows, matrix=True)
             values, sampling = _regression_values(absolute, squared, w, self.kurtosis or 3.0, None if rows is None else n)
             if band: beyond = self._extrapolation(x, w, values)
