@@ -138,3 +138,39 @@ def test_the_binary_table_lists_its_cells_in_score_order():
     rank = np.empty(len(E._HALF_ORDER), dtype=np.int64); rank[E._HALF_ORDER] = np.arange(len(rank))
     np.testing.assert_array_equal(rank[codes], E._log_cells(p))
     np.testing.assert_array_equal(high, p > 0.5)
+
+
+def binary_windows(rows, seed, shift=0.0):
+    "Held-out classification data: a logistic truth on three features; `shift` moves the first (scores pile up near 1)."
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(rows, 3)); x[:, 0] += shift
+    logit = 1.2 * x[:, 0] + x[:, 1] - 0.5 * x[:, 2]
+    return x, (r.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)
+
+
+def test_the_reference_vouches_for_a_window_only_where_its_scores_are(tmp_path):
+    """The reference's share of the window's scores widens the band: the factor is √(1 + n·(1 + χ²)/reference_rows), χ² of
+    the window's score histogram against the reference's (checked here with np.histogram); a window scored like the
+    reference keeps the old factor (χ² ~ 0), a shifted one gets more; an estimator file without the shares keeps the old."""
+    model = LogisticRegression().fit(*binary_windows(5000, 0))
+    x, y = binary_windows(20_000, 1)
+    est = PerformanceEstimator.fit(model.predict_proba(x)[:, 1], y, "binary", classes=[0, 1])
+    assert len(est.reference_shares) == 1 and sum(est.reference_shares[0]) == pytest.approx(1.0)
+    edges = np.linspace(0, 1, E._SHARE_BINS + 1)
+    ref = np.histogram(model.predict_proba(x)[:, 1], edges)[0]
+    factors = {}
+    for shift in (0.0, 1.5):
+        s = model.predict_proba(binary_windows(100_000, 2, shift)[0])[:, 1]
+        win = np.histogram(s[::2], edges)[0] / len(s[::2])
+        coverage = float(np.sum(win ** 2 / ((ref + 0.5) / (len(x) + 0.5 * E._SHARE_BINS))))
+        assert est._coverage(s, None) == pytest.approx(coverage, rel=1e-6)
+        m = est.estimate(s).metrics["roc_auc"]
+        assert m.sd == pytest.approx(m.sampling_sd * np.sqrt(1 + 100_000 * coverage / len(x)), rel=1e-9)
+        factors[shift] = m.sd / m.sampling_sd
+    assert factors[0.0] == pytest.approx(np.sqrt(1 + 100_000 / len(x)), rel=0.01) and factors[1.5] > 1.3 * factors[0.0], factors
+    est.save(tmp_path)
+    document = json.loads((tmp_path / ESTIMATOR_FILE).read_text()); del document["reference_shares"]
+    (tmp_path / ESTIMATOR_FILE).write_text(json.dumps(document))
+    old, s = PerformanceEstimator.load(tmp_path), model.predict_proba(binary_windows(100_000, 2, 1.5)[0])[:, 1]
+    m = old.estimate(s).metrics["roc_auc"]
+    assert m.sd == pytest.approx(m.sampling_sd * np.sqrt(1 + 100_000 / len(x)), rel=1e-9)
