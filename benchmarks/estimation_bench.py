@@ -23,6 +23,9 @@ Drift impact (`drift_impact` with the estimator's weighted point estimate) ranks
 causal one is x0. The combined run (issue 19 item 5) is a fresh process on a 1M-row x 20-feature harmful window: estimate
 with band + drift impact over the 20 features + multivariate drift (`ReconstructionDrift.check`), whole-process peak RSS.
 
+Band width: the mean upper - lower of mlnb's band, with and without the regression band's extrapolation term
+(`MetricEstimate.extrapolation`: rows beyond the reference's range), and the coverage each would give.
+
 Usage: python benchmarks/estimation_bench.py [--sizes 1000 10000 100000 1000000] [--seeds 20] [--big-seeds 2] [--no-nannyml]
 Goals: ROC-AUC MAE <= 0.02 and <= NannyML's + 0.005 at windows >= 2,000 rows; realized inside mlnb's band in >= 90% of
 windows; >= 10x faster than NannyML at 1M rows; drift impact ranks the causal feature first in >= 9 of 10 seeds; 1M x 20
@@ -299,7 +302,8 @@ def main() -> None:
                             m = e.metrics[metric]
                             r = {"task": task, "scenario": scenario, "rows": rows, "seed": seed, "metric": metric, "realized": truth,
                                  "mlnb": m.value, "mlnb_lower": m.lower, "mlnb_upper": m.upper, "mlnb_error": m.value - truth,
-                                 "inside": bool(m.lower <= truth <= m.upper), "mlnb_s": mlnb_s, "mlnb_extra_mb": peak.peak - before}
+                                 "inside": bool(m.lower <= truth <= m.upper), "mlnb_width": m.upper - m.lower,
+                                 "mlnb_extrapolation": getattr(m, "extrapolation", 0.0), "mlnb_s": mlnb_s, "mlnb_extra_mb": peak.peak - before}
                             if nml:
                                 a = nml.estimate(task, s, df, repeats)
                                 if "error" in a: r["nannyml_failed"] = a["error"]
@@ -338,7 +342,8 @@ def report(args, rows_out, impacts, fits, combos, use_nannyml) -> None:
     for (task, scenario, rows), g in w.groupby(["task", "scenario", "rows"], sort=False):
         row = {"task": task, "window": scenario, "rows": rows, "windows": len(g), "metric": g.metric.iloc[0],
                "realized": g.realized.mean(), "mlnb": g.mlnb.mean(), "mlnb MAE": g.mlnb_error.abs().mean(),
-               "in band %": 100 * g.inside.mean()}
+               "in band %": 100 * g.inside.mean(), "band width": g.mlnb_width.mean(),
+               "band width w/o extrapolation": (g.mlnb_width - 2 * g.mlnb_extrapolation).clip(lower=0).mean()}
         if has_nml:
             row.update({"NannyML": g.nannyml.mean(), "NannyML MAE": g.nannyml_error.abs().mean()})
         row["mlnb s"] = g.mlnb_s.median()
@@ -358,6 +363,13 @@ def report(args, rows_out, impacts, fits, combos, use_nannyml) -> None:
         if has_nml:
             nmae = auc.nannyml_error.abs().mean()
             goals.append((f"ROC-AUC MAE <= NannyML's + 0.005 on the same windows: mlnb {mae:.4f}, NannyML {nmae:.4f}", mae <= nmae + 0.005))
+    if "mlnb_width" in seen:
+        for (task, scenario), g in seen.groupby(["task", "scenario"], sort=False):
+            plain = (g.mlnb_width - 2 * g.mlnb_extrapolation).clip(lower=0)
+            if g.mlnb_extrapolation.max() > 0:
+                notes.append(f"band width ({task}, {scenario}, mean upper - lower over {len(g)} windows): {g.mlnb_width.mean():.4f} "
+                             f"with the extrapolation term, {plain.mean():.4f} without it; in band {100 * g.inside.mean():.0f}% with it, "
+                             f"{100 * ((g.mlnb_lower + g.mlnb_extrapolation <= g.realized) & (g.realized <= g.mlnb_upper - g.mlnb_extrapolation)).mean():.0f}% without")
     cover = seen.inside.mean()
     goals.append((f"realized inside mlnb's band in >= 90% of windows (every task and size, harmful/harmless/none, {len(seen)} windows): "
                   f"{100 * cover:.1f}%", cover >= 0.9))

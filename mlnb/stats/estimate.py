@@ -43,6 +43,14 @@ class Calibrator(BaseModel):
     a: float | None = None
     b: float | None = None
 
+    _table: tuple | None = PrivateAttr(default=None)
+
+    def _apply_cells(self, p: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        "`apply` for probabilities whose `_log_cells` are `cells` (isotonic: by cell lookup, `_interp_cells`; else `apply`)."
+        if self.method != "isotonic" or len(self.x) < 2: return self.apply(p)
+        if self._table is None: self._table = _knot_table(self.x, self.y)
+        return _interp_cells(np.asarray(p, dtype=float), cells, self._table)
+
     def apply(self, p: np.ndarray) -> np.ndarray:
         "Calibrated probabilities for raw probabilities `p`: isotonic `np.interp(p, x, y)`, sigmoid `1 / (1 + exp(a·logit(p) + b))`."
         p = np.asarray(p, dtype=float)
@@ -91,7 +99,7 @@ class CalibrationCheck(BaseModel):
 
 # %% ../../nbs/10_monitoring/03_estimate.ipynb #dc683f82
 class MetricEstimate(BaseModel):
-    "One metric's estimate and its band (value ± z·sd); `realized` once labels are known."
+    "One metric's estimate and its band (value ± (z·sd + extrapolation)); `realized` once labels are known."
     metric: str
     value: float
     lower: float
@@ -99,6 +107,7 @@ class MetricEstimate(BaseModel):
     sd: float
     realized: float | None = None
     sampling_sd: float | None = None   # the window's sampling error alone (sd also holds the reference's; see `estimate`)
+    extrapolation: float = 0.0         # the half-width added for rows beyond the reference's range (regression; see `estimate`)
 
     @property
     def error(self) -> float | None:
@@ -132,14 +141,50 @@ def _log_cells(p: np.ndarray) -> np.ndarray:
     """Each probability's cell, in score order, among `_CELLS` log-scale cells: 2,048 per octave of the distance to the
     nearer end, q = min(p, 1 − p), read off the float's exponent and leading 11 mantissa bits (cells 0.05% of q wide, in
     the tails as in the middle; q below 2^-32 shares the end cell)."""
-    q = p - 0.5                                  # in place from here: a few passes over the window, no temporaries
-    high = q > 0
-    np.abs(q, out=q); np.subtract(0.5, q, out=q)  # q = 1/2 − |p − 1/2| (rounding keeps it monotone in p)
-    np.maximum(q, 2.0 ** -_OCTAVES, out=q)
+    c, high = _half_cells(p)                     # p > 1/2: c = _HALF + cell of q, mirrored to _CELLS − 1 − cell of q
+    c *= 1 - 2 * high.astype(np.int64); c += high * (_CELLS - 1 + _HALF)
+    return c
+
+def _half_cells(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_log_cells` before the mirror, and whether p > 1/2: the cell of q = min(p, 1 − p) (exact in floating point: 1 − p
+    has no rounding for p ≥ 1/2), plus `_HALF` for p > 1/2, so in score order within the lower half and in reverse within
+    the upper (`_HALF_ORDER` lists the cells in score order)."""
+    q = np.subtract(1.0, p)                      # in place from here: a few passes over the window
+    np.minimum(p, q, out=q)
+    if q.min() < 2.0 ** -_OCTAVES: np.maximum(q, 2.0 ** -_OCTAVES, out=q)   # a read is cheaper than a write
+    high = p > 0.5
     c = q.view(np.int64)
     np.right_shift(c, 52 - _MANTISSA, out=c); c -= _FLOOR_BITS
-    c *= 1 - 2 * high.astype(np.int64); c += high * (_CELLS - 1)   # p > 1/2: mirrored into the upper half
-    return c
+    c += high * _HALF
+    return c, high
+
+_HALF_ORDER = np.concatenate([np.arange(_HALF), _HALF + np.arange(_HALF)[::-1]])   # `_half_cells`' cells in score order
+
+def _knot_table(x: list[float], y: list[float]) -> tuple:
+    """`np.interp(p, x, y)` per log cell: each cell's segment start (x0, y0) and slope, whether a knot lies in the cell,
+    and the knots. `_log_cells` is monotone in p, so a knot in a lower cell is below every p of the cell and one in a
+    higher cell above: a cell without a knot lies inside one segment (or beyond the ends, where the slope is 0)."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    knots = _log_cells(xs.copy())
+    below = np.searchsorted(knots, np.arange(_CELLS), side="left")   # knots in lower cells
+    j = np.clip(below, 1, max(len(xs) - 1, 1))
+    x0, y0 = xs[j - 1], ys[j - 1]
+    with np.errstate(all="ignore"): slope = (ys[np.minimum(j, len(xs) - 1)] - y0) / (xs[np.minimum(j, len(xs) - 1)] - x0)
+    ends = (below == 0) | (below == len(xs)) | ~np.isfinite(slope)
+    y0 = np.where(below == 0, ys[0], np.where(below == len(xs), ys[-1], y0))
+    slope[ends] = 0.0
+    has_knot = np.zeros(_CELLS, dtype=bool); has_knot[knots] = True
+    return x0, y0, slope, has_knot, xs, ys
+
+def _interp_cells(p: np.ndarray, cells: np.ndarray, table: tuple) -> np.ndarray:
+    """`np.interp(p, x, y)` for probabilities `p` whose `_log_cells` are `cells`, from `_knot_table(x, y)`: three lookups
+    per row instead of a binary search, the same arithmetic (slope·(p − x0) + y0); rows in a cell that holds a knot go
+    through `np.interp` itself."""
+    x0, y0, slope, has_knot, xs, ys = table
+    out = np.subtract(p, x0[cells]); out *= slope[cells]; out += y0[cells]
+    odd = np.flatnonzero(has_knot[cells])
+    if len(odd): out[odd] = np.interp(p[odd], xs, ys)
+    return out
 
 def _cells(score: np.ndarray, exact: bool = False) -> tuple[np.ndarray, int]:
     """Each row's cell in score order and the number of cells: the distinct scores (ties share one) when `exact` (the
@@ -171,15 +216,44 @@ def _confusion_metrics(confusion: np.ndarray, positive: int | None) -> dict[str,
     return {"accuracy": _ratio(tp.sum(-1), total), "precision": pick(precision), "recall": pick(recall), "f1": pick(f1)}
 
 # %% ../../nbs/10_monitoring/03_estimate.ipynb #45ae55fa
-def _regression_values(absolute, squared, w, kurtosis: float) -> tuple[dict, dict]:
-    """Estimated MAE and RMSE and their sd: Var|e| = E e² − (E|e|)² per row; Var e² = (κ − 1)(E e²)², RMSE by the delta method."""
+def _regression_values(absolute, squared, w, kurtosis: float, rows: int | None = None) -> tuple[dict, dict]:
+    """Estimated MAE and RMSE and their sd: Var|e| = E e² − (E|e|)² per row; Var e² = (κ − 1)(E e²)², RMSE by the delta method.
+    `rows` > len(absolute): the losses are a simple random sample (unweighted) of a window of `rows` rows; the sd is then
+    the window's (the mean per-row variance over `rows`) plus the sample mean's own, (1 − m/rows)·Var/m."""
     total = np.ones(len(absolute)) if w is None else w
     W, w2 = total.sum(), total ** 2
     mae, mse = float(total @ absolute) / float(W), float(total @ squared) / float(W)
     rmse = math.sqrt(mse)
-    sd_mae = math.sqrt(float(w2 @ (squared - absolute ** 2))) / float(W)
-    sd_mse = math.sqrt(float(w2 @ ((kurtosis - 1.0) * squared ** 2))) / float(W)
+    var_mae = float(w2 @ (squared - absolute ** 2)) / float(W) ** 2
+    var_mse = float(w2 @ ((kurtosis - 1.0) * squared ** 2)) / float(W) ** 2
+    m = len(absolute)
+    if rows is not None and rows > m > 1 and w is None:
+        share = m / rows
+        var_mae = var_mae * share + (1 - share) * float(np.var(absolute, ddof=1)) / m
+        var_mse = var_mse * share + (1 - share) * float(np.var(squared, ddof=1)) / m
+    sd_mae, sd_mse = math.sqrt(max(var_mae, 0.0)), math.sqrt(max(var_mse, 0.0))
     return {"mae": mae, "rmse": rmse}, {"mae": sd_mae, "rmse": sd_mse / (2 * rmse) if rmse > 0 else 0.0}
+
+def _edge(column: np.ndarray, absolute: np.ndarray, squared: np.ndarray) -> list[float] | None:
+    """One numeric loss input's reference range and the loss trend at its two ends: [lo, hi, |e| slope below lo, above hi,
+    e² slope below lo, above hi]. lo/hi are the `_EDGE` and 1 − `_EDGE` quantiles. A slope compares the mean loss of the
+    outer `_TAIL` of rows with that of the rows between the tail and the median, over the distance of their mean values,
+    after taking off one standard error of the difference (no trend the reference cannot tell from noise counts).
+    None: fewer than 100 finite values."""
+    ok = np.isfinite(column)
+    if ok.sum() < 100: return None
+    v, targets = column[ok].astype(float), (absolute[ok], squared[ok])
+    lo, hi, low_tail, median, high_tail = np.quantile(v, [_EDGE, 1 - _EDGE, _TAIL, 0.5, 1 - _TAIL])
+    out = [float(lo), float(hi)]
+    slopes = []
+    for t in targets:
+        for outer, inner in ((v <= low_tail, (v > low_tail) & (v <= median)), (v >= high_tail, (v < high_tail) & (v >= median))):
+            if outer.sum() < 2 or inner.sum() < 2 or outer.all() or inner.all(): slopes.append(0.0); continue
+            dx = abs(float(v[outer].mean() - v[inner].mean()))
+            diff = abs(float(t[outer].mean() - t[inner].mean()))
+            se = math.sqrt(float(t[outer].var(ddof=1)) / outer.sum() + float(t[inner].var(ddof=1)) / inner.sum())
+            slopes.append(max(diff - se, 0.0) / dx if dx > 0 else 0.0)
+    return [_round(x) for x in out + slopes]
 
 def _is_numeric(column: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(column)
@@ -222,11 +296,28 @@ def _loss_onnx(models: list, columns: int) -> bytes:
 def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
+def _fingerprint(s: np.ndarray) -> int:
+    """A number from every 1,009th score (CRC-32): mixed into the seed of the loss model's row sample, so the sample is the
+    same for the same window but cannot be known in advance by someone who sends only some of its rows."""
+    import zlib
+    return zlib.crc32(np.ascontiguousarray(s[::1009]).tobytes())
+
+def _score_shares(column: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """A score column's (weighted) share of rows in `_SHARE_BINS` equal-width bins of [0, 1], from every k-th row so that
+    at most about `_SHARE_ROWS` are read (the shares of a million rows from 50,000 of them: off by ~0.002 at most)."""
+    step = max(1, len(column) // _SHARE_ROWS)
+    x, ws = column[::step], None if w is None else w[::step]
+    counts = np.bincount(np.minimum((x * _SHARE_BINS).astype(np.int64), _SHARE_BINS - 1), ws, _SHARE_BINS)
+    return counts / max(float(counts.sum()), 1e-300)
+
 def _n_eff(w: np.ndarray | None, n: int) -> float:
     return float(n) if w is None else float(w.sum() ** 2 / max((w ** 2).sum(), 1e-300))
 
 _BOOTSTRAP_ROWS, _DRAWS, _DRAW_CHUNK, _ECE_MARGIN, _ISOTONIC_ROWS, _FOLDS = 5_000, 200, 25, 0.005, 1000, 5
 _GROUPS, _NORMAL_VARIANCE = 512, 25.0   # binary bootstrap: the window's cells merged into ~512 runs of equal row count
+_SHARE_BINS, _SHARE_ROWS = 20, 50_000   # classification: the score bins the reference's coverage of a window is measured on
+_LOSS_ROWS = 100_000                    # regression: an unweighted window above this runs the loss model on a sample this size
+_EDGE, _TAIL = 0.01, 0.10               # regression: the reference's range (1%-99% quantiles) and the tails its loss trend comes from
 
 
 class PerformanceEstimator(BaseModel):
@@ -242,6 +333,8 @@ class PerformanceEstimator(BaseModel):
     loss_inputs: list[str] | None = None
     loss_categories: dict[str, list[str]] = {}
     kurtosis: float | None = None
+    reference_shares: list[list[float]] = []    # per AUC class: the reference's `_score_shares` of its raw scores; [] in older files
+    loss_edges: list[list[float] | None] = []   # per loss-model input (the prediction last): `_edge`; [] in older files
     _loss_model: object = PrivateAttr(default=None)
     _loss_bytes: bytes | None = PrivateAttr(default=None)
 
@@ -324,16 +417,22 @@ class PerformanceEstimator(BaseModel):
         if self.threshold is not None: return s >= self.threshold
         return s > 0.5 if self._positive_index() == 1 else s >= 0.5
 
-    def _calibrated_matrix(self, s: np.ndarray) -> np.ndarray:
-        "Calibrated (rows, classes) probabilities; multiclass identity on rows that already sum to 1 returns `s` itself (no copy)."
+    def _calibrated_matrix(self, s: np.ndarray, columns: list | None = None, cells: list | None = None) -> np.ndarray:
+        """Calibrated (rows, classes) probabilities; multiclass identity on rows that already sum to 1 returns `s` itself (no copy).
+        Multiclass `columns` and `cells`: each class's raw column (contiguous) and its `_log_cells`, for the isotonic lookup
+        (`Calibrator._apply_cells`; the matrix is then column-major, each class's column contiguous)."""
         if self.task == "binary":
             return self._raw(self.calibrators[0].apply(s) if self.calibrators else s)
         if all(c.method == "identity" for c in self.calibrators): p = s
+        elif cells is not None:
+            p = np.empty(s.shape, order="F")
+            for i, c in enumerate(self.calibrators): p[:, i] = c._apply_cells(columns[i], cells[i])
         else:
             p = np.empty_like(s)
             for i, c in enumerate(self.calibrators): p[:, i] = c.apply(s[:, i])
         total = p.sum(1)
         if np.abs(total - 1.0).max() <= 1e-9: return p
+        if total.min() > 0: return np.divide(p, total[:, None], out=p if p is not s else None)   # (a masked divide is slow)
         out = np.full_like(p, 1.0 / p.shape[1])
         return np.divide(p, total[:, None], out=out, where=total[:, None] > 0)
 
@@ -346,21 +445,24 @@ class PerformanceEstimator(BaseModel):
         pred = self._predicted(s)
         if self.task == "binary":
             auc_classes, cells = [self._positive_index()], [_cells(s, exact)]
-        else:
-            auc_classes = list(range(self._k()))
-            cells = [_cells(np.ascontiguousarray(s[:, c]), exact) for c in auc_classes]
-        return {"p": self._calibrated_matrix(s), "pred": pred, "auc_classes": auc_classes, "cells": cells, "s": s}
+            return {"p": self._calibrated_matrix(s), "pred": pred, "auc_classes": auc_classes, "cells": cells, "s": s}
+        auc_classes = list(range(self._k()))
+        columns = [np.ascontiguousarray(s[:, c]) for c in auc_classes]
+        cells = [_cells(column, exact) for column in columns]
+        p = self._calibrated_matrix(s, columns, [inv for inv, _ in cells]) if not exact else self._calibrated_matrix(s)
+        return {"p": p, "pred": pred, "auc_classes": auc_classes, "cells": cells, "s": s}
 
     def _binary_table(self, s: np.ndarray, hi: np.ndarray) -> dict:
         """Binary scores as a table of `2 · _CELLS` log-scale cells: the threshold is a cell edge (answered-positive rows
         take the upper `_CELLS`), and each cell's probability is the calibrator at the cell's mean raw score (a cell is
         0.05% wide: within it a calibrator is linear). Everything after this is O(cells), not O(rows)."""
-        codes = _log_cells(s)
-        codes[hi] += _CELLS
+        codes, _ = _half_cells(s)            # not mirrored: the table lists its cells in score order instead (`used`)
+        codes += hi * _CELLS                 # (a masked `codes[hi] +=` costs ten times this at 1M rows)
         cells = 2 * _CELLS
-        count = np.bincount(codes, minlength=cells)
-        used = np.flatnonzero(count)                                  # then only the cells that hold rows, in order
-        count = count[used].astype(float)
+        order = np.concatenate([_HALF_ORDER, _HALF_ORDER + _CELLS])
+        count = np.bincount(codes, minlength=cells)[order]
+        used = order[count > 0]                                       # then only the cells that hold rows, in score order
+        count = count[count > 0].astype(float)
         mean = np.bincount(codes, s, cells)[used] / count
         p = self.calibrators[0].apply(mean) if self.calibrators else mean
         return {"codes": codes, "cells": cells, "used": used, "count": count, "p": p, "hi": used >= _CELLS}
@@ -479,24 +581,28 @@ class PerformanceEstimator(BaseModel):
         return {"roc_auc": _auc(pos, neg), **_confusion_metrics(confusion, self._positive_index())}
 
     # ---------------------------------------------------------------- regression internals
-    def _loss_matrix(self, features: pd.DataFrame | None, prediction: np.ndarray) -> np.ndarray:
-        "The loss model's input: the raw columns (categories as ordinal codes, unknown and missing as NaN) and the prediction."
+    def _loss_matrix(self, features: pd.DataFrame | None, prediction: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """The loss model's input: the raw columns (categories as ordinal codes, unknown and missing as NaN) and the
+        prediction; of the rows `rows` only when given (numeric columns are taken before they are converted)."""
         if not isinstance(features, pd.DataFrame):
             raise EstimationError("regression estimation needs `features`, a DataFrame with the columns "
                                   f"{self.loss_inputs}, got {type(features).__name__}")
         missing = [c for c in self.loss_inputs if c not in features.columns]
         if missing: raise EstimationError(f"features lack the loss model's column(s) {missing}")
         if len(features) != len(prediction): raise EstimationError(f"features have {len(features)} rows, scores {len(prediction)}")
-        x = np.empty((len(prediction), len(self.loss_inputs) + 1), dtype=np.float32)
+        x = np.empty((len(prediction) if rows is None else len(rows), len(self.loss_inputs) + 1), dtype=np.float32)
         for j, c in enumerate(self.loss_inputs):
+            column = features[c]
+            if rows is not None and (c in self.loss_categories or _is_numeric(column)): column = column.iloc[rows]
             if c in self.loss_categories:
-                codes = pd.Categorical(features[c], categories=self.loss_categories[c]).codes.astype(np.float32)
+                codes = pd.Categorical(column, categories=self.loss_categories[c]).codes.astype(np.float32)
                 codes[codes < 0] = np.nan
                 x[:, j] = codes
             else:
-                try: x[:, j] = pd.to_numeric(features[c], errors="raise").to_numpy(dtype=np.float32, na_value=np.nan)
+                try: values = pd.to_numeric(column, errors="raise").to_numpy(dtype=np.float32, na_value=np.nan)
                 except (TypeError, ValueError): raise EstimationError(f"features column {c!r} is not numeric, as it was at fit") from None
-        x[:, -1] = prediction
+                x[:, j] = values if rows is None or len(values) == len(rows) else values[rows]
+        x[:, -1] = prediction if rows is None else prediction[rows]
         return x
 
     def _session(self):
@@ -506,12 +612,33 @@ class PerformanceEstimator(BaseModel):
             self._loss_model = OnnxModel(self._loss_bytes)
         return self._loss_model
 
-    def _losses(self, features, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        "Each row's expected |error| and error² from the loss model (clipped so that E e² ≥ (E|e|)² ≥ 0)."
-        x = self._loss_matrix(features, s)
+    def _losses(self, features, s: np.ndarray, rows: np.ndarray | None = None, matrix: bool = False):
+        """Each row's expected |error| and error² from the loss model (clipped so that E e² ≥ (E|e|)² ≥ 0), of the rows
+        `rows` only when given; `matrix`: and the loss model's input as a third item."""
+        x = self._loss_matrix(features, s, rows)
         absolute, squared = self._session().session.run(["abs_error", "squared_error"], {"X": x})
         absolute = np.maximum(absolute.ravel().astype(float), 0.0)
-        return absolute, np.maximum(squared.ravel().astype(float), absolute ** 2)
+        out = absolute, np.maximum(squared.ravel().astype(float), absolute ** 2)
+        return (*out, x) if matrix else out
+
+    def _extrapolation(self, x: np.ndarray, w: np.ndarray | None, values: dict[str, float]) -> dict[str, float]:
+        """What the loss model cannot vouch for: trees carry the loss at the reference's edge on, flat, to any row beyond it.
+        Per numeric input (and the prediction), the window's mean distance beyond the reference's range (`_edge`) times
+        the loss trend the reference shows at that end, summed over the inputs: the MAE's half-width, and the MSE's,
+        turned into RMSE as √(MSE + it) − RMSE. 0 for a window inside the range, or for an estimator fitted without edges."""
+        if not self.loss_edges: return {"mae": 0.0, "rmse": 0.0}
+        total = None if w is None else w / w.sum()
+        mae = mse = 0.0
+        for j, edge in enumerate(self.loss_edges):
+            if edge is None: continue
+            lo, hi, a_lo, a_hi, q_lo, q_hi = edge
+            column = x[:, j]
+            below, above = np.fmax(lo - column, 0.0), np.fmax(column - hi, 0.0)   # NaN (missing): not beyond
+            below, above = (float(below.mean()), float(above.mean())) if total is None else (float(total @ below), float(total @ above))
+            mae += a_lo * below + a_hi * above
+            mse += q_lo * below + q_hi * above
+        rmse = values["rmse"]
+        return {"mae": mae, "rmse": math.sqrt(rmse ** 2 + mse) - rmse}
 
     # ---------------------------------------------------------------- public API
     @classmethod
@@ -540,6 +667,8 @@ class PerformanceEstimator(BaseModel):
         else: est._fit_calibration(s, labels, seed)
         est.reference = {k: _round(v) for k, v in est.realized(s, y).items()}
         est.reference_rows = len(s)
+        if task != "regression":
+            est.reference_shares = [[_round(v) for v in _score_shares(column)] for column in est._auc_columns(s)]
         if out_dir is not None and task == "regression":
             with staged_outputs(Path(out_dir) / LOSS_MODEL_FILE) as tmp: Path(tmp).write_bytes(est._loss_bytes)
         return est
@@ -600,6 +729,8 @@ class PerformanceEstimator(BaseModel):
             predicted = cross_val_predict(_loss_regressor(seed), x, error ** 2, cv=folds) if folds else models[1].predict(x)
         predicted = np.maximum(predicted, 1e-12 + 1e-9 * float(np.mean(error ** 2)))
         self.kurtosis = _round(max(float(np.mean(error ** 4) / np.mean(predicted ** 2)), 1.0))
+        numeric = [c not in self.loss_categories for c in self.loss_inputs] + [True]
+        self.loss_edges = [_edge(x[:, j], np.abs(error), error ** 2) if keep else None for j, keep in enumerate(numeric)]
 
     def calibrated(self, scores) -> np.ndarray:
         "The calibrated probabilities of `scores` (binary: the positive class's, (rows,); multiclass: (rows, classes)); regression: as given."
@@ -612,13 +743,20 @@ class PerformanceEstimator(BaseModel):
                  band: bool = True) -> Estimate:
         """The estimated metrics of one window with a band at `level` (band=False: value only, sd 0), from scores (and features)
         alone. `sampling_sd`: the window's sampling error (bootstrap; regression: the loss model's moments); `sd`: that
-        widened by the reference's own (`_reference_factor`)."""
+        widened by the reference's own (`_reference_factor`); regression: `extrapolation` for rows beyond the reference's
+        range (`_extrapolation`), and an unweighted window of more than `_LOSS_ROWS` rows runs the loss model on a random
+        sample of that many (drawn with `seed` and `_fingerprint(scores)`), whose own error is in `sampling_sd`."""
         s = self._check_scores(scores)
         w = self._check_weights(weights, len(s))
-        z, factor = _z(level), self._reference_factor(w, len(s))
+        z, factor = _z(level), self._reference_factor(w, len(s), self._coverage(s, w))
+        beyond = {}
         if self.task == "regression":
-            absolute, squared = self._losses(features, s)
-            values, sampling = _regression_values(absolute, squared, w, self.kurtosis or 3.0)
+            n, rows = len(s), None
+            if w is None and n > _LOSS_ROWS:      # a mean of per-row losses: a random sample of rows, its own error in the sd
+                rows = np.sort(np.random.default_rng([seed, _fingerprint(s)]).choice(n, _LOSS_ROWS, replace=False))
+            absolute, squared, x = self._losses(features, s, rows, matrix=True)
+            values, sampling = _regression_values(absolute, squared, w, self.kurtosis or 3.0, None if rows is None else n)
+            if band: beyond = self._extrapolation(x, w, values)
             top, confusion, labels = math.inf, None, None
         else:
             prep = self._prepare(s)
@@ -628,17 +766,35 @@ class PerformanceEstimator(BaseModel):
         metrics = {}
         for k, v in values.items():
             sampling_sd = sampling[k] if band else 0.0
-            sd = sampling_sd * factor
-            metrics[k] = MetricEstimate(metric=k, value=v, sd=sd, sampling_sd=sampling_sd, lower=max(v - z * sd, 0.0),
-                                        upper=min(v + z * sd, top))
+            sd, extra = sampling_sd * factor, beyond.get(k, 0.0)
+            metrics[k] = MetricEstimate(metric=k, value=v, sd=sd, sampling_sd=sampling_sd, extrapolation=extra,
+                                        lower=max(v - z * sd - extra, 0.0), upper=min(v + z * sd + extra, top))
         return Estimate(rows=len(s), level=level, metrics=metrics, confusion=confusion, labels=labels)
 
-    def _reference_factor(self, w: np.ndarray | None, n: int) -> float:
-        """√(1 + n_eff / reference_rows): the window's sampling sd widened by the reference's. The calibrators (or the loss
-        model) were fitted on `reference_rows` rows, and their error reaches every window's estimate at about the size the
-        metric's sd has at that many rows; without this, a million-row window would get a band far narrower than what the
-        reference can vouch for."""
-        return math.sqrt(1.0 + _n_eff(w, n) / self.reference_rows) if self.reference_rows else 1.0
+    def _reference_factor(self, w: np.ndarray | None, n: int, coverage: float = 1.0) -> float:
+        """√(1 + n_eff · coverage / reference_rows): the window's sampling sd widened by the reference's. The calibrators
+        (or the loss model) were fitted on `reference_rows` rows, and their error reaches every window's estimate at about
+        the size the metric's sd has at that many rows; without this, a million-row window would get a band far narrower
+        than what the reference can vouch for. `coverage` (`_coverage`, 1 for a window scored like the reference) divides
+        the reference's rows down to those that lie where the window's scores are."""
+        return math.sqrt(1.0 + _n_eff(w, n) * coverage / self.reference_rows) if self.reference_rows else 1.0
+
+    def _auc_columns(self, s: np.ndarray) -> list[np.ndarray]:
+        "The raw score column of each AUC class: binary the positive class's (the scores), multiclass every class's."
+        return [s] if self.task == "binary" else [s[:, c] for c in range(self._k())]
+
+    def _coverage(self, s: np.ndarray, w: np.ndarray | None) -> float:
+        """How thinly the reference covers this window's scores: Σ window share² / reference share over `_SHARE_BINS` score
+        bins (the reference's shares smoothed by half a row per bin), averaged over the AUC classes. It is 1 + χ² of the
+        window against the reference, and reference_rows / it is the Kish effective size of the reference reweighted to
+        the window's scores: the rows that vouch for the calibration where this window is. 1 when the estimator has no
+        shares (regression, older files)."""
+        if not self.reference_shares or self.task == "regression": return 1.0
+        n_ref, ratios = float(self.reference_rows), []
+        for column, reference in zip(self._auc_columns(s), self.reference_shares):
+            ref = (np.asarray(reference) * n_ref + 0.5) / (n_ref + 0.5 * _SHARE_BINS)
+            ratios.append(float(np.sum(_score_shares(column, w) ** 2 / ref)))
+        return max(float(np.mean(ratios)), 1.0)
 
     def point(self, scores, features: pd.DataFrame | None = None) -> Callable[[np.ndarray | None], float]:
         "A fast function row weights → the headline estimate (no band) for these scores: everything else is computed once here."
