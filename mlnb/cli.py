@@ -895,7 +895,7 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
                       scheduler: Optional[str] = typer.Option(None, help="Address of a dask.distributed scheduler (default: a local cluster)"),
                       workers: Optional[int] = typer.Option(None, min=1, help="Local cluster: worker processes (default: the CPU count)"),
                       threads: int = typer.Option(1, min=1, help="ONNX Runtime threads per worker"),
-                      rows_per_piece: int = typer.Option(500_000, min=1, help="Rows per task (whole row groups)"),
+                      rows_per_piece: Optional[int] = typer.Option(None, min=1, help="Rows per task (whole row groups; default: about a sixteenth of the input, 65,536 to 500,000)"),
                       keep: list[str] = typer.Option([], "--keep", help="Input columns to copy into the output (e.g. an id); repeatable"),
                       overwrite: bool = typer.Option(False, help="Replace a run of another input or model in --output"),
                       progress: bool = typer.Option(True, help="Show a progress bar"),

@@ -1,0 +1,81 @@
+"""Batch scoring at moderate sizes (issue 21, item 4): a run says where its time went, per phase on the client and summed
+over the workers; a local cluster's workers are forked with the scoring modules already imported (and without pandas);
+the default piece size follows the input alone, so a run resumed on another cluster plans the same pieces; an existing
+scheduler without workers is a ClusterError. Real LocalClusters with separate worker processes, real ONNX Runtime."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlnb.core.errors import ClusterError
+from mlnb.examples import toy_frame, toy_model
+from mlnb.model.onnx import OnnxModel
+from mlnb.pipeline.batch import batch_predict, plan_pieces
+from mlnb.serving.runtime import load_served_model
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    t = toy_model(d / "model", data=toy_frame(3000))
+    model = load_served_model(t.model, t.public_key, name="toy", version="1")
+    data = toy_frame(4000, seed=5).drop(columns="churn")
+    (d / "in").mkdir()
+    for i in range(4): data.iloc[i * 1000:(i + 1) * 1000].to_parquet(d / "in" / f"f{i}.parquet", row_group_size=250, index=False)
+    return t, model, data, d / "in"
+
+
+def test_a_run_reports_its_phases_and_a_rerun_on_another_cluster_size_finds_the_same_pieces_done(toy, tmp_path):
+    t, model, data, inputs = toy
+    r = batch_predict(model, inputs, tmp_path / "out", workers=2, progress=False)
+    assert (r.rows, r.scored, r.bad, r.workers) == (4000, 4000, 0, 2)
+    assert set(r.phases) == {"plan", "start", "setup", "scoring", "close", "summary"}, r.phases
+    assert set(r.worker_phases) == {"imports", "session", "read", "check", "score", "build", "write"}, r.worker_phases
+    assert all(v["wall"] >= 0 and v["cpu"] >= 0 for v in r.worker_phases.values())
+    assert r.worker_phases["score"]["cpu"] > 0 and r.worker_phases["session"]["wall"] > 0
+    busy = sum(r.worker_phases[k]["wall"] for k in ("read", "check", "score", "build", "write"))
+    assert busy <= 2 * r.phases["scoring"] + 0.05                        # the pieces ran inside the scoring window
+    assert abs(r.startup_seconds - r.phases["start"] - r.phases["setup"]) < 0.002
+    saved = json.loads((tmp_path / "out/_batch.json").read_text())
+    assert saved["worker_phases"]["score"] == r.worker_phases["score"]
+    out = pd.read_parquet(tmp_path / "out").sort_values(["source_file", "source_row"], key=lambda s: s.astype(str) if s.name == "source_file" else s)
+    assert np.allclose(out["probability_Yes"], OnnxModel(t.model).run(data)["probabilities"][:, 1], atol=1e-6)   # row for row
+    again = batch_predict(model, inputs, tmp_path / "out", workers=1, progress=False)       # another cluster size: the same plan
+    assert (again.pieces, again.pieces_run, again.scored, again.worker_phases) == (r.pieces, 0, 4000, {})
+
+
+def test_local_cluster_workers_are_forked_with_the_scoring_modules_imported_and_without_pandas(toy, tmp_path):
+    from dask.distributed import Client
+    from mlnb.pipeline.batch import _start_local_cluster
+    _, model, _, inputs = toy
+    r = batch_predict(model, inputs, tmp_path / "out", workers=2, progress=False)
+    assert r.worker_phases["imports"]["cpu"] < 0.2, r.worker_phases     # about 1 s of CPU a worker when each imports them itself
+    with _start_local_cluster(2) as cluster, Client(cluster) as client:
+        # a builtin, not a function of this module: unpickling one would import this module (and pandas) in the worker
+        loaded = client.run(eval, "{m: m in __import__('sys').modules for m in ('mlnb.pipeline.batch', 'onnxruntime', 'pandas', 'pydantic')}")
+        pids = client.run(os.getpid)
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()             # two worker processes
+    assert all(v == {"mlnb.pipeline.batch": True, "onnxruntime": True, "pandas": False, "pydantic": False} for v in loaded.values()), loaded
+
+
+def test_the_default_piece_size_follows_the_input_alone(tmp_path):
+    from mlnb.pipeline.batch import _piece_rows
+    pq.write_table(pa.table({"x": np.zeros(2_000_000, np.int8)}), tmp_path / "big.parquet", row_group_size=250_000)
+    files = [tmp_path / "big.parquet"]
+    assert _piece_rows(files) == 125_000
+    assert len(plan_pieces(files, _piece_rows(files))) == 8              # one row group each: two workers end within half a piece
+    pq.write_table(pa.table({"x": np.zeros(1000, np.int8)}), tmp_path / "small.parquet", row_group_size=100)
+    assert _piece_rows([tmp_path / "small.parquet"]) == 65_536
+
+
+def test_an_existing_scheduler_without_workers_is_a_cluster_error_before_anything_is_scored(toy, tmp_path):
+    from dask.distributed import LocalCluster
+    _, model, _, inputs = toy
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=None, host="127.0.0.1") as empty:
+        with pytest.raises(ClusterError, match="has no workers"):
+            batch_predict(model, inputs, tmp_path / "out", scheduler=empty.scheduler_address, progress=False)
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
