@@ -388,10 +388,13 @@ def _start_local_cluster(workers: int | None):
     """`mlnb.core.cluster.local_cluster` (mutual TLS on loopback), its worker processes forked from one server process that
     has imported `distributed`, this module and ONNX Runtime (multiprocessing's `forkserver`) instead of each starting a
     fresh interpreter and importing them again (`spawn`, Dask's default): the imports are paid once, not once per worker,
-    and a worker exits without an interpreter's teardown. The fork server is this process's: started the first time, reused."""
-    import dask
+    and a worker exits without an interpreter's teardown. The fork server is this process's: started the first time, reused.
+    It also imports the caller's main module, as `spawn` would in every worker; its socket is in a directory only this
+    user can open."""
+    import dask, multiprocessing
     from distributed.utils import get_mp_context
     from mlnb.core.cluster import local_cluster
+    if "forkserver" not in multiprocessing.get_all_start_methods(): return local_cluster(workers)      # Windows: spawn
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         # distributed sets its own preload list once per process; ours replaces it (it has no effect once the server runs)
         get_mp_context().set_forkserver_preload(["__main__", "distributed", "mlnb.pipeline.batch", "mlnb.model.onnx"])
