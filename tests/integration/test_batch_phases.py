@@ -79,3 +79,13 @@ def test_an_existing_scheduler_without_workers_is_a_cluster_error_before_anythin
         with pytest.raises(ClusterError, match="has no workers"):
             batch_predict(model, inputs, tmp_path / "out", scheduler=empty.scheduler_address, progress=False)
     assert not list((tmp_path / "out").glob("part-*.parquet"))
+
+
+@pytest.mark.slow
+def test_an_unreachable_scheduler_is_a_cluster_error_naming_it(toy, tmp_path):
+    import socket
+    _, model, _, inputs = toy
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); address = f"tcp://127.0.0.1:{s.getsockname()[1]}"    # nothing listens there once closed
+    with pytest.raises(ClusterError, match=f"cannot reach the Dask scheduler {address}"):
+        batch_predict(model, inputs, tmp_path / "out", scheduler=address, progress=False)
