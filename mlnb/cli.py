@@ -905,8 +905,9 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
     "Score a Parquet data set with the ONNX model on Dask."
     from mlnb.pipeline.batch import batch_predict, load_model
     cfg = load_config(params)
-    served = load_model(cfg, model, threads, user)
-    r = batch_predict(served, input, output, scheduler, workers, threads, rows_per_piece, tuple(keep), progress, overwrite)
+    # the model loads (registry, signature and approval checks) while a local cluster starts
+    r = batch_predict(lambda: load_model(cfg, model, threads, user), input, output, scheduler, workers, threads, rows_per_piece,
+                      tuple(keep), progress, overwrite)
     typer.echo(f"{r.model}: {r.scored:,} of {r.rows:,} rows scored into {r.output} ({r.pieces} pieces, {r.pieces_run} run now"
                + (f", {r.rows_per_second:,.0f} rows/s on {r.workers} workers)" if r.pieces_run else ")"))
     if r.bad: typer.echo(f"{r.bad:,} bad rows not scored: " + "; ".join(f"{k} ({v:,})" for k, v in r.bad_by_reason.items()) + f"; sample in {Path(r.output) / '_bad_rows.parquet'}")

@@ -400,6 +400,10 @@ def _start_local_cluster(workers: int | None):
         get_mp_context().set_forkserver_preload(["__main__", "distributed", "mlnb.pipeline.batch", "mlnb.model.onnx"])
         return local_cluster(workers)
 
+def _largest_first(todo: list[Piece]) -> list[Piece]:
+    "The pieces in the order they are handed out: largest first (ties in plan order), so a small piece, not a large one, ends the run."
+    return sorted(todo, key=lambda p: (-p.rows, p.index))
+
 def _client(scheduler: str | None, cluster):
     from dask.distributed import Client
     try: client = Client(cluster if cluster is not None else scheduler, timeout=30)   # a local cluster's client gets its TLS credentials from it
@@ -409,51 +413,70 @@ def _client(scheduler: str | None, cluster):
         raise ClusterError(f"the Dask scheduler {scheduler or cluster.scheduler_address} has no workers")
     return client
 
+def _close_unused(starting) -> None:
+    "Close a local cluster started in the background that the run did not use (or that failed to start: nothing to close)."
+    try: starting.result().close()
+    except Exception: pass
+
 def batch_predict(model, inputs: str | Path, output: str | Path, scheduler: str | None = None, workers: int | None = None,
                   threads: int = 1, rows_per_piece: int | None = None, keep: tuple[str, ...] = (), progress: bool = True,
                   overwrite: bool = False) -> BatchResult:
-    "Score `inputs` with a verified `ServedModel` on Dask into `output`; resume a run that stopped. Returns the summary."
+    """Score `inputs` with a verified `ServedModel` on Dask into `output`; resume a run that stopped. Returns the summary.
+    `model` may also be a function that loads one (as `mlnb batch-predict` passes): a local cluster then starts on a
+    thread of its own while it runs (the registry's client and the signature checks take about as long as the cluster)."""
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
-    began = time.perf_counter()
-    files, output = input_files(inputs), Path(output)
-    missing_keep = [k for k in keep if k in model.contract.name_set]
-    if missing_keep: raise BatchError(f"--keep {missing_keep}: already model inputs; keep names extra columns to carry into the output")
-    _check_columns(files, [*model.contract.names, *keep])
-    rows_per_piece = rows_per_piece or _piece_rows(files)
-    pieces = plan_pieces(files, rows_per_piece)
-    plan = {"files": fingerprint(files), "model_sha256": model.sha256, "rows_per_piece": rows_per_piece, "keep": list(keep), "pieces": len(pieces)}
-    batch_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
-    _prepare_output(output, plan, overwrite)
-    job = Job(tuple(str(f) for f in files), str(output), model.contract, model.name, model.version, model.sha256,
-              tuple(model.classes) if model.classes else None, batch_id, tuple(keep), threads)
-    todo = [p for p in pieces if not part_path(output, p.index).exists()]
-    start, run_rows, n_workers = time.perf_counter(), 0, 0
-    ready, phases, worker_phases = start, {"plan": start - began}, {}
-    if todo:
-        cluster = None if scheduler else _start_local_cluster(workers)
-        try:
-            client = _client(scheduler, cluster)
+    began, phases, starting = time.perf_counter(), {}, None
+    if callable(model) and scheduler is None:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mlnb-cluster")
+        starting = pool.submit(_start_local_cluster, workers); pool.shutdown(wait=False)
+    try:
+        if callable(model): model = model(); phases["load"] = time.perf_counter() - began
+        files, output = input_files(inputs), Path(output)
+        missing_keep = [k for k in keep if k in model.contract.name_set]
+        if missing_keep: raise BatchError(f"--keep {missing_keep}: already model inputs; keep names extra columns to carry into the output")
+        _check_columns(files, [*model.contract.names, *keep])
+        rows_per_piece = rows_per_piece or _piece_rows(files)
+        pieces = plan_pieces(files, rows_per_piece)
+        plan = {"files": fingerprint(files), "model_sha256": model.sha256, "rows_per_piece": rows_per_piece, "keep": list(keep), "pieces": len(pieces)}
+        batch_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+        _prepare_output(output, plan, overwrite)
+        job = Job(tuple(str(f) for f in files), str(output), model.contract, model.name, model.version, model.sha256,
+                  tuple(model.classes) if model.classes else None, batch_id, tuple(keep), threads)
+        todo = [p for p in pieces if not part_path(output, p.index).exists()]
+        start, run_rows, n_workers = time.perf_counter(), 0, 0
+        ready, worker_phases = start, {}
+        phases["plan"] = start - began - phases.get("load", 0.0)
+        if todo:
+            if starting is not None: cluster, starting = starting.result(), None     # from here on, closed below
+            else: cluster = None if scheduler else _start_local_cluster(workers)
             try:
-                n_workers = len(client.scheduler_info()["workers"])
-                phases["start"] = time.perf_counter() - start
-                client.register_plugin(SessionPlugin(verified_bytes(model), model.sha256, threads))   # every worker: imports, session
-                for s in client.run(_startup, model.sha256).values(): _add_phases(worker_phases, s)
-                ready = time.perf_counter(); phases["setup"] = ready - start - phases["start"]
-                futures = client.map(score_piece, todo, job=job, pure=False)
-                with tqdm(total=sum(p.rows for p in todo), unit="row", unit_scale=True, disable=not progress, desc="batch-predict") as bar:
-                    for f in as_completed(futures):
-                        stats = f.result(); run_rows += stats["rows"]; bar.update(stats["rows"])
-                        _add_phases(worker_phases, stats["phases"])
-                phases["scoring"] = time.perf_counter() - ready
-            finally: client.close()
-        finally:
-            closing = time.perf_counter()
-            if cluster is not None: cluster.close()
-            phases["close"] = time.perf_counter() - closing
+                client = _client(scheduler, cluster)
+                try:
+                    n_workers = len(client.scheduler_info()["workers"])
+                    phases["start"] = time.perf_counter() - start
+                    client.register_plugin(SessionPlugin(verified_bytes(model), model.sha256, threads))   # every worker: imports, session
+                    for s in client.run(_startup, model.sha256).values(): _add_phases(worker_phases, s)
+                    ready = time.perf_counter(); phases["setup"] = ready - start - phases["start"]
+                    order = _largest_first(todo)                  # the scheduler's priority, not submission order, decides what runs first
+                    futures = [client.submit(score_piece, p, job=job, pure=False, priority=len(order) - i) for i, p in enumerate(order)]
+                    with tqdm(total=sum(p.rows for p in todo), unit="row", unit_scale=True, disable=not progress, desc="batch-predict") as bar:
+                        for f in as_completed(futures):
+                            stats = f.result(); run_rows += stats["rows"]; bar.update(stats["rows"])
+                            _add_phases(worker_phases, stats["phases"])
+                    phases["scoring"] = time.perf_counter() - ready
+                finally: client.close()
+            finally:
+                closing = time.perf_counter()
+                if cluster is not None: cluster.close()
+                phases["close"] = time.perf_counter() - closing
+    finally:
+        if starting is not None: _close_unused(starting)
     summarizing = time.perf_counter()
     result = summarize(output, pieces, batch_id, f"{model.name} v{model.version}", len(todo), summarizing - start, ready - start,
                        run_rows, n_workers, phases=phases, worker_phases=worker_phases)
     phases["summary"] = time.perf_counter() - summarizing
     result.phases["summary"] = round(phases["summary"], 4)
     return result
+

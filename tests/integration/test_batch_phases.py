@@ -89,3 +89,45 @@ def test_an_unreachable_scheduler_is_a_cluster_error_naming_it(toy, tmp_path):
         s.bind(("127.0.0.1", 0)); address = f"tcp://127.0.0.1:{s.getsockname()[1]}"    # nothing listens there once closed
     with pytest.raises(ClusterError, match=f"cannot reach the Dask scheduler {address}"):
         batch_predict(model, inputs, tmp_path / "out", scheduler=address, progress=False)
+
+
+
+def test_pieces_are_handed_out_largest_first_so_a_short_piece_ends_the_run(toy, tmp_path):
+    t, model, data, _ = toy
+    (tmp_path / "in").mkdir()
+    data.iloc[:1100].to_parquet(tmp_path / "in/a.parquet", row_group_size=500, index=False)      # pieces of 500, 500, 100 rows
+    data.iloc[1100:3000].to_parquet(tmp_path / "in/b.parquet", row_group_size=950, index=False)  # 950, 950
+    batch_predict(model, tmp_path / "in", tmp_path / "out", workers=1, rows_per_piece=1, progress=False)
+    parts = sorted((tmp_path / "out").glob("part-*.parquet"), key=lambda p: p.stat().st_mtime_ns)    # one worker: the order run
+    assert [pq.read_metadata(p).num_rows for p in parts] == [950, 950, 500, 500, 100]
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in (3, 4, 0, 1, 2)]          # ties in plan order
+
+
+def test_given_a_loader_the_local_cluster_starts_while_the_model_loads_and_is_closed_if_loading_fails(toy, tmp_path):
+    import time
+    import psutil
+    _, model, _, inputs = toy
+    def workers_appear() -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if psutil.Process().children(recursive=True): return True          # the fork server, then the workers
+            time.sleep(0.05)
+        return False
+    seen = {}
+    def loader():
+        seen["started while loading"] = workers_appear()
+        return model
+    r = batch_predict(loader, inputs, tmp_path / "out", workers=2, progress=False)
+    assert seen == {"started while loading": True} and r.scored == 4000 and r.workers == 2
+    assert set(r.phases) == {"load", "plan", "start", "setup", "scoring", "close", "summary"}, r.phases
+    def refused():
+        workers_appear()
+        raise ValueError("signature does not verify")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="signature does not verify"):
+        batch_predict(refused, inputs, tmp_path / "out2", workers=2, progress=False)
+    assert not (tmp_path / "out2").exists()
+    time.sleep(1.0)
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    workers = [p for p in new if p.ppid() != os.getpid()]          # the fork server and the resource tracker stay: this process's
+    assert not workers, [(p.pid, p.ppid()) for p in workers]       # the cluster it started is closed: no worker left
