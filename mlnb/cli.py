@@ -895,7 +895,7 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
                       scheduler: Optional[str] = typer.Option(None, help="Address of a dask.distributed scheduler (default: a local cluster)"),
                       workers: Optional[int] = typer.Option(None, min=1, help="Local cluster: worker processes (default: the CPU count)"),
                       threads: int = typer.Option(1, min=1, help="ONNX Runtime threads per worker"),
-                      rows_per_piece: int = typer.Option(500_000, min=1, help="Rows per task (whole row groups)"),
+                      rows_per_piece: Optional[int] = typer.Option(None, min=1, help="Rows per task (whole row groups; default: about a sixteenth of the input, 65,536 to 500,000)"),
                       keep: list[str] = typer.Option([], "--keep", help="Input columns to copy into the output (e.g. an id); repeatable"),
                       overwrite: bool = typer.Option(False, help="Replace a run of another input or model in --output"),
                       progress: bool = typer.Option(True, help="Show a progress bar"),
@@ -905,8 +905,9 @@ def batch_predict_cmd(input: str = typer.Option(..., "--input", help="A Parquet 
     "Score a Parquet data set with the ONNX model on Dask."
     from mlnb.pipeline.batch import batch_predict, load_model
     cfg = load_config(params)
-    served = load_model(cfg, model, threads, user)
-    r = batch_predict(served, input, output, scheduler, workers, threads, rows_per_piece, tuple(keep), progress, overwrite)
+    # the model loads (registry, signature and approval checks) while a local cluster starts
+    r = batch_predict(lambda: load_model(cfg, model, threads, user), input, output, scheduler, workers, threads, rows_per_piece,
+                      tuple(keep), progress, overwrite)
     typer.echo(f"{r.model}: {r.scored:,} of {r.rows:,} rows scored into {r.output} ({r.pieces} pieces, {r.pieces_run} run now"
                + (f", {r.rows_per_second:,.0f} rows/s on {r.workers} workers)" if r.pieces_run else ")"))
     if r.bad: typer.echo(f"{r.bad:,} bad rows not scored: " + "; ".join(f"{k} ({v:,})" for k, v in r.bad_by_reason.items()) + f"; sample in {Path(r.output) / '_bad_rows.parquet'}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import pandas as pd
+# pandas is imported where a DataFrame is fed (`feed`): a batch worker feeds arrays and never imports it (a second of its start-up)
 
 # %% auto #0
 __all__ = ['OnnxModel']
@@ -32,6 +32,7 @@ class OnnxModel:
 
     def feed(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         "Graph inputs from the DataFrame's columns (missing categories become '', an unseen category)."
+        import pandas as pd
         out = {}
         for name, typ in self.inputs.items():
             values = df[name].to_numpy()

@@ -7,25 +7,26 @@ Docs: https://mlnb.github.io/mlnb/11_pipeline/batch.html.md"""
 # %% ../../nbs/11_pipeline/02_batch.ipynb #e01a177e
 from __future__ import annotations
 import glob, hashlib, json, os, time
+_IMPORT_STARTED = time.perf_counter(), time.process_time(), os.getpid()
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..core.config import write_json
-from ..core.errors import BatchError
+from ..core.errors import BatchError, ClusterError
 from ..serving.protocol import Contract
+# what importing this module cost (wall, CPU) in the process that did it: a worker's share of its start-up
+_IMPORTED = time.perf_counter() - _IMPORT_STARTED[0], time.process_time() - _IMPORT_STARTED[1], _IMPORT_STARTED[2]
 
 # %% auto #0
-__all__ = ['input_files', 'Piece', 'plan_pieces', 'fingerprint', 'check_rows', 'Job', 'worker_session', 'SessionPlugin',
-           'part_path', 'predictions_table', 'score_piece', 'BatchResult', 'piece_stats', 'summarize', 'load_model',
-           'verified_bytes', 'batch_predict']
+__all__ = ['PIECE_ROWS', 'input_files', 'Piece', 'plan_pieces', 'fingerprint', 'check_rows', 'Job', 'worker_session',
+           'SessionPlugin', 'part_path', 'predictions_table', 'score_piece', 'BatchResult', 'piece_stats', 'summarize',
+           'load_model', 'verified_bytes', 'batch_predict']
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #fe65150f
 def input_files(spec: str | Path) -> list[Path]:
@@ -74,7 +75,8 @@ def _number_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, str | 
     missing = pc.is_null(col).to_numpy(zero_copy_only=False)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type) or pa.types.is_decimal(col.type):
         return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), missing, None
-    values = pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)   # numbers stored as text
+    import pandas as pd                                                                                      # numbers stored as text: rare
+    values = pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     return values, missing, "not a number"
 
 def _string_column(col: pa.ChunkedArray, categories: frozenset | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -93,12 +95,14 @@ def _string_column(col: pa.ChunkedArray, categories: frozenset | None) -> tuple[
     known = None if categories is None else pc.is_in(arr, value_set=pa.array(sorted(categories))).to_numpy(zero_copy_only=False) & ~missing
     return pc.fill_null(arr, "").to_numpy(zero_copy_only=False).astype(object, copy=False), missing, known
 
+def _fine(reason: np.ndarray) -> np.ndarray: return np.equal(reason, None)
+
 def check_rows(table: pa.Table, contract: Contract) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int]]:
     "ONNX inputs for every row (bad rows filled), a reason per row (None when the row is fine), unknown-category counts."
     n = table.num_rows
     reason = np.full(n, None, dtype=object)
     def flag(mask, text):
-        if mask.any(): reason[mask & pd.isna(reason)] = text
+        if mask.any(): reason[mask & _fine(reason)] = text
     feed, unknown = {}, {}
     for c in contract.columns:
         col = table.column(c.name)
@@ -135,20 +139,42 @@ class Job:
     bad_sample: int = 100           # bad rows kept per piece
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #abd0d749
-_SESSIONS: dict = {}
+_SESSIONS: dict = {}        # this process's sessions, by model SHA-256, outside a Dask worker
+_STARTUP: dict = {}         # and what it spent on imports and on creating each (wall, CPU)
 
-def worker_session(model: bytes, sha: str, threads: int):
+def _stores(worker=None) -> tuple[dict, dict]:
+    """Where this process keeps its sessions: in a Dask worker, on the worker object, which every copy of this code shares
+    however it reached the worker (imported, or pickled by value from a notebook); elsewhere, this module's dicts."""
+    if worker is None:
+        try:
+            from distributed import get_worker
+            worker = get_worker()                              # in a task
+        except (ImportError, ValueError): return _SESSIONS, _STARTUP
+    return worker.__dict__.setdefault("_mlnb_sessions", {}), worker.__dict__.setdefault("_mlnb_startup", {})
+
+def worker_session(model: bytes | None, sha: str, threads: int, worker=None):
     "This process's ONNX Runtime session for the model (one per worker, made by `SessionPlugin` when the worker starts)."
-    from mlnb.model.onnx import OnnxModel
-    if sha not in _SESSIONS: _SESSIONS[sha] = OnnxModel(model, threads=threads)
-    return _SESSIONS[sha]
+    sessions, startup = _stores(worker)
+    if sha not in sessions:
+        if model is None: raise BatchError(f"no ONNX Runtime session for model {sha[:12]} in this worker: its SessionPlugin did not run")
+        w, c = time.perf_counter(), time.process_time()
+        from mlnb.model.onnx import OnnxModel                 # imports ONNX Runtime
+        w1, c1 = time.perf_counter(), time.process_time()
+        sessions[sha] = OnnxModel(model, threads=threads)
+        own = _IMPORTED[2] == os.getpid()                      # a worker forked from a process that had imported this module inherits it
+        startup[sha] = {"imports": {"wall": round((_IMPORTED[0] if own else 0) + w1 - w, 4), "cpu": round((_IMPORTED[1] if own else 0) + c1 - c, 4)},
+                        "session": {"wall": round(time.perf_counter() - w1, 4), "cpu": round(time.process_time() - c1, 4)}}
+    return sessions[sha]
+
+def _startup(sha: str, dask_worker=None) -> dict: return _stores(dask_worker)[1].get(sha, {})
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #49066bb3
 class SessionPlugin(WorkerPlugin):
-    "Creates each worker's session when it starts or joins, before any piece: the imports and the session are start-up, not scoring."
+    """Creates each worker's session when it starts or joins (a restarted worker too), before any piece: the imports and the
+    session are start-up, not scoring. The plugin carries the model's bytes, so tasks carry none."""
     name = "mlnb-onnx-session"
     def __init__(self, model: bytes, sha: str, threads: int): self.model, self.sha, self.threads = model, sha, threads
-    def setup(self, worker): worker_session(self.model, self.sha, self.threads)
+    def setup(self, worker): worker_session(self.model, self.sha, self.threads, worker)
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #32d0f16a
 def part_path(output: str | Path, index: int) -> Path: return Path(output) / f"part-{index:05d}.parquet"
@@ -160,15 +186,16 @@ def _constant(value: str, n: int) -> pa.Array:
 def _label_column(labels: np.ndarray, classes: list[str]) -> pa.Array:
     "The graph's labels as a dictionary column over `classes` (or over the labels seen, when the file names no classes)."
     labels = np.asarray(labels).ravel().astype(str)
-    codes = pd.Index(classes).get_indexer(labels)
+    seen, inverse = np.unique(labels, return_inverse=True)
+    where = {c: i for i, c in enumerate(classes)}
+    codes = np.array([where.get(s, -1) for s in seen], dtype=np.int32)[inverse]
     if (codes < 0).any(): return pa.array(labels, pa.string()).dictionary_encode()
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(classes))
 
 def predictions_table(job: Job, outputs: dict[str, np.ndarray], ids: np.ndarray, piece: Piece, rows: np.ndarray, kept: pa.Table) -> pa.Table:
     "The output rows: id, source, kept columns, prediction, probabilities, model name and version."
     n = len(ids)
-    cols = {"prediction_id": pc.binary_join_element_wise(pa.array(np.full(n, f"{job.batch_id}-", dtype=object), pa.string()),
-                                                         pc.cast(pa.array(ids), pa.string()), ""),
+    cols = {"prediction_id": pc.binary_join_element_wise(pa.scalar(f"{job.batch_id}-"), pc.cast(pa.array(ids, pa.int64()), pa.string()), ""),
             "source_file": _constant(job.files[piece.file], n), "source_row": pa.array(rows, pa.int64())}
     for k in job.keep: cols[k] = kept.column(k)
     if "probabilities" in outputs:
@@ -185,46 +212,72 @@ def predictions_table(job: Job, outputs: dict[str, np.ndarray], ids: np.ndarray,
 def _no_outputs(session, job: Job) -> dict[str, np.ndarray]:
     return {o: np.empty((0, len(job.classes or [0, 1])), np.float32) if o == "probabilities" else np.empty((0,)) for o in session.outputs}
 
-def score_piece(piece: Piece, job: Job, model: bytes) -> dict:
-    "Read, check, score and write one piece, `chunk_rows` at a time; its statistics (also stored in the part file's metadata)."
-    start = time.perf_counter()
-    session = worker_session(model, job.model_sha256, job.threads)
+class _Phases:
+    "Wall and CPU seconds per phase, summed over the times it is entered. CPU is `time.process_time`: the whole process (Arrow's threads too)."
+    def __init__(self): self.wall, self.cpu, self._name = {}, {}, None
+    def __call__(self, name: str): self._name = name; return self
+    def __enter__(self): self._enter = (self._name, time.perf_counter(), time.process_time())
+    def __exit__(self, *exc):
+        name, w, c = self._enter
+        self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+    def to_dict(self) -> dict: return {k: {"wall": round(self.wall[k], 4), "cpu": round(self.cpu[k], 4)} for k in self.wall}
+
+def _bad_sample(table: pa.Table, take: np.ndarray, reason: np.ndarray, file: str, first: int):
+    import pandas as pd                                      # only a piece with bad rows pays for importing pandas
+    return table.take(take).to_pandas().astype(str).assign(reason=reason[take].astype(str), source_file=file, source_row=first + take)
+
+def score_piece(piece: Piece, job: Job, model: bytes | None = None) -> dict:
+    """Read, check, score and write one piece, `chunk_rows` at a time; its statistics (also stored in the part file's metadata),
+    and the wall and CPU seconds of its phases: `session` (finding the worker's session), `read` (Parquet decoding, only the
+    columns the model and `keep` need), `check` (the row checks and building the ONNX inputs), `score` (`session.run`),
+    `build` (the output rows) and `write` (the part file, zstd)."""
+    start, phase = time.perf_counter(), _Phases()
+    with phase("session"): session = worker_session(model, job.model_sha256, job.threads)    # on a worker: the plugin's
     columns = list(dict.fromkeys([*job.contract.names, *job.keep]))
     strings = [c.name for c in job.contract.strings]
-    source = pq.ParquetFile(job.files[piece.file], read_dictionary=strings)    # strings as Parquet stores them: dictionary-encoded
+    with phase("read"):
+        source = pq.ParquetFile(job.files[piece.file], read_dictionary=strings)    # strings as Parquet stores them: dictionary-encoded
+        # one decoding thread: a worker is one core's worth of work (its siblings use the others)
+        batches = source.iter_batches(batch_size=job.chunk_rows, row_groups=list(piece.row_groups), columns=columns, use_threads=False)
     tables, samples, rows, by_reason, unknown = [], [], 0, {}, {}
-    for batch in source.iter_batches(batch_size=job.chunk_rows, row_groups=list(piece.row_groups), columns=columns):
-        table = pa.Table.from_batches([batch])
-        feed, reason, unk = check_rows(table, job.contract)
-        good = pd.isna(reason)
-        idx, bad = np.flatnonzero(good), np.flatnonzero(~good)
-        inputs = feed if not len(bad) else {k: v[idx] for k, v in feed.items()}
-        wanted = session.outputs                                       # label (the decision) and probabilities, or the value
-        outputs = dict(zip(wanted, session.session.run(wanted, inputs))) if len(idx) else _no_outputs(session, job)
-        tables.append(predictions_table(job, outputs, piece.offset + rows + idx, piece, piece.first_row + rows + idx, table.select(list(job.keep)).take(idx)))
-        for k, v in unk.items(): unknown[k] = unknown.get(k, 0) + v
-        if len(bad):
-            for k, v in pd.Series(reason[bad]).value_counts().items(): by_reason[str(k)] = by_reason.get(str(k), 0) + int(v)
-            room = job.bad_sample - sum(map(len, samples))
-            if room > 0:
-                take = bad[:room]
-                samples.append(table.take(take).to_pandas().astype(str).assign(reason=reason[take].astype(str), source_file=job.files[piece.file],
-                                                                                source_row=piece.first_row + rows + take))
+    while True:
+        with phase("read"):
+            batch = next(batches, None)
+            table = None if batch is None else pa.Table.from_batches([batch])
+        if table is None: break
+        with phase("check"):
+            feed, reason, unk = check_rows(table, job.contract)
+            good = _fine(reason)
+            idx, bad = np.flatnonzero(good), np.flatnonzero(~good)
+            inputs = feed if not len(bad) else {k: v[idx] for k, v in feed.items()}
+        with phase("score"):
+            wanted = session.outputs                                       # label (the decision) and probabilities, or the value
+            outputs = dict(zip(wanted, session.session.run(wanted, inputs))) if len(idx) else _no_outputs(session, job)
+        with phase("build"):
+            tables.append(predictions_table(job, outputs, piece.offset + rows + idx, piece, piece.first_row + rows + idx, table.select(list(job.keep)).take(idx)))
+            for k, v in unk.items(): unknown[k] = unknown.get(k, 0) + v
+            if len(bad):
+                for k, v in zip(*np.unique(reason[bad].astype(str), return_counts=True)): by_reason[str(k)] = by_reason.get(str(k), 0) + int(v)
+                room = job.bad_sample - sum(map(len, samples))
+                if room > 0: samples.append(_bad_sample(table, bad[:room], reason, job.files[piece.file], piece.first_row + rows))
         rows += table.num_rows
     scored = sum(t.num_rows for t in tables)
     stats = {"piece": piece.index, "rows": rows, "scored": scored, "bad": rows - scored, "bad_by_reason": by_reason,
              "unknown_categories": unknown, "seconds": round(time.perf_counter() - start, 4)}
     final = part_path(job.output, piece.index)
-    if samples:
-        bad_dir = final.parent / "_bad"; bad_dir.mkdir(exist_ok=True)
-        pd.concat(samples, ignore_index=True).to_parquet(bad_dir / f"bad-{piece.index:05d}.parquet", index=False)
-    out = pa.concat_tables(tables).replace_schema_metadata({b"mlnb.batch": json.dumps(stats).encode()})
-    tmp = final.with_name(f".{final.name}.tmp")
-    # dictionary pages only for the columns that are dictionaries (ids and probabilities would only pay for trying); zstd:
-    # a third of snappy's size here, and with that choice faster to write than the defaults
-    pq.write_table(out, tmp, compression="zstd", use_dictionary=[f.name for f in out.schema if pa.types.is_dictionary(f.type)])
-    os.replace(tmp, final)
-    return stats
+    with phase("write"):
+        if samples:
+            import pandas as pd
+            bad_dir = final.parent / "_bad"; bad_dir.mkdir(exist_ok=True)
+            pd.concat(samples, ignore_index=True).to_parquet(bad_dir / f"bad-{piece.index:05d}.parquet", index=False)
+        out = pa.concat_tables(tables).replace_schema_metadata({b"mlnb.batch": json.dumps(stats).encode()})
+        tmp = final.with_name(f".{final.name}.tmp")
+        # dictionary pages only for the columns that are dictionaries (ids and probabilities would only pay for trying); zstd:
+        # a third of snappy's size here, and with that choice faster to write than the defaults
+        pq.write_table(out, tmp, compression="zstd", use_dictionary=[f.name for f in out.schema if pa.types.is_dictionary(f.type)])
+        os.replace(tmp, final)
+    return {**stats, "seconds": round(time.perf_counter() - start, 4), "phases": phase.to_dict()}
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #472313c2
 @dataclass
@@ -243,6 +296,8 @@ class BatchResult:
     startup_seconds: float = 0.0    # of which: starting (or connecting to) the cluster and sending the model
     rows_per_second: float = 0.0    # rows of the pieces run here, over the scoring time (seconds - startup_seconds)
     workers: int = 0
+    phases: dict = field(default_factory=dict)          # this run's wall seconds on the client: plan, start, setup, scoring, close, summary
+    worker_phases: dict = field(default_factory=dict)   # summed over the workers and the pieces run: {phase: {"wall": s, "cpu": s}}
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -268,14 +323,23 @@ def _prepare_output(output: Path, plan: dict, overwrite: bool) -> None:
             for p in [*output.glob("part-*.parquet"), *output.glob("_bad/*.parquet")]: p.unlink()
     elif output.exists() and any(output.glob("part-*.parquet")) and not overwrite:
         raise BatchError(f"{output}: holds part files without a plan; choose another output directory or pass --overwrite")
+    from mlnb.core.config import write_json
     try:
         output.mkdir(parents=True, exist_ok=True)
         write_json(plan, plan_path)
     except OSError as e: raise BatchError(f"{output}: cannot write the output: {e.strerror or e}") from None
 
+def _add_phases(total: dict, phases: dict) -> dict:
+    for k, v in phases.items():
+        t = total.setdefault(k, {"wall": 0.0, "cpu": 0.0})
+        t["wall"], t["cpu"] = round(t["wall"] + v["wall"], 4), round(t["cpu"] + v["cpu"], 4)
+    return total
+
 def summarize(output: Path, pieces: list[Piece], batch_id: str, model: str, ran: int, seconds: float, startup: float, run_rows: int,
-              workers: int, sample_rows: int = 1000) -> BatchResult:
+              workers: int, sample_rows: int = 1000, phases: dict | None = None, worker_phases: dict | None = None) -> BatchResult:
     "Sum the parts' statistics; gather the bad-row samples into `_bad_rows.parquet`; write `_batch.json`."
+    import pandas as pd
+    from mlnb.core.config import write_json
     stats = [piece_stats(part_path(output, p.index)) for p in pieces]
     by_reason, unknown = {}, {}
     for s in stats:
@@ -283,7 +347,8 @@ def summarize(output: Path, pieces: list[Piece], batch_id: str, model: str, ran:
         for k, v in s["unknown_categories"].items(): unknown[k] = unknown.get(k, 0) + v
     result = BatchResult(str(output), batch_id, model, len(pieces), ran, sum(s["rows"] for s in stats), sum(s["scored"] for s in stats),
                          sum(s["bad"] for s in stats), by_reason, unknown, round(seconds, 3), round(startup, 3),
-                         round(run_rows / (seconds - startup), 1) if run_rows else 0.0, workers)
+                         round(run_rows / (seconds - startup), 1) if run_rows else 0.0, workers,
+                         {k: round(v, 4) for k, v in (phases or {}).items()}, worker_phases or {})
     samples = sorted((output / "_bad").glob("bad-*.parquet"))
     if samples: pd.concat([pd.read_parquet(p) for p in samples], ignore_index=True).head(sample_rows).to_parquet(output / "_bad_rows.parquet", index=False)
     else: (output / "_bad_rows.parquet").unlink(missing_ok=True)
@@ -312,50 +377,106 @@ def verified_bytes(model) -> bytes:
     return data
 
 # %% ../../nbs/11_pipeline/02_batch.ipynb #32810878
-def _local_cluster(workers: int):
-    """A `LocalCluster` of `workers` single-threaded processes on loopback, speaking mutual TLS with a throw-away CA and
-    certificate (`Security.temporary()`, kept in memory): another local user can neither connect to its scheduler or
-    workers nor read the model bytes scattered to them. Its dashboard (HTTP): loopback, any free port."""
-    from dask.distributed import LocalCluster
-    from distributed.security import Security
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", security=Security.temporary(),
-                        dashboard_address="127.0.0.1:0", silence_logs=40)
+PIECE_ROWS = (65_536, 500_000)       # the automatic piece size: about a sixteenth of the input, within these bounds
+
+def _piece_rows(files: list[Path]) -> int:
+    "Rows per piece for `rows_per_piece=None`: from the input's size alone (not the workers'), so a resumed run plans the same pieces."
+    total = sum(pq.read_metadata(f).num_rows for f in files)
+    return min(PIECE_ROWS[1], max(PIECE_ROWS[0], -(-total // 16)))
+
+def _start_local_cluster(workers: int | None):
+    """`mlnb.core.cluster.local_cluster` (mutual TLS on loopback), its worker processes forked from one server process that
+    has imported `distributed`, this module and ONNX Runtime (multiprocessing's `forkserver`) instead of each starting a
+    fresh interpreter and importing them again (`spawn`, Dask's default): the imports are paid once, not once per worker,
+    and a worker exits without an interpreter's teardown. The fork server is this process's: started the first time, reused.
+    It also imports the caller's main module, as `spawn` would in every worker; its socket is in a directory only this
+    user can open."""
+    import dask, multiprocessing
+    from distributed.utils import get_mp_context
+    from mlnb.core.cluster import local_cluster
+    if "forkserver" not in multiprocessing.get_all_start_methods(): return local_cluster(workers)      # Windows: spawn
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        # distributed sets its own preload list once per process; ours replaces it (it has no effect once the server runs)
+        get_mp_context().set_forkserver_preload(["__main__", "distributed", "mlnb.pipeline.batch", "mlnb.model.onnx"])
+        return local_cluster(workers)
+
+def _largest_first(todo: list[Piece]) -> list[Piece]:
+    "The pieces in the order they are handed out: largest first (ties in plan order), so a small piece, not a large one, ends the run."
+    return sorted(todo, key=lambda p: (-p.rows, p.index))
+
+def _client(scheduler: str | None, cluster):
+    from dask.distributed import Client
+    try: client = Client(cluster if cluster is not None else scheduler, timeout=30)   # a local cluster's client gets its TLS credentials from it
+    except (OSError, TimeoutError) as e: raise ClusterError(f"cannot reach the Dask scheduler {scheduler}: {type(e).__name__}: {e}") from None
+    if not client.scheduler_info().get("workers"):
+        client.close()
+        raise ClusterError(f"the Dask scheduler {scheduler or cluster.scheduler_address} has no workers")
+    return client
+
+def _close_unused(starting) -> None:
+    "Close a local cluster started in the background that the run did not use (or that failed to start: nothing to close)."
+    try: starting.result().close()
+    except Exception: pass
 
 def batch_predict(model, inputs: str | Path, output: str | Path, scheduler: str | None = None, workers: int | None = None,
-                  threads: int = 1, rows_per_piece: int = 500_000, keep: tuple[str, ...] = (), progress: bool = True,
+                  threads: int = 1, rows_per_piece: int | None = None, keep: tuple[str, ...] = (), progress: bool = True,
                   overwrite: bool = False) -> BatchResult:
-    "Score `inputs` with a verified `ServedModel` on Dask into `output`; resume a run that stopped. Returns the summary."
-    from dask.distributed import Client, as_completed
+    """Score `inputs` with a verified `ServedModel` on Dask into `output`; resume a run that stopped. Returns the summary.
+    `model` may also be a function that loads one (as `mlnb batch-predict` passes): a local cluster then starts on a
+    thread of its own while it runs (the registry's client and the signature checks take about as long as the cluster)."""
+    from dask.distributed import as_completed
     from tqdm.auto import tqdm
-    files, output = input_files(inputs), Path(output)
-    missing_keep = [k for k in keep if k in model.contract.name_set]
-    if missing_keep: raise BatchError(f"--keep {missing_keep}: already model inputs; keep names extra columns to carry into the output")
-    _check_columns(files, [*model.contract.names, *keep])
-    pieces = plan_pieces(files, rows_per_piece)
-    plan = {"files": fingerprint(files), "model_sha256": model.sha256, "rows_per_piece": rows_per_piece, "keep": list(keep), "pieces": len(pieces)}
-    batch_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
-    _prepare_output(output, plan, overwrite)
-    job = Job(tuple(str(f) for f in files), str(output), model.contract, model.name, model.version, model.sha256,
-              tuple(model.classes) if model.classes else None, batch_id, tuple(keep), threads)
-    todo = [p for p in pieces if not part_path(output, p.index).exists()]
-    start, run_rows, n_workers = time.perf_counter(), 0, 0
-    ready = start
-    if todo:
-        cluster = None if scheduler else _local_cluster(workers or os.cpu_count() or 1)
-        client = Client(scheduler or cluster)             # a local cluster's client gets its TLS credentials from it
-        try:
-            n_workers = len(client.scheduler_info()["workers"])
-            if n_workers == 0: raise BatchError(f"the Dask scheduler {scheduler} has no workers")
-            data = verified_bytes(model)
-            client.register_plugin(SessionPlugin(data, model.sha256, threads))
-            model_bytes = client.scatter(data, broadcast=True, hash=False)
-            ready = time.perf_counter()
-            futures = client.map(score_piece, todo, job=job, model=model_bytes, pure=False)
-            with tqdm(total=sum(p.rows for p in todo), unit="row", unit_scale=True, disable=not progress, desc="batch-predict") as bar:
-                for f in as_completed(futures):
-                    stats = f.result(); run_rows += stats["rows"]; bar.update(stats["rows"])
-        finally:
-            client.close()
-            if cluster is not None: cluster.close()
-    return summarize(output, pieces, batch_id, f"{model.name} v{model.version}", len(todo), time.perf_counter() - start, ready - start,
-                     run_rows, n_workers)
+    began, phases, starting = time.perf_counter(), {}, None
+    if callable(model) and scheduler is None:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mlnb-cluster")
+        starting = pool.submit(_start_local_cluster, workers); pool.shutdown(wait=False)
+    try:
+        if callable(model): model = model(); phases["load"] = time.perf_counter() - began
+        files, output = input_files(inputs), Path(output)
+        missing_keep = [k for k in keep if k in model.contract.name_set]
+        if missing_keep: raise BatchError(f"--keep {missing_keep}: already model inputs; keep names extra columns to carry into the output")
+        _check_columns(files, [*model.contract.names, *keep])
+        rows_per_piece = rows_per_piece or _piece_rows(files)
+        pieces = plan_pieces(files, rows_per_piece)
+        plan = {"files": fingerprint(files), "model_sha256": model.sha256, "rows_per_piece": rows_per_piece, "keep": list(keep), "pieces": len(pieces)}
+        batch_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+        _prepare_output(output, plan, overwrite)
+        job = Job(tuple(str(f) for f in files), str(output), model.contract, model.name, model.version, model.sha256,
+                  tuple(model.classes) if model.classes else None, batch_id, tuple(keep), threads)
+        todo = [p for p in pieces if not part_path(output, p.index).exists()]
+        start, run_rows, n_workers = time.perf_counter(), 0, 0
+        ready, worker_phases = start, {}
+        phases["plan"] = start - began - phases.get("load", 0.0)
+        if todo:
+            if starting is not None: cluster, starting = starting.result(), None     # from here on, closed below
+            else: cluster = None if scheduler else _start_local_cluster(workers)
+            try:
+                client = _client(scheduler, cluster)
+                try:
+                    n_workers = len(client.scheduler_info()["workers"])
+                    phases["start"] = time.perf_counter() - start
+                    client.register_plugin(SessionPlugin(verified_bytes(model), model.sha256, threads))   # every worker: imports, session
+                    for s in client.run(_startup, model.sha256).values(): _add_phases(worker_phases, s)
+                    ready = time.perf_counter(); phases["setup"] = ready - start - phases["start"]
+                    order = _largest_first(todo)                  # the scheduler's priority, not submission order, decides what runs first
+                    futures = [client.submit(score_piece, p, job=job, pure=False, priority=len(order) - i) for i, p in enumerate(order)]
+                    with tqdm(total=sum(p.rows for p in todo), unit="row", unit_scale=True, disable=not progress, desc="batch-predict") as bar:
+                        for f in as_completed(futures):
+                            stats = f.result(); run_rows += stats["rows"]; bar.update(stats["rows"])
+                            _add_phases(worker_phases, stats["phases"])
+                    phases["scoring"] = time.perf_counter() - ready
+                finally: client.close()
+            finally:
+                closing = time.perf_counter()
+                if cluster is not None: cluster.close()
+                phases["close"] = time.perf_counter() - closing
+    finally:
+        if starting is not None: _close_unused(starting)
+    summarizing = time.perf_counter()
+    result = summarize(output, pieces, batch_id, f"{model.name} v{model.version}", len(todo), summarizing - start, ready - start,
+                       run_rows, n_workers, phases=phases, worker_phases=worker_phases)
+    phases["summary"] = time.perf_counter() - summarizing
+    result.phases["summary"] = round(phases["summary"], 4)
+    return result
+

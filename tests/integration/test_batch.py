@@ -96,6 +96,8 @@ def test_the_cli_runs_on_an_explicit_scheduler_with_two_worker_processes_and_wri
         assert np.allclose(read_output(tmp_path / "out")["probability_Yes"], expected(signed / "model.onnx", spec, frames), atol=1e-6)
         html = (tmp_path / "out/_report/08_batch.html").read_text()
         assert "image/png" in html and "9000.0" in html          # the plot, and the scores described
+        assert "worker phase (summed over workers)" in html and "imports" in html                  # where the time went
+        assert summary["phases"]["scoring"] > 0 and summary["worker_phases"]["score"]["cpu"] > 0
     finally:
         for p in (workers, scheduler):
             os.killpg(p.pid, signal.SIGTERM); p.wait(30)

@@ -2,7 +2,7 @@
 scattered to its workers cannot be read, nor tasks submitted, by another local process that finds the port."""
 import pytest
 
-from mlnb.pipeline.batch import _local_cluster
+from mlnb.core.cluster import local_cluster as _local_cluster
 
 
 def test_the_local_cluster_speaks_tls_and_refuses_plain_and_foreign_clients():
