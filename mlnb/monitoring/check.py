@@ -400,8 +400,8 @@ class WindowPlan:
 
 _FIXED_READ = (LogColumns.TIMESTAMP, LogColumns.VARIANT, LogColumns.MODEL_VERSION, LogColumns.MODEL_NAME)
 
-def _read_window(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pd.DataFrame:
-    "The window's served rows of one log file (decrypted in memory if sealed), `wanted` columns only (None: all), inputs renamed."
+def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pa.Table:
+    "The window's served rows of one log file (decrypted in memory if sealed), `wanted` columns only (None: all)."
     import pyarrow.compute as pc
     file = pq.ParquetFile(open_log_file(path, keys, "predictions"))
     names = file.schema_arrow.names
@@ -415,19 +415,28 @@ def _read_window(path, keys: LogKeys | None, since, until, wanted: set[str] | No
     if LogColumns.VARIANT in table.column_names:                               # shadow copies are a challenger's, not the traffic's
         served = pc.fill_null(pc.not_equal(table.column(LogColumns.VARIANT), "shadow"), True)
         mask = served if mask is None else pc.and_(mask, served)
-    return LogColumns.with_input_names((table if mask is None else table.filter(mask)).to_pandas())
+    return table if mask is None else table.filter(mask)
+
+def _read_window(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pd.DataFrame:
+    "`_read_table` as a `window_frame`: inputs under their own names."
+    return LogColumns.with_input_names(_read_table(path, keys, since, until, wanted, threads).to_pandas(use_threads=threads))
 
 def file_versions(path, keys: LogKeys | None = None, since=None, until=None) -> tuple[list[str], dict[str, list]]:
     """One log file's columns (inputs under their own names) and, per version that served rows of the window in it, in
     the order they appear: [rows, the model name last logged for it] (the first pass: which references are needed)."""
     file = pq.ParquetFile(open_log_file(path, keys, "predictions"))
     columns = [c.removeprefix(LogColumns.INPUT) for c in file.schema_arrow.names]
-    rows = _read_window(path, keys, since, until, set(_FIXED_READ), threads=False)
-    versions = rows["model_version"].astype(str) if "model_version" in rows else pd.Series("unknown", index=rows.index)
-    names = rows["model_name"].astype(str) if "model_name" in rows else pd.Series(None, index=rows.index, dtype=object)
-    counts = versions.value_counts(sort=False)
-    last = dict(zip(versions, names))
-    return columns, {v: [int(counts[v]), last[v]] for v in dict.fromkeys(versions)}
+    import pyarrow.compute as pc
+    rows = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False)
+    if rows.num_rows == 0: return columns, {}
+    if "model_version" not in rows.column_names: return columns, {"unknown": [rows.num_rows, None]}
+    versions = pc.cast(rows.column("model_version"), pa.string())
+    names = rows.column("model_name") if "model_name" in rows.column_names else None
+    out = {}
+    for entry in pc.value_counts(versions).to_pylist():                  # in order of first appearance
+        last = pc.indices_nonzero(pc.equal(versions, entry["values"]))[-1].as_py()
+        out[str(entry["values"])] = [entry["counts"], None if names is None else names[last].as_py()]
+    return columns, out
 
 def summarize_file(path, plan: WindowPlan, keys: LogKeys | None = None, feedback_ids=None,
                    threads: bool = True) -> dict[str, VersionPart]:

@@ -55,7 +55,7 @@ class CurrentSummary:
             for k, v in value_counts(present).items(): self.categories[k] = self.categories.get(k, 0) + v
             return
         x = present.to_numpy(dtype=float)
-        self.sum += float(x.sum()); self.sumsq += float(np.dot(x, x))
+        self.sum += float(x.sum()); self.sumsq += float(np.square(x).sum())   # not np.dot: BLAS sums in an order that depends on its threads
         self.psi_counts += bin_counts(x, np.asarray(self.ref.psi_edges))
         if self.ref.values is not None:
             self.at_or_below += np.bincount(np.searchsorted(self.points, x, side="left"), minlength=len(self.points) + 1)
