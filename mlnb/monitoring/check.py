@@ -375,7 +375,11 @@ def _part_of(rows: pd.DataFrame, vp: VersionPlan, feedback_ids=None) -> VersionP
         part.prediction = CurrentSummary(vp.prediction.columns["prediction"])
         part.prediction.update(pd.Series(rows[vp.score].to_numpy(float)) if vp.score in rows else absent)
     if feedback_ids is not None and C.LABEL in rows and C.PREDICTION_ID in rows:
-        part.labelled.append(rows.loc[rows[C.PREDICTION_ID].isin(feedback_ids), [C.PREDICTION_ID, C.TIMESTAMP, C.LABEL]])
+        logged = pa.array(rows[C.PREDICTION_ID])              # a hash set of the ids in Arrow: pandas' isin loops over them in Python
+        wanted = feedback_ids if isinstance(feedback_ids, pa.Array) else pa.array(list(feedback_ids), pa.string())
+        import pyarrow.compute as pc
+        mask = pc.fill_null(pc.is_in(logged, value_set=wanted.cast(logged.type)), False).to_numpy(zero_copy_only=False)
+        part.labelled.append(rows.loc[mask, [C.PREDICTION_ID, C.TIMESTAMP, C.LABEL]])
     if vp.keep: part.kept.append(rows.reindex(columns=vp.keep))
     return part
 
@@ -540,7 +544,7 @@ def _check_part(part: VersionPart, vp: VersionPlan, feedback: pd.DataFrame | Non
 def _feedback_ids(feedback: pd.DataFrame | None):
     "The prediction ids that have feedback: the per-file step keeps only their rows for online accuracy."
     if feedback is None or not len(feedback) or LogColumns.PREDICTION_ID not in feedback: return None
-    return pd.Index(feedback[LogColumns.PREDICTION_ID].dropna().unique())
+    return pa.array(pd.Series(feedback[LogColumns.PREDICTION_ID].dropna().unique()).astype(str), pa.string())
 
 def _empty_part(vp: VersionPlan) -> VersionPart:
     return VersionPart(0, {c: CurrentSummary(p) for c, p in vp.features.columns.items()},
