@@ -12,7 +12,8 @@ prediction-drift summary and the labelled rows of a 1% feedback share), merged i
 - `1 process, one core`: no client: one file at a time in this process, Arrow's threads limited to one (as each worker
   has; as `benchmarks/batch_bench.py` measures its ceiling). The goal's baseline. `1 process, Arrow's threads`: the same
   with Arrow decoding on all cores, as `mlnb monitor` without a cluster runs: shown beside it.
-- `2 workers`: `mlnb.core.cluster.local_cluster(2)` (what `monitor.cluster: local` starts: TLS, one thread a worker);
+- `2 workers`: the cluster `monitor.cluster: local` starts (`mlnb.core.cluster.local_cluster`: TLS, one thread a worker,
+  here 2 workers; Dask's stack sampler off and glibc's malloc trimming left at its default, `_WORKER_SETTINGS`);
   "summaries" counts from a running cluster, "with start" adds starting it. Each process (this one, each worker) first
   summarises one file untimed: its first call costs about 1 s of CPU once (imports, lazy set-up), start-up rather than
   throughput; "with start" includes the workers' warm-up.
@@ -125,12 +126,10 @@ def main() -> None:
     rows, nfiles = (2_000_000, 8) if args.quick else (args.rows, args.files)
     sys.path.insert(0, str(ROOT))
     import pandas as pd
-    from dask.distributed import Client
-    from mlnb.core.cluster import local_cluster
     from mlnb.core.config import MonitorConfig
     from mlnb.data.ingest import synthesize
     from mlnb.features.spec import Profile
-    from mlnb.monitoring.check import WindowPlan, _feedback_ids, version_plan
+    from mlnb.monitoring.check import WindowPlan, _feedback_ids, _monitor_client, version_plan
     from mlnb.predlog.log import log_files
 
     files = log_files(log_dir(rows, nfiles))
@@ -155,7 +154,7 @@ def main() -> None:
         single[name] = {"first": first, "second": second, "total": first + second, "client": alone.own, "cores": cores, "cpu": cpu}
     t = time.perf_counter()
     with PeakRss() as mem:
-        with local_cluster(2) as cluster, Client(cluster) as client:
+        with _monitor_client("local", 2) as client:       # the cluster `monitor.cluster: local` starts
             client.run(_warm, str(files[0]), plan)       # each worker's first-call costs: start-up, as the batch benchmark counts them
             started = time.perf_counter() - t
             first, second, _, there, cpu = run(files, plan, ids, client)
