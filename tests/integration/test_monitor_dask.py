@@ -3,6 +3,7 @@
 the same latest.json with and without the cluster, and the same drift as summarising the concatenated window at once."""
 import contextlib
 import json
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -15,8 +16,8 @@ from mlnb.data.ingest import synthesize
 from mlnb.features.spec import model_frame
 from mlnb.model.bundle import file_version
 from mlnb.model.onnx import OnnxModel
-from mlnb.monitoring.check import (WindowPlan, _feedback_ids, _plans, run_monitor, summarize_window, version_references,
-                                   window_frame, window_versions)
+from mlnb.monitoring.check import (WindowPlan, _feedback_ids, _plans, estimated_performance, online_performance, run_monitor,
+                                   summarize_window, version_references, window_frame, window_versions)
 from mlnb.predlog.log import (FeedbackEntry, ParquetLog, PredictionEntry, add_log_key, feedback_table, log_files,
                               log_keys, prediction_table, read_feedback, read_log)
 from mlnb.stats.drift import drift_report
@@ -119,6 +120,13 @@ def test_per_file_summaries_on_a_cluster_equal_the_in_process_run(onnx_models, s
         latest_local = json.loads((tmp_path / "monitoring/latest.json").read_text())
         remote = run_monitor(cfg, since=since, until=until, model_path="served/model.onnx", client=client)
         latest_remote = json.loads((tmp_path / "monitoring/latest.json").read_text())
+        # the row-level checks on the rows gathered from the files are those of the whole window read at once, exactly
+        ref, m = references[version], cfg.monitor
+        mine = window[window["model_version"] == version]
+        assert local.estimation == estimated_performance(mine, feedback, ref.estimator, features, m.estimation,
+                                                         local.drift["drifted_columns"])
+        assert local.multivariate == ref.multivariate.check(mine, m.estimation.multivariate_z).model_dump()
+        assert local.performance == asdict(online_performance(mine, feedback, ref.evaluation.accuracy, ref.evaluation.rows, m))
     assert latest_local == latest_remote and local.to_dict() == remote.to_dict()
     assert local.rows == FILES * ROWS and local.verdict and latest_local["drift"]["dataset_drift"] in (True, False)
     assert "tenure" in latest_local["drift"]["drifted_columns"]
