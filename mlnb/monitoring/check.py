@@ -404,8 +404,9 @@ class WindowPlan:
 
 _FIXED_READ = (LogColumns.TIMESTAMP, LogColumns.VARIANT, LogColumns.MODEL_VERSION, LogColumns.MODEL_NAME)
 
-def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pa.Table:
-    "The window's served rows of one log file (decrypted in memory if sealed), `wanted` columns only (None: all)."
+def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> tuple[pa.Table, list[str]]:
+    """The window's served rows of one log file (decrypted in memory if sealed, once), `wanted` columns only (None: all),
+    and the names of all the file's columns."""
     import pyarrow.compute as pc
     file = pq.ParquetFile(open_log_file(path, keys, "predictions"))
     names = file.schema_arrow.names
@@ -419,19 +420,18 @@ def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | Non
     if LogColumns.VARIANT in table.column_names:                               # shadow copies are a challenger's, not the traffic's
         served = pc.fill_null(pc.not_equal(table.column(LogColumns.VARIANT), "shadow"), True)
         mask = served if mask is None else pc.and_(mask, served)
-    return table if mask is None else table.filter(mask)
+    return (table if mask is None else table.filter(mask)), names
 
 def _read_window(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pd.DataFrame:
     "`_read_table` as a `window_frame`: inputs under their own names."
-    return LogColumns.with_input_names(_read_table(path, keys, since, until, wanted, threads).to_pandas(use_threads=threads))
+    return LogColumns.with_input_names(_read_table(path, keys, since, until, wanted, threads)[0].to_pandas(use_threads=threads))
 
 def file_versions(path, keys: LogKeys | None = None, since=None, until=None) -> tuple[list[str], dict[str, list]]:
     """One log file's columns (inputs under their own names) and, per version that served rows of the window in it, in
     the order they appear: [rows, the model name last logged for it] (the first pass: which references are needed)."""
-    file = pq.ParquetFile(open_log_file(path, keys, "predictions"))
-    columns = [c.removeprefix(LogColumns.INPUT) for c in file.schema_arrow.names]
     import pyarrow.compute as pc
-    rows = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False)
+    rows, names = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False)
+    columns = [c.removeprefix(LogColumns.INPUT) for c in names]
     if rows.num_rows == 0: return columns, {}
     if "model_version" not in rows.column_names: return columns, {"unknown": [rows.num_rows, None]}
     versions = pc.cast(rows.column("model_version"), pa.string())
