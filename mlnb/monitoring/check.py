@@ -6,30 +6,35 @@ Docs: https://mlnb.github.io/mlnb/10_monitoring/check.html.md"""
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #59a4feda
 from __future__ import annotations
-import json, logging
+import contextlib, json, logging, math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..core.config import Config, EstimationConfig, MonitorConfig, Paths, staged_outputs, write_json
-from ..core.errors import ConfigError, DataError
+from ..core.cluster import dask_client
+from ..core.errors import ClusterError, ConfigError, DataError
 from ..features.spec import Profile, value_counts
-from ..predlog.log import LogColumns, join_feedback
+from ..predlog.log import LogColumns, LogKeys, is_sealed, join_feedback, log_files, open_log_file
 from ..stats.decisions import proportion_test
 from ..model.bundle import (BundleError, Evaluation, FILES, VersionBundle, FILE_VERSION, file_version, load_scores,
                                output_scores, save_scores)
-from ..stats.drift import DriftReport, drift_report
+from ..stats.drift import CurrentSummary, DriftReport, drift_report, summary_report
 from ..stats.estimate import PerformanceEstimator
 from ..stats.multivariate import ReconstructionDrift, drift_impact
 
 # %% auto #0
 __all__ = ['log', 'MIN_REALIZED', 'window_frame', 'output_column', 'Performance', 'online_performance', 'window_scores',
            'estimated_performance', 'MonitorResult', 'column_stats', 'append_history', 'alerts_for', 'alert_kinds',
-           'send_alert', 'gauge_families', 'MonitorCollector', 'push_gauges', 'check_window', 'reference_scores',
-           'Reference', 'bundle_reference', 'file_reference', 'version_references', 'check_versions', 'run_monitor']
+           'send_alert', 'gauge_families', 'MonitorCollector', 'push_gauges', 'VersionPlan', 'version_plan',
+           'VersionPart', 'WindowPlan', 'file_versions', 'summarize_file', 'window_versions', 'summarize_window',
+           'summary_stats', 'check_window', 'reference_scores', 'Reference', 'bundle_reference', 'file_reference',
+           'version_references', 'check_versions', 'run_monitor']
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #fbf5c2f1
 log = logging.getLogger("mlnb.monitor")
@@ -312,6 +317,240 @@ def push_gauges(url: str, result: MonitorResult, job: str = "mlnb_monitor", time
     registry = CollectorRegistry(); registry.register(_Once())
     push_to_gateway(url, job=job, registry=registry, timeout=timeout)
 
+# %% ../../nbs/10_monitoring/05_check.ipynb #db2f8162
+@dataclass
+class VersionPlan:
+    "What the per-file step computes for one checked version: its drift summaries' grids, and which rows' columns it keeps."
+    features: Profile                     # the version's feature columns that the log has (no target)
+    prediction: Profile | None = None     # the profile of its reference scores (None: no prediction drift)
+    score: str | None = None              # the logged column prediction drift reads
+    keep: list[str] = field(default_factory=list)   # columns estimation and multivariate drift read, per row ([]: none)
+
+def version_plan(profile: Profile, columns: list[str], cfg: MonitorConfig, reference_scores: np.ndarray | None = None,
+                 positive: str | None = None, estimator: PerformanceEstimator | None = None,
+                 multivariate: ReconstructionDrift | None = None) -> VersionPlan:
+    "The plan for one version's rows of a window whose log has `columns` (input columns under their own names)."
+    features = Profile({c: p for c, p in profile.columns.items() if c != profile.target and c in columns}, profile.rows)
+    score = output_column(pd.DataFrame(columns=columns), positive)
+    prediction = (Profile.from_frame(pd.DataFrame({"prediction": reference_scores}))
+                  if reference_scores is not None and score is not None else None)
+    keep = []
+    if cfg.estimation.enabled and (estimator is not None or multivariate is not None):
+        wanted = [LogColumns.PREDICTION_ID, LogColumns.VALUE, *LogColumns.proba_columns(columns), *features.columns,
+                  *(getattr(estimator, "loss_inputs", None) or []), *(multivariate.columns if multivariate is not None else [])]
+        keep = [c for c in dict.fromkeys(wanted) if c in columns]
+    return VersionPlan(features, prediction, score, keep)
+
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #d92a29e6
+@dataclass
+class VersionPart:
+    "What one log file (or any part of a window) adds to one version's checks; the parts of a window merge in file order."
+    rows: int
+    columns: dict[str, CurrentSummary]          # drift, per feature, on the version's reference grid
+    prediction: CurrentSummary | None = None    # prediction drift
+    labelled: list[pd.DataFrame] = field(default_factory=list)   # id, timestamp, label of the rows with feedback
+    kept: list[pd.DataFrame] = field(default_factory=list)       # the plan's `keep` columns, every row
+
+    def merge(self, other: "VersionPart") -> "VersionPart":
+        "Add `other`'s counts to this part's (exactly: see `CurrentSummary.merge`) and its rows after this part's; this part."
+        self.rows += other.rows
+        for c, s in self.columns.items(): s.merge(other.columns[c])
+        if self.prediction is not None: self.prediction.merge(other.prediction)
+        self.labelled += other.labelled; self.kept += other.kept
+        return self
+
+    def frame(self, which: str) -> pd.DataFrame | None:
+        "The labelled or kept rows as one frame (None: none were kept)."
+        frames = getattr(self, which)
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+def _part_of(rows: pd.DataFrame, vp: VersionPlan, feedback_ids=None) -> VersionPart:
+    "One version's rows (of a `window_frame`) as its part: the summaries, the labelled rows and the kept columns."
+    C, n = LogColumns, len(rows)
+    absent = pd.Series([None] * n, index=rows.index, dtype=object)       # a column an older file does not have: missing
+    part = VersionPart(n, {c: CurrentSummary(p) for c, p in vp.features.columns.items()})
+    for c, s in part.columns.items(): s.update(rows[c] if c in rows else absent)
+    if vp.prediction is not None:
+        part.prediction = CurrentSummary(vp.prediction.columns["prediction"])
+        part.prediction.update(pd.Series(rows[vp.score].to_numpy(float)) if vp.score in rows else absent)
+    if feedback_ids is not None and C.LABEL in rows and C.PREDICTION_ID in rows:
+        logged = pa.array(rows[C.PREDICTION_ID])              # a hash set of the ids in Arrow: pandas' isin loops over them in Python
+        wanted = feedback_ids if isinstance(feedback_ids, pa.Array) else pa.array(list(feedback_ids), pa.string())
+        import pyarrow.compute as pc
+        mask = pc.fill_null(pc.is_in(logged, value_set=wanted.cast(logged.type)), False).to_numpy(zero_copy_only=False)
+        part.labelled.append(rows.loc[mask, [C.PREDICTION_ID, C.TIMESTAMP, C.LABEL]])
+    if vp.keep: part.kept.append(rows.reindex(columns=vp.keep))
+    return part
+
+def _summarize_rows(window: pd.DataFrame, plan: dict[str, VersionPlan], feedback_ids=None) -> dict[str, VersionPart]:
+    "Each planned version's part of `window` (a `window_frame`), for the versions that served rows of it."
+    versions = (window["model_version"].astype(str) if "model_version" in window else pd.Series("unknown", index=window.index)).to_numpy()
+    out = {}
+    for version, vp in plan.items():
+        mask = versions == version
+        n = int(mask.sum())
+        if n: out[version] = _part_of(window if n == len(window) else window[mask], vp, feedback_ids)
+    return out
+
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #7e9a78d6
+@dataclass
+class WindowPlan:
+    "The per-file step's instructions: the window's bounds and each checked version's plan."
+    since: datetime | None
+    until: datetime | None
+    versions: dict[str, VersionPlan] = field(default_factory=dict)
+
+_FIXED_READ = (LogColumns.TIMESTAMP, LogColumns.VARIANT, LogColumns.MODEL_VERSION, LogColumns.MODEL_NAME)
+
+def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> tuple[pa.Table, list[str]]:
+    """The window's served rows of one log file (decrypted in memory if sealed, once), `wanted` columns only (None: all),
+    and the names of all the file's columns."""
+    import pyarrow.compute as pc
+    file = pq.ParquetFile(open_log_file(path, keys, "predictions"))
+    names = file.schema_arrow.names
+    columns = None if wanted is None else [c for c in names if c in wanted or c.removeprefix(LogColumns.INPUT) in wanted]
+    table = file.read(columns=columns, use_threads=threads)
+    at, mask = table.column(LogColumns.TIMESTAMP), None
+    for bound, op in ((since, pc.greater_equal), (until, pc.less)):
+        if bound is not None:
+            cut = op(at, pa.scalar(bound, pa.timestamp("us", tz="UTC")))
+            mask = cut if mask is None else pc.and_(mask, cut)
+    if LogColumns.VARIANT in table.column_names:                               # shadow copies are a challenger's, not the traffic's
+        served = pc.fill_null(pc.not_equal(table.column(LogColumns.VARIANT), "shadow"), True)
+        mask = served if mask is None else pc.and_(mask, served)
+    return (table if mask is None else table.filter(mask)), names
+
+def _read_window(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pd.DataFrame:
+    "`_read_table` as a `window_frame`: inputs under their own names."
+    return LogColumns.with_input_names(_read_table(path, keys, since, until, wanted, threads)[0].to_pandas(use_threads=threads))
+
+def file_versions(path, keys: LogKeys | None = None, since=None, until=None) -> tuple[list[str], dict[str, list]]:
+    """One log file's columns (inputs under their own names) and, per version that served rows of the window in it, in
+    the order they appear: [rows, the model name last logged for it] (the first pass: which references are needed)."""
+    import pyarrow.compute as pc
+    rows, names = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False)
+    columns = [c.removeprefix(LogColumns.INPUT) for c in names]
+    if rows.num_rows == 0: return columns, {}
+    if "model_version" not in rows.column_names: return columns, {"unknown": [rows.num_rows, None]}
+    versions = pc.cast(rows.column("model_version"), pa.string())
+    names = rows.column("model_name") if "model_name" in rows.column_names else None
+    out = {}
+    for entry in pc.value_counts(versions).to_pylist():                  # in order of first appearance
+        last = pc.indices_nonzero(pc.equal(versions, entry["values"]))[-1].as_py()
+        out[str(entry["values"])] = [entry["counts"], None if names is None else names[last].as_py()]
+    return columns, out
+
+def summarize_file(path, plan: WindowPlan, keys: LogKeys | None = None, feedback_ids=None,
+                   threads: bool = True) -> dict[str, VersionPart]:
+    "One log file's part of the window, per planned version (the per-file step: here, or on a Dask worker)."
+    C = LogColumns
+    wanted = {C.TIMESTAMP, C.VARIANT, C.MODEL_VERSION, C.PREDICTION_ID, C.LABEL}
+    for vp in plan.versions.values(): wanted |= {*vp.features.columns, *vp.keep, *([vp.score] if vp.score else [])}
+    return _summarize_rows(_read_window(path, keys, plan.since, plan.until, wanted, threads), plan.versions, feedback_ids)
+
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #500fe6be
+def _in_order(client, futures):
+    "Each future's result in the order given, released once taken (the workers run ahead; the client holds one part)."
+    for f in futures:
+        yield f.result()
+        f.release()
+
+def _secure_for_keys(client, keys: LogKeys | None) -> None:
+    address = client.scheduler.address
+    if keys is not None and not address.startswith(("tls://", "inproc://")):
+        raise ClusterError(f"the prediction log is encrypted and the Dask scheduler {address} does not speak TLS: "
+                           "its workers would receive the log keys and decrypted rows in the clear; use a tls:// scheduler "
+                           "(monitor.cluster: local is one) or unset monitor.cluster")
+
+def _map_files(client, function, files: list, keys: LogKeys | None, **kwargs):
+    "`function(file, keys=..., **kwargs)` per file: in this process (client None), or on the client's workers."
+    if client is None: return (function(f, keys=keys, **kwargs) for f in files)
+    _secure_for_keys(client, keys)
+    simple = (bool, int, float, str, datetime, type(None))
+    shared = {k: v if isinstance(v, simple) else client.scatter(v, broadcast=True, hash=False) for k, v in kwargs.items()}
+    if keys is not None:            # to open sealed files (and refuse plain ones): sent straight to the workers, not via the scheduler
+        shared["keys"] = client.scatter(keys, broadcast=True, direct=True, hash=False)
+    return _in_order(client, client.map(function, [str(f) for f in files], pure=False, **shared))
+
+def window_versions(files: list, keys: LogKeys | None = None, since=None, until=None, client=None) -> tuple[list[str], dict[str, list]]:
+    "The window's columns (in order of first appearance) and [rows, model name] per version, over all `files`."
+    columns, versions = {}, {}
+    for cols, seen in _map_files(client, file_versions, files, keys, since=since, until=until):
+        columns.update(dict.fromkeys(cols))
+        for v, (n, name) in seen.items():
+            old = versions.setdefault(v, [0, name]); old[0] += n; old[1] = name
+    return list(columns), versions
+
+def summarize_window(files: list, plan: WindowPlan, keys: LogKeys | None = None, feedback_ids=None,
+                     client=None) -> dict[str, VersionPart]:
+    """Every file's part of the window (`summarize_file`), on the client's Dask workers or, with no client, one file at a
+    time here, merged in file order: the same result either way, and memory bounded by a file (plus the kept rows)."""
+    merged: dict[str, VersionPart] = {}
+    kwargs = {"plan": plan, "feedback_ids": feedback_ids}
+    if client is not None: kwargs["threads"] = False         # a worker is one thread; the files are the parallelism
+    for part in _map_files(client, summarize_file, files, keys, **kwargs):
+        for version, p in part.items(): merged[version] = merged[version].merge(p) if version in merged else p
+    return merged
+
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #217a12f3
+def summary_stats(summaries: dict[str, CurrentSummary], report: DriftReport) -> pd.DataFrame:
+    "Per-feature statistics of the window from its summaries, beside the drift result (what `column_stats` gives from rows)."
+    rows = []
+    for c in report.columns:
+        s, numeric = summaries[c.column], c.kind == "numeric"
+        n, total = s.rows, s.rows + s.missing
+        mean = s.sum / n if numeric and n else None
+        std = math.sqrt(max(s.sumsq - s.sum * s.sum / n, 0.0) / (n - 1)) if numeric and n > 1 else None
+        counts = None if numeric else pd.Series(s.categories, dtype=float).sort_values(ascending=False) / max(n, 1)
+        rows.append({"column": c.column, "kind": c.kind, "rows": int(n), "missing_share": s.missing / total if total else 0.0,
+                     "mean": (float("nan") if mean is None else mean) if numeric else None,
+                     "std": (float("nan") if std is None else std) if numeric else None,
+                     "top": None if numeric or counts.empty else str(counts.index[0]), "top_share": None if numeric or counts.empty else float(counts.iloc[0]),
+                     "test": c.test, "statistic": c.statistic, "threshold": c.threshold, "drifted": c.drifted})
+    return pd.DataFrame(rows)
+
+
+# %% ../../nbs/10_monitoring/05_check.ipynb #fdc3b8c6
+def _check_part(part: VersionPart, vp: VersionPlan, feedback: pd.DataFrame | None, cfg: MonitorConfig, start: str, end: str,
+                evaluation: Evaluation | dict | None = None, estimator: PerformanceEstimator | None = None,
+                multivariate: ReconstructionDrift | None = None) -> tuple[MonitorResult, pd.DataFrame | None]:
+    "One version's checks from its merged part of the window: drift from the summaries, the rest from the rows kept."
+    verdict = part.rows >= cfg.min_rows
+    drift = stats = prediction = estimation = joint = None
+    if verdict:
+        features = vp.features
+        overrides = {c: o.model_dump(exclude_none=True) for c, o in cfg.columns.items() if c in features.columns}
+        report = summary_report(features, part.columns, part.rows, overrides, cfg.drift_share, cfg.psi)
+        drift, stats = report.to_dict(), summary_stats(part.columns, report)
+        if vp.prediction is not None:
+            prediction = asdict(summary_report(vp.prediction, {"prediction": part.prediction}, part.rows, psi_all=cfg.psi).columns[0])
+        kept = part.frame("kept")
+        if cfg.estimation.enabled and estimator is not None and kept is not None:
+            estimation = estimated_performance(kept, feedback, estimator, features, cfg.estimation, report.drifted_columns)
+        if cfg.estimation.enabled and multivariate is not None and kept is not None:
+            joint = multivariate.check(kept, cfg.estimation.multivariate_z).model_dump()
+    evaluation = evaluation if isinstance(evaluation, Evaluation) else Evaluation.model_validate(evaluation or {})
+    labelled = part.frame("labelled")
+    perf = online_performance(labelled if labelled is not None else pd.DataFrame(), feedback, evaluation.accuracy, evaluation.rows, cfg)
+    result = MonitorResult(start, end, part.rows, verdict, drift, prediction, asdict(perf), [],
+                           estimation=estimation, multivariate=joint)
+    result.alerts = alerts_for(result)
+    return result, stats
+
+def _feedback_ids(feedback: pd.DataFrame | None):
+    "The prediction ids that have feedback: the per-file step keeps only their rows for online accuracy."
+    if feedback is None or not len(feedback) or LogColumns.PREDICTION_ID not in feedback: return None
+    return pa.array(pd.Series(feedback[LogColumns.PREDICTION_ID].dropna().unique()).astype(str), pa.string())
+
+def _empty_part(vp: VersionPlan) -> VersionPart:
+    return VersionPart(0, {c: CurrentSummary(p) for c, p in vp.features.columns.items()},
+                       None if vp.prediction is None else CurrentSummary(vp.prediction.columns["prediction"]))
+
+
 # %% ../../nbs/10_monitoring/05_check.ipynb #7ac6cfbf
 def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: Profile, cfg: MonitorConfig, start: str, end: str,
                  reference_scores: np.ndarray | None = None, evaluation: Evaluation | dict | None = None,
@@ -319,29 +558,12 @@ def check_window(window: pd.DataFrame, feedback: pd.DataFrame | None, profile: P
                  multivariate: ReconstructionDrift | None = None) -> tuple[MonitorResult, pd.DataFrame | None]:
     """Drift, prediction drift, online accuracy, and (with an estimator and a multivariate reference) estimated
     performance and multivariate drift of one window against one reference; the result and the per-feature statistics
-    (None without a verdict)."""
+    (None without a verdict). The window is summarised as one part, by the code a run applies to each log file."""
     window = window_frame(window)
-    verdict = len(window) >= cfg.min_rows
-    drift = stats = prediction = estimation = joint = None
-    if verdict:
-        features = Profile({c: p for c, p in profile.columns.items() if c != profile.target and c in window}, profile.rows)
-        overrides = {c: o.model_dump(exclude_none=True) for c, o in cfg.columns.items() if c in features.columns}
-        report = drift_report(features, window[list(features.columns)], overrides, cfg.drift_share, cfg.psi)
-        drift, stats = report.to_dict(), column_stats(window, report)
-        score = output_column(window, positive)
-        if reference_scores is not None and score is not None:
-            ref = Profile.from_frame(pd.DataFrame({"prediction": reference_scores}))
-            prediction = asdict(drift_report(ref, pd.DataFrame({"prediction": window[score].to_numpy(float)}), psi_all=cfg.psi).columns[0])
-        if cfg.estimation.enabled and estimator is not None:
-            estimation = estimated_performance(window, feedback, estimator, features, cfg.estimation, report.drifted_columns)
-        if cfg.estimation.enabled and multivariate is not None:
-            joint = multivariate.check(window, cfg.estimation.multivariate_z).model_dump()
-    evaluation = evaluation if isinstance(evaluation, Evaluation) else Evaluation.model_validate(evaluation or {})
-    perf = online_performance(window, feedback, evaluation.accuracy, evaluation.rows, cfg)
-    result = MonitorResult(start, end, len(window), verdict, drift, prediction, asdict(perf), [],
-                           estimation=estimation, multivariate=joint)
-    result.alerts = alerts_for(result)
-    return result, stats
+    vp = version_plan(profile, list(window.columns), cfg, reference_scores, positive, estimator, multivariate)
+    part = _part_of(window, vp, _feedback_ids(feedback))
+    return _check_part(part, vp, feedback, cfg, start, end, evaluation, estimator, multivariate)
+
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #190ae92f
 def reference_scores(paths: Paths, model_path: Path, positive, spec_path: str | Path | None = None) -> np.ndarray:
@@ -494,20 +716,23 @@ def _not_checked(version: str, ref: Reference, rows: int) -> dict:
             "estimation": None, "multivariate": None, "alerts": [f"{kind} {version}: {rows} rows not checked ({ref.problem})"]}
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #3c172e7a
-def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, references: dict[str, Reference],
-                   cfg: MonitorConfig, start: str, end: str) -> tuple[MonitorResult, pd.DataFrame | None]:
-    "Each version's rows of the window against its own reference: one section per version, alerts naming it."
-    window = window_frame(predictions)
-    unnamed = pd.Series("unknown", index=window.index)
-    versions = window["model_version"].astype(str) if "model_version" in window else unnamed
+def _plans(references: dict[str, Reference], columns: list[str], cfg: MonitorConfig) -> dict[str, VersionPlan]:
+    return {v: version_plan(r.profile, columns, cfg, r.scores, r.positive, r.estimator, r.multivariate)
+            for v, r in references.items() if r.profile is not None}
+
+def _check_parts(counts: dict[str, int], parts: dict[str, VersionPart], plans: dict[str, VersionPlan],
+                 references: dict[str, Reference], feedback: pd.DataFrame | None, cfg: MonitorConfig, start: str,
+                 end: str) -> tuple[MonitorResult, pd.DataFrame | None]:
+    "Each version's merged part against its own reference (most rows first): one section per version, alerts naming it."
     sections, stats, primary = [], [], None
-    for version in versions.value_counts(sort=True).index:        # most rows first
-        rows, ref = window[versions == version], references[version]
+    for version in pd.Series(counts, dtype="int64").sort_values(ascending=False).index:
+        ref = references[version]
         if ref.profile is None:
-            sections.append(_not_checked(version, ref, len(rows)))
+            sections.append(_not_checked(version, ref, counts[version]))
             continue
-        r, s = check_window(rows, feedback, ref.profile, cfg, start, end, ref.scores, ref.evaluation, ref.positive,
-                            ref.estimator, ref.multivariate)
+        vp = plans[version]
+        r, s = _check_part(parts.get(version) or _empty_part(vp), vp, feedback, cfg, start, end, ref.evaluation,
+                           ref.estimator, ref.multivariate)
         section = {"version": version, "reference": ref.describe(), "rows": r.rows, "verdict": r.verdict,
                    "drift": r.drift, "prediction_drift": r.prediction_drift, "performance": r.performance,
                    "estimation": r.estimation, "multivariate": r.multivariate,
@@ -517,30 +742,63 @@ def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, ref
         if s is not None:
             stats.append(s.assign(model_version=version))
     lead = primary or _not_checked("", Reference("", "unknown"), 0)
-    result = MonitorResult(start, end, len(window), any(s["verdict"] for s in sections), lead["drift"],
+    result = MonitorResult(start, end, sum(counts.values()), any(s["verdict"] for s in sections), lead["drift"],
                            lead["prediction_drift"], lead["performance"], [a for s in sections for a in s["alerts"]],
                            sections, primary["version"] if primary else None,
                            estimation=lead["estimation"], multivariate=lead["multivariate"])
     return result, pd.concat(stats, ignore_index=True) if stats else None
 
+def check_versions(predictions: pd.DataFrame, feedback: pd.DataFrame | None, references: dict[str, Reference],
+                   cfg: MonitorConfig, start: str, end: str) -> tuple[MonitorResult, pd.DataFrame | None]:
+    "Each version's rows of the window against its own reference: one section per version, alerts naming it."
+    window = window_frame(predictions)
+    versions = window["model_version"].astype(str) if "model_version" in window else pd.Series("unknown", index=window.index)
+    sizes = versions.value_counts(sort=False)
+    counts = {v: int(sizes[v]) for v in dict.fromkeys(versions)}
+    plans = _plans(references, list(window.columns), cfg)
+    return _check_parts(counts, _summarize_rows(window, plans, _feedback_ids(feedback)), plans, references, feedback, cfg, start, end)
+
+
 # %% ../../nbs/10_monitoring/05_check.ipynb #9413d414
+def _versions_frame(columns: list[str], seen: dict[str, list]) -> pd.DataFrame:
+    "What `version_references` reads of the window: each version once, with the model name last logged for it."
+    if "model_version" not in columns: return pd.DataFrame(index=range(0))
+    frame = pd.DataFrame({"model_version": list(seen)})
+    return frame.assign(model_name=[name for _, name in seen.values()]) if "model_name" in columns else frame
+
+_WORKER_SETTINGS = {
+    "distributed.worker.profile.enabled": False,        # Dask's sampler takes the task thread's GIL every 10 ms
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}   # glibc's adaptive default: Dask's 64 KiB trim
+# disables it, so every file's frames are mapped and page-faulted afresh (a third more CPU, most of it in the kernel)
+
+@contextlib.contextmanager
+def _monitor_client(spec, workers: int | None = None):
+    "`dask_client(spec)` whose local workers (`local`) are started with `_WORKER_SETTINGS`; a given scheduler's as they are."
+    import dask
+    with dask.config.set(_WORKER_SETTINGS), dask_client(spec, workers) as client: yield client
+
 def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None = None, until: datetime | None = None,
                 model_path: str | Path | None = None, pushgateway: str | None = None,
-                user: str | None = None) -> MonitorResult:
+                user: str | None = None, client=None) -> MonitorResult:
     """Check the prediction log's window, each version against its own reference (`version_references`), and write
-    latest.json, the window's own JSON and the feature history; alert the webhook."""
-    from mlnb.predlog.log import log_keys, read_feedback, read_log
+    latest.json, the window's own JSON and the feature history; alert the webhook. Each log file is summarised on its own
+    (`summarize_window`): on the Dask workers of `client` or of `monitor.cluster`, or here when neither is given."""
+    from mlnb.predlog.log import log_keys, read_feedback
     m, pl = cfg.monitor, cfg.serve.prediction_log
     paths = cfg.paths if paths is None else paths
     keys = log_keys(pl.encryption)
     until = until or datetime.now(timezone.utc)
     since = since or until - timedelta(hours=m.window_hours)
     if since >= until: raise ConfigError(f"the window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
-    predictions = read_log(pl.dir, since=since, keys=keys, kind="predictions")
-    predictions = predictions[pd.to_datetime(predictions["timestamp"], utc=True) < until] if len(predictions) else predictions
+    files = log_files(pl.dir)
     feedback, excluded = read_feedback(pl.feedback_dir, keys)          # without the labels of purged keys
-    references = version_references(window_frame(predictions), cfg, paths, model_path, user)
-    result, stats = check_versions(predictions, feedback, references, m, since.isoformat(), until.isoformat())
+    with contextlib.nullcontext(client) if client is not None else _monitor_client(m.cluster) as client:
+        columns, seen = window_versions(files, keys, since, until, client)
+        references = version_references(_versions_frame(columns, seen), cfg, paths, model_path, user)
+        plans = _plans(references, columns, m)
+        parts = summarize_window(files, WindowPlan(since, until, plans), keys, _feedback_ids(feedback), client) if plans else {}
+    counts = {v: n for v, (n, _) in seen.items()}
+    result, stats = _check_parts(counts, parts, plans, references, feedback, m, since.isoformat(), until.isoformat())
     result.feedback_excluded = excluded
     if excluded: log.info("monitor: %d label(s) of purged keys left out", excluded)
     out = Path(m.output_dir)
@@ -556,3 +814,4 @@ def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None 
         try: push_gauges(pushgateway or m.pushgateway, result)
         except Exception as e: log.error("push to %s failed: %s", pushgateway or m.pushgateway, f"{type(e).__name__}: {e}")
     return result
+

@@ -20,7 +20,8 @@ from .decisions import chi_square, count_table, jensen_shannon, two_proportion_z
 
 # %% auto #0
 __all__ = ['TESTS', 'P_VALUE_TESTS', 'default_test', 'CurrentSummary', 'ks_from_summary', 'wasserstein_from_summary', 'psi',
-           'applicable_tests', 'run_test', 'ColumnDrift', 'DriftReport', 'choose_test', 'drift_report']
+           'applicable_tests', 'run_test', 'ColumnDrift', 'DriftReport', 'choose_test', 'summary_report',
+           'drift_report']
 
 # %% ../../nbs/10_monitoring/01_drift.ipynb #f2ab686c
 TESTS = ("ks", "chisquare", "z", "wasserstein", "jensenshannon", "psi")
@@ -54,7 +55,7 @@ class CurrentSummary:
             for k, v in value_counts(present).items(): self.categories[k] = self.categories.get(k, 0) + v
             return
         x = present.to_numpy(dtype=float)
-        self.sum += float(x.sum()); self.sumsq += float(np.dot(x, x))
+        self.sum += float(x.sum()); self.sumsq += float(np.square(x).sum())   # not np.dot: BLAS sums in an order that depends on its threads
         self.psi_counts += bin_counts(x, np.asarray(self.ref.psi_edges))
         if self.ref.values is not None:
             self.at_or_below += np.bincount(np.searchsorted(self.points, x, side="left"), minlength=len(self.points) + 1)
@@ -66,6 +67,34 @@ class CurrentSummary:
         self.high_n += int(high.sum()); self.high_sum += float(x[high].sum())
         inside = x[~(low | high)]
         self.counts += np.histogram(inside, bins=len(self.counts), range=(lo, hi))[0]
+
+    def _grid(self) -> tuple:
+        "What must agree for two summaries to add up: the kind and every edge or point of the reference grid."
+        r = self.ref
+        if r.kind != "numeric": return (r.kind,)
+        grid = self.points if r.values is not None else self.edges
+        return (r.kind, r.values is not None, tuple(np.asarray(grid).tolist()), tuple(np.asarray(r.psi_edges).tolist()))
+
+    def merge(self, other: "CurrentSummary") -> "CurrentSummary":
+        """Add the counters of `other` (another part of the same window, on the same reference grid) to this one; this one.
+        Counts and histograms add exactly; the float sums add in merge order (see the note below)."""
+        if not isinstance(other, CurrentSummary): raise DataError(f"cannot merge a {type(other).__name__} into a CurrentSummary")
+        if self._grid() != other._grid():
+            raise DataError(f"cannot merge summaries of {self.ref.name!r} and {other.ref.name!r}: their reference grids differ")
+        self.rows += other.rows; self.missing += other.missing
+        self.sum += other.sum; self.sumsq += other.sumsq
+        if self.ref.kind != "numeric":
+            for k, v in other.categories.items(): self.categories[k] = self.categories.get(k, 0) + v   # first-seen order kept
+            return self
+        self.psi_counts = self.psi_counts + other.psi_counts
+        if self.ref.values is not None:
+            self.at_or_below = self.at_or_below + other.at_or_below; self.below = self.below + other.below
+            return self
+        self.counts = self.counts + other.counts
+        self.low_n += other.low_n; self.low_sum += other.low_sum
+        self.high_n += other.high_n; self.high_sum += other.high_sum
+        return self
+
 
 # %% ../../nbs/10_monitoring/01_drift.ipynb #c498594a
 def ks_from_summary(s: CurrentSummary) -> tuple[float, float]:
@@ -192,12 +221,33 @@ def choose_test(p: ColumnProfile, override: dict | None = None, psi_all: bool = 
     return test, threshold
 
 # %% ../../nbs/10_monitoring/01_drift.ipynb #e019a61e
-def drift_report(reference: Profile, current, overrides: dict | None = None, drift_share: float = 0.5, psi_all: bool = False) -> DriftReport:
-    "Compare the current window (DataFrame, chunks or Parquet) with the reference profile, column by column."
+def _drift_plan(reference: Profile, overrides: dict | None, psi_all: bool) -> dict[str, tuple[str, float]]:
+    "Each column's test and threshold, checked before any data is read."
     overrides = overrides or {}
     unknown = set(overrides) - set(reference.columns)
     if unknown: raise ConfigError(f"drift overrides name columns the reference does not have: {sorted(unknown)}")
-    plan = {c: choose_test(p, overrides.get(c), psi_all) for c, p in reference.columns.items()}     # checked before any data is read
+    return {c: choose_test(p, overrides.get(c), psi_all) for c, p in reference.columns.items()}
+
+def summary_report(reference: Profile, summaries: dict[str, CurrentSummary], rows: int, overrides: dict | None = None,
+                   drift_share: float = 0.5, psi_all: bool = False) -> DriftReport:
+    """The drift report of a window of `rows` rows from its per-column summaries (one per reference column, merged
+    from the window's parts or not): what `drift_report` returns once it has read the window."""
+    plan = _drift_plan(reference, overrides, psi_all)
+    missing = [c for c in reference.columns if c not in summaries]
+    if missing: raise DataError(f"no summary of reference column(s) {missing}")
+    if rows == 0: raise DataError("the current window is empty: nothing to compare")
+    out = []
+    for c, p in reference.columns.items():
+        s, (test, threshold) = summaries[c], plan[c]
+        if s.rows == 0: out.append(ColumnDrift(c, p.kind, test, float("nan"), threshold, False, p.rows, 0, s.missing)); continue
+        value = run_test(s, test)
+        drifted = value < threshold if test in P_VALUE_TESTS else value >= threshold
+        out.append(ColumnDrift(c, p.kind, test, value, threshold, bool(drifted), p.rows, s.rows, s.missing))
+    return DriftReport(out, drift_share, rows)
+
+def drift_report(reference: Profile, current, overrides: dict | None = None, drift_share: float = 0.5, psi_all: bool = False) -> DriftReport:
+    "Compare the current window (DataFrame, chunks or Parquet) with the reference profile, column by column."
+    _drift_plan(reference, overrides, psi_all)                                     # a bad override fails before any data is read
     summaries = {c: CurrentSummary(p) for c, p in reference.columns.items()}
     rows = 0
     for chunk in _chunks(current):
@@ -205,12 +255,4 @@ def drift_report(reference: Profile, current, overrides: dict | None = None, dri
         if missing: raise DataError(f"the current data lacks reference column(s) {missing}")
         rows += len(chunk)
         for c, s in summaries.items(): s.update(chunk[c])
-    if rows == 0: raise DataError("the current window is empty: nothing to compare")
-    out = []
-    for c, s in summaries.items():
-        p, (test, threshold) = reference.columns[c], plan[c]
-        if s.rows == 0: out.append(ColumnDrift(c, p.kind, test, float("nan"), threshold, False, p.rows, 0, s.missing)); continue
-        value = run_test(s, test)
-        drifted = value < threshold if test in P_VALUE_TESTS else value >= threshold
-        out.append(ColumnDrift(c, p.kind, test, value, threshold, bool(drifted), p.rows, s.rows, s.missing))
-    return DriftReport(out, drift_share, rows)
+    return summary_report(reference, summaries, rows, overrides, drift_share, psi_all)
