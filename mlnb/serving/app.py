@@ -143,7 +143,7 @@ class CorkedTransport:
     "A transport whose writes between `cork()` and `uncork()` leave as one write; everything else is the transport's."
     def __init__(self, transport):
         self.transport, self._held = transport, None
-        self.is_closing, self.get_extra_info, self.close = transport.is_closing, transport.get_extra_info, transport.close
+        self.is_closing, self.get_extra_info = transport.is_closing, transport.get_extra_info
 
     def write(self, data) -> None:
         if self._held is None: self.transport.write(data)
@@ -154,6 +154,10 @@ class CorkedTransport:
     def uncork(self) -> None:
         held, self._held = self._held, None
         if held and not self.transport.is_closing(): self.transport.write(b"".join(held))
+
+    def close(self) -> None:
+        "Send what is held first: uvicorn closes a `Connection: close` request's connection inside the body's send."
+        self.uncork(); self.transport.close()
 
     def __getattr__(self, name): return getattr(self.transport, name)     # pause_reading, resume_reading, ...
 

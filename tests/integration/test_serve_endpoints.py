@@ -201,3 +201,24 @@ def test_without_keys_admin_rollout_and_feedback_answer_only_this_machine(tmp_pa
     else:
         assert [r.status_code for r in refused] == [403] * 5, [r.text for r in refused]
         assert all("only to this machine" in r.json()["error"] and "192.0.2" not in r.text for r in refused)
+
+
+def _whole(sock: socket.socket) -> bytes:
+    "Everything the server sends until it closes the connection."
+    data = b""
+    while chunk := sock.recv(65536): data += chunk
+    return data
+
+
+def test_a_response_is_one_write_and_connection_close_and_pipelining_still_get_whole_answers(limited, records):
+    "The head and body of a reply leave in one write (a corked transport): a closing or pipelined connection loses neither."
+    body = json.dumps({"dataframe_records": records[:1]}).encode()
+    post = lambda extra=b"", version=b"1.1": (b"POST /invocations HTTP/" + version + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                              b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body)
+    for request in (post(b"Connection: close\r\n"), post(version=b"1.0")):     # closed right after the reply's body
+        with raw(limited, request) as sock: data = _whole(sock)
+        head, _, reply = data.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0].endswith(b"200 OK") and json.loads(reply)["predictions"], data
+    with raw(limited, post() + post() + post(b"Connection: close\r\n")) as sock:   # three pipelined on one connection
+        data = _whole(sock)
+    assert data.count(b"HTTP/1.1 200 OK") == 3 and data.count(b'"predictions"') == 3, data
