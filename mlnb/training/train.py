@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/04_training/train.html.md"""
 
 # %% ../../nbs/04_training/01_train.ipynb #17865f03
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, shutil, signal, time, warnings
+import contextlib, hashlib, importlib, json, math, os, shutil, signal, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +20,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, f1_score, get_scorer, make_scorer, precision_score, recall_score
-from sklearn.model_selection import (FixedThresholdClassifier, GridSearchCV, KFold, ParameterSampler, StratifiedKFold,
+from sklearn.model_selection import (FixedThresholdClassifier, GridSearchCV, KFold, ParameterGrid, ParameterSampler, StratifiedKFold,
                                      TunedThresholdClassifierCV, train_test_split)
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
@@ -145,26 +145,25 @@ def search_family(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, X
                   cfg: TrainConfig, metric: str, seed: int, draws: int | None = None, rows: int | None = None,
                   workers: _Workers | None = None) -> Candidate:
     """Cross-validate the defaults and `draws` (default `cfg.n_iter`) draws on `rows` training rows (default all); refit the best on all.
-    The cross-validation's fits run `cfg.n_jobs` at a time here, or on a Dask cluster's `workers` (from `_on_cluster`)."""
+    The cross-validation's fits run `cfg.n_jobs` at a time here (`GridSearchCV`), or on a Dask cluster's `workers` (`_on_cluster`)."""
     f = family(name, spec.task)
     points = search_points(f, cfg.n_iter if draws is None else draws, seed)
     Xs, ys = _sample_rows(X, y, rows or len(X), spec.task, seed)
-    # pre__n_jobs=1: a fit's preprocessing runs in the process running the fit (under the Dask backend, a joblib call inside a
-    # task would send its pieces back to the cluster); the refit below is built afresh, so the model does not carry it
-    search = GridSearchCV(candidate_pipeline(name, spec, seed).set_params(pre__n_jobs=1), points, scoring=metric,
-                          cv=_folds(spec.task, cfg.cv_folds, seed), n_jobs=workers.threads if workers else cfg.n_jobs,
-                          refit=False, error_score="raise")
+    folds = _folds(spec.task, cfg.cv_folds, seed)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        with joblib.parallel_config(backend=workers.backend) if workers else contextlib.nullcontext():
-            search.fit(Xs, ys)
-        i = search.best_index_
-        best = candidate_pipeline(name, spec, seed).set_params(**search.cv_results_["params"][i]).fit(X, y)
+        if workers: tried, means, stds = _search_on(workers, candidate_pipeline(name, spec, seed), points, Xs, ys, folds, metric)
+        else:
+            search = GridSearchCV(candidate_pipeline(name, spec, seed), points, scoring=metric, cv=folds, n_jobs=cfg.n_jobs,
+                                  refit=False, error_score="raise").fit(Xs, ys)
+            tried, means, stds = search.cv_results_["params"], search.cv_results_["mean_test_score"], search.cv_results_["std_test_score"]
+        i = int(np.argmax(means))                       # the first best, as GridSearchCV's best_index_
+        best = candidate_pipeline(name, spec, seed).set_params(**tried[i]).fit(X, y)
     seconds = time.perf_counter() - start
     model_params = best.named_steps["model"].get_params()
     params = {k.removeprefix("model__"): _plain(model_params[k.removeprefix("model__")]) for k in f.space}
-    return Candidate(name, best, params, float(search.cv_results_["mean_test_score"][i]), float(search.cv_results_["std_test_score"][i]),
+    return Candidate(name, best, params, float(means[i]), float(stds[i]),
                      float(get_scorer(metric)(best, X_valid, y_valid)), seconds, fits=len(points) * cfg.cv_folds + 1, search_rows=len(Xs))
 
 # %% ../../nbs/04_training/01_train.ipynb #2121fc65
@@ -436,8 +435,15 @@ class TrainResult:
 # %% ../../nbs/04_training/01_train.ipynb #d5a1c0e2
 @dataclass(frozen=True)
 class _Workers:
-    backend: object     # joblib's Dask backend on the cluster's client, the training frame already on every worker
+    client: object      # a dask.distributed Client
     threads: int        # fits at a time
+    frames: tuple       # the training frame and target, and their futures on every worker
+    futures: tuple
+
+    def data(self, X, y) -> tuple:
+        "Futures of `X` and `y` on the workers: the frames scattered once, or a sample of them, sent now."
+        if X is self.frames[0] and y is self.frames[1]: return self.futures
+        return tuple(self.client.scatter([X, y], broadcast=True))
 
 @contextlib.contextmanager
 def _on_cluster(client, frames: list):
@@ -445,9 +451,26 @@ def _on_cluster(client, frames: list):
     if client is None:
         yield None
         return
-    with joblib.parallel_config(backend="dask", client=client, scatter=list(frames)):
-        backend, _ = joblib.parallel.get_active_backend()   # kept, and entered only around each search's fits
-    yield _Workers(backend, sum(client.nthreads().values()))
+    client.run(importlib.import_module, __name__)       # every worker imports the library now, not at its first fit
+    futures = client.scatter(list(frames), broadcast=True)
+    try: yield _Workers(client, sum(client.nthreads().values()), tuple(frames), tuple(futures))
+    finally: client.cancel(futures)
+
+def _fit_fold(pipeline, params: dict, X, y, train, test, metric: str) -> float:
+    "One fit of the search on a worker, scored on its held-out fold, as `GridSearchCV`'s `_fit_and_score` does it; nested joblib calls run here."
+    with joblib.parallel_config(backend="sequential"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = clone(pipeline).set_params(**clone(params, safe=False)).fit(X.take(train), y.take(train))
+        return float(get_scorer(metric)(model, X.take(test), y.take(test)))
+
+def _search_on(workers: _Workers, pipeline, points: list[dict], X, y, folds, metric: str):
+    "`GridSearchCV`'s cross-validation as one Dask task per (point, fold): the points in its order, and the mean and spread of their scores."
+    tried, splits = list(ParameterGrid(points)), list(folds.split(X, y))
+    Xf, yf = workers.data(X, y)
+    tasks = [workers.client.submit(_fit_fold, pipeline, p, Xf, yf, train, test, metric, pure=False) for p in tried for train, test in splits]
+    scores = np.asarray(workers.client.gather(tasks), dtype=np.float64).reshape(len(tried), len(splits))
+    means = np.average(scores, axis=1)                  # GridSearchCV's own arithmetic for mean_test_score and std_test_score
+    return tried, means, np.sqrt(np.average((scores - means[:, None]) ** 2, axis=1))
 
 
 # %% ../../nbs/04_training/01_train.ipynb #8caed375

@@ -43,7 +43,7 @@ def fit_tasks(address, run):
     from dask.distributed import Client, get_task_stream
     with Client(address, set_as_default=False) as client, get_task_stream(client) as stream:
         out = run()
-    return out, [(t["worker"], t["key"]) for t in stream.data if "fit_and_score" in str(t["key"])]
+    return out, [(t["worker"], t["key"]) for t in stream.data if "_fit_fold" in str(t["key"])]
 
 
 def test_a_search_on_a_two_worker_cluster_gives_the_local_leaderboard(cluster, tmp_path):
