@@ -69,6 +69,7 @@ bench: env
 	python benchmarks/cache_bench.py
 	python benchmarks/drift_bench.py
 	python benchmarks/batch_bench.py
+	python benchmarks/hpo_bench.py
 	python benchmarks/robustness_bench.py
 	python benchmarks/auth_bench.py
 	python benchmarks/log_encryption_bench.py
