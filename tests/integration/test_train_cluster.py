@@ -92,7 +92,13 @@ RUN = textwrap.dedent("""
 
 def run_training(folder, cluster: str | None, failpoint: str | None = None):
     env = {**os.environ, **({"MLNB_FAILPOINT": failpoint} if failpoint else {})}
-    return subprocess.run([sys.executable, "-c", RUN, str(folder), cluster or ""], env=env, capture_output=True, text=True, timeout=600)
+    # run in `folder`, so that the mlnb imported is the one PYTHONPATH names (as the cluster's workers import it), not the cwd's;
+    # output to a file, not a pipe: a killed run's orphaned helper processes (joblib's) would hold a pipe open for minutes
+    with open(folder / "stderr.txt", "w") as err:
+        done = subprocess.run([sys.executable, "-c", RUN, str(folder), cluster or ""], env=env, cwd=folder, stdout=err, stderr=err,
+                              timeout=600)
+    done.stderr = (folder / "stderr.txt").read_text()
+    return done
 
 
 @pytest.mark.slow
