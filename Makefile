@@ -70,6 +70,7 @@ bench: env
 	python benchmarks/drift_bench.py
 	python benchmarks/batch_bench.py
 	python benchmarks/monitor_bench.py
+	python benchmarks/hpo_bench.py
 	python benchmarks/robustness_bench.py
 	python benchmarks/auth_bench.py
 	python benchmarks/log_encryption_bench.py

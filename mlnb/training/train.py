@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/04_training/train.html.md"""
 
 # %% ../../nbs/04_training/01_train.ipynb #17865f03
 from __future__ import annotations
-import hashlib, json, math, os, shutil, signal, time, warnings
+import contextlib, hashlib, importlib, json, math, os, shutil, signal, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,11 +20,12 @@ from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, f1_score, get_scorer, make_scorer, precision_score, recall_score
-from sklearn.model_selection import (FixedThresholdClassifier, GridSearchCV, KFold, ParameterSampler, StratifiedKFold,
+from sklearn.model_selection import (FixedThresholdClassifier, GridSearchCV, KFold, ParameterGrid, ParameterSampler, StratifiedKFold,
                                      TunedThresholdClassifierCV, train_test_split)
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline
 
+from ..core.cluster import dask_client
 from ..core.config import ConfigError, CostThreshold, Paths, TrainConfig, default_metric, staged_outputs, write_json
 from ..features.spec import FeatureSpec, model_frame
 from ..features.transform import preprocessor
@@ -141,23 +142,28 @@ def search_points(f: Family, draws: int, seed: int) -> list[dict]:
 def _plain(v): return v.item() if hasattr(v, "item") else v
 
 def search_family(name: str, spec: FeatureSpec, X: pd.DataFrame, y: pd.Series, X_valid: pd.DataFrame, y_valid: pd.Series,
-                  cfg: TrainConfig, metric: str, seed: int, draws: int | None = None, rows: int | None = None) -> Candidate:
-    "Cross-validate the defaults and `draws` (default `cfg.n_iter`) draws on `rows` training rows (default all); refit the best on all."
+                  cfg: TrainConfig, metric: str, seed: int, draws: int | None = None, rows: int | None = None,
+                  workers: _Workers | None = None) -> Candidate:
+    """Cross-validate the defaults and `draws` (default `cfg.n_iter`) draws on `rows` training rows (default all); refit the best on all.
+    The cross-validation's fits run `cfg.n_jobs` at a time here (`GridSearchCV`), or on a Dask cluster's `workers` (`_on_cluster`)."""
     f = family(name, spec.task)
     points = search_points(f, cfg.n_iter if draws is None else draws, seed)
     Xs, ys = _sample_rows(X, y, rows or len(X), spec.task, seed)
-    search = GridSearchCV(candidate_pipeline(name, spec, seed), points, scoring=metric, cv=_folds(spec.task, cfg.cv_folds, seed),
-                          n_jobs=cfg.n_jobs, refit=False, error_score="raise")
+    folds = _folds(spec.task, cfg.cv_folds, seed)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        search.fit(Xs, ys)
-        i = search.best_index_
-        best = candidate_pipeline(name, spec, seed).set_params(**search.cv_results_["params"][i]).fit(X, y)
+        if workers: tried, means, stds = _search_on(workers, candidate_pipeline(name, spec, seed), points, Xs, ys, folds, metric)
+        else:
+            search = GridSearchCV(candidate_pipeline(name, spec, seed), points, scoring=metric, cv=folds, n_jobs=cfg.n_jobs,
+                                  refit=False, error_score="raise").fit(Xs, ys)
+            tried, means, stds = search.cv_results_["params"], search.cv_results_["mean_test_score"], search.cv_results_["std_test_score"]
+        i = int(np.argmax(means))                       # the first best, as GridSearchCV's best_index_
+        best = candidate_pipeline(name, spec, seed).set_params(**tried[i]).fit(X, y)
     seconds = time.perf_counter() - start
     model_params = best.named_steps["model"].get_params()
     params = {k.removeprefix("model__"): _plain(model_params[k.removeprefix("model__")]) for k in f.space}
-    return Candidate(name, best, params, float(search.cv_results_["mean_test_score"][i]), float(search.cv_results_["std_test_score"][i]),
+    return Candidate(name, best, params, float(means[i]), float(stds[i]),
                      float(get_scorer(metric)(best, X_valid, y_valid)), seconds, fits=len(points) * cfg.cv_folds + 1, search_rows=len(Xs))
 
 # %% ../../nbs/04_training/01_train.ipynb #2121fc65
@@ -190,27 +196,32 @@ class FamilyPlan:
     note: str = ""
 
 # %% ../../nbs/04_training/01_train.ipynb #aec3f3b2
-def search_seconds(one_fit: float, points: int, cfg: TrainConfig, fraction: float = 1.0, final_share: float = 1.0) -> float:
-    "Estimated seconds of a search of `points` points on `fraction` of the rows, with its refit and the final fit."
-    jobs = cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1)
+def _jobs(cfg: TrainConfig) -> int: return cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1)
+
+def search_seconds(one_fit: float, points: int, cfg: TrainConfig, fraction: float = 1.0, final_share: float = 1.0,
+                   jobs: int | None = None) -> float:
+    """Estimated seconds of a search of `points` points on `fraction` of the rows, with its refit and the final fit; `jobs` fits at a
+    time (default `cfg.n_jobs`; on a cluster, its worker threads)."""
+    jobs = _jobs(cfg) if jobs is None else jobs
     rounds = math.ceil(points * cfg.cv_folds / jobs)
     return rounds * one_fit * fraction * (cfg.cv_folds - 1) / cfg.cv_folds + one_fit * (1 + final_share)
 
 # %% ../../nbs/04_training/01_train.ipynb #3e50f32e
 def plan_family(one_fit: float | None, share: float | None, rows: int, cfg: TrainConfig, valid_rows: int = 0,
-                must_fit: bool = False) -> FamilyPlan:
-    "What a family's search can afford in `share` seconds when one fit on all `rows` training rows takes `one_fit` seconds."
+                must_fit: bool = False, jobs: int | None = None) -> FamilyPlan:
+    """What a family's search can afford in `share` seconds when one fit on all `rows` training rows takes `one_fit` seconds
+    (`jobs` fits at a time: default `cfg.n_jobs`, the worker threads on a cluster)."""
     n = cfg.n_iter
     if share is None or one_fit is None: return FamilyPlan("search", n)
     final = 1 + valid_rows / max(rows, 1)
-    full = search_seconds(one_fit, 1 + n, cfg, final_share=final)
+    full = search_seconds(one_fit, 1 + n, cfg, final_share=final, jobs=jobs)
     facts = f"one fit ≈ {one_fit:g} s, share {share:.0f} s"
     if full <= share: return FamilyPlan("search", n, None, f"full search ≈ {full:.0f} s: {facts}")
-    refits = search_seconds(one_fit, 0, cfg, final_share=final)
+    refits = search_seconds(one_fit, 0, cfg, final_share=final, jobs=jobs)
     sample = int(rows * (share - refits) / (full - refits)) if share > refits else 0
     if MIN_SEARCH_ROWS <= sample < rows:
         return FamilyPlan("search", n, sample, f"search on {sample:,} of {rows:,} rows: full search ≈ {full:.0f} s, {facts}")
-    fits = [d for d in range(n - 1, -1, -1) if search_seconds(one_fit, 1 + d, cfg, final_share=final) <= share]
+    fits = [d for d in range(n - 1, -1, -1) if search_seconds(one_fit, 1 + d, cfg, final_share=final, jobs=jobs) <= share]
     if fits: return FamilyPlan("search", fits[0], None, f"n_iter {n} -> {fits[0]}: full search ≈ {full:.0f} s, {facts}")
     if refits <= share: return FamilyPlan("defaults", 0, None, f"defaults fitted once, no search: full search ≈ {full:.0f} s, {facts}")
     if must_fit: return FamilyPlan("defaults", 0, None, f"defaults fitted once, over its share (the last family, none fitted): {facts}")
@@ -340,7 +351,7 @@ class Checkpoints:
         import sklearn
         h = hashlib.sha256()
         for f in frames: h.update(pd.util.hash_pandas_object(f, index=False).to_numpy().tobytes()); h.update(",".join(map(str, f.columns)).encode())
-        settings = cfg.model_dump(exclude={"tracking_uri", "experiment", "checkpoint_dir", "n_jobs"})
+        settings = cfg.model_dump(exclude={"tracking_uri", "experiment", "checkpoint_dir", "n_jobs", "cluster"})
         h.update(json.dumps([spec.model_dump(), settings, seed, sklearn.__version__, np.__version__], sort_keys=True, default=str).encode())
         return cls(root, h.hexdigest()[:16])
 
@@ -421,6 +432,47 @@ class TrainResult:
                 "valid_score": round(self.best.valid_score, 6), "threshold": t.value if t else None,
                 "threshold_rule": t.rule if t else None, "positive_class": _plain(t.positive_class) if t else None}
 
+# %% ../../nbs/04_training/01_train.ipynb #d5a1c0e2
+@dataclass(frozen=True)
+class _Workers:
+    client: object      # a dask.distributed Client
+    threads: int        # fits at a time
+    frames: tuple       # the training frame and target, and their futures on every worker
+    futures: tuple
+
+    def data(self, X, y) -> tuple:
+        "Futures of `X` and `y` on the workers: the frames scattered once, or a sample of them, sent now."
+        if X is self.frames[0] and y is self.frames[1]: return self.futures
+        return tuple(self.client.scatter([X, y], broadcast=True))
+
+@contextlib.contextmanager
+def _on_cluster(client, frames: list):
+    "The cluster behind `client` for the searches (None: no client), with `frames` scattered to every worker once."
+    if client is None:
+        yield None
+        return
+    client.run(importlib.import_module, __name__)       # every worker imports the library now, not at its first fit
+    futures = client.scatter(list(frames), broadcast=True)
+    try: yield _Workers(client, sum(client.nthreads().values()), tuple(frames), tuple(futures))
+    finally: client.cancel(futures)
+
+def _fit_fold(pipeline, params: dict, X, y, train, test, metric: str) -> float:
+    "One fit of the search on a worker, scored on its held-out fold, as `GridSearchCV`'s `_fit_and_score` does it; nested joblib calls run here."
+    with joblib.parallel_config(backend="sequential"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = clone(pipeline).set_params(**clone(params, safe=False)).fit(X.take(train), y.take(train))
+        return float(get_scorer(metric)(model, X.take(test), y.take(test)))
+
+def _search_on(workers: _Workers, pipeline, points: list[dict], X, y, folds, metric: str):
+    "`GridSearchCV`'s cross-validation as one Dask task per (point, fold): the points in its order, and the mean and spread of their scores."
+    tried, splits = list(ParameterGrid(points)), list(folds.split(X, y))
+    Xf, yf = workers.data(X, y)
+    tasks = [workers.client.submit(_fit_fold, pipeline, p, Xf, yf, train, test, metric, pure=False) for p in tried for train, test in splits]
+    scores = np.asarray(workers.client.gather(tasks), dtype=np.float64).reshape(len(tried), len(splits))
+    means = np.average(scores, axis=1)                  # GridSearchCV's own arithmetic for mean_test_score and std_test_score
+    return tried, means, np.sqrt(np.average((scores - means[:, None]) ** 2, axis=1))
+
+
 # %% ../../nbs/04_training/01_train.ipynb #8caed375
 def _skipped(name: str, note: str) -> Candidate:
     return Candidate(name, None, {}, float("nan"), float("nan"), float("nan"), 0.0, budget_note=note)
@@ -433,16 +485,18 @@ def _defaults_once(name: str, spec: FeatureSpec, X, y, Xv, yv, metric: str, seed
     return Candidate(name, pipe, {}, float("nan"), float("nan"), float(get_scorer(metric)(pipe, Xv, yv)), time.perf_counter() - start,
                      fits=1, search_rows=0, budget_note=note)
 
-def _run_family(name, spec, X, y, Xv, yv, cfg: TrainConfig, metric: str, seed: int, started: float, left: int, must_fit: bool) -> Candidate:
-    "One family under the budget: plan from one timed fit, then search, fit the defaults once, or skip."
-    if cfg.time_budget_seconds is None: return search_family(name, spec, X, y, Xv, yv, cfg, metric, seed)
-    jobs = cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1)
-    one_fit = time_one_fit(name, spec, X, y, seed, threads=max(1, (os.cpu_count() or 1) // jobs))
+def _run_family(name, spec, X, y, Xv, yv, cfg: TrainConfig, metric: str, seed: int, started: float, left: int, must_fit: bool,
+                workers: _Workers | None = None) -> Candidate:
+    "One family under the budget: plan from one timed fit, then search (here or on the cluster's `workers`), fit the defaults once, or skip."
+    if cfg.time_budget_seconds is None: return search_family(name, spec, X, y, Xv, yv, cfg, metric, seed, workers=workers)
+    jobs = workers.threads if workers else None
+    threads = 1 if workers else max(1, (os.cpu_count() or 1) // _jobs(cfg))   # a Dask worker thread runs its fit on one core
+    one_fit = time_one_fit(name, spec, X, y, seed, threads=threads)
     share = max(cfg.time_budget_seconds - (time.perf_counter() - started), 0.0) / left
-    plan = plan_family(one_fit, share, len(X), cfg, len(Xv), must_fit)
+    plan = plan_family(one_fit, share, len(X), cfg, len(Xv), must_fit, jobs=jobs)
     if plan.action == "skip": return _skipped(name, plan.note)
     if plan.action == "defaults": return _defaults_once(name, spec, X, y, Xv, yv, metric, seed, plan.note)
-    c = search_family(name, spec, X, y, Xv, yv, cfg, metric, seed, draws=plan.draws, rows=plan.rows)
+    c = search_family(name, spec, X, y, Xv, yv, cfg, metric, seed, draws=plan.draws, rows=plan.rows, workers=workers)
     c.budget_note = plan.note
     return c
 
@@ -462,15 +516,20 @@ def train(train_df: pd.DataFrame, valid_df: pd.DataFrame, spec: FeatureSpec, cfg
     Xv, yv = model_frame(valid_df, spec), valid_df[spec.target]
     if spec.task == "binary": positive_of(sorted(y.unique()), positive_class)   # a wrong data.positive_class fails before any work
     ck = Checkpoints.for_run(cfg.checkpoint_dir, [X, y.to_frame(), Xv, yv.to_frame()], spec, cfg, seed) if checkpoints else None
-    candidates, started = [], time.perf_counter()
-    for i, n in enumerate(cfg.candidates):
-        c = ck.load(f"family-{n}") if ck else None
-        if c is None:
-            must_fit = i == len(cfg.candidates) - 1 and all(k.skipped for k in candidates)
-            c = _run_family(n, spec, X, y, Xv, yv, cfg, metric, seed, started, len(cfg.candidates) - i, must_fit)
-            if ck: ck.save(f"family-{n}", c); _failpoint(f"train:family:{n}")
-        candidates.append(c)
-        if progress: print(_progress(c, metric), flush=True)
+    saved = {n: ck.load(f"family-{n}") for n in cfg.candidates} if ck else {}
+    searching = [n for n in cfg.candidates if saved.get(n) is None]       # a run resumed after every search needs no cluster
+    candidates = []
+    with dask_client(cfg.cluster if searching else None) as client, _on_cluster(client, [X, y]) as workers:
+        if progress and workers: print(f"train: searching on the Dask cluster {cfg.cluster} ({workers.threads} worker threads)", flush=True)
+        started = time.perf_counter()                                     # the budget's clock starts once the cluster is up
+        for i, n in enumerate(cfg.candidates):
+            c = saved.get(n)
+            if c is None:
+                must_fit = i == len(cfg.candidates) - 1 and all(k.skipped for k in candidates)
+                c = _run_family(n, spec, X, y, Xv, yv, cfg, metric, seed, started, len(cfg.candidates) - i, must_fit, workers)
+                if ck: ck.save(f"family-{n}", c); _failpoint(f"train:family:{n}")
+            candidates.append(c)
+            if progress: print(_progress(c, metric), flush=True)
     best = max((c for c in candidates if not c.skipped), key=lambda c: c.valid_score)
     threshold = None
     if spec.task == "binary": threshold = choose_threshold(best.pipeline, Xv, yv, cfg.threshold, positive_class)
