@@ -3,14 +3,14 @@ and on a local Dask cluster (`train.cluster: local`, `mlnb.core.cluster.dask_cli
 
 The problem is CPU-bound on purpose: a random forest (100 trees) on synthetic rows (`make_classification`, 20 features),
 `--draws` seeded draws plus the defaults, `--folds`-fold cross-validation, so that the search is `(1 + draws) x folds` fits of
-seconds each (the full run: 16 x 4 = 64 fits, about 100 s on one core). Each fit is one Dask task; the search's refit of the
+seconds each (the full run: 24 x 4 = 96 fits, over 60 s on one worker, as the goal asks). Each fit is one Dask task; the search's refit of the
 best point on all training rows runs in this process, as in `train`, and is included in the wall time (so the ideal speed-up
 of 2 workers is a little under 2). Starting the cluster (and scattering the frame) is measured apart and not counted: it is
 paid once per training run, not per fit.
 
 Checks that the three runs select the same parameters with the same cross-validated and validation scores (exact equality).
-Usage: python benchmarks/hpo_bench.py [--quick] [--rows 4000] [--draws 15] [--folds 4]
-Goal: 2 workers >= 1.7x as fast as 1 worker, in the same run.
+Usage: python benchmarks/hpo_bench.py [--quick] [--rows 4000] [--draws 23] [--folds 4]
+Goal: a search of >= 60 s on one worker runs >= 1.7x as fast on 2 workers, in the same run.
 """
 from __future__ import annotations
 import argparse, sys, time
@@ -46,7 +46,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a ~10 s check that it runs: 1,000 rows, 3 draws, 3 folds")
     ap.add_argument("--rows", type=int, default=4000)
-    ap.add_argument("--draws", type=int, default=15)
+    ap.add_argument("--draws", type=int, default=23)
     ap.add_argument("--folds", type=int, default=4)
     args = ap.parse_args()
     if args.quick: args.rows, args.draws, args.folds = 1000, 3, 3
@@ -83,6 +83,7 @@ def main():
     ideal = (fits + refit) / (-(-fits // 2) + refit)
     notes = [f"2 workers vs 1: {speedup:.2f}x (goal >= {GOAL}x: {'met' if speedup >= GOAL else 'MISSED'}); "
              f"ideal, with the refit in this process: {ideal:.2f}x",
+             f"the search on 1 worker took {one:.0f} s (the goal's size: >= 60 s: {'met' if one >= 60 else 'MISSED'})",
              f"1 worker vs this process (n_jobs=1): {here / one:.2f}x; Dask's cost per fit task ≈ {overhead_ms:.0f} ms",
              f"identical results (selected parameters, cv mean and std, validation score) in all three runs: {'yes' if same else 'NO'}",
              f"{fits} fits of a 100-tree random forest on {args.rows:,} rows x 20 features; cluster start not counted in search_s"]
