@@ -303,6 +303,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds; the median counts")
     ap.add_argument("--auth", action="store_true", help="with --baseline: measure the pair again with access control on")
     ap.add_argument("--auth-only", action="store_true", help="with --baseline: measure the pair with access control on only")
+    ap.add_argument("--name", default="serve", help="the results' file name in benchmarks/results/ (a second run beside the first)")
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="with --baseline: also count instructions per request under callgrind (N requests at c=1, 2N at c=16)")
     args = ap.parse_args()
@@ -433,7 +434,7 @@ def main() -> None:
                       "figures at full speed")
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
-    write_results("serve", table.assign(rps=table["rps"].round().astype("Int64")).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms", "p999_ms": "p99.9 ms", "cpu_us": "CPU us/request",
+    write_results(args.name, table.assign(rps=table["rps"].round().astype("Int64")).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms", "p999_ms": "p99.9 ms", "cpu_us": "CPU us/request",
                                                                                                  "stall_ms": "longest stall ms", "stalls_over_1ms": "stalls > 1 ms"}),
                   [f"ratios (same run): {r}" for r in ratios] + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals],
                   {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "auth": args.auth or args.auth_only, "results": table.to_dict("records"),
