@@ -125,7 +125,8 @@ def estimated_performance(window: pd.DataFrame, feedback: pd.DataFrame | None, e
     headline = estimator.headline()
     m, reference, higher = estimate.metrics[headline], estimator.reference.get(headline), estimator.higher_is_better()
     allowed = None if reference is None else (reference - cfg.max_drop if higher else reference * (1 + cfg.max_increase))
-    dropped = bool(allowed is not None and len(window) >= cfg.min_rows and (m.upper < allowed if higher else m.lower > allowed))
+    dropped = bool(allowed is not None and len(window) >= cfg.min_rows and                   # material, and significant
+                   (m.value < allowed and m.upper < reference if higher else m.value > allowed and m.lower > reference))
     realized = _realized(window, feedback, estimator, scores, cfg.level)
     for k, r in realized["metrics"].items(): estimate.metrics[k].realized = r["realized"]
     impact = []
@@ -273,7 +274,7 @@ def _estimation_families(result: dict) -> list:
     upper = G("mlnb_estimated_performance_upper", "Upper bound of the estimate's band (monitor.estimation.level)", labels=mv_)
     realized = G("mlnb_realized_performance", "Performance realized on the window's labelled rows", labels=mv_)
     reference = G("mlnb_reference_performance", "The headline metric at evaluation (test split)", labels=mv_)
-    dropped = G("mlnb_estimated_performance_dropped", "1 when the headline estimate, band and all, lies beyond the allowed drop", labels=ver)
+    dropped = G("mlnb_estimated_performance_dropped", "1 when the headline estimate lies beyond the allowed drop and its band excludes the evaluation's figure", labels=ver)
     impact = G("mlnb_drift_impact", "How much of the estimated change undoing a feature's shift recovers (larger: more harmful)", labels=["column", "version"])
     joint = G("mlnb_multivariate_drift", "Multivariate drift: the window's mean PCA reconstruction error", labels=ver)
     joint_lower = G("mlnb_multivariate_drift_lower", "Lower bound of the reference's reconstruction error band", labels=ver)
