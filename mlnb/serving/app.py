@@ -165,15 +165,13 @@ async def send_reply(send, reply: Reply, request_id: str | None) -> None:
     status, body, content_type, extra = reply
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), (b"x-request-id", _header_safe(request_id)), *extra]
     transport = getattr(getattr(send, "__self__", None), "transport", None)     # uvicorn's cycle: its connection's transport
-    if not isinstance(transport, CorkedTransport):
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return
-    transport.cork()
+    corked = isinstance(transport, CorkedTransport)
+    if corked: transport.cork()
     try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-    finally: transport.uncork()
+    finally:
+        if corked: transport.uncork()
 
 # %% ../../nbs/08_serving/08_app.ipynb #5973366c
 def denial_reply(denial: Denial) -> Reply:
