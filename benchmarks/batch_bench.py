@@ -28,10 +28,13 @@ Goals (2 workers, 2 million rows): scoring >= 0.80 of twice the single-session c
 starts the cluster, >= 0.80 with an existing scheduler.
 """
 from __future__ import annotations
-import argparse, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
+import argparse, os, shutil, signal, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_bench import free_port  # noqa: E402 (one helper for a free loopback port)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,11 +129,6 @@ def ceiling_in_child(model_path: Path, data: Path) -> tuple[float, float, int, d
             "print(json.dumps([*r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3]))") % str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code, str(model_path), str(data)], capture_output=True, text=True, check=True)
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-def free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0)); return sk.getsockname()[1]
 
 
 class ExistingCluster:
