@@ -344,14 +344,22 @@ def _first_rows(counts: np.ndarray, firsts: np.ndarray) -> np.ndarray:
 
 def _no_pause() -> None: pass
 
-def _strings(values: list, counts: np.ndarray | None) -> pa.Array:
+def _strings(values: list, counts: np.ndarray | None, pause) -> pa.Array:
     "Per-entry strings (or None) as one per row."
-    return pa.array(values if counts is None else np.repeat(np.array(values, dtype=object), counts), pa.string())
+    return _arrow(values if counts is None else np.repeat(np.array(values, dtype=object), counts), pa.string(), pause)
 
 def _per_row(values: list, counts: np.ndarray | None, dtype=np.float64) -> np.ndarray:
     "Per-entry numbers as one per row."
     values = np.array(values, dtype=dtype)
     return values if counts is None else np.repeat(values, counts)
+
+def _arrow(values, type_, pause, from_pandas: bool = False, piece: int = 32 * PIECE_ENTRIES):
+    "`pa.array(values, type_)`, converted `piece` values per Arrow call (a chunked array) with `pause()` between calls."
+    if len(values) <= piece: return pa.array(values, type_, from_pandas=from_pandas)
+    chunks = []
+    for i in range(0, len(values), piece):
+        pause(); chunks.append(pa.array(values[i:i + piece], type_, from_pandas=from_pandas))
+    return pa.chunked_array(chunks, type_)
 
 def _group_table(entries: list[PredictionEntry], pause=_no_pause) -> pa.Table:
     """One group's table. The Python work (gathering fields, turning rows into columns) is done `PIECE_ENTRIES` entries
@@ -361,25 +369,26 @@ def _group_table(entries: list[PredictionEntry], pause=_no_pause) -> pa.Table:
     inputs = [[] for _ in first.input_names]
     outputs = {k: [] for k in first.outputs}
     for i in range(0, len(entries), PIECE_ENTRIES):
-        piece_rows = []
+        piece_rows, piece_outputs = [], {k: [] for k in outputs}
         for e in entries[i:i + PIECE_ENTRIES]:
             ids += e.ids; piece_rows += e.rows; counts.append(len(e.ids))
             stamps.append(e.timestamp); latency.append(e.latency_s); cached.append(e.cached); request_ids.append(e.request_id)
             names.append(e.model_name); versions.append(e.model_version); variants.append(e.variant); protocols.append(e.protocol)
-            for k, v in outputs.items(): v.append(e.outputs[k])
+            for k, v in piece_outputs.items(): v.append(e.outputs[k])
         for column, values in zip(inputs, zip(*piece_rows)): column += values
+        for k, v in piece_outputs.items(): outputs[k].append(np.concatenate(v))
         pause()
     counts = np.array(counts)
     repeat = None if len(ids) == len(counts) else counts           # single-row requests need no repetition
-    cols = {C.PREDICTION_ID: pa.array(ids, pa.string()),
+    cols = {C.PREDICTION_ID: _arrow(ids, pa.string(), pause),
             C.TIMESTAMP: pa.array((_per_row(stamps, repeat) * 1e6).astype("int64"), pa.timestamp("us", tz="UTC"))}
     for column, values in ((C.REQUEST_ID, request_ids), (C.MODEL_NAME, names), (C.MODEL_VERSION, versions),
                            (C.VARIANT, variants), (C.PROTOCOL, protocols)):
-        pause(); cols[column] = _strings(values, repeat)
+        pause(); cols[column] = _strings(values, repeat, pause)
     cols[C.LATENCY_MS] = pa.array(_per_row(latency, repeat) * 1000, pa.float64())
     cols[C.CACHED] = pa.array(_first_rows(counts, np.array(cached)), pa.bool_())
     for name, kind, values in zip(first.input_names, first.input_kinds, inputs):
-        pause(); cols[C.input_column(name)] = pa.array(values, pa.float64() if kind == "number" else pa.string(), from_pandas=True)
+        pause(); cols[C.input_column(name)] = _arrow(values, pa.float64() if kind == "number" else pa.string(), pause, from_pandas=True)
     if "label" in outputs: pause(); cols[C.LABEL] = _column(outputs["label"])
     if "probabilities" in outputs:
         pause(); proba = np.concatenate(outputs["probabilities"])
