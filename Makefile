@@ -66,6 +66,7 @@ bench: env
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	python benchmarks/serve_bench.py
 	python benchmarks/load_bench.py
+	python benchmarks/log_writer_bench.py
 	python benchmarks/cache_bench.py
 	python benchmarks/drift_bench.py
 	python benchmarks/batch_bench.py

@@ -24,11 +24,11 @@ from ..core.config import create_new, staged_outputs
 from ..core.errors import LogKeyError
 
 # %% auto #0
-__all__ = ['SEALED_SUFFIX', 'LOG_KINDS', 'log', 'EXCLUSIONS_FILE', 'key_id', 'is_sealed', 'plain_size', 'LogKeys', 'log_keys',
-           'add_log_key', 'parquet_bytes', 'LogStats', 'ParquetLog', 'LogColumns', 'PredictionEntry',
-           'prediction_table', 'FeedbackEntry', 'feedback_table', 'PredictionIds', 'prediction_id_key', 'LabelIndex',
-           'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids', 'join_feedback', 'excluded_keys',
-           'exclude_key', 'read_feedback', 'reseal_log']
+__all__ = ['SEALED_SUFFIX', 'LOG_KINDS', 'log', 'PIECE_ENTRIES', 'EXCLUSIONS_FILE', 'key_id', 'is_sealed', 'plain_size',
+           'LogKeys', 'log_keys', 'add_log_key', 'parquet_bytes', 'LogStats', 'hand_back', 'ParquetLog', 'LogColumns',
+           'PredictionEntry', 'prediction_table', 'FeedbackEntry', 'feedback_table', 'PredictionIds',
+           'prediction_id_key', 'LabelIndex', 'log_files', 'unseal_file', 'open_log_file', 'read_log', 'logged_ids',
+           'join_feedback', 'excluded_keys', 'exclude_key', 'read_feedback', 'reseal_log']
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #96fba078
 SEALED_SUFFIX = ".parquet.enc"
@@ -151,6 +151,11 @@ class LogStats:
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #f765433b
 _HAND_BACK_SECONDS = 50e-6
+PIECE_ENTRIES = 64            # entries per piece of the writer's GIL-holding work: about 0.1 ms
+
+def hand_back() -> None:
+    "Let a thread that waits for the GIL (the event loop) take it: a 50 µs sleep, long enough for it to wake."
+    time.sleep(_HAND_BACK_SECONDS)
 
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)
@@ -162,9 +167,8 @@ class ParquetLog:
     "A bounded buffer drained by a thread into rotated, atomically written Parquet files."
     def __init__(self, directory: str | Path, to_table, prefix: str, flush_seconds: float = 1.0,
                  max_rows_per_file: int = 100_000, queue_size: int = 50_000, on_write=None,
-                 keys: LogKeys | None = None, queue_rows: int = 200_000, slice_entries: int = 64):
+                 keys: LogKeys | None = None, queue_rows: int = 200_000):
         self.directory, self.to_table, self.prefix = Path(directory), to_table, prefix
-        self.slice_entries = slice_entries
         self.flush_seconds, self.max_rows, self.queue_size = flush_seconds, max_rows_per_file, queue_size
         self.queue_rows = queue_rows
         self.stats, self.on_write, self.keys = LogStats(), on_write, keys
@@ -196,12 +200,24 @@ class ParquetLog:
             try: entry, n = self._entries.popleft()
             except IndexError: break
             entries.append(entry); rows += n; self._rows_out += n
+            if len(entries) % (16 * PIECE_ENTRIES) == 0: hand_back()
         return entries
+
+    @staticmethod
+    def _release(entries: list) -> None:
+        "Free written entries a piece at a time: a second's entries freed at once hold the GIL for milliseconds."
+        while entries:
+            del entries[-PIECE_ENTRIES:]
+            hand_back()
 
     def _write_pending(self, everything: bool = False) -> None:
         "One file of what is queued; more only while a whole file's worth waits (or, closing, `everything`)."
-        if entries := self._take(): self._write(entries)
-        while (everything and self._entries) or self.queued_rows() >= self.max_rows: self._write(self._take())
+        first = True
+        while first or (everything and self._entries) or self.queued_rows() >= self.max_rows:
+            first = False
+            if not (entries := self._take()): break
+            self._write(entries)
+            self._release(entries)
 
     def _remove_dead_temporaries(self) -> None:
         "Temporary files of writers killed mid-write (SIGKILL): readers skip them, but they should not pile up."
@@ -219,13 +235,8 @@ class ParquetLog:
         self._write_pending(everything=True)           # closing: everything still queued
 
     def table(self, entries: list) -> pa.Table:
-        "`to_table` of `entries`, built `slice_entries` at a time with the GIL handed back between slices."
-        if len(entries) <= self.slice_entries: return self.to_table(entries)
-        parts = []
-        for i in range(0, len(entries), self.slice_entries):
-            parts.append(self.to_table(entries[i:i + self.slice_entries]))
-            time.sleep(_HAND_BACK_SECONDS)          # long enough for a thread waiting on the GIL to wake and take it
-        return pa.concat_tables(parts, promote_options="default")
+        "`to_table` of `entries`, which calls `hand_back` between pieces of its work."
+        return self.to_table(entries, hand_back)
 
     def _write(self, entries: list) -> None:
         tmp = None
@@ -302,7 +313,7 @@ class LogColumns:
         return df[probas].rename(columns={c: c.removeprefix(cls.PROBA) for c in probas})
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #e426be8d
-@dataclass
+@dataclass(slots=True)
 class PredictionEntry:
     ids: list[str]
     timestamp: float                  # seconds since the epoch, when the request arrived
@@ -331,40 +342,71 @@ def _first_rows(counts: np.ndarray, firsts: np.ndarray) -> np.ndarray:
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     return np.arange(int(counts.sum())) - starts < np.repeat(firsts, counts)
 
-def _group_table(entries: list[PredictionEntry]) -> pa.Table:
-    first = entries[0]
-    counts = np.array([len(e.ids) for e in entries])
-    C = LogColumns
+def _no_pause() -> None: pass
 
-    def strings(attr: str) -> pa.Array:
-        return pa.array(np.repeat(np.array([getattr(e, attr) for e in entries], dtype=object), counts), pa.string())
-    micros = np.repeat(np.array([e.timestamp for e in entries]) * 1e6, counts).astype("int64")
-    cols = {C.PREDICTION_ID: pa.array(list(itertools.chain.from_iterable(e.ids for e in entries)), pa.string()),
-            C.TIMESTAMP: pa.array(micros, pa.timestamp("us", tz="UTC")),
-            C.REQUEST_ID: strings("request_id"), C.MODEL_NAME: strings("model_name"),
-            C.MODEL_VERSION: strings("model_version"), C.VARIANT: strings("variant"), C.PROTOCOL: strings("protocol"),
-            C.LATENCY_MS: pa.array(np.repeat(np.array([e.latency_s * 1000 for e in entries]), counts), pa.float64()),
-            C.CACHED: pa.array(_first_rows(counts, np.array([e.cached for e in entries])), pa.bool_())}
-    rows = list(itertools.chain.from_iterable(e.rows for e in entries))
-    for name, kind, values in zip(first.input_names, first.input_kinds, zip(*rows)):
-        kind_type = pa.float64() if kind == "number" else pa.string()
-        cols[C.input_column(name)] = pa.array(values, kind_type, from_pandas=True)
-    if "label" in first.outputs:
-        cols[C.LABEL] = _column([e.outputs["label"] for e in entries])
-    if "probabilities" in first.outputs:
-        proba = np.concatenate([e.outputs["probabilities"] for e in entries])
+def _strings(values: list, counts: np.ndarray | None, pause) -> pa.Array:
+    "Per-entry strings (or None) as one per row."
+    return _arrow(values if counts is None else np.repeat(np.array(values, dtype=object), counts), pa.string(), pause)
+
+def _per_row(values: list, counts: np.ndarray | None, dtype=np.float64) -> np.ndarray:
+    "Per-entry numbers as one per row."
+    values = np.array(values, dtype=dtype)
+    return values if counts is None else np.repeat(values, counts)
+
+def _arrow(values, type_, pause, from_pandas: bool = False, piece: int = 32 * PIECE_ENTRIES):
+    "`pa.array(values, type_)`, converted `piece` values per Arrow call (a chunked array) with `pause()` between calls."
+    if len(values) <= piece: return pa.array(values, type_, from_pandas=from_pandas)
+    chunks = []
+    for i in range(0, len(values), piece):
+        pause(); chunks.append(pa.array(values[i:i + piece], type_, from_pandas=from_pandas))
+    return pa.chunked_array(chunks, type_)
+
+def _group_table(entries: list[PredictionEntry], pause=_no_pause) -> pa.Table:
+    """One group's table. The Python work (gathering fields, turning rows into columns) is done `PIECE_ENTRIES` entries
+    at a time and each column is converted by one Arrow call, with `pause()` between pieces and between columns."""
+    first, C = entries[0], LogColumns
+    ids, counts, stamps, latency, cached, request_ids, names, versions, variants, protocols = ([] for _ in range(10))
+    inputs = [[] for _ in first.input_names]
+    outputs = {k: [] for k in first.outputs}
+    for i in range(0, len(entries), PIECE_ENTRIES):
+        piece_rows, piece_outputs = [], {k: [] for k in outputs}
+        for e in entries[i:i + PIECE_ENTRIES]:
+            ids += e.ids; piece_rows += e.rows; counts.append(len(e.ids))
+            stamps.append(e.timestamp); latency.append(e.latency_s); cached.append(e.cached); request_ids.append(e.request_id)
+            names.append(e.model_name); versions.append(e.model_version); variants.append(e.variant); protocols.append(e.protocol)
+            for k, v in piece_outputs.items(): v.append(e.outputs[k])
+        for column, values in zip(inputs, zip(*piece_rows)): column += values
+        for k, v in piece_outputs.items(): outputs[k].append(np.concatenate(v))
+        pause()
+    counts = np.array(counts)
+    repeat = None if len(ids) == len(counts) else counts           # single-row requests need no repetition
+    cols = {C.PREDICTION_ID: _arrow(ids, pa.string(), pause),
+            C.TIMESTAMP: pa.array((_per_row(stamps, repeat) * 1e6).astype("int64"), pa.timestamp("us", tz="UTC"))}
+    for column, values in ((C.REQUEST_ID, request_ids), (C.MODEL_NAME, names), (C.MODEL_VERSION, versions),
+                           (C.VARIANT, variants), (C.PROTOCOL, protocols)):
+        pause(); cols[column] = _strings(values, repeat, pause)
+    cols[C.LATENCY_MS] = pa.array(_per_row(latency, repeat) * 1000, pa.float64())
+    cols[C.CACHED] = pa.array(_first_rows(counts, np.array(cached)), pa.bool_())
+    for name, kind, values in zip(first.input_names, first.input_kinds, inputs):
+        pause(); cols[C.input_column(name)] = _arrow(values, pa.float64() if kind == "number" else pa.string(), pause, from_pandas=True)
+    if "label" in outputs: pause(); cols[C.LABEL] = _column(outputs["label"])
+    if "probabilities" in outputs:
+        pause(); proba = np.concatenate(outputs["probabilities"])
         for j, cls in enumerate(first.classes or range(proba.shape[1])):
             cols[C.proba_column(cls)] = pa.array(proba[:, j].astype(np.float64))
-    if "variable" in first.outputs:
-        cols[C.VALUE] = _column([e.outputs["variable"] for e in entries])
+    if "variable" in outputs: pause(); cols[C.VALUE] = _column(outputs["variable"])
+    pause()
     return pa.table(cols)
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #0bd69482
-def prediction_table(entries: list[PredictionEntry]) -> pa.Table:
-    "Entries as one table; entries from models with other inputs (a reload) are aligned by column name."
+def prediction_table(entries: list[PredictionEntry], pause=_no_pause) -> pa.Table:
+    """Entries as one table; entries from models with other inputs (a reload) are aligned by column name. `pause` is
+    called between pieces of the work (the writer thread hands the GIL back there)."""
     groups: dict[tuple, list] = {}
-    for e in entries: groups.setdefault((e.model_version, e.input_names, tuple(e.outputs)), []).append(e)
-    tables = [_group_table(g) for g in groups.values()]
+    for i in range(0, len(entries), 4 * PIECE_ENTRIES):
+        for e in entries[i:i + 4 * PIECE_ENTRIES]: groups.setdefault((e.model_version, e.input_names, tuple(e.outputs)), []).append(e)
+        pause()
+    tables = [_group_table(g, pause) for g in groups.values()]
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #fd667692
@@ -378,7 +420,8 @@ class FeedbackEntry:
     correction: bool = False          # an explicit correction of an earlier label
 
 # %% ../../nbs/08_serving/03_predlog.ipynb #f1a9d9f6
-def feedback_table(entries: list[FeedbackEntry]) -> pa.Table:
+def feedback_table(entries: list[FeedbackEntry], pause=None) -> pa.Table:
+    "The feedback log's table (labels arrive in hundreds, not thousands, a second: built in one go, `pause` unused)."
     counts = [len(e.prediction_ids) for e in entries]
     labels = [l for e in entries for l in e.labels]
     numeric = all(isinstance(l, (int, float)) and not isinstance(l, bool) for l in labels)
