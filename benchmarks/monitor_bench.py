@@ -13,10 +13,11 @@ prediction-drift summary and the labelled rows of a 1% feedback share), merged i
   has; as `benchmarks/batch_bench.py` measures its ceiling). The goal's baseline. `1 process, Arrow's threads`: the same
   with Arrow decoding on all cores, as `mlnb monitor` without a cluster runs: shown beside it.
 - `2 workers`: the cluster `monitor.cluster: local` starts (`mlnb.core.cluster.local_cluster`: TLS, one thread a worker,
-  here 2 workers; Dask's stack sampler off and glibc's malloc trimming left at its default, `_WORKER_SETTINGS`);
+  here 2 workers; Dask's stack sampler off, and each worker keeps the memory a file needed for the next, `_WORKER_SETTINGS`);
   "summaries" counts from a running cluster, "with start" adds starting it. Each process (this one, each worker) first
-  summarises one file untimed: its first call costs about 1 s of CPU once (imports, lazy set-up), start-up rather than
-  throughput; "with start" includes the workers' warm-up.
+  summarises one file untimed, a worker as a task (in the thread its tasks run in): its first call costs about 1 s of CPU
+  once (imports, lazy set-up, the memory a file needs), start-up rather than throughput; "with start" includes the
+  workers' warm-up.
 
 Printed: rows/s, seconds per pass, the client's peak resident set (this process, which also hosts the local scheduler) and
 the workers' (all worker processes together), the CPU seconds all processes spent, and whether the merged summaries are
@@ -80,6 +81,13 @@ def _warm(path, plan) -> None:
     "One small summary, so that a process's first-call costs (imports, lazy set-up: about 1 s of CPU) are start-up, not throughput."
     from mlnb.monitoring.check import summarize_file
     summarize_file(path, plan, threads=False)
+
+
+def _warm_workers(client, path, plan) -> None:
+    """`_warm` on each worker as a task: in the thread its tasks run in, whose allocator (Arrow's mimalloc) keeps the memory
+    a file needs for the next one (`client.run` would warm the worker's event-loop thread instead)."""
+    workers = list(client.scheduler_info()["workers"])
+    client.gather([client.submit(_warm, path, plan, workers=[w], allow_other_workers=False, pure=False) for w in workers])
 
 
 def cpu_seconds() -> float:
@@ -155,7 +163,7 @@ def main() -> None:
     t = time.perf_counter()
     with PeakRss() as mem:
         with _monitor_client("local", 2) as client:       # the cluster `monitor.cluster: local` starts
-            client.run(_warm, str(files[0]), plan)       # each worker's first-call costs: start-up, as the batch benchmark counts them
+            _warm_workers(client, str(files[0]), plan)   # each worker's first-call costs: start-up, as the batch benchmark counts them
             started = time.perf_counter() - t
             first, second, _, there, cpu = run(files, plan, ids, client)
     dask = {"first": first, "second": second, "total": first + second, "client": mem.own, "workers": mem.children, "start": started, "cpu": cpu}

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/10_monitoring/check.html.md"""
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #59a4feda
 from __future__ import annotations
-import contextlib, json, logging, math
+import contextlib, json, logging, math, os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -421,7 +421,8 @@ def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | Non
     if LogColumns.VARIANT in table.column_names:                               # shadow copies are a challenger's, not the traffic's
         served = pc.fill_null(pc.not_equal(table.column(LogColumns.VARIANT), "shadow"), True)
         mask = served if mask is None else pc.and_(mask, served)
-    return (table if mask is None else table.filter(mask)), names
+    whole = mask is None or pc.all(mask, skip_nulls=False).as_py() is True    # every row in: no copy of the table
+    return (table if whole else table.filter(mask)), names
 
 def _read_window(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pd.DataFrame:
     "`_read_table` as a `window_frame`: inputs under their own names."
@@ -767,16 +768,36 @@ def _versions_frame(columns: list[str], seen: dict[str, list]) -> pd.DataFrame:
     frame = pd.DataFrame({"model_version": list(seen)})
     return frame.assign(model_name=[name for _, name in seen.values()]) if "model_name" in columns else frame
 
-_WORKER_SETTINGS = {
+_HEAP = str(1 << 30)
+_WORKER_SETTINGS = {                                    # for the workers `monitor.cluster: local` starts
     "distributed.worker.profile.enabled": False,        # Dask's sampler takes the task thread's GIL every 10 ms
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}   # glibc's adaptive default: Dask's 64 KiB trim
-# disables it, so every file's frames are mapped and page-faulted afresh (a third more CPU, most of it in the kernel)
+    # A worker keeps the memory of its largest file for the next one rather than handing it back to the kernel after
+    # each: a page touched afresh is zeroed by the kernel first, which cost more than the summaries (see the per-file step's note)
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": _HEAP,   # glibc: trim only past 1 GiB free (Dask: 64 KiB)
+    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": _HEAP,   # large arrays from the heap, not fresh maps
+    "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": "1",           # one heap for the task and the comm threads
+    "distributed.nanny.pre-spawn-environ.MIMALLOC_PURGE_DELAY": "-1"}      # Arrow's mimalloc: keep freed pages
+
+_SPAWN = "distributed.nanny.pre-spawn-environ."
 
 @contextlib.contextmanager
 def _monitor_client(spec, workers: int | None = None):
-    "`dask_client(spec)` whose local workers (`local`) are started with `_WORKER_SETTINGS`; a given scheduler's as they are."
+    """`dask_client(spec)` whose local workers (`local`) are started with `_WORKER_SETTINGS`; a given scheduler's as they are.
+    Dask lets this process's environment win over its config, and leaves the values it spawned with in it (a cluster
+    started earlier here leaves `MALLOC_TRIM_THRESHOLD_=65536`): the settings' variables are cleared for the start, and
+    this process's environment is restored after it."""
     import dask
-    with dask.config.set(_WORKER_SETTINGS), dask_client(spec, workers) as client: yield client
+    names = [k.removeprefix(_SPAWN) for k in _WORKER_SETTINGS if k.startswith(_SPAWN)]
+    saved = {k: os.environ[k] for k in names if k in os.environ}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(_WORKER_SETTINGS))
+        try:
+            for k in names: os.environ.pop(k, None)
+            client = stack.enter_context(dask_client(spec, workers))
+        finally:
+            for k in names: os.environ.pop(k, None)
+            os.environ.update(saved)
+        yield client
 
 def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None = None, until: datetime | None = None,
                 model_path: str | Path | None = None, pushgateway: str | None = None,
