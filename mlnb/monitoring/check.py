@@ -405,13 +405,17 @@ class WindowPlan:
 
 _FIXED_READ = (LogColumns.TIMESTAMP, LogColumns.VARIANT, LogColumns.MODEL_VERSION, LogColumns.MODEL_NAME)
 
-def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> tuple[pa.Table, list[str]]:
+def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool,
+                dictionary: bool = False) -> tuple[pa.Table, list[str]]:
     """The window's served rows of one log file (decrypted in memory if sealed, once), `wanted` columns only (None: all),
-    and the names of all the file's columns."""
+    and the names of all the file's columns. `dictionary`: string columns as Parquet stored them, dictionary-encoded
+    (a few distinct values: not a string per row)."""
     import pyarrow.compute as pc
-    file = pq.ParquetFile(open_log_file(path, keys, "predictions"))
+    source = open_log_file(path, keys, "predictions")
+    file = pq.ParquetFile(source)
     names = file.schema_arrow.names
     columns = None if wanted is None else [c for c in names if c in wanted or c.removeprefix(LogColumns.INPUT) in wanted]
+    if dictionary: file = pq.ParquetFile(source, read_dictionary=columns or names)   # (other types are read as they are)
     table = file.read(columns=columns, use_threads=threads)
     at, mask = table.column(LogColumns.TIMESTAMP), None
     for bound, op in ((since, pc.greater_equal), (until, pc.less)):
@@ -432,7 +436,7 @@ def file_versions(path, keys: LogKeys | None = None, since=None, until=None) -> 
     """One log file's columns (inputs under their own names) and, per version that served rows of the window in it, in
     the order they appear: [rows, the model name last logged for it] (the first pass: which references are needed)."""
     import pyarrow.compute as pc
-    rows, names = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False)
+    rows, names = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False, dictionary=True)
     columns = [c.removeprefix(LogColumns.INPUT) for c in names]
     if rows.num_rows == 0: return columns, {}
     if "model_version" not in rows.column_names: return columns, {"unknown": [rows.num_rows, None]}
