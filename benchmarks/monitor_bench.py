@@ -13,10 +13,11 @@ prediction-drift summary and the labelled rows of a 1% feedback share), merged i
   has; as `benchmarks/batch_bench.py` measures its ceiling). The goal's baseline. `1 process, Arrow's threads`: the same
   with Arrow decoding on all cores, as `mlnb monitor` without a cluster runs: shown beside it.
 - `2 workers`: the cluster `monitor.cluster: local` starts (`mlnb.core.cluster.local_cluster`: TLS, one thread a worker,
-  here 2 workers; Dask's stack sampler off and glibc's malloc trimming left at its default, `_WORKER_SETTINGS`);
+  here 2 workers; Dask's stack sampler off, and each worker keeps the memory a file needed for the next, `_WORKER_SETTINGS`);
   "summaries" counts from a running cluster, "with start" adds starting it. Each process (this one, each worker) first
-  summarises one file untimed: its first call costs about 1 s of CPU once (imports, lazy set-up), start-up rather than
-  throughput; "with start" includes the workers' warm-up.
+  summarises two files untimed (`WARM`), a worker as a task (in the thread its tasks run in): the first calls cost about
+  1 s of CPU once (imports, lazy set-up, the memory a file needs while the previous one's is still held), start-up rather
+  than throughput; "with start" includes the workers' warm-up.
 
 Printed: rows/s, seconds per pass, the client's peak resident set (this process, which also hosts the local scheduler) and
 the workers' (all worker processes together), the CPU seconds all processes spent, and whether the merged summaries are
@@ -76,10 +77,21 @@ def log_dir(rows: int, files: int) -> Path:
     return d
 
 
-def _warm(path, plan) -> None:
-    "One small summary, so that a process's first-call costs (imports, lazy set-up: about 1 s of CPU) are start-up, not throughput."
+WARM = 2    # files a process summarises untimed first: its steady state holds one file's memory while it reads the next
+
+
+def _warm(paths, plan) -> None:
+    """The first WARM files' summaries, so that a process's first-call costs (imports, lazy set-up, acquiring the memory
+    its files need: about 1 s of CPU) are start-up, not throughput."""
     from mlnb.monitoring.check import summarize_file
-    summarize_file(path, plan, threads=False)
+    for path in paths[:WARM]: summarize_file(path, plan, threads=False)
+
+
+def _warm_workers(client, paths, plan) -> None:
+    """`_warm` on each worker as a task: in the thread its tasks run in, whose allocator (Arrow's mimalloc) keeps the memory
+    a file needs for the next one (`client.run` would warm the worker's event-loop thread instead)."""
+    workers = list(client.scheduler_info()["workers"])
+    client.gather([client.submit(_warm, paths, plan, workers=[w], allow_other_workers=False, pure=False) for w in workers])
 
 
 def cpu_seconds() -> float:
@@ -141,7 +153,7 @@ def main() -> None:
     ids = _feedback_ids(pd.DataFrame({"prediction_id": [f"f{n:03d}-{i}" for n in range(nfiles) for i in range(0, per_file, int(1 / LABELLED))]}))
 
     import pyarrow as pa
-    _warm(files[0], plan)                                # this process's first-call costs, likewise
+    _warm(files, plan)                                   # this process's first-call costs, likewise
     single = {}
     for name, cores in (("one core", 1), ("threads", pa.cpu_count())):
         default = pa.cpu_count()
@@ -155,7 +167,7 @@ def main() -> None:
     t = time.perf_counter()
     with PeakRss() as mem:
         with _monitor_client("local", 2) as client:       # the cluster `monitor.cluster: local` starts
-            client.run(_warm, str(files[0]), plan)       # each worker's first-call costs: start-up, as the batch benchmark counts them
+            _warm_workers(client, [str(f) for f in files], plan)   # each worker's first-call costs: start-up, as the batch benchmark counts them
             started = time.perf_counter() - t
             first, second, _, there, cpu = run(files, plan, ids, client)
     dask = {"first": first, "second": second, "total": first + second, "client": mem.own, "workers": mem.children, "start": started, "cpu": cpu}

@@ -6,7 +6,7 @@ Docs: https://mlnb.github.io/mlnb/10_monitoring/check.html.md"""
 
 # %% ../../nbs/10_monitoring/05_check.ipynb #59a4feda
 from __future__ import annotations
-import contextlib, json, logging, math
+import contextlib, json, logging, math, os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -405,13 +405,17 @@ class WindowPlan:
 
 _FIXED_READ = (LogColumns.TIMESTAMP, LogColumns.VARIANT, LogColumns.MODEL_VERSION, LogColumns.MODEL_NAME)
 
-def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> tuple[pa.Table, list[str]]:
+def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool,
+                dictionary: bool = False) -> tuple[pa.Table, list[str]]:
     """The window's served rows of one log file (decrypted in memory if sealed, once), `wanted` columns only (None: all),
-    and the names of all the file's columns."""
+    and the names of all the file's columns. `dictionary`: string columns as Parquet stored them, dictionary-encoded
+    (a few distinct values: not a string per row)."""
     import pyarrow.compute as pc
-    file = pq.ParquetFile(open_log_file(path, keys, "predictions"))
+    source = open_log_file(path, keys, "predictions")
+    file = pq.ParquetFile(source)
     names = file.schema_arrow.names
     columns = None if wanted is None else [c for c in names if c in wanted or c.removeprefix(LogColumns.INPUT) in wanted]
+    if dictionary: file = pq.ParquetFile(source, read_dictionary=columns or names)   # (other types are read as they are)
     table = file.read(columns=columns, use_threads=threads)
     at, mask = table.column(LogColumns.TIMESTAMP), None
     for bound, op in ((since, pc.greater_equal), (until, pc.less)):
@@ -421,7 +425,8 @@ def _read_table(path, keys: LogKeys | None, since, until, wanted: set[str] | Non
     if LogColumns.VARIANT in table.column_names:                               # shadow copies are a challenger's, not the traffic's
         served = pc.fill_null(pc.not_equal(table.column(LogColumns.VARIANT), "shadow"), True)
         mask = served if mask is None else pc.and_(mask, served)
-    return (table if mask is None else table.filter(mask)), names
+    whole = mask is None or pc.all(mask, skip_nulls=False).as_py() is True    # every row in: no copy of the table
+    return (table if whole else table.filter(mask)), names
 
 def _read_window(path, keys: LogKeys | None, since, until, wanted: set[str] | None, threads: bool) -> pd.DataFrame:
     "`_read_table` as a `window_frame`: inputs under their own names."
@@ -431,7 +436,7 @@ def file_versions(path, keys: LogKeys | None = None, since=None, until=None) -> 
     """One log file's columns (inputs under their own names) and, per version that served rows of the window in it, in
     the order they appear: [rows, the model name last logged for it] (the first pass: which references are needed)."""
     import pyarrow.compute as pc
-    rows, names = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False)
+    rows, names = _read_table(path, keys, since, until, set(_FIXED_READ), threads=False, dictionary=True)
     columns = [c.removeprefix(LogColumns.INPUT) for c in names]
     if rows.num_rows == 0: return columns, {}
     if "model_version" not in rows.column_names: return columns, {"unknown": [rows.num_rows, None]}
@@ -467,22 +472,33 @@ def _secure_for_keys(client, keys: LogKeys | None) -> None:
                            "(monitor.cluster: local is one) or unset monitor.cluster")
 
 def _map_files(client, function, files: list, keys: LogKeys | None, **kwargs):
-    "`function(file, keys=..., **kwargs)` per file: in this process (client None), or on the client's workers."
+    "`function(file, keys=..., **kwargs)` per file (or per list of files): in this process (client None), or on the client's workers."
     if client is None: return (function(f, keys=keys, **kwargs) for f in files)
     _secure_for_keys(client, keys)
     simple = (bool, int, float, str, datetime, type(None))
     shared = {k: v if isinstance(v, simple) else client.scatter(v, broadcast=True, hash=False) for k, v in kwargs.items()}
     if keys is not None:            # to open sealed files (and refuse plain ones): sent straight to the workers, not via the scheduler
         shared["keys"] = client.scatter(keys, broadcast=True, direct=True, hash=False)
-    return _in_order(client, client.map(function, [str(f) for f in files], pure=False, **shared))
+    return _in_order(client, client.map(function, [[str(x) for x in f] if isinstance(f, list) else str(f) for f in files], pure=False, **shared))
+
+def _files_versions(paths: list, keys: LogKeys | None = None, since=None, until=None) -> list:
+    "`file_versions` of several files, in order: one task of the first pass (reading a file's version columns is quick)."
+    return [file_versions(p, keys, since, until) for p in paths]
+
+def _batches(files: list, client, per_worker: int = 4) -> list[list]:
+    "`files` in order, in a few runs of neighbours per worker (all of them in one, here): fewer round trips, even shares."
+    n = 1 if client is None else max(len(client.scheduler_info().get("workers", {})), 1) * per_worker
+    size = max(-(-len(files) // n), 1)
+    return [list(files[i:i + size]) for i in range(0, len(files), size)]
 
 def window_versions(files: list, keys: LogKeys | None = None, since=None, until=None, client=None) -> tuple[list[str], dict[str, list]]:
     "The window's columns (in order of first appearance) and [rows, model name] per version, over all `files`."
     columns, versions = {}, {}
-    for cols, seen in _map_files(client, file_versions, files, keys, since=since, until=until):
-        columns.update(dict.fromkeys(cols))
-        for v, (n, name) in seen.items():
-            old = versions.setdefault(v, [0, name]); old[0] += n; old[1] = name
+    for batch in _map_files(client, _files_versions, _batches(files, client), keys, since=since, until=until):
+        for cols, seen in batch:
+            columns.update(dict.fromkeys(cols))
+            for v, (n, name) in seen.items():
+                old = versions.setdefault(v, [0, name]); old[0] += n; old[1] = name
     return list(columns), versions
 
 def summarize_window(files: list, plan: WindowPlan, keys: LogKeys | None = None, feedback_ids=None,
@@ -767,16 +783,36 @@ def _versions_frame(columns: list[str], seen: dict[str, list]) -> pd.DataFrame:
     frame = pd.DataFrame({"model_version": list(seen)})
     return frame.assign(model_name=[name for _, name in seen.values()]) if "model_name" in columns else frame
 
-_WORKER_SETTINGS = {
+_HEAP = str(1 << 30)
+_WORKER_SETTINGS = {                                    # for the workers `monitor.cluster: local` starts
     "distributed.worker.profile.enabled": False,        # Dask's sampler takes the task thread's GIL every 10 ms
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}   # glibc's adaptive default: Dask's 64 KiB trim
-# disables it, so every file's frames are mapped and page-faulted afresh (a third more CPU, most of it in the kernel)
+    # A worker keeps the memory of its largest file for the next one rather than handing it back to the kernel after
+    # each: a page touched afresh is zeroed by the kernel first, which cost more than the summaries (see the per-file step's note)
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": _HEAP,   # glibc: trim only past 1 GiB free (Dask: 64 KiB)
+    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": _HEAP,   # large arrays from the heap, not fresh maps
+    "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": "1",           # one heap for the task and the comm threads
+    "distributed.nanny.pre-spawn-environ.MIMALLOC_PURGE_DELAY": "-1"}      # Arrow's mimalloc: keep freed pages
+
+_SPAWN = "distributed.nanny.pre-spawn-environ."
 
 @contextlib.contextmanager
 def _monitor_client(spec, workers: int | None = None):
-    "`dask_client(spec)` whose local workers (`local`) are started with `_WORKER_SETTINGS`; a given scheduler's as they are."
+    """`dask_client(spec)` whose local workers (`local`) are started with `_WORKER_SETTINGS`; a given scheduler's as they are.
+    Dask lets this process's environment win over its config, and leaves the values it spawned with in it (a cluster
+    started earlier here leaves `MALLOC_TRIM_THRESHOLD_=65536`): the settings' variables are cleared for the start, and
+    this process's environment is restored after it."""
     import dask
-    with dask.config.set(_WORKER_SETTINGS), dask_client(spec, workers) as client: yield client
+    names = [k.removeprefix(_SPAWN) for k in _WORKER_SETTINGS if k.startswith(_SPAWN)]
+    saved = {k: os.environ[k] for k in names if k in os.environ}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(_WORKER_SETTINGS))
+        try:
+            for k in names: os.environ.pop(k, None)
+            client = stack.enter_context(dask_client(spec, workers))
+        finally:
+            for k in names: os.environ.pop(k, None)
+            os.environ.update(saved)
+        yield client
 
 def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None = None, until: datetime | None = None,
                 model_path: str | Path | None = None, pushgateway: str | None = None,

@@ -162,3 +162,41 @@ def test_an_encrypted_log_is_not_sent_to_a_scheduler_without_tls(onnx_models, sp
         with pytest.raises(ClusterError, match=r"scheduler tcp://127\.0\.0\.1:\d+ does not speak TLS"):
             run_monitor(cfg, since=until - timedelta(hours=1), until=until, model_path="served/model.onnx", client=plain)
         assert not (tmp_path / "monitoring/latest.json").exists()              # nothing half-written
+
+
+def test_a_local_worker_keeps_the_memory_of_a_file_for_the_next(tmp_path, monkeypatch):
+    """The workers `monitor.cluster: local` starts (`_monitor_client`) reuse the memory one file needed for the next,
+    instead of handing it back to the kernel and faulting it in afresh (zeroed pages: the CPU a cluster run lost); also
+    after another Dask cluster in this process left its own malloc setting in the environment, which is left as it was."""
+    import os
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlnb.core.config import MonitorConfig
+    from mlnb.features.spec import Profile
+    from mlnb.monitoring.check import _monitor_client, summarize_file, version_plan
+
+    rows, rng, start = 200_000, np.random.default_rng(0), datetime(2026, 11, 1, tzinfo=timezone.utc)
+    frame = pd.DataFrame({"x": rng.normal(size=rows), "y": rng.exponential(size=rows),
+                          "c": rng.choice(["a", "b", "c"], rows).astype(object)})
+    micros = np.int64(start.timestamp() * 1e6) + np.arange(rows, dtype=np.int64)
+    table = pa.table({"prediction_id": pa.array([f"p{i}" for i in range(rows)]), "timestamp": pa.array(micros, pa.timestamp("us", tz="UTC")),
+                      "model_version": pa.array(["1"] * rows), "variant": pa.array(["champion"] * rows),
+                      **{f"input.{c}": pa.array(frame[c]) for c in frame}})
+    path = tmp_path / "predictions-1.parquet"
+    pq.write_table(table, path, compression="zstd")
+    columns = ["prediction_id", "timestamp", "model_version", *frame.columns]
+    plan = WindowPlan(start, start + timedelta(days=1), {"1": version_plan(Profile.from_frame(frame.head(5000)), columns, MonitorConfig())})
+
+    def faults(path, plan):                       # page faults of one summary, in the worker's task thread
+        import resource
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        summarize_file(path, plan, threads=False)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")        # what any LocalCluster with Dask's defaults leaves here
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with _monitor_client("local", 1) as client:
+        counts = [client.submit(faults, str(path), plan, pure=False).result() for _ in range(4)]
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    # a file of 200,000 rows reads about 10 MB of columns: afresh, that is thousands of 4 KiB pages every time
+    assert max(counts[2:]) < 300, counts
