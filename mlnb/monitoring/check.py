@@ -386,7 +386,10 @@ def _part_of(rows: pd.DataFrame, vp: VersionPlan, feedback_ids=None) -> VersionP
 
 def _summarize_rows(window: pd.DataFrame, plan: dict[str, VersionPlan], feedback_ids=None) -> dict[str, VersionPart]:
     "Each planned version's part of `window` (a `window_frame`), for the versions that served rows of it."
-    versions = (window["model_version"].astype(str) if "model_version" in window else pd.Series("unknown", index=window.index)).to_numpy()
+    if "model_version" in window:
+        logged = window["model_version"]
+        versions = logged.astype(object).where(logged.notna(), "unknown").astype(str).to_numpy()    # a row that names no version: "unknown"
+    else: versions = np.full(len(window), "unknown", dtype=object)
     out = {}
     for version, vp in plan.items():
         mask = versions == version
@@ -440,7 +443,7 @@ def file_versions(path, keys: LogKeys | None = None, since=None, until=None) -> 
     columns = [c.removeprefix(LogColumns.INPUT) for c in names]
     if rows.num_rows == 0: return columns, {}
     if "model_version" not in rows.column_names: return columns, {"unknown": [rows.num_rows, None]}
-    versions = pc.cast(rows.column("model_version"), pa.string())
+    versions = pc.fill_null(pc.cast(rows.column("model_version"), pa.string()), "unknown")    # rows that name none: "unknown", as in the summaries
     names = rows.column("model_name") if "model_name" in rows.column_names else None
     out = {}
     for entry in pc.value_counts(versions).to_pylist():                  # in order of first appearance
