@@ -1,6 +1,8 @@
 """Serving throughput and latency: `mlnb serve` against MLflow's scoring server and a bare Starlette + ONNX Runtime floor.
 
-Each server runs one worker process pinned to core 0 (taskset); the load generator, wrk, runs on core 1.
+Each server runs one worker process pinned to core 0 (taskset); the load generator, wrk, runs on core 1. The floor and mlnb
+run side by side and are loaded in turn at each concurrency, the order alternating, so that the machine's drift over the
+minutes of a run does not fall on one of them.
 Requests are single rows of the test split, each made unique (monthly_charges nudged per request), so the
 prediction cache misses as it would on fresh traffic; mlnb runs with everything on: validation, cache,
 micro-batching, prediction log, Prometheus metrics and JSON access logs.
@@ -147,16 +149,26 @@ def stalls(before: dict, after: dict) -> dict:
     return {"stall_ms": longest * 1000, "stalls_over_1ms": int(over_1ms)}
 
 
+def side_by_side(servers: dict[str, tuple[str, str | None]], script: Path, duration: int, results: list) -> None:
+    """Each concurrency against every server in turn ({name: (url, metrics url)}), the order alternating from one
+    concurrency to the next: the machine's drift over minutes falls on all of them alike, not on whichever ran last."""
+    rows = []
+    for i, c in enumerate(CONCURRENCY):
+        for name in (list(servers) if i % 2 == 0 else list(servers)[::-1]):
+            url, metrics_url = servers[name]
+            wrk(url, script, c, 2)                           # warm-up, not measured
+            before = lag_buckets(metrics_url) if metrics_url else None
+            r = {"server": name, "concurrency": c, **wrk(url, script, c, duration)}
+            if metrics_url: r.update(stalls(before, lag_buckets(metrics_url)))
+            rows.append(r)
+            lag = f"  longest stall <= {r['stall_ms']:g} ms, {r['stalls_over_1ms']} over 1 ms" if metrics_url else ""
+            print(f"  {name:7s} c={c:<3d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:8.3f} ms  "
+                  f"p99.9 {r['p999_ms']:8.3f} ms  errors {r['errors']}{lag}", flush=True)
+    results.extend(sorted(rows, key=lambda r: (list(servers).index(r["server"]), r["concurrency"])))
+
+
 def load(name: str, url: str, script: Path, duration: int, results: list, metrics_url: str | None = None) -> None:
-    for c in CONCURRENCY:
-        wrk(url, script, c, 2)                               # warm-up, not measured
-        before = lag_buckets(metrics_url) if metrics_url else None
-        r = {"server": name, "concurrency": c, **wrk(url, script, c, duration)}
-        if metrics_url: r.update(stalls(before, lag_buckets(metrics_url)))
-        results.append(r)
-        lag = f"  longest stall <= {r['stall_ms']:g} ms, {r['stalls_over_1ms']} over 1 ms" if metrics_url else ""
-        print(f"  {name:7s} c={c:<3d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:8.3f} ms  "
-              f"p99.9 {r['p999_ms']:8.3f} ms  errors {r['errors']}{lag}", flush=True)
+    side_by_side({name: (url, metrics_url)}, script, duration, results)
 
 
 def keys_file(path: Path) -> str:
@@ -323,13 +335,27 @@ def main() -> None:
                                                   "prediction_log": {"dir": str(tmp / "predictions"), "feedback_dir": str(tmp / "feedback")}}}))
         (tmp / "params.yaml").write_text(json.dumps(params))
 
-        print("floor: bare Starlette + ONNX Runtime", flush=True)
-        port = free_port()
-        proc = run_server("floor", [str(BIN / "uvicorn"), "benchmarks.floor_app:app", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
-                                    "--no-access-log", "--log-level", "warning"], f"http://127.0.0.1:{port}/ping",
-                          {"MODEL": str(tmp / "model.onnx")}, tmp / "floor.log")
-        try: load("floor", f"http://127.0.0.1:{port}/invocations", script, args.duration, results, f"http://127.0.0.1:{port}/metrics")
-        finally: stop(proc)
+        print("floor (bare Starlette + ONNX Runtime) and mlnb serve (all features on), side by side", flush=True)
+        floor_port, port = free_port(), free_port()
+        floor = run_server("floor", [str(BIN / "uvicorn"), "benchmarks.floor_app:app", "--port", str(floor_port), "--loop", "uvloop", "--http", "httptools",
+                                     "--no-access-log", "--log-level", "warning"], f"http://127.0.0.1:{floor_port}/ping",
+                           {"MODEL": str(tmp / "model.onnx")}, tmp / "floor.log")
+        try:
+            proc = run_server("mlnb", [str(BIN / "mlnb"), "serve", "--params", str(tmp / "params.yaml"), "--port", str(port)],
+                              f"http://127.0.0.1:{port}/v2/health/ready", {}, tmp / "mlnb.log")
+            try:
+                side_by_side({"floor": (f"http://127.0.0.1:{floor_port}/invocations", f"http://127.0.0.1:{floor_port}/metrics"),
+                              "mlnb": (f"http://127.0.0.1:{port}/invocations", f"http://127.0.0.1:{port}/metrics")}, script, args.duration, results)
+                metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            finally: stop(proc)
+        finally: stop(floor)
+        written = sum(1 for _ in (tmp / "predictions").glob("date=*/*.parquet"))
+        hits, misses = metric_sum(metrics, "mlnb_cache_hits_total"), metric_sum(metrics, "mlnb_cache_misses_total")
+        batches = metric_sum(metrics, "mlnb_inference_batch_rows_count"); batch_rows = metric_sum(metrics, "mlnb_inference_batch_rows_sum")
+        logged = len(pd.read_parquet(tmp / "predictions")) if written else 0
+        served = metric_sum(metrics, "mlnb_predictions_total")
+        print(f"  mlnb: cache hit rate {hits / max(hits + misses, 1):.1%}; mean ONNX batch {batch_rows / max(batches, 1):.2f} rows; "
+              f"prediction log {logged} rows in {written} files for {served:.0f} predictions", flush=True)
 
         if args.baseline:
             if not args.auth_only: paired(args, tmp, params, script, results)
@@ -338,22 +364,6 @@ def main() -> None:
                 paired(args, tmp, params, lua_script(rows, tmp / "rows-auth.lua", key), results, auth=tmp / "keys.yaml")
 
         if args.baseline and args.instructions: instructions(args, tmp, params, rows, results)
-
-        print("mlnb serve (all features on)", flush=True)
-        port = free_port()
-        proc = run_server("mlnb", [str(BIN / "mlnb"), "serve", "--params", str(tmp / "params.yaml"), "--port", str(port)],
-                          f"http://127.0.0.1:{port}/v2/health/ready", {}, tmp / "mlnb.log")
-        try:
-            load("mlnb", f"http://127.0.0.1:{port}/invocations", script, args.duration, results, f"http://127.0.0.1:{port}/metrics")
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        finally: stop(proc)
-        written = sum(1 for _ in (tmp / "predictions").glob("date=*/*.parquet"))
-        hits, misses = metric_sum(metrics, "mlnb_cache_hits_total"), metric_sum(metrics, "mlnb_cache_misses_total")
-        batches = metric_sum(metrics, "mlnb_inference_batch_rows_count"); batch_rows = metric_sum(metrics, "mlnb_inference_batch_rows_sum")
-        logged = len(pd.read_parquet(tmp / "predictions")) if written else 0
-        served = metric_sum(metrics, "mlnb_predictions_total")
-        print(f"  mlnb: cache hit rate {hits / max(hits + misses, 1):.1%}; mean ONNX batch {batch_rows / max(batches, 1):.2f} rows; "
-              f"prediction log {logged} rows in {written} files for {served:.0f} predictions", flush=True)
 
         if args.rollout:
             import onnx
