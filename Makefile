@@ -67,6 +67,7 @@ bench: env
 	python benchmarks/serve_bench.py
 	python benchmarks/load_bench.py
 	python benchmarks/log_writer_bench.py
+	python benchmarks/request_cost_bench.py
 	python benchmarks/cache_bench.py
 	python benchmarks/drift_bench.py
 	python benchmarks/batch_bench.py
