@@ -24,13 +24,11 @@ from results import write_results  # noqa: E402
 
 def child(workdir: Path, auth: bool, n: int) -> dict:
     "In a process whose PYTHONPATH picks the code: `n` requests through the app; CPU per request."
-    import asyncio, hashlib, time
+    import asyncio, time
     import uvloop
-    from serve_bench import bodies
-    key = "mlnb_" + "k" * 43
+    from serve_bench import bodies, keys_file
     run = Path(tempfile.mkdtemp(dir=workdir))
-    (run / "keys.yaml").write_text(json.dumps({"keys": [{"name": "bench", "role": "predict", "sha256": hashlib.sha256(key.encode()).hexdigest(),
-                                                          "created": "2026-01-01T00:00:00Z"}]}))
+    key = keys_file(run / "keys.yaml")
     serve = {"model": str(workdir / "model.onnx"), "reload_poll_seconds": 0,
              "prediction_log": {"dir": str(run / "predictions"), "feedback_dir": str(run / "feedback")}}
     if auth: serve["auth"] = {"keys_file": str(run / "keys.yaml")}
