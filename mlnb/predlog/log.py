@@ -212,12 +212,10 @@ class ParquetLog:
 
     def _write_pending(self, everything: bool = False) -> None:
         "One file of what is queued; more only while a whole file's worth waits (or, closing, `everything`)."
-        first = True
-        while first or (everything and self._entries) or self.queued_rows() >= self.max_rows:
-            first = False
-            if not (entries := self._take()): break
+        while entries := self._take():
             self._write(entries)
             self._release(entries)
+            if not ((everything and self._entries) or self.queued_rows() >= self.max_rows): break
 
     def _remove_dead_temporaries(self) -> None:
         "Temporary files of writers killed mid-write (SIGKILL): readers skip them, but they should not pile up."
@@ -348,9 +346,9 @@ def _strings(values: list, counts: np.ndarray | None, pause) -> pa.Array:
     "Per-entry strings (or None) as one per row."
     return _arrow(values if counts is None else np.repeat(np.array(values, dtype=object), counts), pa.string(), pause)
 
-def _per_row(values: list, counts: np.ndarray | None, dtype=np.float64) -> np.ndarray:
+def _per_row(values: list, counts: np.ndarray | None) -> np.ndarray:
     "Per-entry numbers as one per row."
-    values = np.array(values, dtype=dtype)
+    values = np.array(values, dtype=np.float64)
     return values if counts is None else np.repeat(values, counts)
 
 def _arrow(values, type_, pause, from_pandas: bool = False, piece: int = 32 * PIECE_ENTRIES):
