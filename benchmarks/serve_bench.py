@@ -488,7 +488,9 @@ def main() -> None:
     print("\ngoals:")
     for name, ok in goals: print(f"  {'met ' if ok else 'MISSED'}  {name}")
     write_results(args.name, table.assign(rps=table["rps"].round().astype("Int64")).rename(columns={"rps": "req/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms", "p999_ms": "p99.9 ms", "cpu_us": "CPU us/request",
-                                                                                                 "stall_ms": "longest stall ms", "stalls_over_1ms": "stalls > 1 ms"}),
+                                                                                                 "stall_ms": "longest stall ms", "stalls_over_1ms": "stalls > 1 ms",
+                                                                                                 "instructions_per_request": "instructions/request",
+                                                                                                 "event_loop_instructions_per_request": "of them the event loop's"}),
                   [f"ratios (same run): {r}" for r in ratios] + [f"goal {'met' if ok else 'MISSED'}: {g}" for g, ok in goals],
                   {"duration_seconds": args.duration, "baseline": args.baseline, "rounds": args.rounds, "cycles": args.cycles,
                    "slice_seconds": args.slice, "pairs": pairs, "auth": args.auth or args.auth_only, "results": table.to_dict("records"),
