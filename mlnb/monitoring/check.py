@@ -786,17 +786,16 @@ def _versions_frame(columns: list[str], seen: dict[str, list]) -> pd.DataFrame:
     frame = pd.DataFrame({"model_version": list(seen)})
     return frame.assign(model_name=[name for _, name in seen.values()]) if "model_name" in columns else frame
 
-_HEAP = str(1 << 30)
-_WORKER_SETTINGS = {                                    # for the workers `monitor.cluster: local` starts
-    "distributed.worker.profile.enabled": False,        # Dask's sampler takes the task thread's GIL every 10 ms
-    # A worker keeps the memory of its largest file for the next one rather than handing it back to the kernel after
-    # each: a page touched afresh is zeroed by the kernel first, which cost more than the summaries (see the per-file step's note)
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": _HEAP,   # glibc: trim only past 1 GiB free (Dask: 64 KiB)
-    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": _HEAP,   # large arrays from the heap, not fresh maps
-    "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": "1",           # one heap for the task and the comm threads
-    "distributed.nanny.pre-spawn-environ.MIMALLOC_PURGE_DELAY": "-1"}      # Arrow's mimalloc: keep freed pages
-
-_SPAWN = "distributed.nanny.pre-spawn-environ."
+_SPAWN, _HEAP = "distributed.nanny.pre-spawn-environ.", str(1 << 30)
+# A worker keeps the memory of its largest file for the next one rather than handing it back to the kernel after each: a
+# page touched afresh is zeroed by the kernel first, which cost more than the summaries (see the per-file step's note)
+_WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": _HEAP,   # glibc: trim only past 1 GiB free (Dask: 64 KiB)
+                   "MALLOC_MMAP_THRESHOLD_": _HEAP,   # large arrays from the heap, not fresh maps
+                   "MALLOC_ARENA_MAX": "1",           # one heap for the task and the comm threads
+                   "MIMALLOC_PURGE_DELAY": "-1"}      # Arrow's mimalloc: keep freed pages
+_WORKER_SETTINGS = {                                  # for the workers `monitor.cluster: local` starts
+    "distributed.worker.profile.enabled": False,      # Dask's sampler takes the task thread's GIL every 10 ms
+    **{_SPAWN + k: v for k, v in _WORKER_ENVIRON.items()}}
 
 @contextlib.contextmanager
 def _monitor_client(spec, workers: int | None = None):
@@ -805,15 +804,14 @@ def _monitor_client(spec, workers: int | None = None):
     started earlier here leaves `MALLOC_TRIM_THRESHOLD_=65536`): the settings' variables are cleared for the start, and
     this process's environment is restored after it."""
     import dask
-    names = [k.removeprefix(_SPAWN) for k in _WORKER_SETTINGS if k.startswith(_SPAWN)]
-    saved = {k: os.environ[k] for k in names if k in os.environ}
+    saved = {k: os.environ[k] for k in _WORKER_ENVIRON if k in os.environ}
     with contextlib.ExitStack() as stack:
         stack.enter_context(dask.config.set(_WORKER_SETTINGS))
         try:
-            for k in names: os.environ.pop(k, None)
+            for k in _WORKER_ENVIRON: os.environ.pop(k, None)
             client = stack.enter_context(dask_client(spec, workers))
         finally:
-            for k in names: os.environ.pop(k, None)
+            for k in _WORKER_ENVIRON: os.environ.pop(k, None)
             os.environ.update(saved)
         yield client
 
