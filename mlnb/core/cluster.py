@@ -22,8 +22,12 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1):
     from distributed.security import Security
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1: raise ConfigError(f"a local cluster needs at least one worker; got {workers}")
-    return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True, host="127.0.0.1",
-                        security=Security.temporary(), dashboard_address="127.0.0.1:0", silence_logs=40)
+    environ = dict(os.environ)
+    try:
+        return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True, host="127.0.0.1",
+                            security=Security.temporary(), dashboard_address="127.0.0.1:0", silence_logs=40)
+    finally:                                    # the nanny's spawn variables (OMP_NUM_THREADS=1, ...) out of this process again
+        os.environ.clear(); os.environ.update(environ)
 
 # %% ../../nbs/01_core/05_cluster.ipynb #fc4c0dff
 @contextlib.contextmanager

@@ -800,9 +800,8 @@ _WORKER_SETTINGS = {                                  # for the workers `monitor
 @contextlib.contextmanager
 def _monitor_client(spec, workers: int | None = None):
     """`dask_client(spec)` whose local workers (`local`) are started with `_WORKER_SETTINGS`; a given scheduler's as they are.
-    Dask lets this process's environment win over its config, and leaves the values it spawned with in it (a cluster
-    started earlier here leaves `MALLOC_TRIM_THRESHOLD_=65536`): the settings' variables are cleared for the start, and
-    this process's environment is restored after it."""
+    Dask lets this process's environment win over its config, so the settings' variables are cleared for the start and
+    put back after it."""
     import dask
     saved = {k: os.environ[k] for k in _WORKER_ENVIRON if k in os.environ}
     with contextlib.ExitStack() as stack:
@@ -810,9 +809,7 @@ def _monitor_client(spec, workers: int | None = None):
         try:
             for k in _WORKER_ENVIRON: os.environ.pop(k, None)
             client = stack.enter_context(dask_client(spec, workers))
-        finally:
-            for k in _WORKER_ENVIRON: os.environ.pop(k, None)
-            os.environ.update(saved)
+        finally: os.environ.update(saved)
         yield client
 
 def run_monitor(cfg: Config, paths: Paths | None = None, since: datetime | None = None, until: datetime | None = None,
